@@ -1,0 +1,185 @@
+"""Text corpora: where documents come from, and the JSONL files the pipeline keeps them in.
+
+A corpus is a list of documents, each a record with a `text` field. Sources:
+- `stdlib:docstrings`: the docstrings of Python's standard library, read by parsing its source
+  with `ast` (importing modules would run their side effects), deduplicated, in sorted order;
+- `stdlib:reference`: the language-reference topics shipped in `pydoc_data.topics`;
+- `hf:<dataset>[:<config>]`: `datasets.load_dataset` (a hub name on a GPU box, or a local
+  dataset directory / data file);
+- `url:<address>`: a text file fetched over HTTP(S) and checked against its sha256;
+- `file:<path>`: a local .txt (paragraphs split on blank lines), .jsonl or .parquet.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import sysconfig
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from llmpipe.errors import DataError
+from llmpipe.io import atomic_path
+from llmpipe.params import CorpusParams
+
+# Test suites are code about code, not documentation; site-packages is not the stdlib.
+_STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+
+
+def stdlib_docstrings() -> list[str]:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(
+        p for p in stdlib.rglob("*.py")
+        if not _STDLIB_SKIP_DIRS.intersection(p.relative_to(stdlib).parts)
+    )
+    docs: set[str] = set()
+    for path in files:
+        try:
+            tree = ast.parse(path.read_bytes(), filename=str(path))
+        except (SyntaxError, ValueError):  # a few files are templates or Python 2 fixtures
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef |
+                          ast.AsyncFunctionDef):
+                doc = ast.get_docstring(node, clean=True)
+                if doc and doc.strip():
+                    docs.add(doc.strip())
+    return sorted(docs)
+
+
+def stdlib_reference() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [topics[name].strip() for name in sorted(topics) if topics[name].strip()]
+
+
+def _split_paragraphs(text: str) -> list[str]:
+    return [p.strip() for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
+
+
+def _column(records: Iterable[dict], column: str, source: str, columns: list[str]) -> list[str]:
+    if column not in columns:
+        raise DataError(
+            f"{source}: no column {column!r} (columns: {', '.join(columns) or 'none'}); "
+            "set download.<corpus>.text_column"
+        )
+    texts = []
+    for i, record in enumerate(records):
+        value = record[column]
+        if not isinstance(value, str):
+            raise DataError(f"{source}: row {i} column {column!r} is {type(value).__name__}, "
+                            "not text")
+        if value.strip():
+            texts.append(value)
+    return texts
+
+
+def _read_jsonl(path: Path) -> Iterator[dict]:
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from e
+
+
+def local_file(path: Path, column: str, source: str) -> list[str]:
+    if not path.exists():
+        raise DataError(f"{source}: file not found")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return _split_paragraphs(path.read_text(encoding="utf-8"))
+    if suffix == ".jsonl":
+        records = list(_read_jsonl(path))
+        columns = sorted(set().union(*(r.keys() for r in records))) if records else []
+        return _column(records, column, source, columns)
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        return _column(table.to_pylist(), column, source, table.column_names)
+    raise DataError(f"{source}: unsupported file type {suffix!r} (use .txt, .jsonl or .parquet)")
+
+
+def hf_dataset(spec: str, split: str, column: str, source: str) -> list[str]:
+    import datasets
+
+    name, _, config = spec.partition(":")
+    local = Path(name)
+    try:
+        if local.is_file():  # a single local data file: let datasets pick the builder
+            builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet",
+                       ".csv": "csv", ".txt": "text"}.get(local.suffix.lower())
+            if builder is None:
+                raise DataError(f"{source}: unsupported data file type {local.suffix!r}")
+            ds = datasets.load_dataset(builder, data_files=str(local), split=split)
+        else:
+            ds = datasets.load_dataset(name, config or None, split=split)
+    except DataError:
+        raise
+    except (FileNotFoundError, ConnectionError, ValueError, OSError) as e:
+        raise DataError(f"{source}: cannot load dataset ({type(e).__name__}: {e})") from e
+    return _column(ds, column, source, list(ds.column_names))
+
+
+def url_text(url: str, expected_sha256: str | None, source: str) -> list[str]:
+    if expected_sha256 is None:
+        raise DataError(f"{source}: a url: source needs download.<corpus>.sha256 "
+                        "(the expected checksum of the file)")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            payload = response.read()
+    except (urllib.error.URLError, TimeoutError, ValueError) as e:
+        raise DataError(f"{source}: unreachable ({e})") from e
+    return _checked_text(payload, expected_sha256, source)
+
+
+def _checked_text(payload: bytes, expected_sha256: str | None, source: str) -> list[str]:
+    actual = hashlib.sha256(payload).hexdigest()
+    if expected_sha256 is not None and actual != expected_sha256.lower():
+        raise DataError(f"{source}: checksum mismatch: expected sha256 {expected_sha256}, "
+                        f"got {actual}")
+    return _split_paragraphs(payload.decode("utf-8"))
+
+
+def load_documents(params: CorpusParams) -> list[str]:
+    """All documents of one corpus, in a deterministic order."""
+    source = params.source
+    scheme, _, rest = source.partition(":")
+    if source == "stdlib:docstrings":
+        docs = stdlib_docstrings()
+    elif source == "stdlib:reference":
+        docs = stdlib_reference()
+    elif scheme == "hf":
+        docs = hf_dataset(rest, params.split, params.text_column, source)
+    elif scheme == "url":
+        docs = url_text(rest, params.sha256, source)
+    elif scheme == "file":
+        path = Path(rest)
+        if params.sha256 is not None and path.exists():
+            _checked_text(path.read_bytes(), params.sha256, source)
+        docs = local_file(path, params.text_column, source)
+    else:  # params validation lets nothing else through
+        raise DataError(f"{source}: unknown source scheme")
+    if params.max_documents is not None:
+        docs = docs[: params.max_documents]
+    if not docs:
+        raise DataError(f"{source}: no documents")
+    return docs
+
+
+def write_jsonl(path: str | Path, docs: list[str]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for doc in docs:
+            f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
+
+
+def read_jsonl_texts(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: not found (run the download stage first)")
+    return [record["text"] for record in _read_jsonl(path)]

@@ -1,0 +1,275 @@
+"""Typed, validated params.yaml.
+
+Each stage calls `load_stage_params("<stage>")` and gets the shared keys plus its own section as
+frozen dataclasses. Validation is strict, because a typo in params.yaml that is silently ignored
+makes a DVC experiment compare two identical runs: an unknown key, a wrong type or an
+out-of-range value stops the stage with one line naming the dotted key, the value and what is
+allowed, e.g. ``tokenize.vocab_size: -5 is not a positive integer``.
+
+The schema is the dataclasses below: the type annotation gives the type, `param(check=...)` the
+range, and a field without a default is required.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+from llmpipe.errors import ParamsError
+
+PARAMS_FILE = Path("params.yaml")
+
+
+# --- checks: each returns True when the value is allowed, and carries the words for what is --
+
+
+@dataclass(frozen=True)
+class Check:
+    allowed: str  # completes "<key>: <value> is not ..."
+    predicate: Callable[[Any], bool]
+
+
+POSITIVE_INT = Check("a positive integer", lambda v: v > 0)
+NON_NEGATIVE_INT = Check("a non-negative integer", lambda v: v >= 0)
+POSITIVE_NUMBER = Check("a positive number", lambda v: v > 0)
+NON_NEGATIVE_NUMBER = Check("a non-negative number", lambda v: v >= 0)
+OPEN_UNIT_INTERVAL = Check("a number strictly between 0 and 1", lambda v: 0 < v < 1)
+UNIT_INTERVAL = Check("a number between 0 and 1", lambda v: 0 <= v <= 1)
+HALF_OPEN_UNIT_INTERVAL = Check("a number in [0, 1)", lambda v: 0 <= v < 1)
+SHA256 = Check(
+    "a sha256 hex digest (64 hex characters)",
+    lambda v: len(v) == 64 and all(c in "0123456789abcdef" for c in v.lower()),
+)
+CORPUS_SOURCE = Check(
+    "a corpus source: stdlib:docstrings, stdlib:reference, hf:<dataset>[:<config>], "
+    "url:<address> or file:<path>",
+    lambda v: v in ("stdlib:docstrings", "stdlib:reference")
+    or (v.split(":", 1)[0] in ("hf", "url", "file") and len(v.split(":", 1)) == 2
+        and v.split(":", 1)[1] != ""),
+)
+TOKENIZER_SOURCE = Check(
+    "a tokenizer: bpe, hf:<name> or a directory",
+    lambda v: v == "bpe" or (v.startswith("hf:") and len(v) > 3) or (v and ":" not in v),
+)
+MODEL_SOURCE = Check(
+    "a model source: scratch, hf:<name> or a directory",
+    lambda v: v == "scratch" or (v.startswith("hf:") and len(v) > 3) or (v and ":" not in v),
+)
+
+
+def param(default: Any = dataclasses.MISSING, *, check: Check | None = None) -> Any:
+    return dataclasses.field(default=default, metadata={"check": check})
+
+
+# --- the schema ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class CorpusParams:
+    source: str = param(check=CORPUS_SOURCE)
+    split: str = "train"  # hf: datasets only
+    text_column: str = "text"  # hf:, file: .jsonl and .parquet
+    sha256: str | None = param(None, check=SHA256)  # required for url:, optional for file:
+    max_documents: int | None = param(None, check=POSITIVE_INT)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DownloadParams:
+    pretrain: CorpusParams
+    finetune: CorpusParams
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenizeParams:
+    tokenizer: str = param(check=TOKENIZER_SOURCE)
+    vocab_size: int = param(check=POSITIVE_INT)  # bpe only; a pretrained tokenizer has its own
+    min_frequency: int = param(2, check=POSITIVE_INT)
+    val_fraction: float = param(check=OPEN_UNIT_INTERVAL)
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelParams:
+    n_layer: int = param(check=POSITIVE_INT)
+    n_head: int = param(check=POSITIVE_INT)
+    n_embd: int = param(check=POSITIVE_INT)
+    block_size: int = param(check=POSITIVE_INT)
+    dropout: float = param(0.0, check=HALF_OPEN_UNIT_INTERVAL)
+    bias: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleParams:
+    prompts: list[str]
+    max_new_tokens: int = param(48, check=POSITIVE_INT)
+    temperature: float = param(0.8, check=NON_NEGATIVE_NUMBER)
+    top_k: int | None = param(None, check=POSITIVE_INT)
+    top_p: float | None = param(None, check=UNIT_INTERVAL)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainParams:
+    init: str = param(check=MODEL_SOURCE)
+    model: ModelParams
+    batch_size: int = param(check=POSITIVE_INT)  # per process and micro-step
+    grad_accum_steps: int = param(check=POSITIVE_INT)  # for the whole run, over all processes
+    max_steps: int = param(check=POSITIVE_INT)
+    learning_rate: float = param(check=POSITIVE_NUMBER)
+    min_lr: float = param(check=NON_NEGATIVE_NUMBER)
+    warmup_steps: int = param(check=NON_NEGATIVE_INT)
+    weight_decay: float = param(check=NON_NEGATIVE_NUMBER)
+    beta1: float = param(0.9, check=OPEN_UNIT_INTERVAL)
+    beta2: float = param(0.95, check=OPEN_UNIT_INTERVAL)
+    grad_clip: float = param(1.0, check=NON_NEGATIVE_NUMBER)  # 0 turns clipping off
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    compile: bool = False
+    eval_interval: int = param(check=POSITIVE_INT)
+    eval_windows: int = param(check=POSITIVE_INT)
+    checkpoint_interval: int = param(check=POSITIVE_INT)
+    peak_flops: float | None = param(None, check=POSITIVE_NUMBER)  # None: measured at start
+    trust_remote_code: bool = False
+    sample: SampleParams | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SharedParams:
+    seed: int = param(check=NON_NEGATIVE_INT)
+
+
+STAGE_SCHEMAS: dict[str, type] = {
+    "download": DownloadParams,
+    "tokenize": TokenizeParams,
+    "pretrain": PretrainParams,
+}
+SHARED_KEYS = tuple(f.name for f in dataclasses.fields(SharedParams))
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+def _kind_of(tp: Any) -> str:
+    return {int: "an integer", float: "a number", bool: "a boolean (true/false)",
+            str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _convert(value: Any, tp: Any, key: str, check: Check | None) -> Any:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], key, check)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    if origin is Literal:
+        if value not in get_args(tp):
+            allowed = ", ".join(repr(a) for a in get_args(tp))
+            raise ParamsError(f"{key}: {value!r} is not one of {allowed}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ParamsError(f"{key}: {value!r} is not a list")
+        (item_tp,) = get_args(tp)
+        return [_convert(v, item_tp, f"{key}[{i}]", check) for i, v in enumerate(value)]
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    else:  # pragma: no cover - a schema bug, not a user error
+        raise TypeError(f"unsupported type in params schema at {key}: {tp}")
+    if not ok:
+        raise ParamsError(f"{key}: {value!r} is not {check.allowed if check else _kind_of(tp)}")
+    if check is not None and not check.predicate(value):
+        raise ParamsError(f"{key}: {value!r} is not {check.allowed}")
+    return value
+
+
+def build(schema: type, raw: Any, prefix: str) -> Any:
+    """Build the dataclass `schema` from the mapping `raw` found at dotted key `prefix`."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{prefix}: {raw!r} is not a mapping of keys to values")
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key in raw:
+        if key not in fields:
+            allowed = ", ".join(sorted(fields))
+            raise ParamsError(f"{prefix}.{key}: unknown key (allowed: {allowed})")
+    hints = get_type_hints(schema)
+    values = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}"
+        if name not in raw:
+            if f.default is dataclasses.MISSING:
+                raise ParamsError(f"{key}: missing (required)")
+            continue
+        values[name] = _convert(raw[name], hints[name], key, f.metadata.get("check"))
+    return schema(**values)
+
+
+def read_params_file(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
+    # ruamel (YAML 1.2, as DVC reads it): PyYAML would read `lr: 3e-4` as a string.
+    from ruamel.yaml import YAML, YAMLError
+
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path}: file not found")
+    try:
+        raw = YAML(typ="safe").load(path.read_text())
+    except YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: must be a mapping of sections")
+    known = set(STAGE_SCHEMAS) | set(SHARED_KEYS)
+    for key in raw:
+        if key not in known:
+            raise ParamsError(f"{key}: unknown key (allowed: {', '.join(sorted(known))})")
+    return raw
+
+
+def load_stage_params(stage: str, path: str | Path = PARAMS_FILE) -> tuple[SharedParams, Any]:
+    """The shared keys and the validated section of one stage (other sections are not read)."""
+    raw = read_params_file(path)
+    if stage not in raw:
+        raise ParamsError(f"{stage}: missing section in {path}")
+    return shared_params(raw), build(STAGE_SCHEMAS[stage], raw[stage], stage)
+
+
+def shared_params(raw: dict[str, Any]) -> SharedParams:
+    values = {k: raw[k] for k in SHARED_KEYS if k in raw}
+    for k in SHARED_KEYS:
+        if k not in values:
+            raise ParamsError(f"{k}: missing (required)")
+    fields = {f.name: f for f in dataclasses.fields(SharedParams)}
+    return SharedParams(**{
+        k: _convert(v, get_type_hints(SharedParams)[k], k, fields[k].metadata.get("check"))
+        for k, v in values.items()
+    })
+
+
+def validate_all(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
+    """Validate every section (for `python -m llmpipe.params` and the tests)."""
+    raw = read_params_file(path)
+    validated: dict[str, Any] = {"shared": shared_params(raw)}
+    for stage, schema in STAGE_SCHEMAS.items():
+        if stage not in raw:
+            raise ParamsError(f"{stage}: missing section in {path}")
+        validated[stage] = build(schema, raw[stage], stage)
+    return validated
+
+
+if __name__ == "__main__":
+    import sys
+
+    from llmpipe.stage import run_main
+
+    run_main(lambda: (validate_all(sys.argv[1] if len(sys.argv) > 1 else PARAMS_FILE),
+                      print("params OK")))

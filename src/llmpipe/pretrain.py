@@ -1,0 +1,360 @@
+"""The pretraining loop for llmpipe's own GPT: nanoGPT's loop, resumable and distributed.
+
+- AdamW, linear warmup then cosine decay to min_lr, gradient clipping, gradient accumulation;
+- autocast in the dtype from params, optional torch.compile;
+- several processes under torchrun with DistributedDataParallel: every process draws the same
+  window starts for a step and takes its share, so the global batch (and the loss curve) equals
+  the single-process run's;
+- a checkpoint every N steps (model, optimizer, step, RNG states, data position, curve
+  history), written atomically; a rerun with the same params resumes from it and ends with the
+  same weights as an uninterrupted run; a finished run deletes it;
+- a loss that becomes NaN or inf stops the run, naming the step, before the optimizer can touch
+  the weights; the last good checkpoint stays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from llmpipe.data import TokenBin, read_meta, unigram_perplexity
+from llmpipe.errors import LlmpipeError, ParamsError
+from llmpipe.io import atomic_dir, atomic_path, write_json
+from llmpipe.model import GPT, GPTConfig, export_hf_gpt2, load_hf_gpt2, measure_matmul_peak_flops
+from llmpipe.params import PretrainParams, SampleParams
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class TrainingError(LlmpipeError):
+    """Training diverged (NaN/inf loss)."""
+
+
+@dataclass(frozen=True)
+class PretrainPaths:
+    tokens_dir: Path  # data/tokens/pretrain: train.bin, val.bin, meta.json
+    tokenizer_dir: Path
+    model_dir: Path  # the Hugging Face export of the final model
+    checkpoint_dir: Path  # persist: true in dvc.yaml, so a killed run can resume
+    live_dir: Path  # dvclive curves
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs: its rank among torchrun's processes and its device."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def setup_runtime(device_param: str) -> Runtime:
+    want_cuda = device_param == "cuda" or (device_param == "auto" and torch.cuda.is_available())
+    if device_param == "cuda" and not torch.cuda.is_available():
+        raise ParamsError("pretrain.device: 'cuda' but no CUDA device is available")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Runtime(0, 1, torch.device("cuda" if want_cuda else "cpu"))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if want_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+    device = torch.device(f"cuda:{local_rank}" if want_cuda else "cpu")
+    return Runtime(dist.get_rank(), world_size, device)
+
+
+def lr_at(step: int, p: PretrainParams) -> float:
+    """Linear warmup to learning_rate, then cosine decay to min_lr at max_steps."""
+    if step < p.warmup_steps:
+        return p.learning_rate * (step + 1) / p.warmup_steps
+    decay_steps = max(p.max_steps - p.warmup_steps, 1)
+    progress = min((step - p.warmup_steps) / decay_steps, 1.0)
+    return p.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (p.learning_rate - p.min_lr)
+
+
+def build_model(p: PretrainParams, vocab_size: int) -> GPT:
+    if p.init == "scratch":
+        return GPT(GPTConfig(vocab_size=vocab_size, **dataclasses.asdict(p.model)))
+    model = load_hf_gpt2(p.init.removeprefix("hf:"), trust_remote_code=p.trust_remote_code,
+                         dropout=p.model.dropout)
+    cfg = model.config
+    for key in ("n_layer", "n_head", "n_embd"):
+        if getattr(p.model, key) != getattr(cfg, key):
+            raise ParamsError(f"pretrain.model.{key}: {getattr(p.model, key)} differs from "
+                              f"{p.init}'s {getattr(cfg, key)}")
+    if cfg.vocab_size != vocab_size:
+        raise ParamsError(f"pretrain.init: {p.init} has a vocabulary of {cfg.vocab_size}, the "
+                          f"token data {vocab_size} (tokenize with the same tokenizer)")
+    if p.model.block_size > cfg.block_size:
+        raise ParamsError(f"pretrain.model.block_size: {p.model.block_size} is more than "
+                          f"{p.init}'s {cfg.block_size} positions")
+    if p.model.block_size < cfg.block_size:  # crop the learned positions (nanoGPT does too)
+        wpe = model.transformer.wpe
+        wpe.weight = torch.nn.Parameter(wpe.weight[: p.model.block_size].detach().clone())
+        cfg.block_size = p.model.block_size
+    return model
+
+
+def run_digest(p: PretrainParams, seed: int, meta: dict, world_size: int) -> str:
+    """Identifies a run: a checkpoint from any other run must never be resumed."""
+    payload = {"params": dataclasses.asdict(p), "seed": seed, "world_size": world_size,
+               "data": {s: i["sha256"] for s, i in meta["splits"].items()}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def load_checkpoint(checkpoint_dir: Path, digest: str) -> dict | None:
+    path = checkpoint_dir / CHECKPOINT_FILE
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("digest") != digest:
+        print(f"ignoring {path}: it belongs to a run with other params or data")
+        return None
+    return state
+
+
+class CurveLog:
+    """Training curves through dvclive (rank 0 only), replayable after a resume so the curve
+    files of a resumed run equal those of an uninterrupted one."""
+
+    def __init__(self, live_dir: Path, history: list[dict]):
+        from dvclive import Live
+
+        # dvcyaml=False, save_dvc_exp=False: dvclive must not rewrite dvc.yaml or commit.
+        self.live = Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False)
+        self.history = history
+        for record in history:
+            self._write(record)
+
+    def _write(self, record: dict) -> None:
+        self.live.step = record["step"]
+        for name, value in record.items():
+            if name != "step":
+                self.live.log_metric(name, value)
+        self.live.next_step()
+
+    def log(self, record: dict) -> None:
+        self.history.append(record)
+        self._write(record)
+
+    def close(self) -> None:
+        self.live.end()
+
+
+@torch.no_grad()
+def mean_loss(model: GPT, bins: TokenBin, block_size: int, windows: int, batch_size: int,
+              device: torch.device, autocast) -> float:
+    model.eval()
+    losses = []
+    for x, y in bins.eval_batches(block_size, windows, batch_size):
+        with autocast():
+            _, loss = model(x.to(device), y.to(device))
+        losses.append(loss.float().item() * len(x))
+    model.train()
+    return sum(losses) / len(bins.eval_starts(block_size, windows))
+
+
+@torch.no_grad()
+def sample(model: GPT, tokenizer, p: SampleParams, seed: int, device: torch.device) -> list[dict]:
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    samples = []
+    for prompt in p.prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+        out = model.generate(ids, p.max_new_tokens, temperature=p.temperature, top_k=p.top_k,
+                             top_p=p.top_p, eos_token_id=tokenizer.eos_token_id,
+                             generator=generator)
+        samples.append({"prompt": prompt,
+                        "completion": tokenizer.decode(out[0, ids.size(1):].tolist(),
+                                                       skip_special_tokens=True)})
+    model.train()
+    return samples
+
+
+def autocast_for(p: PretrainParams, device: torch.device):
+    if p.dtype == "float32":
+        return contextlib.nullcontext
+    if p.dtype == "float16" and device.type != "cuda":
+        raise ParamsError("pretrain.dtype: 'float16' needs a CUDA device (use bfloat16 on CPU)")
+    dtype = getattr(torch, p.dtype)
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def pretrain(p: PretrainParams, seed: int, paths: PretrainPaths) -> dict | None:
+    """Train, export the model to paths.model_dir and return the metrics (None on ranks > 0)."""
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    started = time.perf_counter()
+    rt = setup_runtime(p.device)
+    try:
+        meta = read_meta(paths.tokens_dir)
+        train_bin = TokenBin.open(paths.tokens_dir, "train")
+        val_bin = TokenBin.open(paths.tokens_dir, "val")
+        if p.grad_accum_steps % rt.world_size:
+            raise ParamsError(f"pretrain.grad_accum_steps: {p.grad_accum_steps} is not "
+                              f"divisible by the {rt.world_size} processes")
+        micro_steps = p.grad_accum_steps // rt.world_size
+        block = p.model.block_size
+        tokens_per_step = p.grad_accum_steps * p.batch_size * block
+
+        torch.manual_seed(seed)  # the same initial weights in every process
+        raw_model = build_model(p, meta["vocab_size"]).to(rt.device)
+        optimizer = raw_model.configure_optimizers(p.weight_decay, p.learning_rate,
+                                                   (p.beta1, p.beta2), rt.device.type)
+        scaler = torch.amp.GradScaler(enabled=p.dtype == "float16")
+        data_rng = torch.Generator().manual_seed(seed)
+        digest = run_digest(p, seed, meta, rt.world_size)
+        state = load_checkpoint(paths.checkpoint_dir, digest)
+        start_step, history, tokens_seen = 0, [], 0
+        if state is not None:
+            raw_model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            torch.set_rng_state(state["torch_rng"])
+            data_rng.set_state(state["data_rng"])
+            start_step, history, tokens_seen = state["step"], state["history"], state["tokens"]
+            if rt.is_main:
+                print(f"resuming from {paths.checkpoint_dir / CHECKPOINT_FILE} at step "
+                      f"{start_step}")
+
+        model: torch.nn.Module = raw_model
+        if p.compile:
+            model = torch.compile(model)
+        if rt.world_size > 1:
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        autocast = autocast_for(p, rt.device)
+        tokenizer = AutoTokenizer.from_pretrained(paths.tokenizer_dir)
+        curves = CurveLog(paths.live_dir, history) if rt.is_main else None
+        peak_flops = p.peak_flops
+        if peak_flops is None and rt.is_main:
+            peak_flops = measure_matmul_peak_flops(
+                dtype=torch.float32 if p.dtype == "float32" else getattr(torch, p.dtype),
+                device=rt.device, n=8192 if rt.device.type == "cuda" else 1024)
+
+        train_seconds, timed_tokens = 0.0, 0
+        val_loss = None
+        bar = tqdm(range(start_step, p.max_steps), initial=start_step, total=p.max_steps,
+                   desc="pretrain", disable=not rt.is_main)
+        for step in bar:
+            step_started = time.perf_counter()
+            lr = lr_at(step, p)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            starts = train_bin.random_starts(p.grad_accum_steps * p.batch_size, block, data_rng)
+            mine = starts[rt.rank * micro_steps * p.batch_size:
+                          (rt.rank + 1) * micro_steps * p.batch_size]
+            step_loss = torch.zeros((), device=rt.device)
+            for micro in range(micro_steps):
+                x, y = train_bin.batch(mine[micro * p.batch_size:(micro + 1) * p.batch_size],
+                                       block)
+                x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+                # DDP all-reduces gradients on the last micro-step only.
+                sync = (contextlib.nullcontext() if rt.world_size == 1 or
+                        micro == micro_steps - 1 else model.no_sync())
+                with sync, autocast():
+                    _, loss = model(x, y)
+                    loss = loss / micro_steps
+                scaler.scale(loss).backward()
+                step_loss += loss.detach()
+            if rt.world_size > 1:
+                dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+            train_loss = step_loss.item()
+            if not math.isfinite(train_loss):
+                last = paths.checkpoint_dir / CHECKPOINT_FILE
+                kept = f"; the last good checkpoint is kept in {last}" if last.exists() else ""
+                raise TrainingError(f"pretrain: loss became {train_loss} at step {step}{kept}")
+            if p.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), p.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            tokens_seen += tokens_per_step
+            if step > start_step:  # the first step pays for warm-up (and compilation)
+                train_seconds += time.perf_counter() - step_started
+                timed_tokens += tokens_per_step
+            tokens_per_s = timed_tokens / train_seconds if train_seconds else 0.0
+            record = {"step": step, "train/loss": train_loss, "lr": lr,
+                      "perf/tokens_per_s": round(tokens_per_s, 1)}
+            done = step + 1 == p.max_steps
+            if rt.is_main and ((step + 1) % p.eval_interval == 0 or done):
+                val_loss = mean_loss(raw_model, val_bin, block, p.eval_windows, p.batch_size,
+                                     rt.device, autocast)
+                record["val/loss"] = val_loss
+                if p.sample is not None:
+                    first = sample(raw_model, tokenizer, p.sample, seed, rt.device)[0]
+                    tqdm.write(f"step {step + 1}: {first['prompt']!r} -> "
+                               f"{first['completion']!r}")
+            if curves is not None:
+                curves.log(record)
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+            if (step + 1) % p.checkpoint_interval == 0 and not done:
+                if rt.is_main:
+                    save_checkpoint(paths.checkpoint_dir, {
+                        "digest": digest, "step": step + 1, "model": raw_model.state_dict(),
+                        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                        "torch_rng": torch.get_rng_state(), "data_rng": data_rng.get_state(),
+                        "history": history, "tokens": tokens_seen})
+                rt.barrier()
+        bar.close()
+        if not rt.is_main:
+            rt.barrier()
+            return None
+
+        raw_model.eval()
+        samples = sample(raw_model, tokenizer, p.sample, seed, rt.device) if p.sample else []
+        val_targets = [y for _, y in val_bin.eval_batches(block, p.eval_windows, p.batch_size)]
+        tokens_per_s = timed_tokens / train_seconds if train_seconds else 0.0
+        interval = [r["train/loss"] for r in history[-p.eval_interval:]]
+        metrics = {
+            "parameters": raw_model.num_params(),
+            "steps": p.max_steps,
+            "tokens_seen": tokens_seen,
+            "train_loss": round(sum(interval) / len(interval), 6),
+            "val_loss": round(val_loss, 6),
+            "val_perplexity": round(math.exp(val_loss), 4),
+            "unigram_val_perplexity": round(unigram_perplexity(train_bin, val_targets), 4),
+            "perf": {
+                "tokens_per_s": round(tokens_per_s, 1),
+                "mfu": round(raw_model.estimate_mfu(tokens_per_s, peak_flops), 4),
+                "peak_flops": peak_flops,
+                "wall_s": round(time.perf_counter() - started, 1),
+                "device": str(rt.device), "processes": rt.world_size, "dtype": p.dtype,
+            },
+        }
+        with atomic_dir(paths.model_dir) as tmp:
+            export_hf_gpt2(raw_model.cpu(), tmp, tokenizer=tokenizer)
+            write_json(tmp / "samples.json", samples)
+        curves.close()
+        # A finished run leaves no checkpoint behind: a rerun with new params starts afresh.
+        (paths.checkpoint_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+        rt.barrier()
+        return metrics
+    finally:
+        if rt.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def save_checkpoint(checkpoint_dir: Path, state: dict) -> None:
+    with atomic_path(checkpoint_dir / CHECKPOINT_FILE) as tmp:
+        torch.save(state, tmp)

@@ -1,0 +1,33 @@
+"""download: write the pretrain and finetune corpora to data/raw/ as JSONL."""
+
+from pathlib import Path
+
+from llmpipe.corpus import load_documents, write_jsonl
+from llmpipe.io import sha256_file, write_metrics
+from llmpipe.params import load_stage_params
+from llmpipe.stage import run_main
+
+RAW_DIR = Path("data/raw")
+CORPORA = ("pretrain", "finetune")
+
+
+def main() -> None:
+    _, params = load_stage_params("download")
+    # Load every corpus before writing any, so a bad source leaves earlier outputs intact.
+    documents = {name: load_documents(getattr(params, name)) for name in CORPORA}
+    metrics = {}
+    for name, docs in documents.items():
+        path = RAW_DIR / f"{name}.jsonl"
+        write_jsonl(path, docs)
+        metrics[name] = {
+            "source": getattr(params, name).source,
+            "documents": len(docs),
+            "bytes": sum(len(d.encode("utf-8")) for d in docs),
+            "sha256": sha256_file(path),
+        }
+        print(f"{name}: {len(docs)} documents, {metrics[name]['bytes']:,} bytes -> {path}")
+    write_metrics("download", metrics)
+
+
+if __name__ == "__main__":
+    run_main(main)

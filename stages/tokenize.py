@@ -1,0 +1,57 @@
+"""tokenize: train (or load) the tokenizer and encode both corpora into token memmaps."""
+
+import time
+from pathlib import Path
+
+from llmpipe.corpus import read_jsonl_texts
+from llmpipe.data import write_corpus
+from llmpipe.io import atomic_dir, write_metrics
+from llmpipe.params import load_stage_params
+from llmpipe.stage import run_main
+from llmpipe.tokenization import FastEncoder, load_pretrained, split_by_document, train_bpe
+
+RAW_DIR = Path("data/raw")
+TOKENIZER_DIR = Path("data/tokenizer")
+TOKENS_DIR = Path("data/tokens")
+CORPORA = ("pretrain", "finetune")
+ENCODER_CHECK_DOCS = 200  # documents on which tiktoken must reproduce the HF ids exactly
+
+
+def main() -> None:
+    shared, params = load_stage_params("tokenize")
+    corpora = {name: read_jsonl_texts(RAW_DIR / f"{name}.jsonl") for name in CORPORA}
+    if params.tokenizer == "bpe":
+        tokenizer = train_bpe(corpora["pretrain"], params.vocab_size, params.min_frequency)
+    else:
+        tokenizer = load_pretrained(params.tokenizer, params.trust_remote_code)
+    vocab_size = len(tokenizer)
+    encoder = FastEncoder(tokenizer, sample=corpora["pretrain"][:ENCODER_CHECK_DOCS])
+    splits = {name: split_by_document(docs, params.val_fraction, shared.seed, name)
+              for name, docs in corpora.items()}
+
+    # Encode everything into temporary directories first: a failure leaves old outputs intact.
+    metrics: dict = {"tokenizer": params.tokenizer, "vocab_size": vocab_size,
+                     "encoder": encoder.backend, "perf": {}}
+    started = time.perf_counter()
+    encoded_bytes = 0
+    with atomic_dir(TOKENIZER_DIR) as tokenizer_tmp, atomic_dir(TOKENS_DIR) as tokens_tmp:
+        tokenizer.save_pretrained(tokenizer_tmp)
+        for name, split in splits.items():
+            meta = write_corpus(tokens_tmp / name, split, encoder, vocab_size,
+                                params.tokenizer, progress_desc=f"encode {name}")
+            for split_name, info in meta["splits"].items():
+                metrics[f"{name}_{split_name}_tokens"] = info["tokens"]
+                metrics[f"{name}_{split_name}_documents"] = info["documents"]
+            n_bytes = sum(info["bytes"] for info in meta["splits"].values())
+            n_tokens = sum(info["tokens"] for info in meta["splits"].values())
+            metrics[f"{name}_bytes_per_token"] = round(n_bytes / n_tokens, 4)
+            encoded_bytes += n_bytes
+    seconds = time.perf_counter() - started
+    metrics["perf"]["encode_mb_per_s"] = round(encoded_bytes / seconds / 1e6, 2)
+    write_metrics("tokenize", metrics)
+    print(f"vocab {vocab_size} ({encoder.backend}); "
+          f"{metrics['perf']['encode_mb_per_s']} MB/s -> {TOKENS_DIR}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,81 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Files a copy of the project needs to run the pipeline (data/ and metrics/ are outputs).
+PROJECT_FILES = ("dvc.yaml", "params.yaml", "pyproject.toml", "stages", "src", ".dvcignore")
+
+SAMPLE_DOCS = [
+    "Return the sum of a and b.\n\nBoth arguments must be numbers.",
+    "A class that holds a mutable sequence of items, like list() does.",
+    "Open a file and return a stream. Raise OSError upon failure.",
+    "Ünïcödé text — with dashes, “quotes” and emoji 🐍 must round-trip.",
+    "    indented code:\n        x = f(y)  # comment\n\ttabs too",
+    "Numbers 12345 and 3.14159, hex 0xFF, and symbols <>&%$#@!",
+] * 3 + [f"Document number {i} talks about topic {i % 7}." for i in range(40)]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for child processes: this venv first on PATH, one thread each (2 cores)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{ROOT / 'src'}"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, **env: str):
+    result = subprocess.run(cmd, cwd=cwd, env=subprocess_env(**env), capture_output=True,
+                            text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n"
+                             f"{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture
+def project_copy(tmp_path: Path) -> Path:
+    """A fresh git + DVC repository holding a copy of the project's pipeline files."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__",
+                                                                              "*.egg-info"))
+        elif src.exists():
+            shutil.copy2(src, repo / name)
+    run(["git", "init", "-q", "-b", "main"], repo)
+    run(["git", "config", "user.email", "test@llmpipe.local"], repo)
+    run(["git", "config", "user.name", "llmpipe test"], repo)
+    run(["dvc", "init", "-q"], repo)
+    return repo
+
+
+def set_params(repo: Path, updates: dict) -> None:
+    """Apply dotted-key updates to repo/params.yaml, keeping the rest."""
+    from ruamel.yaml import YAML
+
+    yaml = YAML()
+    path = repo / "params.yaml"
+    data = yaml.load(path.read_text())
+    for dotted, value in updates.items():
+        node = data
+        *parents, last = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    with open(path, "w") as f:
+        yaml.dump(data, f)
+
+
+def git_commit_all(repo: Path, message: str = "state") -> None:
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-q", "-m", message], repo)

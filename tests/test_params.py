@@ -1,0 +1,81 @@
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run, subprocess_env  # noqa: F401
+from llmpipe.errors import ParamsError
+from llmpipe.params import load_stage_params, validate_all
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+BASE = (ROOT / "params.yaml").read_text()
+
+
+def test_project_params_are_valid():
+    validated = validate_all(ROOT / "params.yaml")
+    assert validated["tokenize"].vocab_size > 0
+
+
+def test_floats_in_exponent_notation_are_numbers(tmp_path):
+    text = BASE.replace("val_fraction: 0.1", "val_fraction: 5e-2")
+    _, params = load_stage_params("tokenize", write(tmp_path, text))
+    assert params.val_fraction == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("vocab_size: 4096", "vocab_size: -5", "tokenize.vocab_size: -5 is not a positive integer"),
+        ("vocab_size: 4096", "vocab_size: many",
+         "tokenize.vocab_size: 'many' is not a positive integer"),
+        ("vocab_size: 4096", "vocab_size: 4096\n  vocab_sise: 10",
+         "tokenize.vocab_sise: unknown key (allowed: min_frequency, tokenizer, "
+         "trust_remote_code, val_fraction, vocab_size)"),
+        ("val_fraction: 0.1", "val_fraction: 1.0",
+         "tokenize.val_fraction: 1.0 is not a number strictly between 0 and 1"),
+        ("val_fraction: 0.1", "val_fraction: 0",
+         "tokenize.val_fraction: 0.0 is not a number strictly between 0 and 1"),
+        ("val_fraction: 0.1", "val_fraction: true",
+         "tokenize.val_fraction: True is not a number strictly between 0 and 1"),
+        ("min_frequency: 2", "min_frequency: 2.5",
+         "tokenize.min_frequency: 2.5 is not a positive integer"),
+    ],
+)
+def test_bad_tokenize_params(tmp_path, old, new, message):
+    assert old in BASE
+    with pytest.raises(ParamsError) as err:
+        load_stage_params("tokenize", write(tmp_path, BASE.replace(old, new, 1)))
+    assert str(err.value) == message
+
+
+def test_unknown_source_scheme(tmp_path):
+    text = BASE.replace("source: stdlib:reference", "source: ftp://example.org/x.txt")
+    with pytest.raises(ParamsError, match=r"^download\.finetune\.source: 'ftp://example.org/x.txt'"
+                       r" is not a corpus source"):
+        load_stage_params("download", write(tmp_path, text))
+
+
+def test_missing_key_and_unknown_section(tmp_path):
+    with pytest.raises(ParamsError, match=r"^tokenize\.vocab_size: missing \(required\)$"):
+        load_stage_params("tokenize", write(tmp_path, BASE.replace("  vocab_size: 4096\n", "")))
+    with pytest.raises(ParamsError, match=r"^tokenise: unknown key"):
+        load_stage_params("tokenize", write(tmp_path, BASE + "\ntokenise: {}\n"))
+
+
+def test_a_stage_reads_only_its_own_section(tmp_path):
+    # A broken download section does not stop tokenize: DVC tracks sections separately.
+    text = BASE.replace("source: stdlib:reference", "source: nowhere:x")
+    _, params = load_stage_params("tokenize", write(tmp_path, text))
+    assert params.vocab_size == 4096
+
+
+def test_bad_params_stop_the_stage_with_one_line(tmp_path):
+    write(tmp_path, BASE.replace("vocab_size: 4096", "vocab_size: -5"))
+    result = run(["python", "-m", "stages.tokenize"], tmp_path, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: tokenize.vocab_size: -5 is not a positive integer"
