@@ -1,4 +1,6 @@
 import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars are for people, not test logs
 import shutil
 import subprocess
 import sys
@@ -8,7 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Files a copy of the project needs to run the pipeline (data/ and metrics/ are outputs).
-PROJECT_FILES = ("dvc.yaml", "params.yaml", "pyproject.toml", "stages", "src", ".dvcignore")
+PROJECT_FILES = ("dvc.yaml", "params.yaml", "pyproject.toml", "stages", "src", ".dvcignore",
+                 ".gitignore")
 
 SAMPLE_DOCS = [
     "Return the sum of a and b.\n\nBoth arguments must be numbers.",
@@ -79,3 +82,34 @@ def set_params(repo: Path, updates: dict) -> None:
 def git_commit_all(repo: Path, message: str = "state") -> None:
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-q", "-m", message], repo)
+
+
+# A micro configuration of the whole pipeline: seconds per stage on 2 CPU cores.
+MICRO_PARAMS = {
+    "download.pretrain.max_documents": 1500,
+    "download.finetune.max_documents": 20,
+    "tokenize.vocab_size": 512,
+    "pretrain.model.n_layer": 2,
+    "pretrain.model.n_head": 2,
+    "pretrain.model.n_embd": 32,
+    "pretrain.model.block_size": 32,
+    "pretrain.batch_size": 8,
+    "pretrain.max_steps": 12,
+    "pretrain.warmup_steps": 2,
+    "pretrain.eval_interval": 6,
+    "pretrain.eval_windows": 8,
+    "pretrain.checkpoint_interval": 6,
+    "pretrain.peak_flops": 1.0e11,
+    "pretrain.sample.max_new_tokens": 8,
+}
+
+
+@pytest.fixture(scope="session")
+def micro_workspace(tmp_path_factory) -> Path:
+    """A directory with params.yaml (micro) and the outputs of download and tokenize."""
+    workspace = tmp_path_factory.mktemp("workspace")
+    shutil.copy2(ROOT / "params.yaml", workspace / "params.yaml")
+    set_params(workspace, MICRO_PARAMS)
+    for stage in ("download", "tokenize"):
+        run(["python", "-m", f"stages.{stage}"], workspace)
+    return workspace

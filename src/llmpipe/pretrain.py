@@ -138,8 +138,14 @@ class CurveLog:
     def __init__(self, live_dir: Path, history: list[dict]):
         from dvclive import Live
 
-        # dvcyaml=False, save_dvc_exp=False: dvclive must not rewrite dvc.yaml or commit.
-        self.live = Live(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False)
+        class CurvesOnlyLive(Live):
+            # We declare the plots in dvc.yaml ourselves (dvcyaml=False, save_dvc_exp=False),
+            # so dvclive's DVC integration has nothing to do; it also crashes in a git repo
+            # that has no commit yet (scm.get_rev() before its own no_commits check).
+            def _init_dvc(self) -> None:
+                self._dvc_file = "dvc.yaml"
+
+        self.live = CurvesOnlyLive(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False)
         self.history = history
         for record in history:
             self._write(record)
@@ -223,6 +229,7 @@ def pretrain(p: PretrainParams, seed: int, paths: PretrainPaths) -> dict | None:
         scaler = torch.amp.GradScaler(enabled=p.dtype == "float16")
         data_rng = torch.Generator().manual_seed(seed)
         digest = run_digest(p, seed, meta, rt.world_size)
+        paths.checkpoint_dir.mkdir(parents=True, exist_ok=True)  # a DVC output even when empty
         state = load_checkpoint(paths.checkpoint_dir, digest)
         start_step, history, tokens_seen = 0, [], 0
         if state is not None:

@@ -1,0 +1,32 @@
+# Fresh machine: `make pipeline` (set up, then dvc repro) or `make test` (set up, then pytest).
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(abspath $(VENV))/bin
+# DVC runs each stage's cmd (`python -m stages.x`) with this PATH: the venv's python first.
+export PATH := $(BIN):$(PATH)
+
+.PHONY: setup pipeline test lint bench
+
+setup: $(VENV)/.installed
+
+# torch first and pinned: a bare `torch` requirement would pull several GB of CUDA wheels on
+# a CPU machine. 2.13.0 is the CPU wheel here and a CUDA build on a GPU box.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+pipeline: setup
+	dvc repro
+
+test: setup
+	pytest
+
+lint: setup
+	ruff check src stages tests bench
+
+bench: setup
+	python bench/tokenize_throughput.py
+	python bench/train_step.py

@@ -1,0 +1,83 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from llmpipe.data import TokenBin, write_corpus
+from llmpipe.errors import DataError
+
+
+class CountingEncoder:
+    """Encodes a document "a b c" to fixed ids; enough to exercise the file format."""
+
+    backend = "test"
+
+    def __init__(self, eot: int, big: int = 0):
+        self.eot, self.big = eot, big
+
+    def encode_to_array(self, texts, dtype):
+        ids = []
+        for text in texts:
+            ids += [self.big + len(word) for word in text.split()] + [self.eot]
+        return np.asarray(ids, dtype=dtype)
+
+
+def make_corpus(tmp_path, vocab_size=1000, big=0, words=50):
+    docs = [" ".join("x" * (1 + (i * j) % 9) for j in range(words)) for i in range(1, 20)]
+    write_corpus(tmp_path, {"train": docs[:15], "val": docs[15:]}, CountingEncoder(0, big),
+                 vocab_size, "test")
+    return tmp_path
+
+
+def test_roundtrip_and_windows(tmp_path):
+    corpus = make_corpus(tmp_path)
+    train = TokenBin.open(corpus, "train", expected_vocab_size=1000, verify_checksum=True)
+    assert train.tokens.dtype == np.uint16 and len(train) == 15 * 51
+    x, y = train.batch([0, 5], 8)
+    assert x.shape == (2, 8) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the next tokens
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert train.random_starts(16, 8, g1) == train.random_starts(16, 8, g2)
+    val = TokenBin.open(corpus, "val")
+    assert val.eval_starts(8, 10) == val.eval_starts(8, 10)
+    assert val.eval_starts(8, 10)[-1] == len(val) - 9
+
+
+def test_uint32_above_65536_tokens_of_vocabulary(tmp_path):
+    corpus = make_corpus(tmp_path, vocab_size=70_000, big=69_000)
+    train = TokenBin.open(corpus, "train")
+    assert train.tokens.dtype == np.uint32
+    assert int(train.tokens.max()) > 65_535
+
+
+def test_truncated_bin_is_detected(tmp_path):
+    corpus = make_corpus(tmp_path)
+    data = (corpus / "train.bin").read_bytes()
+    (corpus / "train.bin").write_bytes(data[:-10])
+    with pytest.raises(DataError, match=r"train\.bin: \d+ bytes, but meta\.json says \d+ tokens"):
+        TokenBin.open(corpus, "train")
+
+
+def test_wrong_meta_is_detected(tmp_path):
+    corpus = make_corpus(tmp_path)
+    with pytest.raises(DataError, match="vocabulary of 1000, but the model has a vocabulary "
+                                        "of 50257"):
+        TokenBin.open(corpus, "train", expected_vocab_size=50257)
+    meta = json.loads((corpus / "meta.json").read_text())
+    meta["vocab_size"] = 100_000  # uint16 cannot hold it
+    (corpus / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="dtype uint16 cannot hold a vocabulary of 100000"):
+        TokenBin.open(corpus, "train")
+    (corpus / "meta.json").write_text("{")
+    with pytest.raises(DataError, match="meta.json: not valid JSON"):
+        TokenBin.open(corpus, "train")
+
+
+def test_changed_bin_fails_the_checksum(tmp_path):
+    corpus = make_corpus(tmp_path)
+    data = bytearray((corpus / "val.bin").read_bytes())
+    data[0] ^= 1
+    (corpus / "val.bin").write_bytes(bytes(data))
+    with pytest.raises(DataError, match="sha256 differs from meta.json"):
+        TokenBin.open(corpus, "val", verify_checksum=True)

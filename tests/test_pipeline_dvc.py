@@ -1,0 +1,39 @@
+"""The DVC workflow on a copy of the project, with the micro configuration."""
+
+import json
+
+import pytest
+
+from conftest import MICRO_PARAMS, git_commit_all, run, set_params
+
+pytestmark = pytest.mark.slow
+
+
+def test_repro_noop_and_exp_rerun_scope(project_copy):
+    set_params(project_copy, MICRO_PARAMS)
+    first = run(["dvc", "repro"], project_copy)
+    for stage in ("download", "tokenize", "pretrain"):
+        assert f"Running stage '{stage}'" in first.stdout
+    for name in ("download", "tokenize", "pretrain"):
+        assert json.loads((project_copy / f"metrics/{name}.json").read_text())
+    assert (project_copy / "data/pretrain/model/model.safetensors").exists()
+    assert not (project_copy / "data/pretrain/checkpoint/checkpoint.pt").exists()
+
+    second = run(["dvc", "repro"], project_copy)
+    assert "Running stage" not in second.stdout
+    assert "up to date" in second.stdout
+
+    git_commit_all(project_copy, "micro pipeline")
+    exp = run(["dvc", "exp", "run", "-S", "tokenize.vocab_size=400"], project_copy)
+    assert "Running stage 'download'" not in exp.stdout
+    assert "Running stage 'tokenize'" in exp.stdout
+    assert "Running stage 'pretrain'" in exp.stdout  # it reads the new tokens
+    shown = run(["dvc", "exp", "show", "--json"], project_copy).stdout
+    assert "400" in shown
+
+
+def test_failing_stage_reports_one_line(project_copy):
+    set_params(project_copy, {**MICRO_PARAMS, "download.finetune.source": "file:/nonexistent.txt"})
+    result = run(["dvc", "repro", "download"], project_copy, check=False)
+    assert result.returncode != 0
+    assert "error: file:/nonexistent.txt: file not found" in result.stderr

@@ -1,0 +1,175 @@
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, run, set_params
+from llmpipe.errors import ParamsError
+from llmpipe.model import GPT
+from llmpipe.params import load_stage_params
+from llmpipe.pretrain import CHECKPOINT_FILE, PretrainPaths, TrainingError, lr_at, pretrain
+
+
+def paths_in(workspace: Path, out: Path) -> PretrainPaths:
+    return PretrainPaths(tokens_dir=workspace / "data/tokens/pretrain",
+                         tokenizer_dir=workspace / "data/tokenizer",
+                         model_dir=out / "model", checkpoint_dir=out / "checkpoint",
+                         live_dir=out / "live")
+
+
+def micro_params(workspace: Path, **changes):
+    shared, params = load_stage_params("pretrain", workspace / "params.yaml")
+    return shared.seed, dataclasses.replace(params, **changes)
+
+
+def without_perf(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k != "perf"}
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr(micro_workspace):
+    _, p = micro_params(micro_workspace, warmup_steps=10, max_steps=100, learning_rate=1.0,
+                        min_lr=0.1)
+    lrs = [lr_at(s, p) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
+    assert lr_at(100, p) == pytest.approx(0.1)
+
+
+def test_loss_falls_and_beats_the_unigram_baseline(micro_workspace, tmp_path):
+    seed, p = micro_params(micro_workspace, max_steps=400, eval_interval=200, batch_size=16,
+                           checkpoint_interval=1000, learning_rate=3e-3, warmup_steps=10)
+    p = dataclasses.replace(p, model=dataclasses.replace(p.model, n_embd=64, block_size=64))
+    metrics = pretrain(p, seed, paths_in(micro_workspace, tmp_path))
+    assert metrics["val_loss"] < math.log(512) - 1.5, metrics  # far below a uniform guess
+    assert metrics["val_perplexity"] < 0.8 * metrics["unigram_val_perplexity"]
+    curve = [float(line.split("\t")[-1]) for line in
+             (tmp_path / "live/plots/metrics/train/loss.tsv").read_text().splitlines()[1:]]
+    assert sum(curve[-10:]) / 10 < sum(curve[:10]) / 10 - 1.0
+    # The export is a Hugging Face model with the tokenizer, and it has no leftover checkpoint.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "model")
+    assert hf.config.vocab_size == len(tok) == 512
+    assert not (tmp_path / "checkpoint" / CHECKPOINT_FILE).exists()
+
+
+def test_same_seed_same_metrics_and_weights(micro_workspace, tmp_path):
+    seed, p = micro_params(micro_workspace)
+    first = pretrain(p, seed, paths_in(micro_workspace, tmp_path / "a"))
+    second = pretrain(p, seed, paths_in(micro_workspace, tmp_path / "b"))
+    assert without_perf(first) == without_perf(second)
+    wa = load_file(tmp_path / "a/model/model.safetensors")
+    wb = load_file(tmp_path / "b/model/model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_interrupted_run_resumes_to_the_same_weights(micro_workspace, tmp_path, monkeypatch):
+    seed, p = micro_params(micro_workspace)
+    p = dataclasses.replace(p, model=dataclasses.replace(p.model, dropout=0.1))  # RNG matters
+    reference = pretrain(p, seed, paths_in(micro_workspace, tmp_path / "ref"))
+
+    import llmpipe.pretrain as module
+
+    real_lr_at = module.lr_at
+
+    def killed_at_step_9(step, params):
+        if step == 9:
+            raise KeyboardInterrupt  # as if the stage were killed after the step-6 checkpoint
+        return real_lr_at(step, params)
+
+    monkeypatch.setattr(module, "lr_at", killed_at_step_9)
+    paths = paths_in(micro_workspace, tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(p, seed, paths)
+    assert (paths.checkpoint_dir / CHECKPOINT_FILE).exists()
+    monkeypatch.setattr(module, "lr_at", real_lr_at)
+    resumed = pretrain(p, seed, paths)
+    assert without_perf(resumed) == without_perf(reference)
+    wa = load_file(tmp_path / "ref/model/model.safetensors")
+    wb = load_file(paths.model_dir / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert ((tmp_path / "ref/live/plots/metrics/train/loss.tsv").read_text()
+            == (paths.live_dir / "plots/metrics/train/loss.tsv").read_text())
+    assert not (paths.checkpoint_dir / CHECKPOINT_FILE).exists()
+
+
+def test_checkpoint_of_other_params_is_not_resumed(micro_workspace, tmp_path, monkeypatch,
+                                                   capsys):
+    seed, p = micro_params(micro_workspace)
+    paths = paths_in(micro_workspace, tmp_path)
+    import llmpipe.pretrain as module
+
+    real_lr_at = module.lr_at
+    monkeypatch.setattr(module, "lr_at", lambda s, q: (_ for _ in ()).throw(KeyboardInterrupt)
+                        if s == 9 else real_lr_at(s, q))
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(p, seed, paths)
+    monkeypatch.setattr(module, "lr_at", real_lr_at)
+    changed = dataclasses.replace(p, learning_rate=p.learning_rate / 2)
+    fresh = pretrain(changed, seed, paths_in(micro_workspace, tmp_path / "fresh"))
+    rerun = pretrain(changed, seed, paths)
+    assert "ignoring" in capsys.readouterr().out
+    assert without_perf(rerun) == without_perf(fresh)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(micro_workspace, tmp_path,
+                                                               monkeypatch):
+    seed, p = micro_params(micro_workspace)
+    paths = paths_in(micro_workspace, tmp_path)
+    real_forward = GPT.forward
+    calls = {"n": 0}
+
+    def forward_with_nan_at_step_8(self, idx, targets=None):
+        logits, loss = real_forward(self, idx, targets)
+        if self.training and targets is not None:
+            calls["n"] += 1
+            if calls["n"] == 9:  # one micro-step per step: step 8 (0-based)
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", forward_with_nan_at_step_8)
+    with pytest.raises(TrainingError, match=r"loss became nan at step 8; the last good "
+                                            r"checkpoint is kept in .*checkpoint\.pt"):
+        pretrain(p, seed, paths)
+    state = torch.load(paths.checkpoint_dir / CHECKPOINT_FILE, weights_only=True)
+    assert state["step"] == 6
+    assert not paths.model_dir.exists()
+
+
+def test_hf_init_checks_the_architecture(micro_workspace, tmp_path):
+    from llmpipe.model import GPTConfig, export_hf_gpt2
+
+    export_hf_gpt2(GPT(GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=2,
+                                 n_embd=32)), tmp_path / "base")
+    seed, p = micro_params(micro_workspace, init=str(tmp_path / "base"), max_steps=2)
+    metrics = pretrain(p, seed, paths_in(micro_workspace, tmp_path / "out"))  # crops 64 -> 32
+    assert metrics["steps"] == 2
+    wrong = dataclasses.replace(p, model=dataclasses.replace(p.model, n_layer=3))
+    with pytest.raises(ParamsError, match=r"pretrain\.model\.n_layer: 3 differs from .*'s 2"):
+        pretrain(wrong, seed, paths_in(micro_workspace, tmp_path / "out2"))
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(micro_workspace, tmp_path):
+    curves = {}
+    for name, launcher in (("single", ["python", "-m"]),
+                           ("ddp", ["torchrun", "--standalone", "--nproc_per_node", "2", "-m"])):
+        work = tmp_path / name
+        work.mkdir()
+        shutil.copytree(micro_workspace / "data", work / "data")
+        shutil.copy2(micro_workspace / "params.yaml", work / "params.yaml")
+        set_params(work, {"pretrain.grad_accum_steps": 2, "pretrain.max_steps": 8})
+        run([*launcher, "stages.pretrain"], work, PYTHONPATH=f"{ROOT}:{ROOT / 'src'}")
+        curves[name] = [float(line.split("\t")[-1]) for line in
+                        (work / "dvclive/pretrain/plots/metrics/train/loss.tsv")
+                        .read_text().splitlines()[1:]]
+        metrics = json.loads((work / "metrics/pretrain.json").read_text())
+        assert metrics["perf"]["processes"] == (2 if name == "ddp" else 1)
+    assert len(curves["single"]) == len(curves["ddp"]) == 8
+    assert curves["ddp"] == pytest.approx(curves["single"], abs=1e-4)
