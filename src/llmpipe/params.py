@@ -136,6 +136,92 @@ class PretrainParams:
     sample: SampleParams | None = None
 
 
+# --- the later stages: validated now, so params.yaml is one whole document; each stage's
+# --- code consumes its section when the stage lands in dvc.yaml.
+
+HF_OR_DIR = Check("hf:<name> or a directory", lambda v: (v.startswith("hf:") and len(v) > 3)
+                  or (v and ":" not in v))
+BASE_MODEL = Check("pretrain (the pipeline's own model), hf:<name> or a directory",
+                   lambda v: v == "pretrain" or HF_OR_DIR.predicate(v))
+GOLD_SCORER = Check("vader, hf:<name> or a directory (a text-classification model)",
+                    lambda v: v == "vader" or HF_OR_DIR.predicate(v))
+PREFERENCE_SOURCE = Check("generate, hf:<dataset>[:<config>] or file:<path>",
+                          lambda v: v == "generate" or (v.split(":", 1)[0] in ("hf", "file")
+                                                        and len(v) > 5))
+
+
+@dataclass(frozen=True, kw_only=True)
+class CausalLMTrainingParams:
+    """What finetune and lora share: the base, the data and the optimisation."""
+
+    base: str = param(check=BASE_MODEL)
+    block_size: int = param(check=POSITIVE_INT)
+    batch_size: int = param(check=POSITIVE_INT)
+    grad_accum_steps: int = param(1, check=POSITIVE_INT)
+    max_steps: int = param(check=POSITIVE_INT)
+    learning_rate: float = param(check=POSITIVE_NUMBER)
+    warmup_steps: int = param(check=NON_NEGATIVE_INT)
+    weight_decay: float = param(check=NON_NEGATIVE_NUMBER)
+    eval_interval: int = param(check=POSITIVE_INT)
+    eval_windows: int = param(check=POSITIVE_INT)
+    early_stopping_patience: int = param(check=POSITIVE_INT)
+    bf16: Literal["auto", "true", "false"] = "auto"  # auto: bf16 on CUDA only
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneParams(CausalLMTrainingParams):
+    pass
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraParams(CausalLMTrainingParams):
+    r: int = param(check=POSITIVE_INT)
+    alpha: int = param(check=POSITIVE_INT)
+    dropout: float = param(0.0, check=HALF_OPEN_UNIT_INTERVAL)
+    target_modules: list[str]
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantizeParams:
+    source: Literal["finetune", "lora"]
+    method: Literal["dynamic_int8", "weight_only_int8", "static_int8"]
+    calibration_windows: int = param(32, check=POSITIVE_INT)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RewardModelParams:
+    preferences: str = param(check=PREFERENCE_SOURCE)
+    gold_scorer: str = param(check=GOLD_SCORER)
+    gold_label: str | None = None  # the label to reward, for an hf: classifier
+    prompt_tokens: int = param(check=POSITIVE_INT)
+    completion_tokens: int = param(check=POSITIVE_INT)
+    train_prompts: int = param(check=POSITIVE_INT)
+    learning_rate: float = param(check=POSITIVE_NUMBER)
+    epochs: int = param(check=POSITIVE_INT)
+    batch_size: int = param(check=POSITIVE_INT)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GrpoParams:
+    use_lora: bool
+    num_generations: int = param(check=POSITIVE_INT)
+    beta: float = param(check=NON_NEGATIVE_NUMBER)
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"]
+    scale_rewards: Literal["group", "batch", "none"]
+    learning_rate: float = param(check=POSITIVE_NUMBER)
+    max_completion_length: int = param(check=POSITIVE_INT)
+    temperature: float = param(check=POSITIVE_NUMBER)
+    max_steps: int = param(check=POSITIVE_INT)
+    length_penalty: float = param(0.0, check=NON_NEGATIVE_NUMBER)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateParams:
+    eval_windows: int = param(check=POSITIVE_INT)
+    sample: SampleParams
+
+
 @dataclass(frozen=True, kw_only=True)
 class SharedParams:
     seed: int = param(check=NON_NEGATIVE_INT)
@@ -145,6 +231,12 @@ STAGE_SCHEMAS: dict[str, type] = {
     "download": DownloadParams,
     "tokenize": TokenizeParams,
     "pretrain": PretrainParams,
+    "finetune": FinetuneParams,
+    "lora": LoraParams,
+    "quantize": QuantizeParams,
+    "reward_model": RewardModelParams,
+    "grpo": GrpoParams,
+    "evaluate": EvaluateParams,
 }
 SHARED_KEYS = tuple(f.name for f in dataclasses.fields(SharedParams))
 
