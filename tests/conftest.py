@@ -113,3 +113,10 @@ def micro_workspace(tmp_path_factory) -> Path:
     for stage in ("download", "tokenize"):
         run(["python", "-m", f"stages.{stage}"], workspace)
     return workspace
+
+
+@pytest.fixture(scope="session")
+def micro_pretrained(micro_workspace) -> Path:
+    """micro_workspace with the pretrain stage's model (data/pretrain/model) as well."""
+    run(["python", "-m", "stages.pretrain"], micro_workspace)
+    return micro_workspace

@@ -29,9 +29,11 @@ import torch.distributed as dist
 
 from llmpipe.data import TokenBin, read_meta, unigram_perplexity
 from llmpipe.errors import LlmpipeError, ParamsError
+from llmpipe.evaluation import perplexity, window_loss
 from llmpipe.io import atomic_dir, atomic_path, write_json
 from llmpipe.model import GPT, GPTConfig, export_hf_gpt2, load_hf_gpt2, measure_matmul_peak_flops
 from llmpipe.params import PretrainParams, SampleParams
+from llmpipe.tracking import curves_live
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -136,16 +138,7 @@ class CurveLog:
     files of a resumed run equal those of an uninterrupted one."""
 
     def __init__(self, live_dir: Path, history: list[dict]):
-        from dvclive import Live
-
-        class CurvesOnlyLive(Live):
-            # We declare the plots in dvc.yaml ourselves (dvcyaml=False, save_dvc_exp=False),
-            # so dvclive's DVC integration has nothing to do; it also crashes in a git repo
-            # that has no commit yet (scm.get_rev() before its own no_commits check).
-            def _init_dvc(self) -> None:
-                self._dvc_file = "dvc.yaml"
-
-        self.live = CurvesOnlyLive(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False)
+        self.live = curves_live(live_dir)
         self.history = history
         for record in history:
             self._write(record)
@@ -163,19 +156,6 @@ class CurveLog:
 
     def close(self) -> None:
         self.live.end()
-
-
-@torch.no_grad()
-def mean_loss(model: GPT, bins: TokenBin, block_size: int, windows: int, batch_size: int,
-              device: torch.device, autocast) -> float:
-    model.eval()
-    losses = []
-    for x, y in bins.eval_batches(block_size, windows, batch_size):
-        with autocast():
-            _, loss = model(x.to(device), y.to(device))
-        losses.append(loss.float().item() * len(x))
-    model.train()
-    return sum(losses) / len(bins.eval_starts(block_size, windows))
 
 
 @torch.no_grad()
@@ -305,8 +285,8 @@ def pretrain(p: PretrainParams, seed: int, paths: PretrainPaths) -> dict | None:
                       "perf/tokens_per_s": round(tokens_per_s, 1)}
             done = step + 1 == p.max_steps
             if rt.is_main and ((step + 1) % p.eval_interval == 0 or done):
-                val_loss = mean_loss(raw_model, val_bin, block, p.eval_windows, p.batch_size,
-                                     rt.device, autocast)
+                val_loss = window_loss(raw_model, val_bin, block, p.eval_windows,
+                                       p.batch_size, autocast)
                 record["val/loss"] = val_loss
                 if p.sample is not None:
                     first = sample(raw_model, tokenizer, p.sample, seed, rt.device)[0]
@@ -339,7 +319,7 @@ def pretrain(p: PretrainParams, seed: int, paths: PretrainPaths) -> dict | None:
             "tokens_seen": tokens_seen,
             "train_loss": round(sum(interval) / len(interval), 6),
             "val_loss": round(val_loss, 6),
-            "val_perplexity": round(math.exp(val_loss), 4),
+            "val_perplexity": round(perplexity(val_loss), 4),
             "unigram_val_perplexity": round(unigram_perplexity(train_bin, val_targets), 4),
             "perf": {
                 "tokens_per_s": round(tokens_per_s, 1),

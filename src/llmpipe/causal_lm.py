@@ -1,0 +1,170 @@
+"""Causal-LM finetuning on token memmaps with transformers' Trainer.
+
+The finetune stage (every weight) and the lora stage (a peft adapter) share all of it: the
+base model, the check that base and token data share a vocabulary, the datasets of windows,
+the Trainer with warmup + cosine, early stopping on validation loss (the best checkpoint is the
+one kept), the curves, and the perplexity on fixed validation windows, measured the same way as
+for pretrain.
+"""
+
+from __future__ import annotations
+
+import resource
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmpipe.data import TokenBin
+from llmpipe.errors import DataError, ParamsError
+from llmpipe.evaluation import perplexity, window_loss
+from llmpipe.params import CausalLMTrainingParams
+from llmpipe.tracking import TrainerCurves
+
+PRETRAIN_MODEL_DIR = Path("data/pretrain/model")
+
+
+def base_name(spec: str) -> str:
+    """`pretrain` -> the pretrain stage's model directory; `hf:<name>` -> a hub name."""
+    if spec == "pretrain":
+        return str(PRETRAIN_MODEL_DIR)
+    if spec.startswith("hf:"):
+        return spec.removeprefix("hf:")
+    return spec
+
+
+def load_base(spec: str, trust_remote_code: bool = False):
+    """The base causal LM and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = base_name(spec)
+    if not spec.startswith("hf:") and not Path(name).is_dir():
+        raise DataError(f"base model {spec!r}: no directory {name} (run the pretrain stage "
+                        "first, or set base to hf:<name> or a model directory)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise DataError(f"base model {spec!r}: cannot load ({e})") from e
+    return model, tokenizer
+
+
+def open_token_data(tokens_dir: Path, model, base_spec: str) -> tuple[TokenBin, TokenBin]:
+    """Train and val memmaps, checked against the model's vocabulary before any training."""
+    vocab = model.get_input_embeddings().num_embeddings
+    try:
+        return (TokenBin.open(tokens_dir, "train", expected_vocab_size=vocab),
+                TokenBin.open(tokens_dir, "val", expected_vocab_size=vocab))
+    except DataError as e:
+        raise DataError(f"{e} (base {base_spec!r})") from e
+
+
+class WindowDataset(torch.utils.data.Dataset):
+    """Windows of block_size tokens as Trainer examples (labels = inputs: the model shifts)."""
+
+
+    def __init__(self, bins: TokenBin, block_size: int, starts: list[int]):
+        self.bins, self.block_size, self.starts = bins, block_size, starts
+
+    @classmethod
+    def tiling(cls, bins: TokenBin, block_size: int) -> WindowDataset:
+        """Non-overlapping windows covering the split: each token is seen once per epoch."""
+        if len(bins) < block_size + 1:
+            raise DataError(f"{bins.path}: {len(bins)} tokens, fewer than one window of "
+                            f"{block_size + 1}")
+        return cls(bins, block_size, list(range(0, len(bins) - block_size, block_size)))
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        x, _ = self.bins.window(self.starts[i], self.block_size)
+        labels = x.clone()
+        # The model shifts labels, so the first is never a target; the Trainer still counts it
+        # when it normalises the loss (sum / labels != -100), which would scale every loss by
+        # (T-1)/T. Masking it makes the Trainer's loss the true mean over predicted tokens.
+        labels[0] = -100
+        return {"input_ids": x, "labels": labels}
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module  # the best checkpoint's weights, loaded
+    steps: int
+    best_step: int
+    train_loss: float
+    eval_losses: list[tuple[int, float]]  # (step, Trainer eval_loss) at every evaluation
+    tokens_per_s: float
+    peak_memory_mb: float
+
+
+def use_bf16(p: CausalLMTrainingParams) -> bool:
+    """auto: bf16 on CUDA; on CPU only when asked (it pays off on AMX CPUs at larger sizes)."""
+    return p.bf16 == "true" or (p.bf16 == "auto" and torch.cuda.is_available())
+
+
+def train(model, p: CausalLMTrainingParams, prefix: str, seed: int, train_bin: TokenBin,
+          val_bin: TokenBin, work_dir: Path, live_dir: Path) -> TrainResult:
+    """Train with early stopping and return the best checkpoint's model."""
+    from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions is not None and p.block_size > max_positions:
+        raise ParamsError(f"{prefix}.block_size: {p.block_size} is more than the base's "
+                          f"{max_positions} positions")
+    curves = TrainerCurves(live_dir)
+    args = TrainingArguments(
+        output_dir=str(work_dir),
+        max_steps=p.max_steps,
+        per_device_train_batch_size=p.batch_size,
+        per_device_eval_batch_size=p.batch_size,
+        gradient_accumulation_steps=p.grad_accum_steps,
+        learning_rate=p.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=p.warmup_steps,
+        weight_decay=p.weight_decay,
+        eval_strategy="steps",
+        eval_steps=p.eval_interval,
+        save_strategy="steps",
+        save_steps=p.eval_interval,
+        save_only_model=True,
+        save_total_limit=2,  # the best is always kept on top of the latest
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_steps=max(1, p.eval_interval // 5),
+        bf16=use_bf16(p),
+        use_cpu=not torch.cuda.is_available(),
+        seed=seed,
+        data_seed=seed,
+        report_to="none",  # curves go through TrainerCurves, which leaves dvc.yaml alone
+        dataloader_num_workers=0,
+    )
+    trainer = Trainer(
+        model=model, args=args,
+        train_dataset=WindowDataset.tiling(train_bin, p.block_size),
+        eval_dataset=WindowDataset(val_bin, p.block_size,
+                                   val_bin.eval_starts(p.block_size, p.eval_windows)),
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=p.early_stopping_patience),
+                   curves],
+    )
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    output = trainer.train()
+    state = trainer.state
+    eval_losses = [(r["step"], r["eval_loss"]) for r in state.log_history if "eval_loss" in r]
+    best_step = min(eval_losses, key=lambda se: se[1])[0]
+    tokens = state.global_step * p.batch_size * p.grad_accum_steps * p.block_size
+    peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    shutil.rmtree(work_dir, ignore_errors=True)  # Trainer checkpoints: the best is loaded
+    return TrainResult(model=trainer.model, steps=state.global_step, best_step=best_step,
+                       train_loss=output.training_loss, eval_losses=eval_losses,
+                       tokens_per_s=tokens / curves.step_seconds if curves.step_seconds else 0.0,
+                       peak_memory_mb=peak_mb)
+
+
+def val_perplexity(model, val_bin: TokenBin, p: CausalLMTrainingParams) -> float:
+    return perplexity(window_loss(model, val_bin, p.block_size, p.eval_windows, p.batch_size))
+

@@ -1,0 +1,33 @@
+"""LoRA adapters with peft, for any causal LM (GPT-2's Conv1D layers included)."""
+
+from __future__ import annotations
+
+import torch
+
+from llmpipe.errors import ParamsError
+from llmpipe.params import LoraParams
+
+
+def lora_config(model: torch.nn.Module, p: LoraParams):
+    from peft import LoraConfig, TaskType
+    from transformers.pytorch_utils import Conv1D
+
+    targets = {name.rsplit(".", 1)[-1]: module for name, module in model.named_modules()}
+    missing = [t for t in p.target_modules if t not in targets]
+    if missing:
+        linear = sorted({n for n, m in targets.items()
+                         if isinstance(m, torch.nn.Linear | Conv1D)})
+        raise ParamsError(f"lora.target_modules: {missing} not in the base model "
+                          f"(its linear layers: {', '.join(linear)})")
+    # GPT-2 stores its projections as Conv1D, weight (in, out): peft must transpose them.
+    fan_in_fan_out = any(isinstance(targets[t], Conv1D) for t in p.target_modules)
+    return LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout,
+                      target_modules=list(p.target_modules), fan_in_fan_out=fan_in_fan_out,
+                      task_type=TaskType.CAUSAL_LM)
+
+
+def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters, each shared tensor counted once."""
+    seen: dict[int, torch.nn.Parameter] = {id(p): p for p in model.parameters()}
+    trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
+    return trainable, sum(p.numel() for p in seen.values())

@@ -1,0 +1,131 @@
+import dataclasses
+
+import pytest
+import torch
+
+from llmpipe.causal_lm import load_base, open_token_data, train, val_perplexity
+from llmpipe.errors import DataError, ParamsError
+from llmpipe.lora import lora_config, parameter_counts
+from llmpipe.model import GPT, GPTConfig, export_hf_gpt2
+from llmpipe.params import load_stage_params
+
+MICRO = {"block_size": 32, "batch_size": 8, "max_steps": 40, "eval_interval": 10,
+         "eval_windows": 8, "warmup_steps": 2}
+
+
+def stage_params(workspace, stage, **changes):
+    shared, p = load_stage_params(stage, workspace / "params.yaml")
+    return shared.seed, dataclasses.replace(p, **{**MICRO, **changes})
+
+
+def base_and_data(workspace, p):
+    model, tokenizer = load_base(str(workspace / "data/pretrain/model"))
+    train_bin, val_bin = open_token_data(workspace / "data/tokens/finetune", model, p.base)
+    return model, tokenizer, train_bin, val_bin
+
+
+def test_finetuning_lowers_validation_perplexity(micro_pretrained, tmp_path):
+    seed, p = stage_params(micro_pretrained, "finetune", learning_rate=3e-3)
+    model, _, train_bin, val_bin = base_and_data(micro_pretrained, p)
+    before = val_perplexity(model, val_bin, p)
+    result = train(model, p, "finetune", seed, train_bin, val_bin, tmp_path / "work",
+                   tmp_path / "live")
+    after = val_perplexity(result.model, val_bin, p)
+    assert after < 0.8 * before
+    assert after > 5  # real text: a perplexity near 1 would mean validation leaked into training
+    assert (tmp_path / "live/plots/metrics/eval/loss.tsv").exists()
+    assert not (tmp_path / "work").exists()
+
+
+def hf_eval_loss(model, val_bin, p):
+    """The Trainer's eval_loss: mean over windows of the model's own shifted loss."""
+    model.eval()
+    with torch.no_grad():
+        losses = [model(input_ids=x, labels=x).loss.item() * len(x)
+                  for x, _ in val_bin.eval_batches(p.block_size, p.eval_windows, p.batch_size)]
+    return sum(losses) / len(val_bin.eval_starts(p.block_size, p.eval_windows))
+
+
+def test_early_stopping_keeps_the_best_checkpoint(micro_pretrained, tmp_path):
+    # A learning rate far too high makes validation loss rise: training must stop early and
+    # return the weights of the best evaluation, not the last.
+    seed, p = stage_params(micro_pretrained, "finetune", learning_rate=0.05, warmup_steps=0,
+                           eval_interval=2, max_steps=40, early_stopping_patience=1)
+    model, _, train_bin, val_bin = base_and_data(micro_pretrained, p)
+    result = train(model, p, "finetune", seed, train_bin, val_bin, tmp_path / "work",
+                   tmp_path / "live")
+    steps, losses = zip(*result.eval_losses, strict=True)
+    assert result.steps < p.max_steps
+    assert losses[-1] > losses[-2]  # stopped because it stopped improving
+    assert result.best_step == steps[losses.index(min(losses))]
+    assert result.best_step < result.steps
+    assert hf_eval_loss(result.model, val_bin, p) == pytest.approx(min(losses), abs=1e-4)
+
+
+def test_vocabulary_mismatch_names_both_sizes(micro_pretrained, tmp_path):
+    export_hf_gpt2(GPT(GPTConfig(vocab_size=600, block_size=32, n_layer=1, n_head=2, n_embd=16)),
+                   tmp_path / "other")
+    model, _ = load_base(str(tmp_path / "other"))
+    with pytest.raises(DataError, match="vocabulary of 512, but the model has a vocabulary of "
+                                        "600"):
+        open_token_data(micro_pretrained / "data/tokens/finetune", model, "other")
+
+
+@pytest.fixture(scope="module")
+def trained_lora(micro_pretrained, tmp_path_factory):
+    from peft import get_peft_model
+
+    tmp = tmp_path_factory.mktemp("lora")
+    seed, p = stage_params(micro_pretrained, "lora", max_steps=20, learning_rate=1e-2)
+    base, tokenizer, train_bin, val_bin = base_and_data(micro_pretrained, p)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    model = get_peft_model(base, lora_config(base, p))
+    result = train(model, p, "lora", seed, train_bin, val_bin, tmp / "work", tmp / "live")
+    return micro_pretrained, tmp, p, before, result.model, val_bin
+
+
+def test_lora_trains_only_adapter_weights(trained_lora):
+    _, _, _, before, model, _ = trained_lora
+    trainable, total = parameter_counts(model)
+    assert 0 < trainable < total
+    changed_adapters = 0
+    for name, param in model.named_parameters():
+        assert param.requires_grad == ("lora_" in name), name
+        if "lora_B" in name:
+            changed_adapters += int(param.abs().sum() > 0)  # lora_B starts at zero
+    assert changed_adapters > 0
+    base_state = model.get_base_model().state_dict()
+    compared = 0
+    for key, value in base_state.items():
+        if "lora_" in key:
+            continue
+        original = key.replace(".base_layer", "")
+        assert torch.equal(value, before[original]), key
+        compared += 1
+    assert compared == len(before)
+
+
+def test_adapter_reload_and_merge_give_the_same_logits(trained_lora, tmp_path):
+    from peft import PeftModel
+
+    workspace, _, p, _, model, val_bin = trained_lora
+    x, _ = next(val_bin.eval_batches(p.block_size, 4, 4))
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=x).logits
+    model.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter/adapter_model.safetensors").exists()
+    fresh, _ = load_base(str(workspace / "data/pretrain/model"))
+    reloaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=x).logits, expected, atol=1e-6)
+        merged = reloaded.merge_and_unload()
+        assert (merged(input_ids=x).logits - expected).abs().max() < 1e-5
+
+
+def test_unknown_target_module_is_a_clear_error(micro_pretrained):
+    _, p = stage_params(micro_pretrained, "lora", target_modules=["q_proj"])
+    model, _ = load_base(str(micro_pretrained / "data/pretrain/model"))
+    with pytest.raises(ParamsError, match=r"lora\.target_modules: \['q_proj'\] not in the base "
+                                          r"model \(its linear layers: .*c_attn"):
+        lora_config(model, p)
