@@ -45,7 +45,7 @@ def main() -> None:
     baseline = best["plain encode_batch"]
     print(f"corpus: {len(docs)} documents, {n_bytes / 1e6:.2f} MB, {len(a):,} tokens; "
           f"{os.cpu_count()} CPUs")
-    print(f"| encoder | MB/s | vs plain |\n|---|---:|---:|")
+    print("| encoder | MB/s | vs plain |\n|---|---:|---:|")
     for name, mbs in best.items():
         print(f"| {name} | {mbs:.1f} | {mbs / baseline:.2f}x |")
 

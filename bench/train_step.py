@@ -97,8 +97,9 @@ def main() -> None:
         base = tokens / best[("HF", "fp32")]
         for (label, dtype), seconds in best.items():
             tps = tokens / seconds
+            flops = tps * flops_per_token
             print(f"| {name} | {label} | {dtype} | {tps:,.0f} | {tps / base:.2f}x | "
-                  f"{tps * flops_per_token / 1e9:.0f} | {100 * tps * flops_per_token / peak:.0f}% |")
+                  f"{flops / 1e9:.0f} | {100 * flops / peak:.0f}% |")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,8 @@ def test_hf_dataset_directory(tmp_path, records):
 def test_missing_column_is_a_clear_error(tmp_path, records):
     parquet = tmp_path / "corpus.parquet"
     pq.write_table(pa.Table.from_pylist(records), parquet)
-    with pytest.raises(DataError, match=r"hf:.*corpus\.parquet: no column 'text' \(columns: body, id\)"):
+    with pytest.raises(DataError,
+                       match=r"hf:.*corpus\.parquet: no column 'text' \(columns: body, id\)"):
         load_documents(CorpusParams(source=f"hf:{parquet}"))
 
 

@@ -85,7 +85,9 @@ class WindowDataset(torch.utils.data.Dataset):
         # when it normalises the loss (sum / labels != -100), which would scale every loss by
         # (T-1)/T. Masking it makes the Trainer's loss the true mean over predicted tokens.
         labels[0] = -100
-        return {"input_ids": x, "labels": labels}
+        # Windows hold end-of-text ids (= pad id for GPT-2): an explicit mask says nothing is
+        # padding.
+        return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": labels}
 
 
 @dataclass

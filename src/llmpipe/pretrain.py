@@ -241,7 +241,8 @@ def pretrain(p: PretrainParams, seed: int, paths: PretrainPaths) -> dict | None:
         train_seconds, timed_tokens = 0.0, 0
         val_loss = None
         bar = tqdm(range(start_step, p.max_steps), initial=start_step, total=p.max_steps,
-                   desc="pretrain", disable=not rt.is_main)
+                   desc="pretrain", mininterval=1.0,
+                   disable=True if not rt.is_main else None)  # None: off when not a terminal
         for step in bar:
             step_started = time.perf_counter()
             lr = lr_at(step, p)
