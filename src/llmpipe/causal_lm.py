@@ -161,6 +161,7 @@ def train(model, p: CausalLMTrainingParams, prefix: str, seed: int, train_bin: T
     peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     shutil.rmtree(work_dir, ignore_errors=True)  # Trainer checkpoints: the best is loaded
+    trainer.model.config.use_cache = True  # the Trainer turns the KV cache off for training
     return TrainResult(model=trainer.model, steps=state.global_step, best_step=best_step,
                        train_loss=output.training_loss, eval_losses=eval_losses,
                        tokens_per_s=tokens / curves.step_seconds if curves.step_seconds else 0.0,

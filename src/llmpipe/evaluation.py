@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import statistics
+import time
 
 import torch
 from torch.nn import functional as F
@@ -36,3 +38,47 @@ def window_loss(model: torch.nn.Module, bins: TokenBin, block_size: int, windows
 
 def perplexity(loss: float) -> float:
     return math.exp(loss)
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up: allocation, kernel selection, lazy initialisation
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def forward_latency_s(model: torch.nn.Module, batch: torch.Tensor, repeats: int) -> float:
+    """Median seconds of one forward pass over `batch` (B, T)."""
+    model.eval()
+    return _median_seconds(lambda: model(batch), repeats)
+
+
+@torch.no_grad()
+def generation_tokens_per_s(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> float:
+    """Greedy decoding of exactly `new_tokens` tokens (Hugging Face generate, KV cache)."""
+    model.eval()
+    config = model.generation_config
+    pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+
+    def decode():
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                       max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad)
+
+    return new_tokens * prompt.size(0) / _median_seconds(decode, repeats)
+
+
+@torch.no_grad()
+def top1_agreement(model: torch.nn.Module, reference: torch.nn.Module, bins: TokenBin,
+                   block_size: int, windows: int, batch_size: int) -> float:
+    """Fraction of positions where both models predict the same next token."""
+    model.eval()
+    reference.eval()
+    same, count = 0, 0
+    for x, _ in bins.eval_batches(block_size, windows, batch_size):
+        same += (model(x)[0].argmax(-1) == reference(x)[0].argmax(-1)).sum().item()
+        count += x.numel()
+    return same / count

@@ -1,0 +1,80 @@
+import pytest
+import torch
+from torch import nn
+from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+from transformers.pytorch_utils import Conv1D
+
+from conftest import ROOT
+from llmpipe.causal_lm import load_base
+from llmpipe.data import TokenBin
+from llmpipe.errors import DataError, ParamsError
+from llmpipe.evaluation import window_loss
+from llmpipe.params import load_stage_params
+from llmpipe.quantization import (METHODS, WeightOnlyInt8Linear, conv1d_to_linear,
+                                  load_quantized, quantize, save_quantized)
+
+
+@pytest.fixture(scope="module")
+def base(micro_pretrained):
+    model, tokenizer = load_base(str(micro_pretrained / "data/pretrain/model"))
+    val = TokenBin.open(micro_pretrained / "data/tokens/pretrain", "val")
+    return model.eval(), tokenizer, val
+
+
+def test_conv1d_to_linear_is_exact(base):
+    import copy
+
+    model, _, val = base
+    x, _ = next(val.eval_batches(32, 2, 2))
+    converted = conv1d_to_linear(copy.deepcopy(model))
+    assert not any(isinstance(m, Conv1D) for m in converted.modules())
+    with torch.no_grad():
+        assert torch.allclose(converted(x).logits, model(x).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_block_projection_is_quantized(base, method):
+    model, _, _ = base
+    quantized = quantize(model, method)
+    for block in quantized.transformer.h:
+        for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+            module = block.get_submodule(name)
+            assert not isinstance(module, nn.Linear | Conv1D), (name, type(module))
+            assert isinstance(module, WeightOnlyInt8Linear | DynamicQuantizedLinear), name
+    assert not isinstance(quantized.lm_head, nn.Linear)
+    assert any(isinstance(m, Conv1D) for m in model.modules())  # the original is untouched
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_quantized_perplexity_stays_close_and_reload_is_identical(base, method, tmp_path):
+    model, tokenizer, val = base
+    quantized = quantize(model, method)
+    fp32_loss = window_loss(model, val, 32, 16, 8)
+    int8_loss = window_loss(quantized, val, 32, 16, 8)
+    assert abs(int8_loss / fp32_loss - 1) < 0.02
+    save_quantized(quantized, tmp_path, tokenizer, source="test")
+    assert not list(tmp_path.glob("*.bin")) and not list(tmp_path.glob("*.pt"))
+    reloaded = load_quantized(tmp_path)
+    x, _ = next(val.eval_batches(32, 4, 4))
+    with torch.no_grad():
+        assert torch.equal(reloaded(x).logits, quantized(x).logits)
+
+
+def test_int8_file_is_under_half_the_fp32_file(base, tmp_path, micro_pretrained):
+    model, tokenizer, _ = base
+    save_quantized(quantize(model, "dynamic_int8"), tmp_path, tokenizer)
+    fp32_bytes = (micro_pretrained / "data/pretrain/model/model.safetensors").stat().st_size
+    assert (tmp_path / "quantized.safetensors").stat().st_size < 0.5 * fp32_bytes
+
+
+def test_unknown_method_or_source_is_a_clear_error(base, tmp_path):
+    model, _, _ = base
+    with pytest.raises(DataError, match="quantize.method: 'int4' is not one of"):
+        quantize(model, "int4")
+    text = (ROOT / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(text.replace("  source: finetune", "  source: pretrain"))
+    with pytest.raises(ParamsError, match="quantize.source: 'pretrain' is not one of "
+                                          "'finetune', 'lora'"):
+        load_stage_params("quantize", tmp_path / "params.yaml")
+    with pytest.raises(DataError, match="no quantization.json"):
+        load_quantized(tmp_path)
