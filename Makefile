@@ -1,6 +1,9 @@
 # Fresh machine: `make pipeline` (set up, then dvc repro) or `make test` (set up, then pytest).
 VENV ?= .venv
 PYTHON ?= python3
+# Where pip finds torch. Empty: the default index (PyPI serves CUDA builds for Linux, right for a
+# GPU box). On a CPU-only machine elsewhere: TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 BIN := $(abspath $(VENV))/bin
 # DVC runs each stage's cmd (`python -m stages.x`) with this PATH: the venv's python first.
 export PATH := $(BIN):$(PATH)
@@ -9,12 +12,12 @@ export PATH := $(BIN):$(PATH)
 
 setup: $(VENV)/.installed
 
-# torch first and pinned: a bare `torch` requirement would pull several GB of CUDA wheels on
-# a CPU machine. 2.13.0 is the CPU wheel here and a CUDA build on a GPU box.
+# torch first and pinned: a bare `torch` requirement, resolved later by pip for the project's
+# dependencies, would pull the newest torch with several GB of CUDA wheels.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 

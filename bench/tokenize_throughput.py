@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from llmpipe.corpus import stdlib_docstrings, stdlib_reference
+from llmpipe.corpus import stdlib_docstrings, stdlib_reference, text_bytes
 from llmpipe.tokenization import FastEncoder, train_bpe
 
 ROUNDS = 3
@@ -20,7 +20,7 @@ ROUNDS = 3
 
 def main() -> None:
     docs = stdlib_docstrings() + stdlib_reference()
-    n_bytes = sum(len(d.encode("utf-8")) for d in docs)
+    n_bytes = text_bytes(docs)
     tokenizer = train_bpe(docs, vocab_size=4096, min_frequency=2)
     encoder = FastEncoder(tokenizer, sample=docs[:200])
     backend = tokenizer.backend_tokenizer

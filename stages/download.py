@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from llmpipe.corpus import load_documents, write_jsonl
+from llmpipe.corpus import load_documents, text_bytes, write_jsonl
 from llmpipe.io import sha256_file, write_metrics
 from llmpipe.params import load_stage_params
 from llmpipe.stage import run_main
@@ -22,7 +22,7 @@ def main() -> None:
         metrics[name] = {
             "source": getattr(params, name).source,
             "documents": len(docs),
-            "bytes": sum(len(d.encode("utf-8")) for d in docs),
+            "bytes": text_bytes(docs),
             "sha256": sha256_file(path),
         }
         print(f"{name}: {len(docs)} documents, {metrics[name]['bytes']:,} bytes -> {path}")

@@ -8,8 +8,13 @@ import torch
 
 from llmpipe.causal_lm import load_base
 from llmpipe.data import TokenBin
-from llmpipe.evaluation import (forward_latency_s, generation_tokens_per_s, perplexity,
-                                top1_agreement, window_loss)
+from llmpipe.evaluation import (
+    forward_latency_s,
+    generation_tokens_per_s,
+    perplexity,
+    top1_agreement,
+    window_loss,
+)
 from llmpipe.io import atomic_dir, write_metrics
 from llmpipe.params import load_stage_params
 from llmpipe.quantization import WEIGHTS_FILE, load_quantized, quantize, save_quantized

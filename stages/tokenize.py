@@ -8,13 +8,19 @@ from llmpipe.data import write_corpus
 from llmpipe.io import atomic_dir, write_metrics
 from llmpipe.params import load_stage_params
 from llmpipe.stage import run_main
-from llmpipe.tokenization import FastEncoder, load_pretrained, split_by_document, train_bpe
+from llmpipe.tokenization import (
+    FastEncoder,
+    load_pretrained,
+    split_by_document,
+    spread_sample,
+    train_bpe,
+)
 
 RAW_DIR = Path("data/raw")
 TOKENIZER_DIR = Path("data/tokenizer")
 TOKENS_DIR = Path("data/tokens")
 CORPORA = ("pretrain", "finetune")
-ENCODER_CHECK_DOCS = 200  # documents on which tiktoken must reproduce the HF ids exactly
+ENCODER_CHECK_DOCS = 200  # per corpus: tiktoken must reproduce the HF ids on them exactly
 
 
 def main() -> None:
@@ -25,7 +31,8 @@ def main() -> None:
     else:
         tokenizer = load_pretrained(params.tokenizer, params.trust_remote_code)
     vocab_size = len(tokenizer)
-    encoder = FastEncoder(tokenizer, sample=corpora["pretrain"][:ENCODER_CHECK_DOCS])
+    sample = [doc for docs in corpora.values() for doc in spread_sample(docs, ENCODER_CHECK_DOCS)]
+    encoder = FastEncoder(tokenizer, sample=sample)
     splits = {name: split_by_document(docs, params.val_fraction, shared.seed, name)
               for name, docs in corpora.items()}
 

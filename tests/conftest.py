@@ -101,6 +101,14 @@ MICRO_PARAMS = {
     "pretrain.checkpoint_interval": 6,
     "pretrain.peak_flops": 1.0e11,
     "pretrain.sample.max_new_tokens": 8,
+    **{f"{stage}.{key}": value for stage in ("finetune", "lora") for key, value in {
+        "block_size": 32, "batch_size": 8, "max_steps": 20, "warmup_steps": 2,
+        "eval_interval": 10, "eval_windows": 8}.items()},
+    "quantize.block_size": 32,
+    "quantize.eval_windows": 8,
+    "quantize.batch_size": 8,
+    "quantize.generate_tokens": 4,
+    "quantize.repeats": 1,
 }
 
 

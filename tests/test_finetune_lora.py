@@ -28,7 +28,7 @@ def test_finetuning_lowers_validation_perplexity(micro_pretrained, tmp_path):
     seed, p = stage_params(micro_pretrained, "finetune", learning_rate=3e-3)
     model, _, train_bin, val_bin = base_and_data(micro_pretrained, p)
     before = val_perplexity(model, val_bin, p)
-    result = train(model, p, "finetune", seed, train_bin, val_bin, tmp_path / "work",
+    result = train(model, p, seed, train_bin, val_bin, tmp_path / "work",
                    tmp_path / "live")
     after = val_perplexity(result.model, val_bin, p)
     assert after < 0.8 * before
@@ -52,7 +52,7 @@ def test_early_stopping_keeps_the_best_checkpoint(micro_pretrained, tmp_path):
     seed, p = stage_params(micro_pretrained, "finetune", learning_rate=0.05, warmup_steps=0,
                            eval_interval=2, max_steps=40, early_stopping_patience=1)
     model, _, train_bin, val_bin = base_and_data(micro_pretrained, p)
-    result = train(model, p, "finetune", seed, train_bin, val_bin, tmp_path / "work",
+    result = train(model, p, seed, train_bin, val_bin, tmp_path / "work",
                    tmp_path / "live")
     steps, losses = zip(*result.eval_losses, strict=True)
     assert result.steps < p.max_steps
@@ -80,7 +80,7 @@ def trained_lora(micro_pretrained, tmp_path_factory):
     base, tokenizer, train_bin, val_bin = base_and_data(micro_pretrained, p)
     before = {k: v.clone() for k, v in base.state_dict().items()}
     model = get_peft_model(base, lora_config(base, p))
-    result = train(model, p, "lora", seed, train_bin, val_bin, tmp / "work", tmp / "live")
+    result = train(model, p, seed, train_bin, val_bin, tmp / "work", tmp / "live")
     return micro_pretrained, tmp, p, before, result.model, val_bin
 
 

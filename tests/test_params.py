@@ -79,3 +79,43 @@ def test_bad_params_stop_the_stage_with_one_line(tmp_path):
     result = run(["python", "-m", "stages.tokenize"], tmp_path, check=False)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: tokenize.vocab_size: -5 is not a positive integer"
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("    n_head: 4\n", "    n_head: 3\n",
+         "pretrain.model.n_embd: 128 is not divisible by n_head (3)"),
+        ("    bias: true", "    bias: 1", "pretrain.model.bias: 1 is not a boolean (true/false)"),
+        ("  max_steps: 800", "  max_steps: 30",
+         "pretrain.warmup_steps: 50 is not less than max_steps (30)"),
+        ("  min_lr: 3.0e-4", "  min_lr: 1.0", "pretrain.min_lr: 1.0 is more than learning_rate"
+                                              " (0.003)"),
+        ("  learning_rate: 3.0e-3", "  learning_rate: .inf",
+         "pretrain.learning_rate: inf is not a positive number"),
+        ("    top_k: 50\n\nfinetune", "    top_k: 50\n    top_p: 0\n\nfinetune",
+         "pretrain.sample.top_p: 0.0 is not a number in (0, 1]"),
+        ('    prompts: ["Return the", "This module provides"]', "    prompts: []",
+         "pretrain.sample.prompts: [] is not a non-empty list"),
+        ("  dtype: float32 ", "  dtype: float64 ",
+         "pretrain.dtype: 'float64' is not one of 'float32', 'bfloat16', 'float16'"),
+    ],
+)
+def test_bad_pretrain_params(tmp_path, old, new, message):
+    assert old in BASE, old
+    with pytest.raises(ParamsError) as err:
+        load_stage_params("pretrain", write(tmp_path, BASE.replace(old, new, 1)))
+    assert str(err.value) == message
+
+
+def test_optional_and_union_values(tmp_path):
+    _, p = load_stage_params("pretrain", write(tmp_path, BASE.replace(
+        "  peak_flops: null", "  peak_flops: 1.0e12")))
+    assert p.peak_flops == 1e12
+    _, f = load_stage_params("finetune", write(tmp_path, BASE.replace(
+        "  bf16: auto             # auto: bf16 on CUDA only", "  bf16: true")))
+    assert f.bf16 is True
+    with pytest.raises(ParamsError, match=r"^finetune\.bf16: 'yes' is not one of 'auto'$"):
+        load_stage_params("finetune", write(tmp_path, BASE.replace(
+            "  bf16: auto             # auto: bf16 on CUDA only", "  bf16: yes-ish".replace(
+                "yes-ish", "'yes'"))))

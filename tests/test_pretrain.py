@@ -12,7 +12,14 @@ from conftest import ROOT, run, set_params
 from llmpipe.errors import ParamsError
 from llmpipe.model import GPT
 from llmpipe.params import load_stage_params
-from llmpipe.pretrain import CHECKPOINT_FILE, PretrainPaths, TrainingError, lr_at, pretrain
+from llmpipe.pretrain import (
+    CHECKPOINT_FILE,
+    PretrainPaths,
+    TrainingError,
+    build_model,
+    lr_at,
+    pretrain,
+)
 
 
 def paths_in(workspace: Path, out: Path) -> PretrainPaths:
@@ -70,8 +77,10 @@ def test_same_seed_same_metrics_and_weights(micro_workspace, tmp_path):
 
 
 def test_interrupted_run_resumes_to_the_same_weights(micro_workspace, tmp_path, monkeypatch):
-    seed, p = micro_params(micro_workspace)
-    p = dataclasses.replace(p, model=dataclasses.replace(p.model, dropout=0.1))  # RNG matters
+    # Dropout makes the RNG state matter; peak_flops None makes the stage measure the matmul
+    # peak (random matrices) on every start, which must not shift that state.
+    seed, p = micro_params(micro_workspace, peak_flops=None)
+    p = dataclasses.replace(p, model=dataclasses.replace(p.model, dropout=0.1))
     reference = pretrain(p, seed, paths_in(micro_workspace, tmp_path / "ref"))
 
     import llmpipe.pretrain as module
@@ -148,7 +157,13 @@ def test_hf_init_checks_the_architecture(micro_workspace, tmp_path):
     export_hf_gpt2(GPT(GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=2,
                                  n_embd=32)), tmp_path / "base")
     seed, p = micro_params(micro_workspace, init=str(tmp_path / "base"), max_steps=2)
-    metrics = pretrain(p, seed, paths_in(micro_workspace, tmp_path / "out"))  # crops 64 -> 32
+    model = build_model(p, 512)
+    base = load_file(tmp_path / "base/model.safetensors")
+    assert torch.equal(model.transformer.h[1].mlp.c_fc.weight,
+                       base["transformer.h.1.mlp.c_fc.weight"].t())  # Conv1D (in, out)
+    assert model.transformer.wpe.weight.shape == (32, 32)  # 64 positions cropped to block_size
+    assert torch.equal(model.transformer.wpe.weight, base["transformer.wpe.weight"][:32])
+    metrics = pretrain(p, seed, paths_in(micro_workspace, tmp_path / "out"))
     assert metrics["steps"] == 2
     wrong = dataclasses.replace(p, model=dataclasses.replace(p.model, n_layer=3))
     with pytest.raises(ParamsError, match=r"pretrain\.model\.n_layer: 3 differs from .*'s 2"):

@@ -10,8 +10,14 @@ from llmpipe.data import TokenBin
 from llmpipe.errors import DataError, ParamsError
 from llmpipe.evaluation import window_loss
 from llmpipe.params import load_stage_params
-from llmpipe.quantization import (METHODS, WeightOnlyInt8Linear, conv1d_to_linear,
-                                  load_quantized, quantize, save_quantized)
+from llmpipe.quantization import (
+    METHODS,
+    WeightOnlyInt8Linear,
+    conv1d_to_linear,
+    load_quantized,
+    quantize,
+    save_quantized,
+)
 
 
 @pytest.fixture(scope="module")

@@ -46,25 +46,28 @@ def test_fast_encoder_gives_the_tokenizers_ids(tokenizer):
     assert flat.tolist() == expected
 
 
-class NotByteLevel:
-    """A tokenizer whose vocabulary tiktoken cannot express: the encoder must fall back."""
-
-    def __init__(self, tokenizer):
-        self._tokenizer = tokenizer
-        self.eos_token, self.eos_token_id = tokenizer.eos_token, tokenizer.eos_token_id
-        self.backend_tokenizer = tokenizer.backend_tokenizer
-
-
 def test_fast_encoder_falls_back_when_ids_differ(tokenizer, monkeypatch):
+    import tiktoken
+
     import llmpipe.tokenization as tok
 
-    monkeypatch.setattr(tok, "_tiktoken_encoding", lambda t: None)
-    encoder = FastEncoder(NotByteLevel(tokenizer), sample=CORPUS[:10])
+    real = tok._tiktoken_encoding
+
+    def swapped_ranks(t):  # a fast path whose merges no longer match the tokenizer's
+        enc = real(t)
+        ranks = dict(enc._mergeable_ranks)
+        a, b = sorted(ranks, key=ranks.get)[300:302]
+        ranks[a], ranks[b] = ranks[b], ranks[a]
+        return tiktoken.Encoding(name="swapped", pat_str=tok.GPT2_PATTERN,
+                                 mergeable_ranks=ranks, special_tokens=enc._special_tokens)
+
+    monkeypatch.setattr(tok, "_tiktoken_encoding", swapped_ranks)
+    encoder = FastEncoder(tokenizer, sample=CORPUS)
     assert encoder.backend == "tokenizers"
-    reference = FastEncoder(tokenizer)
-    docs = CORPUS[:5]
-    assert (encoder.encode_to_array(docs, np.dtype(np.uint16)).tolist()
-            == reference.encode_to_array(docs, np.dtype(np.uint16)).tolist())
+    expected = []
+    for text in CORPUS:
+        expected += tokenizer(text, add_special_tokens=False).input_ids + [encoder.eot]
+    assert encoder.encode_to_array(CORPUS, np.dtype(np.uint16)).tolist() == expected
 
 
 def test_split_by_document_is_deterministic_and_disjoint():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import resource
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +44,8 @@ def load_base(spec: str, trust_remote_code: bool = False):
         raise DataError(f"base model {spec!r}: no directory {name} (run the pretrain stage "
                         "first, or set base to hf:<name> or a model directory)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code,
+                                                     use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise DataError(f"base model {spec!r}: cannot load ({e})") from e
@@ -60,6 +62,13 @@ def open_token_data(tokens_dir: Path, model, base_spec: str) -> tuple[TokenBin, 
         raise DataError(f"{e} (base {base_spec!r})") from e
 
 
+def check_block_size(model, block_size: int, key: str) -> None:
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions is not None and block_size > max_positions:
+        raise ParamsError(f"{key}: {block_size} is more than the base's {max_positions} "
+                          "positions")
+
+
 class WindowDataset(torch.utils.data.Dataset):
     """Windows of block_size tokens as Trainer examples (labels = inputs: the model shifts)."""
 
@@ -70,9 +79,7 @@ class WindowDataset(torch.utils.data.Dataset):
     @classmethod
     def tiling(cls, bins: TokenBin, block_size: int) -> WindowDataset:
         """Non-overlapping windows covering the split: each token is seen once per epoch."""
-        if len(bins) < block_size + 1:
-            raise DataError(f"{bins.path}: {len(bins)} tokens, fewer than one window of "
-                            f"{block_size + 1}")
+        bins.check_block(block_size)
         return cls(bins, block_size, list(range(0, len(bins) - block_size, block_size)))
 
     def __len__(self) -> int:
@@ -103,18 +110,15 @@ class TrainResult:
 
 def use_bf16(p: CausalLMTrainingParams) -> bool:
     """auto: bf16 on CUDA; on CPU only when asked (it pays off on AMX CPUs at larger sizes)."""
-    return p.bf16 == "true" or (p.bf16 == "auto" and torch.cuda.is_available())
+    return p.bf16 is True or (p.bf16 == "auto" and torch.cuda.is_available())
 
 
-def train(model, p: CausalLMTrainingParams, prefix: str, seed: int, train_bin: TokenBin,
-          val_bin: TokenBin, work_dir: Path, live_dir: Path) -> TrainResult:
+def train(model, p: CausalLMTrainingParams, seed: int, train_bin: TokenBin, val_bin: TokenBin,
+          work_dir: Path, live_dir: Path) -> TrainResult:
     """Train with early stopping and return the best checkpoint's model."""
     from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 
-    max_positions = getattr(model.config, "max_position_embeddings", None)
-    if max_positions is not None and p.block_size > max_positions:
-        raise ParamsError(f"{prefix}.block_size: {p.block_size} is more than the base's "
-                          f"{max_positions} positions")
+    shutil.rmtree(work_dir, ignore_errors=True)  # checkpoints of a crashed run must not rotate in
     curves = TrainerCurves(live_dir)
     args = TrainingArguments(
         output_dir=str(work_dir),
@@ -170,4 +174,44 @@ def train(model, p: CausalLMTrainingParams, prefix: str, seed: int, train_bin: T
 
 def val_perplexity(model, val_bin: TokenBin, p: CausalLMTrainingParams) -> float:
     return perplexity(window_loss(model, val_bin, p.block_size, p.eval_windows, p.batch_size))
+
+
+@dataclass
+class StageRun:
+    """One finetune-like stage: the base, its data, the training and the before/after."""
+
+    result: TrainResult
+    tokenizer: object
+    base_perplexity: float
+    perplexity: float
+    started: float
+
+    def metrics(self, base_spec: str) -> dict:
+        return {
+            "base": base_spec,
+            "base_val_perplexity": round(self.base_perplexity, 4),
+            "val_perplexity": round(self.perplexity, 4),
+            "train_loss": round(self.result.train_loss, 6),
+            "steps": self.result.steps,
+            "best_step": self.result.best_step,
+            "perf": {"tokens_per_s": round(self.result.tokens_per_s, 1),
+                     "peak_memory_mb": round(self.result.peak_memory_mb, 1),
+                     "wall_s": round(time.perf_counter() - self.started, 1)},
+        }
+
+
+def run_stage(stage: str, p: CausalLMTrainingParams, seed: int, tokens_dir: Path,
+              work_dir: Path, live_dir: Path, adapt=None) -> StageRun:
+    """Load the base (checked against the data before any work), score it, train it (through
+    `adapt(model)` when given, e.g. a LoRA wrapper) and score the result on the same windows."""
+    started = time.perf_counter()
+    model, tokenizer = load_base(p.base, p.trust_remote_code)
+    check_block_size(model, p.block_size, f"{stage}.block_size")
+    train_bin, val_bin = open_token_data(tokens_dir, model, p.base)
+    base_ppl = val_perplexity(model, val_bin, p)
+    if adapt is not None:
+        model = adapt(model)
+    result = train(model, p, seed, train_bin, val_bin, work_dir, live_dir)
+    return StageRun(result, tokenizer, base_ppl, val_perplexity(result.model, val_bin, p),
+                    started)
 

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from llmpipe.errors import DataError
-from llmpipe.io import atomic_path
+from llmpipe.io import atomic_path, sha256_file
 from llmpipe.params import CorpusParams
 
 # Test suites are code about code, not documentation; site-packages is not the stdlib.
@@ -54,6 +54,11 @@ def stdlib_reference() -> list[str]:
     from pydoc_data.topics import topics
 
     return [topics[name].strip() for name in sorted(topics) if topics[name].strip()]
+
+
+def text_bytes(docs: Iterable[str]) -> int:
+    """UTF-8 size of documents (what MB/s and bytes-per-token figures count)."""
+    return sum(len(doc.encode("utf-8")) for doc in docs)
 
 
 def _split_paragraphs(text: str) -> list[str]:
@@ -92,7 +97,10 @@ def local_file(path: Path, column: str, source: str) -> list[str]:
         raise DataError(f"{source}: file not found")
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return _split_paragraphs(path.read_text(encoding="utf-8"))
+        try:
+            return _split_paragraphs(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{source}: not UTF-8 text ({e})") from e
     if suffix == ".jsonl":
         records = list(_read_jsonl(path))
         columns = sorted(set().union(*(r.keys() for r in records))) if records else []
@@ -138,12 +146,17 @@ def url_text(url: str, expected_sha256: str | None, source: str) -> list[str]:
     return _checked_text(payload, expected_sha256, source)
 
 
-def _checked_text(payload: bytes, expected_sha256: str | None, source: str) -> list[str]:
-    actual = hashlib.sha256(payload).hexdigest()
-    if expected_sha256 is not None and actual != expected_sha256.lower():
-        raise DataError(f"{source}: checksum mismatch: expected sha256 {expected_sha256}, "
-                        f"got {actual}")
-    return _split_paragraphs(payload.decode("utf-8"))
+def check_sha256(actual: str, expected: str, source: str) -> None:
+    if actual != expected.lower():
+        raise DataError(f"{source}: checksum mismatch: expected sha256 {expected}, got {actual}")
+
+
+def _checked_text(payload: bytes, expected_sha256: str, source: str) -> list[str]:
+    check_sha256(hashlib.sha256(payload).hexdigest(), expected_sha256, source)
+    try:
+        return _split_paragraphs(payload.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{source}: not UTF-8 text ({e})") from e
 
 
 def load_documents(params: CorpusParams) -> list[str]:
@@ -161,7 +174,7 @@ def load_documents(params: CorpusParams) -> list[str]:
     elif scheme == "file":
         path = Path(rest)
         if params.sha256 is not None and path.exists():
-            _checked_text(path.read_bytes(), params.sha256, source)
+            check_sha256(sha256_file(path), params.sha256, source)
         docs = local_file(path, params.text_column, source)
     else:  # params validation lets nothing else through
         raise DataError(f"{source}: unknown source scheme")

@@ -19,8 +19,6 @@ import torch
 from llmpipe.errors import DataError
 from llmpipe.io import sha256_file
 
-SPLITS = ("train", "val")
-
 
 @dataclass(frozen=True)
 class TokenBin:
@@ -64,7 +62,7 @@ class TokenBin:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def _check_block(self, block_size: int) -> None:
+    def check_block(self, block_size: int) -> None:
         if len(self) < block_size + 1:
             raise DataError(f"{self.path}: {len(self)} tokens, fewer than one window of "
                             f"block_size + 1 = {block_size + 1}")
@@ -76,7 +74,7 @@ class TokenBin:
     def random_starts(self, count: int, block_size: int,
                       generator: torch.Generator) -> list[int]:
         """nanoGPT-style random window starts; the generator's state is the data position."""
-        self._check_block(block_size)
+        self.check_block(block_size)
         return torch.randint(len(self) - block_size, (count,), generator=generator).tolist()
 
     def batch(self, starts: list[int], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +87,7 @@ class TokenBin:
 
         They may overlap when the split is short: every model is scored on the same ones.
         """
-        self._check_block(block_size)
+        self.check_block(block_size)
         last = len(self) - block_size - 1
         return sorted({round(i * last / max(count - 1, 1)) for i in range(count)})
 
@@ -130,10 +128,11 @@ def write_corpus(out_dir: str | Path, splits: dict[str, list[str]], encoder, voc
                  tokenizer_name: str, progress_desc: str = "") -> dict:
     """Encode each split's documents into out_dir/<split>.bin and write meta.json beside.
 
-    Streams chunk by chunk to the file, so a corpus larger than memory works too. Returns meta.
+    Encodes and writes chunk by chunk, so the token arrays never all sit in memory. Returns meta.
     """
     from tqdm import tqdm
 
+    from llmpipe.corpus import text_bytes
     from llmpipe.io import atomic_path, write_json
     from llmpipe.tokenization import chunks, token_dtype
 
@@ -141,7 +140,7 @@ def write_corpus(out_dir: str | Path, splits: dict[str, list[str]], encoder, voc
     dtype = token_dtype(vocab_size)
     meta = {"dtype": dtype.name, "vocab_size": vocab_size, "eot_id": encoder.eot,
             "tokenizer": tokenizer_name, "encoder": encoder.backend, "splits": {}}
-    total_bytes = sum(len(d.encode("utf-8")) for docs in splits.values() for d in docs)
+    total_bytes = sum(text_bytes(docs) for docs in splits.values())
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=progress_desc) as bar:
         for split, docs in splits.items():
             n_tokens = 0
@@ -150,9 +149,9 @@ def write_corpus(out_dir: str | Path, splits: dict[str, list[str]], encoder, voc
                     ids = encoder.encode_to_array(group, dtype)
                     ids.tofile(f)
                     n_tokens += len(ids)
-                    bar.update(sum(len(d.encode("utf-8")) for d in group))
+                    bar.update(text_bytes(group))
             meta["splits"][split] = {"documents": len(docs), "tokens": n_tokens,
-                                     "bytes": sum(len(d.encode("utf-8")) for d in docs),
+                                     "bytes": text_bytes(docs),
                                      "sha256": sha256_file(out_dir / f"{split}.bin")}
     write_json(out_dir / "meta.json", meta)
     return meta

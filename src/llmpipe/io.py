@@ -37,7 +37,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     _chmod_default(tmp_path, 0o666)
     try:
         yield tmp_path
+        _fsync(tmp_path)
         os.replace(tmp_path, path)
+        _fsync(path.parent)  # the rename itself must survive a power loss
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -51,19 +53,37 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     _chmod_default(tmp, 0o777)
     try:
         yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                _fsync(file)
         old = path.with_name(f".{path.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         if path.exists():
             os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if old.exists():
+                os.replace(old, path)  # put the previous output back
+            raise
+        _fsync(path.parent)
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        # allow_nan=False: NaN is not JSON, and DVC could not read the metrics file.
+        tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
 def write_metrics(stage: str, metrics: dict[str, Any]) -> Path:

@@ -13,6 +13,7 @@ range, and a field without a default is required.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,26 +41,39 @@ NON_NEGATIVE_NUMBER = Check("a non-negative number", lambda v: v >= 0)
 OPEN_UNIT_INTERVAL = Check("a number strictly between 0 and 1", lambda v: 0 < v < 1)
 UNIT_INTERVAL = Check("a number between 0 and 1", lambda v: 0 <= v <= 1)
 HALF_OPEN_UNIT_INTERVAL = Check("a number in [0, 1)", lambda v: 0 <= v < 1)
+PROBABILITY_MASS = Check("a number in (0, 1]", lambda v: 0 < v <= 1)
 SHA256 = Check(
     "a sha256 hex digest (64 hex characters)",
     lambda v: len(v) == 64 and all(c in "0123456789abcdef" for c in v.lower()),
 )
+
+
+def _has_scheme(value: str, schemes: tuple[str, ...]) -> bool:
+    """`scheme:rest` with a known scheme and a non-empty rest."""
+    scheme, sep, rest = value.partition(":")
+    return scheme in schemes and sep == ":" and rest != ""
+
+
+def _hf_or_dir(value: str) -> bool:
+    return _has_scheme(value, ("hf",)) or (value != "" and ":" not in value)
+
+
 CORPUS_SOURCE = Check(
     "a corpus source: stdlib:docstrings, stdlib:reference, hf:<dataset>[:<config>], "
     "url:<address> or file:<path>",
     lambda v: v in ("stdlib:docstrings", "stdlib:reference")
-    or (v.split(":", 1)[0] in ("hf", "url", "file") and len(v.split(":", 1)) == 2
-        and v.split(":", 1)[1] != ""),
+    or _has_scheme(v, ("hf", "url", "file")),
 )
-TOKENIZER_SOURCE = Check(
-    "a tokenizer: bpe, hf:<name> or a directory",
-    lambda v: v == "bpe" or (v.startswith("hf:") and len(v) > 3) or (v and ":" not in v),
-)
-MODEL_SOURCE = Check(
-    "a model source: scratch, hf:<name> or a directory",
-    lambda v: v == "scratch" or (v.startswith("hf:") and len(v) > 3) or (v and ":" not in v),
-)
-
+TOKENIZER_SOURCE = Check("a tokenizer: bpe, hf:<name> or a directory",
+                         lambda v: v == "bpe" or _hf_or_dir(v))
+MODEL_SOURCE = Check("a model source: scratch, hf:<name> or a directory",
+                     lambda v: v == "scratch" or _hf_or_dir(v))
+BASE_MODEL = Check("pretrain (the pipeline's own model), hf:<name> or a directory",
+                   lambda v: v == "pretrain" or _hf_or_dir(v))
+GOLD_SCORER = Check("vader, hf:<name> or a directory (a text-classification model)",
+                    lambda v: v == "vader" or _hf_or_dir(v))
+PREFERENCE_SOURCE = Check("generate, hf:<dataset>[:<config>] or file:<path>",
+                          lambda v: v == "generate" or _has_scheme(v, ("hf", "file")))
 
 def param(default: Any = dataclasses.MISSING, *, check: Check | None = None) -> Any:
     return dataclasses.field(default=default, metadata={"check": check})
@@ -101,6 +115,11 @@ class ModelParams:
     dropout: float = param(0.0, check=HALF_OPEN_UNIT_INTERVAL)
     bias: bool = True
 
+    def cross_field_problems(self) -> list[tuple[str, str]]:
+        if self.n_embd % self.n_head:
+            return [("n_embd", f"{self.n_embd} is not divisible by n_head ({self.n_head})")]
+        return []
+
 
 @dataclass(frozen=True, kw_only=True)
 class SampleParams:
@@ -108,7 +127,7 @@ class SampleParams:
     max_new_tokens: int = param(48, check=POSITIVE_INT)
     temperature: float = param(0.8, check=NON_NEGATIVE_NUMBER)
     top_k: int | None = param(None, check=POSITIVE_INT)
-    top_p: float | None = param(None, check=UNIT_INTERVAL)
+    top_p: float | None = param(None, check=PROBABILITY_MASS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,19 +154,26 @@ class PretrainParams:
     trust_remote_code: bool = False
     sample: SampleParams | None = None
 
+    def cross_field_problems(self) -> list[tuple[str, str]]:
+        return _schedule_problems(self) + (
+            [("min_lr", f"{self.min_lr} is more than learning_rate ({self.learning_rate})")]
+            if self.min_lr > self.learning_rate else [])
+
+
+def _schedule_problems(p: Any) -> list[tuple[str, str]]:
+    problems = []
+    if p.warmup_steps >= p.max_steps:
+        problems.append(("warmup_steps", f"{p.warmup_steps} is not less than max_steps "
+                                         f"({p.max_steps})"))
+    if p.eval_interval > p.max_steps:
+        problems.append(("eval_interval", f"{p.eval_interval} is more than max_steps "
+                                          f"({p.max_steps}): there would be no evaluation"))
+    return problems
+
 
 # --- the later stages: validated now, so params.yaml is one whole document; each stage's
 # --- code consumes its section when the stage lands in dvc.yaml.
 
-HF_OR_DIR = Check("hf:<name> or a directory", lambda v: (v.startswith("hf:") and len(v) > 3)
-                  or (v and ":" not in v))
-BASE_MODEL = Check("pretrain (the pipeline's own model), hf:<name> or a directory",
-                   lambda v: v == "pretrain" or HF_OR_DIR.predicate(v))
-GOLD_SCORER = Check("vader, hf:<name> or a directory (a text-classification model)",
-                    lambda v: v == "vader" or HF_OR_DIR.predicate(v))
-PREFERENCE_SOURCE = Check("generate, hf:<dataset>[:<config>] or file:<path>",
-                          lambda v: v == "generate" or (v.split(":", 1)[0] in ("hf", "file")
-                                                        and len(v) > 5))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,8 +191,11 @@ class CausalLMTrainingParams:
     eval_interval: int = param(check=POSITIVE_INT)
     eval_windows: int = param(check=POSITIVE_INT)
     early_stopping_patience: int = param(check=POSITIVE_INT)
-    bf16: Literal["auto", "true", "false"] = "auto"  # auto: bf16 on CUDA only
+    bf16: bool | Literal["auto"] = "auto"  # auto: bf16 on CUDA only
     trust_remote_code: bool = False
+
+    def cross_field_problems(self) -> list[tuple[str, str]]:
+        return _schedule_problems(self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -256,10 +285,14 @@ def _kind_of(tp: Any) -> str:
 def _convert(value: Any, tp: Any, key: str, check: Check | None) -> Any:
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
-        args = [a for a in get_args(tp) if a is not type(None)]
-        if value is None:
+        if value is None and type(None) in get_args(tp):
             return None
-        return _convert(value, args[0], key, check)
+        for arg in (a for a in get_args(tp) if a is not type(None)):
+            try:
+                return _convert(value, arg, key, check)
+            except ParamsError as e:
+                last_error = e
+        raise last_error
     if dataclasses.is_dataclass(tp):
         return build(tp, value, key)
     if origin is Literal:
@@ -268,8 +301,8 @@ def _convert(value: Any, tp: Any, key: str, check: Check | None) -> Any:
             raise ParamsError(f"{key}: {value!r} is not one of {allowed}")
         return value
     if origin is list:
-        if not isinstance(value, list):
-            raise ParamsError(f"{key}: {value!r} is not a list")
+        if not isinstance(value, list) or not value:
+            raise ParamsError(f"{key}: {value!r} is not a non-empty list")
         (item_tp,) = get_args(tp)
         return [_convert(v, item_tp, f"{key}[{i}]", check) for i, v in enumerate(value)]
     if tp is bool:
@@ -279,6 +312,7 @@ def _convert(value: Any, tp: Any, key: str, check: Check | None) -> Any:
     elif tp is float:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         value = float(value) if ok else value
+        ok = ok and math.isfinite(value)
     elif tp is str:
         ok = isinstance(value, str)
     else:  # pragma: no cover - a schema bug, not a user error
@@ -308,7 +342,10 @@ def build(schema: type, raw: Any, prefix: str) -> Any:
                 raise ParamsError(f"{key}: missing (required)")
             continue
         values[name] = _convert(raw[name], hints[name], key, f.metadata.get("check"))
-    return schema(**values)
+    built = schema(**values)
+    for name, problem in getattr(built, "cross_field_problems", list)():
+        raise ParamsError(f"{prefix}.{name}: {problem}")
+    return built
 
 
 def read_params_file(path: str | Path = PARAMS_FILE) -> dict[str, Any]:

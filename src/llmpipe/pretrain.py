@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from llmpipe.data import TokenBin, read_meta, unigram_perplexity
-from llmpipe.errors import LlmpipeError, ParamsError
+from llmpipe.errors import DataError, LlmpipeError, ParamsError
 from llmpipe.evaluation import perplexity, window_loss
 from llmpipe.io import atomic_dir, atomic_path, write_json
 from llmpipe.model import GPT, GPTConfig, export_hf_gpt2, load_hf_gpt2, measure_matmul_peak_flops
@@ -63,10 +63,6 @@ class Runtime:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
 
 def setup_runtime(device_param: str) -> Runtime:
     want_cuda = device_param == "cuda" or (device_param == "auto" and torch.cuda.is_available())
@@ -95,8 +91,14 @@ def lr_at(step: int, p: PretrainParams) -> float:
 def build_model(p: PretrainParams, vocab_size: int) -> GPT:
     if p.init == "scratch":
         return GPT(GPTConfig(vocab_size=vocab_size, **dataclasses.asdict(p.model)))
-    model = load_hf_gpt2(p.init.removeprefix("hf:"), trust_remote_code=p.trust_remote_code,
-                         dropout=p.model.dropout)
+    name = p.init.removeprefix("hf:")
+    if not p.init.startswith("hf:") and not Path(name).is_dir():
+        raise DataError(f"pretrain.init: {p.init!r} is no directory (nor scratch or hf:<name>)")
+    try:
+        model = load_hf_gpt2(name, trust_remote_code=p.trust_remote_code,
+                             dropout=p.model.dropout)
+    except (OSError, ValueError) as e:
+        raise DataError(f"pretrain.init: cannot load {p.init!r} ({e})") from e
     cfg = model.config
     for key in ("n_layer", "n_head", "n_embd"):
         if getattr(p.model, key) != getattr(cfg, key):
@@ -202,6 +204,14 @@ def pretrain(p: PretrainParams, seed: int, paths: PretrainPaths) -> dict | None:
         block = p.model.block_size
         tokens_per_step = p.grad_accum_steps * p.batch_size * block
 
+        peak_flops = p.peak_flops
+        if peak_flops is None:  # before seeding: its random matrices must not shift the RNG
+            peak_flops = measure_matmul_peak_flops(
+                dtype=torch.float32 if p.dtype == "float32" else getattr(torch, p.dtype),
+                device=rt.device, n=8192 if rt.device.type == "cuda" else 1024)
+
+        # Every process seeds alike and consumes random numbers alike (dropout on equal shapes;
+        # sampling uses its own generator), so rank 0's RNG state is every rank's.
         torch.manual_seed(seed)  # the same initial weights in every process
         raw_model = build_model(p, meta["vocab_size"]).to(rt.device)
         optimizer = raw_model.configure_optimizers(p.weight_decay, p.learning_rate,
@@ -210,6 +220,8 @@ def pretrain(p: PretrainParams, seed: int, paths: PretrainPaths) -> dict | None:
         data_rng = torch.Generator().manual_seed(seed)
         digest = run_digest(p, seed, meta, rt.world_size)
         paths.checkpoint_dir.mkdir(parents=True, exist_ok=True)  # a DVC output even when empty
+        for stale in paths.checkpoint_dir.glob(f".{CHECKPOINT_FILE}.*.tmp"):
+            stale.unlink(missing_ok=True)  # from a run killed while writing its checkpoint
         state = load_checkpoint(paths.checkpoint_dir, digest)
         start_step, history, tokens_seen = 0, [], 0
         if state is not None:
@@ -217,6 +229,8 @@ def pretrain(p: PretrainParams, seed: int, paths: PretrainPaths) -> dict | None:
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
             torch.set_rng_state(state["torch_rng"])
+            if rt.device.type == "cuda":
+                torch.cuda.set_rng_state(state["cuda_rng"], rt.device)
             data_rng.set_state(state["data_rng"])
             start_step, history, tokens_seen = state["step"], state["history"], state["tokens"]
             if rt.is_main:
@@ -232,11 +246,6 @@ def pretrain(p: PretrainParams, seed: int, paths: PretrainPaths) -> dict | None:
         autocast = autocast_for(p, rt.device)
         tokenizer = AutoTokenizer.from_pretrained(paths.tokenizer_dir)
         curves = CurveLog(paths.live_dir, history) if rt.is_main else None
-        peak_flops = p.peak_flops
-        if peak_flops is None and rt.is_main:
-            peak_flops = measure_matmul_peak_flops(
-                dtype=torch.float32 if p.dtype == "float32" else getattr(torch, p.dtype),
-                device=rt.device, n=8192 if rt.device.type == "cuda" else 1024)
 
         train_seconds, timed_tokens = 0.0, 0
         val_loss = None
@@ -268,12 +277,14 @@ def pretrain(p: PretrainParams, seed: int, paths: PretrainPaths) -> dict | None:
                 dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
             train_loss = step_loss.item()
             if not math.isfinite(train_loss):
-                last = paths.checkpoint_dir / CHECKPOINT_FILE
-                kept = f"; the last good checkpoint is kept in {last}" if last.exists() else ""
-                raise TrainingError(f"pretrain: loss became {train_loss} at step {step}{kept}")
-            if p.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), p.grad_clip)
+                raise TrainingError(f"pretrain: loss became {train_loss} at step {step}"
+                                    f"{last_good_checkpoint(paths)}")
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                raw_model.parameters(), p.grad_clip if p.grad_clip > 0 else math.inf)
+            if not scaler.is_enabled() and not torch.isfinite(grad_norm):  # fp16: scaler skips
+                raise TrainingError(f"pretrain: gradient norm became {grad_norm.item()} at step "
+                                    f"{step}{last_good_checkpoint(paths)}")
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -302,11 +313,11 @@ def pretrain(p: PretrainParams, seed: int, paths: PretrainPaths) -> dict | None:
                         "digest": digest, "step": step + 1, "model": raw_model.state_dict(),
                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                         "torch_rng": torch.get_rng_state(), "data_rng": data_rng.get_state(),
+                        **({"cuda_rng": torch.cuda.get_rng_state(rt.device)}
+                           if rt.device.type == "cuda" else {}),
                         "history": history, "tokens": tokens_seen})
-                rt.barrier()
         bar.close()
         if not rt.is_main:
-            rt.barrier()
             return None
 
         raw_model.eval()
@@ -324,7 +335,8 @@ def pretrain(p: PretrainParams, seed: int, paths: PretrainPaths) -> dict | None:
             "unigram_val_perplexity": round(unigram_perplexity(train_bin, val_targets), 4),
             "perf": {
                 "tokens_per_s": round(tokens_per_s, 1),
-                "mfu": round(raw_model.estimate_mfu(tokens_per_s, peak_flops), 4),
+                # peak_flops is one device's: MFU is per device.
+                "mfu": round(raw_model.estimate_mfu(tokens_per_s / rt.world_size, peak_flops), 4),
                 "peak_flops": peak_flops,
                 "wall_s": round(time.perf_counter() - started, 1),
                 "device": str(rt.device), "processes": rt.world_size, "dtype": p.dtype,
@@ -336,11 +348,15 @@ def pretrain(p: PretrainParams, seed: int, paths: PretrainPaths) -> dict | None:
         curves.close()
         # A finished run leaves no checkpoint behind: a rerun with new params starts afresh.
         (paths.checkpoint_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
-        rt.barrier()
         return metrics
     finally:
         if rt.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def last_good_checkpoint(paths: PretrainPaths) -> str:
+    last = paths.checkpoint_dir / CHECKPOINT_FILE
+    return f"; the last good checkpoint is kept in {last}" if last.exists() else ""
 
 
 def save_checkpoint(checkpoint_dir: Path, state: dict) -> None:

@@ -83,8 +83,11 @@ def _tiktoken_encoding(tokenizer):
 
     state = json.loads(tokenizer.backend_tokenizer.to_str())
     model, pre = state.get("model") or {}, state.get("pre_tokenizer") or {}
-    pre_types = {pre.get("type")} | {p.get("type") for p in pre.get("pretokenizers", [])}
-    if model.get("type") != "BPE" or "ByteLevel" not in pre_types:
+    # Exactly GPT-2's scheme: a plain ByteLevel pre-tokenizer with its regex, no prefix space,
+    # no normalizer. Anything else (Llama-3's Split + ByteLevel, say) takes the slow path.
+    if (model.get("type") != "BPE" or pre.get("type") != "ByteLevel"
+            or pre.get("add_prefix_space") or not pre.get("use_regex", True)
+            or state.get("normalizer") is not None):
         return None
     byte_of = {ch: b for b, ch in _bytes_to_unicode().items()}
     special = {t["content"] for t in state.get("added_tokens", [])}
@@ -104,47 +107,38 @@ class FastEncoder:
     """Encode documents to ids, each followed by the end-of-text id."""
 
     def __init__(self, tokenizer, sample: Sequence[str] = (), threads: int | None = None):
+        """`sample`: documents on which the fast path must give the tokenizer's ids exactly
+        (through the same glued path the corpus goes through), else it is not used."""
         self.tokenizer = tokenizer
         self.eot = eot_id(tokenizer)
         self.threads = threads or os.cpu_count() or 1
         self.tiktoken = _tiktoken_encoding(tokenizer)
         if self.tiktoken is not None and sample:
-            slow = [e.ids for e in self._hf_encode(list(sample))]
-            if self.tiktoken.encode_ordinary_batch(list(sample)) != slow:
+            dtype = np.dtype(np.uint32)
+            if not np.array_equal(self._fast(list(sample), dtype), self._slow(list(sample), dtype)):
                 self.tiktoken = None
 
     @property
     def backend(self) -> str:
         return "tiktoken" if self.tiktoken is not None else "tokenizers"
 
-    def _hf_encode(self, texts: list[str]):
-        return self.tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
-
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        if self.tiktoken is not None:
-            return self.tiktoken.encode_ordinary_batch(texts, num_threads=self.threads)
-        return [e.ids for e in self._hf_encode(texts)]
-
     def encode_to_array(self, texts: list[str], dtype: np.dtype) -> np.ndarray:
         """One flat array: doc0 ids, eot, doc1 ids, eot, ..."""
-        if self.tiktoken is not None:
-            # Many small documents cost more in per-call overhead than in BPE: glue them into
-            # pieces of ~64 KB with <|endoftext|> between them. tiktoken splits on the special
-            # token before pre-tokenizing, so the ids equal per-document encoding + eot.
-            eos = self.tokenizer.eos_token
-            pieces = ["".join(doc + eos for doc in group) for group in chunks(texts, 1 << 16)]
-            encoded = self.tiktoken.encode_batch(pieces, num_threads=self.threads,
-                                                 allowed_special={eos})
-            return np.concatenate([np.asarray(ids, dtype=dtype) for ids in encoded])
-        encoded = self.encode(texts)
-        flat = np.empty(sum(len(ids) + 1 for ids in encoded), dtype=dtype)
-        pos = 0
-        for ids in encoded:
-            flat[pos:pos + len(ids)] = ids
-            pos += len(ids)
-            flat[pos] = self.eot
-            pos += 1
-        return flat
+        return self._fast(texts, dtype) if self.tiktoken is not None else self._slow(texts, dtype)
+
+    def _fast(self, texts: list[str], dtype: np.dtype) -> np.ndarray:
+        # Many small documents cost more in per-call overhead than in BPE: glue them into
+        # pieces of ~64 K characters with the end-of-text token between them. tiktoken splits on
+        # the special token before pre-tokenizing, so the ids equal per-document encoding + eot.
+        eos = self.tokenizer.eos_token
+        pieces = ["".join(doc + eos for doc in group) for group in chunks(texts, 1 << 16)]
+        encoded = self.tiktoken.encode_batch(pieces, num_threads=self.threads,
+                                             allowed_special={eos})
+        return np.concatenate([np.asarray(ids, dtype=dtype) for ids in encoded])
+
+    def _slow(self, texts: list[str], dtype: np.dtype) -> np.ndarray:
+        encoded = self.tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+        return np.concatenate([np.asarray(e.ids + [self.eot], dtype=dtype) for e in encoded])
 
 
 def split_by_document(docs: Sequence[str], val_fraction: float, seed: int,
@@ -169,15 +163,21 @@ def split_by_document(docs: Sequence[str], val_fraction: float, seed: int,
     return split
 
 
-def chunks(docs: Sequence[str], max_bytes: int = 1 << 20) -> Iterator[list[str]]:
-    """Consecutive groups of documents of about `max_bytes` of text (for the progress bar)."""
+def chunks(docs: Sequence[str], max_chars: int = 1 << 20) -> Iterator[list[str]]:
+    """Consecutive groups of documents of about `max_chars` characters."""
     group: list[str] = []
     size = 0
     for doc in docs:
         group.append(doc)
         size += len(doc)
-        if size >= max_bytes:
+        if size >= max_chars:
             yield group
             group, size = [], 0
     if group:
         yield group
+
+
+def spread_sample(docs: Sequence[str], count: int) -> list[str]:
+    """`count` documents spread evenly over `docs` (not just its first ones)."""
+    step = max(len(docs) // count, 1)
+    return list(docs[::step][:count])

@@ -77,7 +77,8 @@ def gpt_from_hf_model(hf_model: GPT2LMHeadModel, dropout: float = 0.0) -> GPT:
 
 def load_hf_gpt2(name_or_path: str, trust_remote_code: bool = False, dropout: float = 0.0) -> GPT:
     """Load a GPT-2 checkpoint (Hub name or local directory) as a ``GPT``."""
-    hf_model = GPT2LMHeadModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    hf_model = GPT2LMHeadModel.from_pretrained(
+        name_or_path, trust_remote_code=trust_remote_code, use_safetensors=True)
     return gpt_from_hf_model(hf_model, dropout=dropout)
 
 
