@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from llmpipe.corpus import load_documents, text_bytes, write_jsonl
+from llmpipe.corpus import load_documents, text_bytes, write_texts
 from llmpipe.io import sha256_file, write_metrics
 from llmpipe.params import load_stage_params
 from llmpipe.stage import run_main
@@ -18,7 +18,7 @@ def main() -> None:
     metrics = {}
     for name, docs in documents.items():
         path = RAW_DIR / f"{name}.jsonl"
-        write_jsonl(path, docs)
+        write_texts(path, docs)
         metrics[name] = {
             "source": getattr(params, name).source,
             "documents": len(docs),

@@ -3,7 +3,7 @@
 import time
 from pathlib import Path
 
-from llmpipe.corpus import read_jsonl_texts
+from llmpipe.corpus import read_texts
 from llmpipe.data import write_corpus
 from llmpipe.io import atomic_dir, write_metrics
 from llmpipe.params import load_stage_params
@@ -25,7 +25,7 @@ ENCODER_CHECK_DOCS = 200  # per corpus: tiktoken must reproduce the HF ids on th
 
 def main() -> None:
     shared, params = load_stage_params("tokenize")
-    corpora = {name: read_jsonl_texts(RAW_DIR / f"{name}.jsonl") for name in CORPORA}
+    corpora = {name: read_texts(RAW_DIR / f"{name}.jsonl") for name in CORPORA}
     if params.tokenizer == "bpe":
         tokenizer = train_bpe(corpora["pretrain"], params.vocab_size, params.min_frequency)
     else:

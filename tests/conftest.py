@@ -109,6 +109,18 @@ MICRO_PARAMS = {
     "quantize.batch_size": 8,
     "quantize.generate_tokens": 4,
     "quantize.repeats": 1,
+    "preferences.train_prompts": 32,
+    "preferences.heldout_prompts": 8,
+    "preferences.samples_per_prompt": 4,
+    "preferences.pairs_per_prompt": 1,
+    "preferences.completion_tokens": 8,
+    "reward_model.epochs": 1,
+    "reward_model.batch_size": 8,
+    "reward_model.max_length": 48,
+    "grpo.max_steps": 2,
+    "grpo.prompts_per_step": 2,
+    "grpo.max_completion_length": 8,
+    "grpo.eval_samples": 1,
 }
 
 

@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from llmpipe.corpus import load_documents, write_jsonl
+from llmpipe.corpus import load_documents, write_texts
 from llmpipe.errors import DataError
 from llmpipe.io import sha256_file
 from llmpipe.params import CorpusParams
@@ -14,8 +14,8 @@ def test_stdlib_docstrings_are_deterministic(tmp_path):
     first = load_documents(CorpusParams(source="stdlib:docstrings"))
     second = load_documents(CorpusParams(source="stdlib:docstrings"))
     assert len(first) > 1000 and len(set(first)) == len(first)  # deduplicated
-    write_jsonl(tmp_path / "a.jsonl", first)
-    write_jsonl(tmp_path / "b.jsonl", second)
+    write_texts(tmp_path / "a.jsonl", first)
+    write_texts(tmp_path / "b.jsonl", second)
     assert sha256_file(tmp_path / "a.jsonl") == sha256_file(tmp_path / "b.jsonl")
 
 

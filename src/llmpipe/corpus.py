@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import json
 import sysconfig
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from llmpipe.errors import DataError
-from llmpipe.io import atomic_path, sha256_file
+from llmpipe.io import read_jsonl, sha256_file, write_jsonl
 from llmpipe.params import CorpusParams
 
 # Test suites are code about code, not documentation; site-packages is not the stdlib.
@@ -65,12 +64,16 @@ def _split_paragraphs(text: str) -> list[str]:
     return [p.strip() for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
 
 
-def _column(records: Iterable[dict], column: str, source: str, columns: list[str]) -> list[str]:
-    if column not in columns:
-        raise DataError(
-            f"{source}: no column {column!r} (columns: {', '.join(columns) or 'none'}); "
-            "set download.<corpus>.text_column"
-        )
+def require_columns(columns: Sequence[str], needed: Sequence[str], source: str,
+                    hint: str) -> None:
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise DataError(f"{source}: no column {', '.join(repr(c) for c in missing)} "
+                        f"(columns: {', '.join(columns) or 'none'}); {hint}")
+
+
+def _column(records: Iterable[dict], columns: list[str], column: str, source: str) -> list[str]:
+    require_columns(columns, [column], source, "set download.<corpus>.text_column")
     texts = []
     for i, record in enumerate(records):
         value = record[column]
@@ -82,41 +85,29 @@ def _column(records: Iterable[dict], column: str, source: str, columns: list[str
     return texts
 
 
-def _read_jsonl(path: Path) -> Iterator[dict]:
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from e
+def load_records(source: str, split: str = "train") -> tuple[list[dict], list[str]]:
+    """Rows and column names of a tabular source: `hf:<dataset>[:<config>]` (a hub name, a
+    dataset directory or a data file) or `file:<path>` (.jsonl or .parquet)."""
+    scheme, _, rest = source.partition(":")
+    if scheme == "file":
+        path = Path(rest)
+        if not path.exists():
+            raise DataError(f"{source}: file not found")
+        if path.suffix.lower() == ".jsonl":
+            records = read_jsonl(path)
+            return records, sorted(set().union(*(r.keys() for r in records))) if records else []
+        if path.suffix.lower() == ".parquet":
+            import pyarrow.parquet as pq
 
-
-def local_file(path: Path, column: str, source: str) -> list[str]:
-    if not path.exists():
-        raise DataError(f"{source}: file not found")
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        try:
-            return _split_paragraphs(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as e:
-            raise DataError(f"{source}: not UTF-8 text ({e})") from e
-    if suffix == ".jsonl":
-        records = list(_read_jsonl(path))
-        columns = sorted(set().union(*(r.keys() for r in records))) if records else []
-        return _column(records, column, source, columns)
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        return _column(table.to_pylist(), column, source, table.column_names)
-    raise DataError(f"{source}: unsupported file type {suffix!r} (use .txt, .jsonl or .parquet)")
-
-
-def hf_dataset(spec: str, split: str, column: str, source: str) -> list[str]:
+            table = pq.read_table(path)
+            return table.to_pylist(), table.column_names
+        raise DataError(f"{source}: unsupported file type {path.suffix!r} (use .txt, .jsonl or "
+                        ".parquet)")
+    if scheme != "hf":
+        raise DataError(f"{source}: not a tabular source (use hf: or file:)")
     import datasets
 
-    name, _, config = spec.partition(":")
+    name, _, config = rest.partition(":")
     local = Path(name)
     try:
         if local.is_file():  # a single local data file: let datasets pick the builder
@@ -131,7 +122,7 @@ def hf_dataset(spec: str, split: str, column: str, source: str) -> list[str]:
         raise
     except (FileNotFoundError, ConnectionError, ValueError, OSError) as e:
         raise DataError(f"{source}: cannot load dataset ({type(e).__name__}: {e})") from e
-    return _column(ds, column, source, list(ds.column_names))
+    return ds.to_list(), list(ds.column_names)
 
 
 def url_text(url: str, expected_sha256: str | None, source: str) -> list[str]:
@@ -168,14 +159,23 @@ def load_documents(params: CorpusParams) -> list[str]:
     elif source == "stdlib:reference":
         docs = stdlib_reference()
     elif scheme == "hf":
-        docs = hf_dataset(rest, params.split, params.text_column, source)
+        docs = _column(*load_records(source, params.split), column=params.text_column,
+                       source=source)
     elif scheme == "url":
         docs = url_text(rest, params.sha256, source)
     elif scheme == "file":
         path = Path(rest)
-        if params.sha256 is not None and path.exists():
+        if not path.exists():
+            raise DataError(f"{source}: file not found")
+        if params.sha256 is not None:
             check_sha256(sha256_file(path), params.sha256, source)
-        docs = local_file(path, params.text_column, source)
+        if path.suffix.lower() == ".txt":
+            try:
+                docs = _split_paragraphs(path.read_text(encoding="utf-8"))
+            except UnicodeDecodeError as e:
+                raise DataError(f"{source}: not UTF-8 text ({e})") from e
+        else:
+            docs = _column(*load_records(source), column=params.text_column, source=source)
     else:  # params validation lets nothing else through
         raise DataError(f"{source}: unknown source scheme")
     if params.max_documents is not None:
@@ -185,14 +185,9 @@ def load_documents(params: CorpusParams) -> list[str]:
     return docs
 
 
-def write_jsonl(path: str | Path, docs: list[str]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for doc in docs:
-            f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
+def write_texts(path: str | Path, docs: list[str]) -> None:
+    write_jsonl(path, ({"text": doc} for doc in docs))
 
 
-def read_jsonl_texts(path: str | Path) -> list[str]:
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: not found (run the download stage first)")
-    return [record["text"] for record in _read_jsonl(path)]
+def read_texts(path: str | Path) -> list[str]:
+    return [record["text"] for record in read_jsonl(path)]

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,30 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     with atomic_path(path) as tmp:
         # allow_nan=False: NaN is not JSON, and DVC could not read the metrics file.
         tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Rows of a JSONL file; a missing file or a bad line is a DataError naming it."""
+    from llmpipe.errors import DataError
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: not found (run the stage that writes it first)")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from e
+    return rows
 
 
 def write_metrics(stage: str, metrics: dict[str, Any]) -> Path:

@@ -223,22 +223,47 @@ class QuantizeParams:
 
 
 @dataclass(frozen=True, kw_only=True)
-class RewardModelParams:
-    preferences: str = param(check=PREFERENCE_SOURCE)
+class PreferencesParams:
+    source: str = param(check=PREFERENCE_SOURCE)
     gold_scorer: str = param(check=GOLD_SCORER)
-    gold_label: str | None = None  # the label to reward, for an hf: classifier
+    gold_label: str | None = None  # the label to reward, for a classifier gold scorer
+    split: str = "train"  # hf:/file: sets
+    heldout_fraction: float = param(0.1, check=OPEN_UNIT_INTERVAL)  # hf:/file: sets
     prompt_tokens: int = param(check=POSITIVE_INT)
     completion_tokens: int = param(check=POSITIVE_INT)
+    samples_per_prompt: int = param(check=Check("an integer of at least 2", lambda v: v >= 2))
+    pairs_per_prompt: int = param(1, check=POSITIVE_INT)
     train_prompts: int = param(check=POSITIVE_INT)
+    heldout_prompts: int = param(check=POSITIVE_INT)
+    temperature: float = param(1.0, check=POSITIVE_NUMBER)
+    top_k: int | None = param(None, check=POSITIVE_INT)
+
+    def cross_field_problems(self) -> list[tuple[str, str]]:
+        if 2 * self.pairs_per_prompt > self.samples_per_prompt:
+            return [("pairs_per_prompt", f"{self.pairs_per_prompt} needs at least "
+                                         f"{2 * self.pairs_per_prompt} samples_per_prompt")]
+        return []
+
+
+@dataclass(frozen=True, kw_only=True)
+class RewardModelParams:
     learning_rate: float = param(check=POSITIVE_NUMBER)
+    warmup_steps: int = param(0, check=NON_NEGATIVE_INT)
     epochs: int = param(check=POSITIVE_INT)
     batch_size: int = param(check=POSITIVE_INT)
+    max_length: int = param(check=POSITIVE_INT)  # tokens of prompt + completion
 
 
 @dataclass(frozen=True, kw_only=True)
 class GrpoParams:
     use_lora: bool
-    num_generations: int = param(check=POSITIVE_INT)
+    lora_r: int = param(8, check=POSITIVE_INT)
+    lora_alpha: int = param(16, check=POSITIVE_INT)
+    lora_target_modules: list[str] = dataclasses.field(
+        default_factory=lambda: ["c_attn", "c_proj"])
+    num_generations: int = param(check=Check("an integer of at least 2 (a group)",
+                                             lambda v: v >= 2))
+    prompts_per_step: int = param(check=POSITIVE_INT)
     beta: float = param(check=NON_NEGATIVE_NUMBER)
     loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"]
     scale_rewards: Literal["group", "batch", "none"]
@@ -246,7 +271,8 @@ class GrpoParams:
     max_completion_length: int = param(check=POSITIVE_INT)
     temperature: float = param(check=POSITIVE_NUMBER)
     max_steps: int = param(check=POSITIVE_INT)
-    length_penalty: float = param(0.0, check=NON_NEGATIVE_NUMBER)
+    length_penalty: float = param(0.0, check=NON_NEGATIVE_NUMBER)  # weight, per token
+    eval_samples: int = param(4, check=POSITIVE_INT)  # completions per held-out prompt
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -267,6 +293,7 @@ STAGE_SCHEMAS: dict[str, type] = {
     "finetune": FinetuneParams,
     "lora": LoraParams,
     "quantize": QuantizeParams,
+    "preferences": PreferencesParams,
     "reward_model": RewardModelParams,
     "grpo": GrpoParams,
     "evaluate": EvaluateParams,
@@ -338,7 +365,7 @@ def build(schema: type, raw: Any, prefix: str) -> Any:
     for name, f in fields.items():
         key = f"{prefix}.{name}"
         if name not in raw:
-            if f.default is dataclasses.MISSING:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ParamsError(f"{key}: missing (required)")
             continue
         values[name] = _convert(raw[name], hints[name], key, f.metadata.get("check"))

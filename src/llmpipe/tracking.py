@@ -27,7 +27,7 @@ def curves_live(live_dir: str | Path):
 
 
 # Bookkeeping the Trainer logs that makes no curve worth plotting.
-_NOT_CURVES = ("runtime", "per_second", "flos", "epoch", "train_loss")
+_NOT_CURVES = ("runtime", "per_second", "flos", "epoch", "train_loss", "step_time", "num_tokens")
 
 
 class TrainerCurves(TrainerCallback):

@@ -1,0 +1,219 @@
+"""RLHF with TRL: a reward model trained on preference pairs, then GRPO against it.
+
+Both trainers' defaults that changed across TRL versions (and default bf16 and gradient
+checkpointing on, even on CPU) are set explicitly here or from params.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from llmpipe.gold import GoldScorer
+from llmpipe.params import GrpoParams, RewardModelParams
+from llmpipe.preferences import PAIR_COLUMNS, sample_completions
+from llmpipe.tracking import TrainerCurves
+
+
+def load_tokenizer(model_dir: str | Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_reward_model(model_dir: str | Path, tokenizer):
+    """A one-output sequence classifier. GPT-2 scores the last non-pad token; with pad = eos,
+    the EOS that RewardTrainer appends is skipped, so training and TRL's scoring of
+    prompt + completion (without EOS) read the same position."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1,
+                                                               use_safetensors=True)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+@torch.no_grad()
+def score_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 64) -> list[float]:
+    model.eval()
+    device = next(model.parameters()).device
+    scores: list[float] = []
+    for i in range(0, len(texts), batch_size):
+        inputs = tokenizer(list(texts[i:i + batch_size]), return_tensors="pt", padding=True,
+                           padding_side="right", add_special_tokens=False).to(device)
+        scores += model(**inputs).logits[:, 0].float().tolist()
+    return scores
+
+
+def pairwise_report(model, tokenizer, pairs: Sequence[dict]) -> dict:
+    """Accuracy (chosen scored above rejected) and mean margin on preference pairs."""
+    chosen = score_texts(model, tokenizer, [p["prompt"] + p["chosen"] for p in pairs])
+    rejected = score_texts(model, tokenizer, [p["prompt"] + p["rejected"] for p in pairs])
+    margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
+    return {"accuracy": sum(m > 0 for m in margins) / len(margins),
+            "mean_margin": sum(margins) / len(margins)}
+
+
+def gold_agreement(model, tokenizer, fresh: Sequence[dict]) -> tuple[float, int]:
+    """How often the reward model orders two fresh completions as the gold scorer does
+    (pairs the gold scorer ties are left out); returns (agreement, pairs counted)."""
+    rows = [r for r in fresh if r["gold"][0] != r["gold"][1]]
+    a = score_texts(model, tokenizer, [r["prompt"] + r["completions"][0] for r in rows])
+    b = score_texts(model, tokenizer, [r["prompt"] + r["completions"][1] for r in rows])
+    agree = sum((x > y) == (r["gold"][0] > r["gold"][1]) for x, y, r in zip(a, b, rows,
+                                                                           strict=True))
+    return agree / max(len(rows), 1), len(rows)
+
+
+def train_reward_model(policy_dir: Path, train_pairs: Sequence[dict], eval_pairs: Sequence[dict],
+                       p: RewardModelParams, seed: int, work_dir: Path, live_dir: Path):
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    tokenizer = load_tokenizer(policy_dir)
+    model = load_reward_model(policy_dir, tokenizer)
+    args = RewardConfig(
+        output_dir=str(work_dir),
+        num_train_epochs=p.epochs,
+        per_device_train_batch_size=p.batch_size,
+        per_device_eval_batch_size=p.batch_size,
+        learning_rate=p.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=p.warmup_steps,
+        max_length=p.max_length,  # longer pairs would be dropped, not truncated
+        bf16=torch.cuda.is_available(),  # RewardConfig defaults bf16 on, even on CPU
+        gradient_checkpointing=False,  # defaults on; pointless for small models
+        eval_strategy="epoch",
+        save_strategy="no",
+        logging_steps=5,
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
+    columns = lambda pairs: Dataset.from_list([{c: q[c] for c in PAIR_COLUMNS} for q in pairs])  # noqa: E731
+    trainer = RewardTrainer(model=model, args=args, train_dataset=columns(train_pairs),
+                            eval_dataset=columns(eval_pairs), processing_class=tokenizer,
+                            callbacks=[TrainerCurves(live_dir)])
+    trainer.train()
+    return trainer.model, tokenizer
+
+
+def length_penalty(prompts, completions, completion_ids, **kwargs) -> list[float]:
+    """A shaping reward (TRL's reward-function signature): minus the completion's length in
+    tokens; its weight in params sets the strength."""
+    return [-float(len(ids)) for ids in completion_ids]
+
+
+def reward_functions(reward_dir: Path, p: GrpoParams) -> list[tuple[object, object, float]]:
+    """(reward function or model, its tokenizer, weight): the reward model plus shaping."""
+    reward_tokenizer = load_tokenizer(reward_dir)
+    rewards = [(load_reward_model(reward_dir, reward_tokenizer), reward_tokenizer, 1.0)]
+    if p.length_penalty > 0:
+        rewards.append((length_penalty, None, p.length_penalty))
+    return rewards
+
+
+def run_grpo(policy_dir: Path, rewards: Sequence[tuple[object, object, float]],
+             prompts: Sequence[str], p: GrpoParams, seed: int, work_dir: Path, live_dir: Path):
+    """GRPO on the policy against weighted rewards (TRL reward functions, or sequence
+    classifiers with their tokenizers); returns the policy (merged if LoRA)."""
+    from datasets import Dataset
+    from peft import LoraConfig, TaskType
+    from transformers import AutoModelForCausalLM
+    from trl import GRPOConfig, GRPOTrainer
+
+    tokenizer = load_tokenizer(policy_dir)
+    tokenizer.padding_side = "left"
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir, use_safetensors=True)
+    reward_funcs, reward_tokenizers, weights = (list(x) for x in zip(*rewards, strict=True))
+    args = GRPOConfig(
+        output_dir=str(work_dir),
+        max_steps=p.max_steps,
+        per_device_train_batch_size=p.prompts_per_step * p.num_generations,  # completions
+        num_generations=p.num_generations,
+        beta=p.beta,
+        loss_type=p.loss_type,
+        scale_rewards=p.scale_rewards,
+        learning_rate=p.learning_rate,
+        max_completion_length=p.max_completion_length,
+        temperature=p.temperature,
+        reward_weights=weights,
+        bf16=torch.cuda.is_available(),  # GRPOConfig defaults bf16 on, even on CPU
+        gradient_checkpointing=False,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
+    peft_config = (LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha,
+                              target_modules=list(p.lora_target_modules),
+                              task_type=TaskType.CAUSAL_LM, fan_in_fan_out=True)
+                   if p.use_lora else None)
+    trainer = GRPOTrainer(model=policy, reward_funcs=reward_funcs, args=args,
+                          train_dataset=Dataset.from_list([{"prompt": q} for q in prompts]),
+                          processing_class=tokenizer,
+                          reward_processing_classes=reward_tokenizers,
+                          peft_config=peft_config, callbacks=[TrainerCurves(live_dir)])
+    trainer.train()
+    model = trainer.model
+    if p.use_lora:
+        model = model.merge_and_unload()
+    model.config.use_cache = True
+    return model, tokenizer
+
+
+@torch.no_grad()
+def completion_logprobs(model, prompt_ids: Sequence[list[int]],
+                        completion_ids: Sequence[list[int]]) -> list[float]:
+    """Sum of log p(completion token | prefix) per sequence (temperature 1)."""
+    model.eval()
+    sums = []
+    for prompt, completion in zip(prompt_ids, completion_ids, strict=True):
+        if not completion:
+            sums.append(0.0)
+            continue
+        ids = torch.tensor([prompt + completion])
+        logprobs = F.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
+        targets = ids[0, 1:]
+        token_lp = logprobs.gather(-1, targets[:, None])[:, 0]
+        sums.append(token_lp[len(prompt) - 1:].sum().item())
+    return sums
+
+
+def policy_report(policy, reference, tokenizer, reward_model, reward_tokenizer,
+                  gold: GoldScorer, prompts: Sequence[str], samples: int, max_new_tokens: int,
+                  temperature: float, seed: int) -> dict:
+    """Reward-model score, gold score, KL to the reference (a Monte-Carlo estimate on the
+    policy's own samples) and mean length of completions sampled from `policy`."""
+    groups = sample_completions(policy, tokenizer, prompts, samples, max_new_tokens,
+                                temperature, None, seed)
+    flat_prompts = [q for q, g in zip(prompts, groups, strict=True) for _ in g]
+    completions = [c for g in groups for c in g]
+    prompt_ids = [tokenizer(q, add_special_tokens=False).input_ids for q in flat_prompts]
+    completion_ids = [c.ids for c in completions]
+    policy_lp = completion_logprobs(policy, prompt_ids, completion_ids)
+    reference_lp = completion_logprobs(reference, prompt_ids, completion_ids)
+    n = len(completions)
+    return {
+        "reward_model_score": sum(score_texts(reward_model, reward_tokenizer,
+                                              [q + c.text for q, c in zip(flat_prompts,
+                                                                          completions,
+                                                                          strict=True)])) / n,
+        "gold_score": sum(gold([c.text for c in completions])) / n,
+        "kl_to_reference": sum(a - b for a, b in zip(policy_lp, reference_lp, strict=True)) / n,
+        "completion_length": sum(len(c.ids) for c in completions) / n,
+        "samples": [{"prompt": q, "completion": c.text}
+                    for q, c in zip(flat_prompts[:samples * 4:samples],
+                                    completions[:samples * 4:samples], strict=True)],
+    }

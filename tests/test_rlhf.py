@@ -1,0 +1,124 @@
+import inspect
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from llmpipe.errors import DataError
+from llmpipe.params import GrpoParams, RewardModelParams
+from llmpipe.preferences import Completion, gold_pairs, load_preference_set, sample_completions
+from llmpipe.rlhf import (
+    length_penalty,
+    load_tokenizer,
+    pairwise_report,
+    run_grpo,
+    train_reward_model,
+)
+
+WORDS = ["value", "object", "return", "list", "the", "file", "name", "of", "a", "is"]
+
+
+@pytest.fixture(scope="module")
+def policy_dir(micro_pretrained):
+    return micro_pretrained / "data/pretrain/model"
+
+
+def toy_pairs(seed: int, n: int) -> list[dict]:
+    """Chosen ends in ' yes', rejected in ' no', after the same random filler."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        prompt = " ".join(rng.choice(WORDS) for _ in range(4))
+        filler = " " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 5)))
+        pairs.append({"prompt": prompt, "chosen": filler + " yes", "rejected": filler + " no"})
+    return pairs
+
+
+def test_reward_trainer_learns_a_separable_preference(policy_dir, tmp_path):
+    train, heldout = toy_pairs(0, 256), toy_pairs(1, 64)
+    p = RewardModelParams(learning_rate=1e-3, warmup_steps=0, epochs=3, batch_size=16,
+                          max_length=64)
+    model, tokenizer = train_reward_model(policy_dir, train, heldout, p, 0, tmp_path / "work",
+                                          tmp_path / "live")
+    assert pairwise_report(model, tokenizer, heldout)["accuracy"] >= 0.9
+    assert (tmp_path / "live/plots/metrics/train/loss.tsv").exists()
+
+
+def grpo_params(**changes) -> GrpoParams:
+    values = dict(use_lora=False, num_generations=4, prompts_per_step=4, beta=0.0,
+                  loss_type="dapo", scale_rewards="group", learning_rate=1e-2,
+                  max_completion_length=8, temperature=1.0, max_steps=15)
+    return GrpoParams(**{**values, **changes})
+
+
+def test_grpo_raises_a_simple_reward_and_calls_it_as_trl_documents(policy_dir, tmp_path):
+    from collections import Counter
+
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(policy_dir)
+    prompts = [" ".join(random.Random(i).choice(WORDS) for _ in range(3)) for i in range(32)]
+
+    def sampled_ids(model) -> list[list[int]]:
+        groups = sample_completions(model, tokenizer, prompts, 4, 8, 1.0, None, seed=7)
+        return [c.ids for group in groups for c in group]
+
+    base_ids = sampled_ids(AutoModelForCausalLM.from_pretrained(policy_dir))
+    # The reward: how often a completion uses the base model's favourite token (common enough
+    # that GRPO groups differ in reward, so there is a gradient).
+    target, _ = Counter(t for ids in base_ids for t in ids).most_common(1)[0]
+    seen_kwargs = []
+
+    def target_frequency(prompts, completions, completion_ids, **kwargs):
+        seen_kwargs.append(set(kwargs))
+        assert len(prompts) == len(completions) == len(completion_ids)
+        return [ids.count(target) / max(len(ids), 1) for ids in completion_ids]
+
+    def mean_frequency(ids: list[list[int]]) -> float:
+        return sum(target_frequency(ids, ids, ids)) / len(ids)
+
+    model, _ = run_grpo(policy_dir, [(target_frequency, None, 1.0)], prompts, grpo_params(),
+                        0, tmp_path / "work", tmp_path / "live")
+    before, after = mean_frequency(base_ids), mean_frequency(sampled_ids(model))
+    assert after > before + 0.1, (before, after)
+    assert {"trainer_state"} <= seen_kwargs[0]  # TRL passes its documented extras
+
+
+def test_grpo_with_lora_returns_a_merged_plain_model(policy_dir, tmp_path):
+    from peft import PeftModel
+
+    model, _ = run_grpo(policy_dir, [(length_penalty, None, 0.1)], ["a b", "c d"],
+                        grpo_params(use_lora=True, max_steps=2, prompts_per_step=2), 0,
+                        tmp_path / "work", tmp_path / "live")
+    assert not isinstance(model, PeftModel)
+    assert not any("lora" in name for name, _ in model.named_parameters())
+
+
+def test_reward_functions_have_trls_signature():
+    params = inspect.signature(length_penalty).parameters
+    assert list(params)[:3] == ["prompts", "completions", "completion_ids"]
+    assert any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    assert length_penalty(prompts=["a"], completions=["b"], completion_ids=[[1, 2, 3]],
+                          trainer_state=None) == [-3.0]
+
+
+def test_gold_pairs_orders_by_gold_and_drops_ties():
+    groups = [[Completion(t, []) for t in texts] for texts in
+              (["bad", "good", "meh", "fine"], ["same", "same", "same", "same"])]
+    gold = {"bad": -1.0, "good": 1.0, "meh": 0.0, "fine": 0.5, "same": 0.2}
+    pairs, ties = gold_pairs(["p1", "p2"], groups, lambda texts: [gold[t] for t in texts], 2)
+    assert ties == 1
+    assert [(q["chosen"], q["rejected"]) for q in pairs] == [("good", "bad"), ("fine", "meh")]
+
+
+def test_preference_set_with_missing_columns_is_a_clear_error(tmp_path):
+    path = tmp_path / "prefs.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": "q", "chosen": "a", "answer": "b"}]), path)
+    with pytest.raises(DataError, match=r"file:.*prefs\.parquet: no column 'rejected' "
+                                        r"\(columns: prompt, chosen, answer\)"):
+        load_preference_set(f"file:{path}", "train")
+    path = tmp_path / "prefs.jsonl"
+    path.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
+    assert load_preference_set(f"hf:{path}", "train") == [
+        {"prompt": "q", "chosen": "a", "rejected": "b"}]
