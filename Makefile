@@ -8,7 +8,7 @@ BIN := $(abspath $(VENV))/bin
 # DVC runs each stage's cmd (`python -m stages.x`) with this PATH: the venv's python first.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup pipeline test lint bench
+.PHONY: setup pipeline test lint bench compare
 
 setup: $(VENV)/.installed
 
@@ -33,3 +33,8 @@ lint: setup
 bench: setup
 	python bench/tokenize_throughput.py
 	python bench/train_step.py
+
+# The markdown a pull request gets as a comment: params and metrics diff against REV.
+REV ?= main
+compare: setup
+	python -m llmpipe.compare $(REV)

@@ -121,6 +121,14 @@ MICRO_PARAMS = {
     "grpo.prompts_per_step": 2,
     "grpo.max_completion_length": 8,
     "grpo.eval_samples": 1,
+    "evaluate.block_size": 32,
+    "evaluate.eval_windows": 8,
+    "evaluate.batch_size": 8,
+    "evaluate.samples_per_prompt": 1,
+    "evaluate.completion_tokens": 8,
+    "evaluate.generate_tokens": 4,
+    "evaluate.repeats": 1,
+    "evaluate.sample.max_new_tokens": 8,
 }
 
 

@@ -1,14 +1,21 @@
-"""The DVC workflow on a copy of the project, with the micro configuration."""
+"""The DVC workflow, end to end, on a copy of the project with the micro configuration."""
 
 import csv
 import io
 import json
+import time
 
 import pytest
 
 from conftest import MICRO_PARAMS, git_commit_all, run, set_params
 
 pytestmark = pytest.mark.slow
+
+STAGES = ("download", "tokenize", "pretrain", "finetune", "lora", "quantize", "preferences",
+          "reward_model", "grpo", "evaluate")
+MODELS = ("pretrain", "finetune", "lora", "quantized", "grpo")
+FIGURES = ("val_perplexity_pretrain", "val_perplexity_finetune", "reward_model_score",
+           "gold_score", "kl_to_finetune", "size_mb")
 
 
 def write_toy_preferences(repo):
@@ -20,31 +27,63 @@ def write_toy_preferences(repo):
             "preferences.heldout_fraction": 0.2}
 
 
-def test_repro_noop_and_exp_rerun_scope(project_copy):
-    set_params(project_copy, write_toy_preferences(project_copy))
-    first = run(["dvc", "repro"], project_copy)
-    stages = ("download", "tokenize", "pretrain", "finetune", "lora", "quantize", "preferences",
-              "reward_model", "grpo")
-    for stage in stages:
-        assert f"Running stage '{stage}'" in first.stdout
-        assert json.loads((project_copy / f"metrics/{stage}.json").read_text())
-    assert (project_copy / "data/pretrain/model/model.safetensors").exists()
-    assert not (project_copy / "data/pretrain/checkpoint/checkpoint.pt").exists()
+def ran(output: str) -> set[str]:
+    return {stage for stage in STAGES if f"Running stage '{stage}'" in output}
 
-    second = run(["dvc", "repro"], project_copy)
-    assert "Running stage" not in second.stdout
-    assert "up to date" in second.stdout
 
-    git_commit_all(project_copy, "micro pipeline")
-    exp = run(["dvc", "exp", "run", "-S", "tokenize.vocab_size=400"], project_copy)
-    assert "Running stage 'download'" not in exp.stdout
-    assert "Running stage 'tokenize'" in exp.stdout
-    for downstream in stages[2:]:  # everything reads the new tokens, directly or not
-        assert f"Running stage '{downstream}'" in exp.stdout
-    assert json.loads((project_copy / "metrics/tokenize.json").read_text())["vocab_size"] == 400
-    rows = list(csv.DictReader(io.StringIO(
-        run(["dvc", "exp", "show", "--csv"], project_copy).stdout)))
-    assert {"400", "512"} <= {row["tokenize.vocab_size"] for row in rows}
+def exp_rows(repo) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(run(["dvc", "exp", "show", "--csv"], repo).stdout)))
+
+
+def test_the_experiment_workflow(project_copy):
+    repo = project_copy
+    set_params(repo, write_toy_preferences(repo))
+
+    # The whole chain, then the report card and one comparable table.
+    assert ran(run(["dvc", "repro"], repo).stdout) == set(STAGES)
+    evaluate = json.loads((repo / "metrics/evaluate.json").read_text())
+    for model in MODELS:
+        assert set(FIGURES) <= set(evaluate[model]), model
+        assert evaluate["perf"][model]["generate_tokens_per_s"] > 0
+    report = (repo / "data/evaluate/report.md").read_text()
+    table = report.split("## Every model")[1].split("\n\n")[1]
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == list(MODELS)
+    assert (repo / "data/evaluate/curve_pretrain.png").exists()
+    assert not (repo / "data/pretrain/checkpoint/checkpoint.pt").exists()
+
+    # A second repro does nothing.
+    second = run(["dvc", "repro"], repo).stdout
+    assert not ran(second) and "up to date" in second
+    git_commit_all(repo, "micro pipeline")
+
+    # An experiment on lora reruns lora and what depends on it, nothing upstream.
+    exp = run(["dvc", "exp", "run", "-S", "lora.r=4"], repo).stdout
+    assert ran(exp) == {"lora", "quantize", "evaluate"}
+    assert {"8", "4"} <= {row["lora.r"] for row in exp_rows(repo)}
+    diff = json.loads(run(["dvc", "metrics", "diff", "HEAD", "--json"], repo).stdout)
+    assert diff["metrics/lora.json"]["trainable_parameters"]["diff"] < 0
+    markdown = run(["python", "-m", "llmpipe.compare", "HEAD"], repo).stdout
+    assert "### Metrics" in markdown and "trainable_parameters" in markdown
+    assert "lora.r" in markdown  # the params diff
+
+    # Queued variants, run one at a time.
+    for r in (2, 6):
+        run(["dvc", "exp", "run", "--queue", "-S", f"lora.r={r}"], repo)
+    run(["dvc", "queue", "start", "-j", "1"], repo)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = run(["dvc", "queue", "status"], repo).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(5)
+    assert "Failed" not in status, status
+    assert {"2", "6"} <= {row["lora.r"] for row in exp_rows(repo)}
+
+    # A change of tokenizer reruns tokenize and everything after it, never download.
+    run(["git", "checkout", "--", "."], repo)
+    exp = run(["dvc", "exp", "run", "-S", "tokenize.vocab_size=400"], repo).stdout
+    assert ran(exp) == set(STAGES) - {"download"}
+    assert json.loads((repo / "metrics/tokenize.json").read_text())["vocab_size"] == 400
 
 
 def test_failing_stage_reports_one_line(project_copy):

@@ -132,6 +132,7 @@ class SampleParams:
 
 @dataclass(frozen=True, kw_only=True)
 class PretrainParams:
+    launcher: str = "python"  # dvc.yaml runs `<launcher> -m stages.pretrain`; or torchrun ...
     init: str = param(check=MODEL_SOURCE)
     model: ModelParams
     batch_size: int = param(check=POSITIVE_INT)  # per process and micro-step
@@ -277,8 +278,15 @@ class GrpoParams:
 
 @dataclass(frozen=True, kw_only=True)
 class EvaluateParams:
-    eval_windows: int = param(check=POSITIVE_INT)
-    sample: SampleParams
+    block_size: int = param(check=POSITIVE_INT)
+    eval_windows: int = param(check=POSITIVE_INT)  # per corpus, the same for every model
+    batch_size: int = param(check=POSITIVE_INT)
+    samples_per_prompt: int = param(check=POSITIVE_INT)  # on the held-out preference prompts
+    completion_tokens: int = param(check=POSITIVE_INT)
+    temperature: float = param(1.0, check=POSITIVE_NUMBER)
+    generate_tokens: int = param(32, check=POSITIVE_INT)  # timed greedy generation
+    repeats: int = param(3, check=POSITIVE_INT)
+    sample: SampleParams  # fixed prompts whose generations go into the report
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -388,11 +396,15 @@ def read_params_file(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
         raise ParamsError(f"{path}: not valid YAML ({e})") from e
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: must be a mapping of sections")
+    _check_sections(raw)
+    return raw
+
+
+def _check_sections(raw: dict[str, Any]) -> None:
     known = set(STAGE_SCHEMAS) | set(SHARED_KEYS)
     for key in raw:
         if key not in known:
             raise ParamsError(f"{key}: unknown key (allowed: {', '.join(sorted(known))})")
-    return raw
 
 
 def load_stage_params(stage: str, path: str | Path = PARAMS_FILE) -> tuple[SharedParams, Any]:
@@ -417,7 +429,11 @@ def shared_params(raw: dict[str, Any]) -> SharedParams:
 
 def validate_all(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     """Validate every section (for `python -m llmpipe.params` and the tests)."""
-    raw = read_params_file(path)
+    return validate_mapping(read_params_file(path), str(path))
+
+
+def validate_mapping(raw: dict[str, Any], path: str = "params") -> dict[str, Any]:
+    _check_sections(raw)
     validated: dict[str, Any] = {"shared": shared_params(raw)}
     for stage, schema in STAGE_SCHEMAS.items():
         if stage not in raw:

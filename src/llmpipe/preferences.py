@@ -53,7 +53,8 @@ class Completion:
 @torch.no_grad()
 def sample_completions(model, tokenizer, prompts: Sequence[str], n: int, max_new_tokens: int,
                        temperature: float, top_k: int | None, seed: int,
-                       batch_size: int = 64) -> list[list[Completion]]:
+                       batch_size: int = 64, top_p: float | None = None
+                       ) -> list[list[Completion]]:
     """`n` sampled completions per prompt, reproducible from `seed` (CPU)."""
     model.eval()
     tokenizer.padding_side = "left"  # generation continues the last token of every row
@@ -66,7 +67,8 @@ def sample_completions(model, tokenizer, prompts: Sequence[str], n: int, max_new
         batch = tokenizer(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True,
                           add_special_tokens=False).to(device)
         generated = model.generate(**batch, do_sample=True, temperature=temperature,
-                                   top_k=top_k or 0, max_new_tokens=max_new_tokens,
+                                   top_k=top_k or 0, top_p=top_p or 1.0,
+                                   max_new_tokens=max_new_tokens,
                                    num_return_sequences=n, pad_token_id=tokenizer.pad_token_id)
         new = generated[:, batch.input_ids.size(1):].tolist()
         for row in range(0, len(new), n):

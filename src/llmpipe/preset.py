@@ -1,0 +1,108 @@
+"""Presets: named overrides of params.yaml (src/llmpipe/presets/<name>.yaml), applied through
+DVC's own `-S` mechanism, so a preset run is an ordinary, comparable DVC experiment.
+
+    python -m llmpipe.preset gpu            # validate, then: dvc exp run -n gpu -S key=value ...
+    python -m llmpipe.preset gpu --write    # write the composed params.yaml (then dvc repro)
+    python -m llmpipe.preset gpu --print    # print the -S arguments only
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from llmpipe.errors import ParamsError
+from llmpipe.params import PARAMS_FILE, read_params_file, validate_mapping
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    from ruamel.yaml import YAML
+
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.exists():
+        raise ParamsError(f"preset {name!r}: not found (available: {', '.join(available())})")
+    return YAML(typ="safe").load(path.read_text()) or {}
+
+
+def flatten(overrides: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Dotted keys and leaf values (lists are leaves, as DVC's -S sets them whole)."""
+    items = []
+    for key, value in overrides.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            items += flatten(value, f"{dotted}.")
+        else:
+            items.append((dotted, value))
+    return items
+
+
+def compose(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    composed = copy.deepcopy(base)
+    for dotted, value in flatten(overrides):
+        node = composed
+        *parents, last = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return composed
+
+
+def set_arguments(overrides: dict[str, Any]) -> list[str]:
+    # JSON is YAML: DVC parses each value back to the same string, number, list or null.
+    return [arg for dotted, value in flatten(overrides)
+            for arg in ("-S", f"{dotted}={json.dumps(value)}")]
+
+
+def write_params(overrides: dict[str, Any], path: Path = PARAMS_FILE) -> None:
+    from ruamel.yaml import YAML
+
+    from llmpipe.io import atomic_path
+
+    yaml = YAML()  # round-trip: comments and order of params.yaml stay
+    data = yaml.load(path.read_text())
+    for dotted, value in flatten(overrides):
+        node = data
+        *parents, last = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        yaml.dump(data, f)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m llmpipe.preset", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", help=f"one of: {', '.join(available())}")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--write", action="store_true", help="rewrite params.yaml")
+    action.add_argument("--print", action="store_true", help="print the -S arguments")
+    args = parser.parse_args(argv)
+
+    overrides = load_preset(args.name)
+    validate_mapping(compose(read_params_file(), overrides), f"params.yaml + {args.name}")
+    if args.print:
+        print(" ".join(f"'{a}'" if a != "-S" else a for a in set_arguments(overrides)))
+    elif args.write:
+        write_params(overrides)
+        print(f"params.yaml: preset {args.name!r} applied; run `dvc repro`")
+    else:
+        command = ["dvc", "exp", "run", "-n", args.name, *set_arguments(overrides)]
+        sys.exit(subprocess.run(command).returncode)
+
+
+if __name__ == "__main__":
+    from llmpipe.stage import run_main
+
+    run_main(main)

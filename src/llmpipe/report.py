@@ -1,0 +1,202 @@
+"""The report card: one markdown page, with its images, that a person reads after `dvc repro`.
+
+It gathers what every stage measured (metrics/*.json), the comparison of every model made by
+the evaluate stage, the training curves (dvclive's TSV files) and sample generations, with the
+baselines each figure should be read against.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+METRICS_DIR = Path("metrics")
+LIVE_DIR = Path("dvclive")
+PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "tokenizers", "dvc", "dvclive")
+
+# (stage, curve file under dvclive/<stage>/plots/metrics, title)
+CURVES = (
+    ("pretrain", ("train/loss.tsv", "val/loss.tsv"), "pretrain: loss"),
+    ("finetune", ("train/loss.tsv", "eval/loss.tsv"), "finetune: loss"),
+    ("lora", ("train/loss.tsv", "eval/loss.tsv"), "lora: loss"),
+    ("reward_model", ("train/loss.tsv", "eval/loss.tsv"), "reward model: loss"),
+    ("grpo", ("train/reward.tsv", "train/kl.tsv"), "grpo: reward and KL"),
+)
+
+
+def read_metrics(stage: str) -> dict:
+    path = METRICS_DIR / f"{stage}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def environment() -> list[tuple[str, str]]:
+    import torch
+
+    rows = [("python", platform.python_version()), ("platform", platform.platform()),
+            ("device", torch.cuda.get_device_name() if torch.cuda.is_available()
+             else f"CPU, {torch.get_num_threads()} threads")]
+    for name in PACKAGES:
+        try:
+            rows.append((name, metadata.version(name)))
+        except metadata.PackageNotFoundError:
+            continue
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        rows.append(("git commit", commit))
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    params = Path("params.yaml")
+    if params.exists():
+        rows.append(("params.yaml sha256", hashlib.sha256(params.read_bytes()).hexdigest()[:16]))
+    return rows
+
+
+def _read_curve(path: Path) -> tuple[list[float], list[float]]:
+    with open(path) as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    value = [k for k in rows[0] if k not in ("step", "timestamp")][0] if rows else ""
+    return [float(r["step"]) for r in rows], [float(r[value]) for r in rows]
+
+
+def plot_curves(out_dir: Path) -> list[tuple[str, str]]:
+    """PNG files of the training curves that exist; returns (title, file name)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = []
+    for stage, files, title in CURVES:
+        paths = [LIVE_DIR / stage / "plots/metrics" / f for f in files]
+        if not any(p.exists() for p in paths):
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3))
+        for path in paths:
+            if path.exists():
+                ax.plot(*_read_curve(path), label=path.relative_to(
+                    LIVE_DIR / stage / "plots/metrics").with_suffix("").as_posix())
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend()
+        fig.tight_layout()
+        name = f"curve_{stage}.png"
+        fig.savefig(out_dir / name, dpi=100)
+        plt.close(fig)
+        images.append((title, name))
+    return images
+
+
+def plot_models(rows: list[dict], out_dir: Path) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = []
+    for key, title in (("val_perplexity_finetune", "validation perplexity, finetune corpus"),
+                       ("gold_score", "gold score of held-out completions")):
+        fig, ax = plt.subplots(figsize=(5, 2.6))
+        ax.barh([r["model"] for r in rows], [r[key] for r in rows])
+        ax.set_title(title)
+        fig.tight_layout()
+        name = f"models_{key}.png"
+        fig.savefig(out_dir / name, dpi=100)
+        plt.close(fig)
+        images.append((title, name))
+    return images
+
+
+def _format(value) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, int) or abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.4g}"
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    fmt = _format
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def stage_sections() -> list[str]:
+    """One table per stage that ran, each figure beside its baseline."""
+    sections = []
+    if m := read_metrics("tokenize"):
+        sections.append("### tokenize\n" + _table(
+            ["vocabulary", "pretrain train/val tokens", "finetune train/val tokens",
+             "bytes per token"],
+            [[m["vocab_size"], f"{m['pretrain_train_tokens']:,} / {m['pretrain_val_tokens']:,}",
+              f"{m['finetune_train_tokens']:,} / {m['finetune_val_tokens']:,}",
+              m["pretrain_bytes_per_token"]]]))
+    if m := read_metrics("pretrain"):
+        sections.append("### pretrain\n" + _table(
+            ["parameters", "tokens seen", "val perplexity", "baseline: unigram perplexity",
+             "tokens/s", "MFU"],
+            [[m["parameters"], m["tokens_seen"], m["val_perplexity"],
+              m["unigram_val_perplexity"], m["perf"]["tokens_per_s"], m["perf"]["mfu"]]]))
+    rows = [[stage, m["base_val_perplexity"], m["val_perplexity"],
+             m.get("trainable_percent", 100.0), m["best_step"], m["steps"]]
+            for stage in ("finetune", "lora") if (m := read_metrics(stage))]
+    if rows:
+        sections.append("### finetune and lora (finetune corpus)\n" + _table(
+            ["stage", "baseline: base perplexity", "val perplexity", "trained %", "best step",
+             "steps"], rows))
+    if m := read_metrics("quantize"):
+        sections.append("### quantize\n" + _table(
+            ["method", "MB (fp32 -> int8)", "perplexity (fp32 -> int8)", "top-1 agreement",
+             "forward speedup", "generation speedup"],
+            [[m["method"], f"{m['fp32_size_mb']:.2f} -> {m['int8_size_mb']:.2f}",
+              f"{m['fp32_val_perplexity']:.2f} -> {m['int8_val_perplexity']:.2f}",
+              m["top1_agreement"], m["perf"]["forward_speedup"],
+              m["perf"]["generate_speedup"]]]))
+    if (m := read_metrics("preferences")) and (r := read_metrics("reward_model")):
+        sections.append("### preferences and reward model\n" + _table(
+            ["train pairs", "held-out pairs", "tie rate", "held-out accuracy",
+             "baseline: chance", "gold agreement (fresh pairs)"],
+            [[m["train_pairs"], m["heldout_pairs"], m["tie_rate"], r["heldout_accuracy"],
+              r["chance_accuracy"], r["gold_agreement_fresh"]]]))
+    if m := read_metrics("grpo"):
+        sections.append("### grpo (held-out prompts, same sampling seed)\n" + _table(
+            ["", "gold score", "reward-model score", "KL to reference", "length"],
+            [[when, m[f"{when}_gold_score"], m[f"{when}_reward_model_score"],
+              m[f"{when}_kl_to_reference"], m[f"{when}_completion_length"]]
+             for when in ("before", "after")])
+            + ("\n\n**Reward hacking suspected**: the reward model's score rose, the gold score "
+               "did not." if m.get("reward_hacking_suspected") else ""))
+    return sections
+
+
+def write_report(out_dir: Path, models: list[dict], samples: dict[str, list[dict]]) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["# llmpipe report card", "", "## Environment", "",
+             _table(["", ""], [list(r) for r in environment()]), "",
+             "## Every model, same data and prompts", "",
+             _table(["model", "val ppl (pretrain corpus)", "val ppl (finetune corpus)",
+                     "reward-model score", "gold score", "KL to finetune", "size MB",
+                     "generation tokens/s"],
+                    [[r["model"], r["val_perplexity_pretrain"], r["val_perplexity_finetune"],
+                      r["reward_model_score"], r["gold_score"], r["kl_to_finetune"],
+                      r["size_mb"], r["generate_tokens_per_s"]] for r in models]), ""]
+    lines += [f"![{title}]({name})" for title, name in plot_models(models, out_dir)]
+    lines += ["", "## Stages", ""]
+    for section in stage_sections():
+        lines += [section, ""]
+    lines += ["## Training curves", ""]
+    lines += [f"![{title}]({name})" for title, name in plot_curves(out_dir)]
+    lines += ["", "## Samples", ""]
+    for model, rows in samples.items():
+        lines += [f"### {model}", ""]
+        lines += [f"- **{r['prompt']}**{r['completion']}".replace("\n", " ") for r in rows]
+        lines.append("")
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
