@@ -1,19 +1,17 @@
 """evaluate: every model the pipeline made, on the same held-out data and prompts, in one
 table; then the report card."""
 
-import json
 from pathlib import Path
 
 from llmpipe.causal_lm import load_base
 from llmpipe.data import TokenBin
 from llmpipe.evaluation import generation_tokens_per_s, perplexity, window_loss
-from llmpipe.gold import load_gold_scorer
 from llmpipe.io import atomic_dir, read_jsonl, write_json, write_metrics
 from llmpipe.params import load_stage_params
 from llmpipe.preferences import sample_completions
 from llmpipe.quantization import WEIGHTS_FILE, load_quantized
 from llmpipe.report import write_report
-from llmpipe.rlhf import load_reward_model, load_tokenizer, policy_report
+from llmpipe.rlhf import load_judges, load_tokenizer, policy_report
 from llmpipe.stage import run_main
 
 # name -> (directory, weights file); the quantized model has its own loader.
@@ -43,10 +41,7 @@ def load_model(name: str):
 def main() -> None:
     shared, p = load_stage_params("evaluate")
     heldout = [r["prompt"] for r in read_jsonl(PREFERENCES_DIR / "prompts_heldout.jsonl")]
-    gold_spec = json.loads((PREFERENCES_DIR / "gold.json").read_text())
-    gold = load_gold_scorer(gold_spec["scorer"], gold_spec["label"])
-    reward_tokenizer = load_tokenizer(REWARD_DIR)
-    reward_model = load_reward_model(REWARD_DIR, reward_tokenizer)
+    gold, reward_model, reward_tokenizer = load_judges(PREFERENCES_DIR, REWARD_DIR)
     reference, _ = load_model(REFERENCE)
     vocab = reference.config.vocab_size
     val = {corpus: TokenBin.open(TOKENS_DIR / corpus, "val", expected_vocab_size=vocab)
@@ -67,7 +62,8 @@ def main() -> None:
                         "kl_to_finetune": round(report["kl_to_reference"], 4),
                         "completion_length": round(report["completion_length"], 4),
                         "size_mb": round((directory / weights).stat().st_size / 1e6, 4)})
-        prompt = tokenizer(p.sample.prompts[0], return_tensors="pt").input_ids
+        prompt = tokenizer(p.sample.prompts[0], return_tensors="pt").input_ids.to(
+            next(model.parameters()).device)
         tokens_per_s = round(generation_tokens_per_s(model, prompt, p.generate_tokens,
                                                      p.repeats), 1)
         metrics[name] = figures

@@ -1,21 +1,18 @@
 """grpo: TRL's GRPOTrainer on the finetuned policy against the reward model; the policy is
 measured before and after on held-out prompts with the same sampling seed."""
 
-import json
-from pathlib import Path
+import os
 
-from llmpipe.causal_lm import load_base
-from llmpipe.gold import load_gold_scorer
-from llmpipe.io import atomic_dir, read_jsonl, write_json, write_metrics
-from llmpipe.params import load_stage_params
-from llmpipe.rlhf import (
-    load_reward_model,
-    load_tokenizer,
-    policy_report,
-    reward_functions,
-    run_grpo,
-)
-from llmpipe.stage import run_main
+if "WORLD_SIZE" not in os.environ:  # TRL's trainers refuse several GPUs without a launcher
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
+
+from pathlib import Path  # noqa: E402
+
+from llmpipe.causal_lm import load_base  # noqa: E402
+from llmpipe.io import atomic_dir, read_jsonl, write_json, write_metrics  # noqa: E402
+from llmpipe.params import load_stage_params  # noqa: E402
+from llmpipe.rlhf import load_judges, policy_report, reward_functions, run_grpo  # noqa: E402
+from llmpipe.stage import run_main  # noqa: E402
 
 POLICY_DIR = Path("data/finetune/model")
 REWARD_DIR = Path("data/reward_model/model")
@@ -29,11 +26,8 @@ def main() -> None:
     shared, p = load_stage_params("grpo")
     train_prompts = [r["prompt"] for r in read_jsonl(PREFERENCES_DIR / "prompts_train.jsonl")]
     heldout = [r["prompt"] for r in read_jsonl(PREFERENCES_DIR / "prompts_heldout.jsonl")]
-    gold_spec = json.loads((PREFERENCES_DIR / "gold.json").read_text())
-    gold = load_gold_scorer(gold_spec["scorer"], gold_spec["label"])
+    gold, reward_model, reward_tokenizer = load_judges(PREFERENCES_DIR, REWARD_DIR)
     reference, tokenizer = load_base(str(POLICY_DIR))
-    reward_tokenizer = load_tokenizer(REWARD_DIR)
-    reward_model = load_reward_model(REWARD_DIR, reward_tokenizer)
 
     def report(policy):  # the same prompts and sampling seed before and after
         return policy_report(policy, reference, tokenizer, reward_model, reward_tokenizer, gold,
@@ -41,8 +35,8 @@ def main() -> None:
                              shared.seed)
 
     before = report(reference)
-    policy, _ = run_grpo(POLICY_DIR, reward_functions(REWARD_DIR, p), train_prompts, p,
-                         shared.seed, OUT_DIR / "trainer", LIVE_DIR)
+    policy, steps = run_grpo(POLICY_DIR, reward_functions(REWARD_DIR, p), train_prompts, p,
+                             shared.seed, LIVE_DIR)
     after = report(policy)
     with atomic_dir(OUT_DIR / "model") as tmp:
         policy.save_pretrained(tmp)
@@ -57,7 +51,7 @@ def main() -> None:
                                          - before["reward_model_score"], 4)
     # Proxy up while gold does not follow is reward hacking: say so, the metrics show it too.
     metrics["reward_hacking_suspected"] = metrics["reward_model_gain"] > 0 >= metrics["gold_gain"]
-    metrics.update({"steps": p.max_steps, "heldout_prompts": len(heldout)})
+    metrics.update({"steps": steps, "heldout_prompts": len(heldout)})
     write_metrics("grpo", metrics)
     print(f"held-out gold score {before['gold_score']:.3f} -> {after['gold_score']:.3f}, reward "
           f"model {before['reward_model_score']:.3f} -> {after['reward_model_score']:.3f}, KL "

@@ -77,7 +77,7 @@ def main() -> None:
     metrics = {"source": p.source, "gold_scorer": p.gold_scorer,
                "train_pairs": len(pairs["train"]), "heldout_pairs": len(pairs["heldout"]),
                "tie_rate": round(ties / n_prompts, 4) if p.source == "generate" else 0.0,
-               "fresh_pairs": len(fresh)}
+               "fresh_prompts": len(fresh)}
     if p.source == "generate":
         train = pairs["train"]
         metrics["gold_chosen_mean"] = round(sum(q["chosen_gold"] for q in train) / len(train), 4)

@@ -30,7 +30,7 @@ def main() -> None:
     shared, p = load_stage_params("quantize")
     torch.manual_seed(shared.seed)
     source_dir = SOURCES[p.source]
-    fp32, tokenizer = load_base(str(source_dir))
+    fp32, tokenizer = load_base(str(source_dir), device="cpu")  # int8 kernels are CPU ones
     fp32.eval()
     val = TokenBin.open(TOKENS_DIR, "val", expected_vocab_size=fp32.config.vocab_size)
     int8 = quantize(fp32, p.method)

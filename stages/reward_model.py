@@ -1,12 +1,17 @@
 """reward_model: a one-output classifier initialised from the finetuned model and trained on
 the preference pairs with TRL's RewardTrainer."""
 
-from pathlib import Path
+import os
 
-from llmpipe.io import atomic_dir, read_jsonl, write_metrics
-from llmpipe.params import load_stage_params
-from llmpipe.rlhf import gold_agreement, pairwise_report, train_reward_model
-from llmpipe.stage import run_main
+if "WORLD_SIZE" not in os.environ:  # TRL's trainers refuse several GPUs without a launcher
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
+
+from pathlib import Path  # noqa: E402
+
+from llmpipe.io import atomic_dir, read_jsonl, write_metrics  # noqa: E402
+from llmpipe.params import load_stage_params  # noqa: E402
+from llmpipe.rlhf import gold_agreement, pairwise_report, train_reward_model  # noqa: E402
+from llmpipe.stage import run_main  # noqa: E402
 
 POLICY_DIR = Path("data/finetune/model")
 PREFERENCES_DIR = Path("data/preferences")
@@ -19,15 +24,16 @@ def main() -> None:
     train = read_jsonl(PREFERENCES_DIR / "train.jsonl")
     heldout = read_jsonl(PREFERENCES_DIR / "heldout.jsonl")
     fresh = read_jsonl(PREFERENCES_DIR / "fresh.jsonl")
-    model, tokenizer = train_reward_model(POLICY_DIR, train, heldout, p, shared.seed,
-                                          OUT_DIR / "trainer", LIVE_DIR)
+    model, tokenizer, trained_pairs = train_reward_model(POLICY_DIR, train, heldout, p,
+                                                         shared.seed, LIVE_DIR)
     held = pairwise_report(model, tokenizer, heldout)
     agreement, counted = gold_agreement(model, tokenizer, fresh)
     with atomic_dir(OUT_DIR / "model") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)  # TRL loads a reward model's tokenizer from its folder
     write_metrics("reward_model", {
-        "train_pairs": len(train),
+        "train_pairs": trained_pairs,  # RewardTrainer drops pairs longer than max_length
+        "dropped_pairs": len(train) - trained_pairs,
         "heldout_accuracy": round(held["accuracy"], 4),
         "heldout_mean_margin": round(held["mean_margin"], 4),
         "train_accuracy": round(pairwise_report(model, tokenizer, train)["accuracy"], 4),

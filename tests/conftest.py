@@ -66,15 +66,13 @@ def set_params(repo: Path, updates: dict) -> None:
     """Apply dotted-key updates to repo/params.yaml, keeping the rest."""
     from ruamel.yaml import YAML
 
+    from llmpipe.preset import set_dotted
+
     yaml = YAML()
     path = repo / "params.yaml"
     data = yaml.load(path.read_text())
     for dotted, value in updates.items():
-        node = data
-        *parents, last = dotted.split(".")
-        for key in parents:
-            node = node[key]
-        node[last] = value
+        set_dotted(data, dotted, value)
     with open(path, "w") as f:
         yaml.dump(data, f)
 

@@ -45,6 +45,9 @@ def test_the_experiment_workflow(project_copy):
     for model in MODELS:
         assert set(FIGURES) <= set(evaluate[model]), model
         assert evaluate["perf"][model]["generate_tokens_per_s"] > 0
+    assert evaluate["finetune"]["kl_to_finetune"] == 0
+    assert evaluate["grpo"]["kl_to_finetune"] > 0
+    assert evaluate["quantized"]["size_mb"] < 0.5 * evaluate["finetune"]["size_mb"]
     report = (repo / "data/evaluate/report.md").read_text()
     table = report.split("## Every model")[1].split("\n\n")[1]
     assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == list(MODELS)

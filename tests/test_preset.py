@@ -20,17 +20,18 @@ def test_gpu_preset_is_valid_params():
     assert validated["download"].finetune.sha256.startswith("86c4e6aa")
 
 
-def test_set_arguments_round_trip_through_yaml():
+def test_dvc_applies_the_set_arguments_to_params_yaml(tmp_path):
+    # What `dvc exp run -S ...` does with them (Hydra overrides, struct mode: new keys too).
+    from dvc.utils.hydra import apply_overrides
+
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text())
     overrides = load_preset("gpu")
-    args = set_arguments(overrides)
-    assert args[0] == "-S" and len(args) == 2 * len([a for a in args if a == "-S"])
-    yaml = YAML(typ="safe")
-    for arg in args[1::2]:
-        key, _, value = arg.partition("=")
-        node = overrides
-        for part in key.split("."):
-            node = node[part]
-        assert yaml.load(value) == node, key  # DVC reads -S values as YAML
+    apply_overrides(path, [a for a in set_arguments(overrides) if a != "-S"])
+    assert validate_all(path)["download"].finetune.sha256 == overrides["download"]["finetune"][
+        "sha256"]  # a key the embedded default does not have
+    expected = compose(read_params_file(ROOT / "params.yaml"), overrides)
+    assert YAML(typ="safe").load(path.read_text()) == expected
 
 
 def test_unknown_preset_and_bad_overrides_are_clear_errors():
@@ -49,5 +50,5 @@ def test_write_applies_the_preset_to_params_yaml(tmp_path):
     text = (tmp_path / "params.yaml").read_text()
     assert "# llmpipe params" in text  # comments kept
     printed = run(["python", "-m", "llmpipe.preset", "gpu", "--print"], tmp_path).stdout
-    assert "'pretrain.model.n_layer=12'" in printed
+    assert "'++pretrain.model.n_layer=12'" in printed
     assert json.dumps("hf:gpt2") in printed

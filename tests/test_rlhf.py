@@ -4,15 +4,19 @@ import random
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from llmpipe.errors import DataError
 from llmpipe.params import GrpoParams, RewardModelParams
 from llmpipe.preferences import Completion, gold_pairs, load_preference_set, sample_completions
 from llmpipe.rlhf import (
+    completion_logprobs,
     length_penalty,
+    load_reward_model,
     load_tokenizer,
     pairwise_report,
     run_grpo,
+    score_texts,
     train_reward_model,
 )
 
@@ -39,8 +43,9 @@ def test_reward_trainer_learns_a_separable_preference(policy_dir, tmp_path):
     train, heldout = toy_pairs(0, 256), toy_pairs(1, 64)
     p = RewardModelParams(learning_rate=1e-3, warmup_steps=0, epochs=3, batch_size=16,
                           max_length=64)
-    model, tokenizer = train_reward_model(policy_dir, train, heldout, p, 0, tmp_path / "work",
-                                          tmp_path / "live")
+    model, tokenizer, trained = train_reward_model(policy_dir, train, heldout, p, 0,
+                                                   tmp_path / "live")
+    assert trained == len(train)  # none longer than max_length
     assert pairwise_report(model, tokenizer, heldout)["accuracy"] >= 0.9
     assert (tmp_path / "live/plots/metrics/train/loss.tsv").exists()
 
@@ -78,21 +83,63 @@ def test_grpo_raises_a_simple_reward_and_calls_it_as_trl_documents(policy_dir, t
     def mean_frequency(ids: list[list[int]]) -> float:
         return sum(target_frequency(ids, ids, ids)) / len(ids)
 
-    model, _ = run_grpo(policy_dir, [(target_frequency, None, 1.0)], prompts, grpo_params(),
-                        0, tmp_path / "work", tmp_path / "live")
+    model, steps = run_grpo(policy_dir, [(target_frequency, None, 1.0)], prompts,
+                            grpo_params(), 0, tmp_path / "live")
+    assert steps == 15
     before, after = mean_frequency(base_ids), mean_frequency(sampled_ids(model))
     assert after > before + 0.1, (before, after)
     assert {"trainer_state"} <= seen_kwargs[0]  # TRL passes its documented extras
 
 
-def test_grpo_with_lora_returns_a_merged_plain_model(policy_dir, tmp_path):
+def test_grpo_with_lora_trains_and_returns_a_merged_plain_model(policy_dir, tmp_path):
     from peft import PeftModel
+    from safetensors.torch import load_file
 
-    model, _ = run_grpo(policy_dir, [(length_penalty, None, 0.1)], ["a b", "c d"],
-                        grpo_params(use_lora=True, max_steps=2, prompts_per_step=2), 0,
-                        tmp_path / "work", tmp_path / "live")
+    def varied(prompts, completions, completion_ids, **kwargs):  # rewards that differ
+        return [float(sum(ids) % 7) for ids in completion_ids]
+
+    model, _ = run_grpo(policy_dir, [(varied, None, 1.0), (length_penalty, None, 0.1)],
+                        ["a b", "c d"], grpo_params(use_lora=True, max_steps=3,
+                                                    prompts_per_step=2), 0, tmp_path / "live")
     assert not isinstance(model, PeftModel)
     assert not any("lora" in name for name, _ in model.named_parameters())
+    base = load_file(policy_dir / "model.safetensors")
+    trained = model.state_dict()
+    assert not torch.equal(trained["transformer.h.0.attn.c_attn.weight"],
+                           base["transformer.h.0.attn.c_attn.weight"])  # the merged adapter
+    assert torch.equal(trained["transformer.wte.weight"], base["transformer.wte.weight"])
+
+
+def test_kl_of_a_policy_to_itself_is_zero_and_positive_to_another(policy_dir):
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(policy_dir)
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir)
+    prompts = ["the value of", "a list is"]
+    groups = sample_completions(policy, tokenizer, prompts, 3, 6, 1.0, None, seed=0)
+    prompt_ids = [tokenizer(q, add_special_tokens=False).input_ids
+                  for q in prompts for _ in range(3)]
+    ids = [c.ids for g in groups for c in g]
+    same = completion_logprobs(policy, prompt_ids, ids)
+    reloaded = AutoModelForCausalLM.from_pretrained(policy_dir)
+    assert sum(a - b for a, b in zip(same, completion_logprobs(reloaded, prompt_ids, ids),
+                                     strict=True)) == 0
+    other = AutoModelForCausalLM.from_pretrained(policy_dir)
+    with torch.no_grad():
+        for param in other.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    kl = sum(a - b for a, b in zip(same, completion_logprobs(other, prompt_ids, ids),
+                                   strict=True)) / len(ids)
+    assert kl > 0  # on the policy's own samples, the expected log-ratio is a KL
+
+
+def test_reward_scores_do_not_depend_on_padding(policy_dir):
+    tokenizer = load_tokenizer(policy_dir)
+    model = load_reward_model(policy_dir, tokenizer)
+    texts = ["a short one", "a longer text, never padded"]  # within 32 positions
+    together = score_texts(model, tokenizer, texts)
+    alone = [score_texts(model, tokenizer, [t])[0] for t in texts]
+    assert together == pytest.approx(alone, abs=1e-5)
 
 
 def test_reward_functions_have_trls_signature():

@@ -35,8 +35,8 @@ def base_name(spec: str) -> str:
     return spec
 
 
-def load_base(spec: str, trust_remote_code: bool = False):
-    """The base causal LM and its tokenizer."""
+def load_base(spec: str, trust_remote_code: bool = False, device: str = "auto"):
+    """The base causal LM (on the GPU when there is one and device is auto) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = base_name(spec)
@@ -49,7 +49,9 @@ def load_base(spec: str, trust_remote_code: bool = False):
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise DataError(f"base model {spec!r}: cannot load ({e})") from e
-    return model, tokenizer
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device), tokenizer
 
 
 def open_token_data(tokens_dir: Path, model, base_spec: str) -> tuple[TokenBin, TokenBin]:
@@ -108,6 +110,15 @@ class TrainResult:
     peak_memory_mb: float
 
 
+def runtime_args(seed: int, bf16: bool | None = None) -> dict:
+    """TrainingArguments every trainer here shares (HF Trainer, TRL's RewardConfig and
+    GRPOConfig; the TRL ones default bf16 on even on CPU, so it is always given)."""
+    cuda = torch.cuda.is_available()
+    return {"bf16": cuda if bf16 is None else bf16, "use_cpu": not cuda, "seed": seed,
+            "data_seed": seed, "dataloader_num_workers": 0,
+            "report_to": "none"}  # curves go through TrainerCurves, which leaves dvc.yaml alone
+
+
 def use_bf16(p: CausalLMTrainingParams) -> bool:
     """auto: bf16 on CUDA; on CPU only when asked (it pays off on AMX CPUs at larger sizes)."""
     return p.bf16 is True or (p.bf16 == "auto" and torch.cuda.is_available())
@@ -140,12 +151,7 @@ def train(model, p: CausalLMTrainingParams, seed: int, train_bin: TokenBin, val_
         metric_for_best_model="eval_loss",
         greater_is_better=False,
         logging_steps=max(1, p.eval_interval // 5),
-        bf16=use_bf16(p),
-        use_cpu=not torch.cuda.is_available(),
-        seed=seed,
-        data_seed=seed,
-        report_to="none",  # curves go through TrainerCurves, which leaves dvc.yaml alone
-        dataloader_num_workers=0,
+        **runtime_args(seed, use_bf16(p)),
     )
     trainer = Trainer(
         model=model, args=args,

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import subprocess
+import sys
 
 
 def _dvc(*args: str) -> str:
-    result = subprocess.run(["dvc", *args], capture_output=True, text=True)
+    # The dvc of this environment, whether or not its bin directory is on PATH.
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True,
+                            text=True)
     if result.returncode != 0:
         raise SystemExit(f"error: dvc {' '.join(args)}: {result.stderr.strip()}")
     return result.stdout.strip()

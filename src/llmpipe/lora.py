@@ -9,20 +9,27 @@ from llmpipe.params import LoraParams
 
 
 def lora_config(model: torch.nn.Module, p: LoraParams):
+    return adapter_config(model, p.r, p.alpha, p.dropout, p.target_modules,
+                          "lora.target_modules")
+
+
+def adapter_config(model: torch.nn.Module, r: int, alpha: int, dropout: float,
+                   target_modules: list[str], key: str):
+    """A causal-LM LoraConfig whose targets are checked against the model."""
     from peft import LoraConfig, TaskType
     from transformers.pytorch_utils import Conv1D
 
     targets = {name.rsplit(".", 1)[-1]: module for name, module in model.named_modules()}
-    missing = [t for t in p.target_modules if t not in targets]
+    missing = [t for t in target_modules if t not in targets]
     if missing:
         linear = sorted({n for n, m in targets.items()
                          if isinstance(m, torch.nn.Linear | Conv1D)})
-        raise ParamsError(f"lora.target_modules: {missing} not in the base model "
+        raise ParamsError(f"{key}: {missing} not in the base model "
                           f"(its linear layers: {', '.join(linear)})")
     # GPT-2 stores its projections as Conv1D, weight (in, out): peft must transpose them.
-    fan_in_fan_out = any(isinstance(targets[t], Conv1D) for t in p.target_modules)
-    return LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout,
-                      target_modules=list(p.target_modules), fan_in_fan_out=fan_in_fan_out,
+    fan_in_fan_out = any(isinstance(targets[t], Conv1D) for t in target_modules)
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                      target_modules=list(target_modules), fan_in_fan_out=fan_in_fan_out,
                       task_type=TaskType.CAUSAL_LM)
 
 

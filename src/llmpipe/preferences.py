@@ -48,6 +48,7 @@ def prompts_from_tokens(bins: TokenBin, tokenizer, prompt_tokens: int, count: in
 class Completion:
     text: str
     ids: list[int]  # generated token ids, up to (not including) the end of text
+    stopped: bool = False  # the model generated the end of text (a choice that has a probability)
 
 
 @torch.no_grad()
@@ -55,28 +56,31 @@ def sample_completions(model, tokenizer, prompts: Sequence[str], n: int, max_new
                        temperature: float, top_k: int | None, seed: int,
                        batch_size: int = 64, top_p: float | None = None
                        ) -> list[list[Completion]]:
-    """`n` sampled completions per prompt, reproducible from `seed` (CPU)."""
+    """`n` completions per prompt, sampled (greedy at temperature 0), reproducible from
+    `seed` (on CPU)."""
     model.eval()
-    tokenizer.padding_side = "left"  # generation continues the last token of every row
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     torch.manual_seed(seed)
     device = next(model.parameters()).device
+    sampling = ({"do_sample": True, "temperature": temperature, "top_k": top_k or 0,
+                 "top_p": top_p or 1.0} if temperature > 0 else {"do_sample": False})
     out: list[list[Completion]] = []
     for i in range(0, len(prompts), batch_size):
+        # Left padding: generation continues the last token of every row.
         batch = tokenizer(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True,
-                          add_special_tokens=False).to(device)
-        generated = model.generate(**batch, do_sample=True, temperature=temperature,
-                                   top_k=top_k or 0, top_p=top_p or 1.0,
-                                   max_new_tokens=max_new_tokens,
+                          padding_side="left", add_special_tokens=False).to(device)
+        generated = model.generate(**batch, **sampling, max_new_tokens=max_new_tokens,
                                    num_return_sequences=n, pad_token_id=tokenizer.pad_token_id)
         new = generated[:, batch.input_ids.size(1):].tolist()
         for row in range(0, len(new), n):
             group = []
             for ids in new[row:row + n]:
-                if tokenizer.eos_token_id in ids:
+                stopped = tokenizer.eos_token_id in ids
+                if stopped:
                     ids = ids[:ids.index(tokenizer.eos_token_id)]
-                group.append(Completion(tokenizer.decode(ids, skip_special_tokens=True), ids))
+                group.append(Completion(tokenizer.decode(ids, skip_special_tokens=True), ids,
+                                        stopped))
             out.append(group)
     return out
 

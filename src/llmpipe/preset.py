@@ -1,7 +1,8 @@
 """Presets: named overrides of params.yaml (src/llmpipe/presets/<name>.yaml), applied through
 DVC's own `-S` mechanism, so a preset run is an ordinary, comparable DVC experiment.
 
-    python -m llmpipe.preset gpu            # validate, then: dvc exp run -n gpu -S key=value ...
+    python -m llmpipe.preset gpu            # validate, then: dvc exp run -S ++key=value ...
+    python -m llmpipe.preset gpu -- -n gpu1 # the same, with more dvc exp run arguments
     python -m llmpipe.preset gpu --write    # write the composed params.yaml (then dvc repro)
     python -m llmpipe.preset gpu --print    # print the -S arguments only
 """
@@ -47,21 +48,27 @@ def flatten(overrides: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]
     return items
 
 
+def set_dotted(mapping: dict, dotted: str, value: Any) -> None:
+    """mapping["a"]["b"] = value for dotted "a.b", creating missing levels."""
+    *parents, last = dotted.split(".")
+    for key in parents:
+        mapping = mapping.setdefault(key, {})
+    mapping[last] = value
+
+
 def compose(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     composed = copy.deepcopy(base)
     for dotted, value in flatten(overrides):
-        node = composed
-        *parents, last = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = value
+        set_dotted(composed, dotted, value)
     return composed
 
 
 def set_arguments(overrides: dict[str, Any]) -> list[str]:
-    # JSON is YAML: DVC parses each value back to the same string, number, list or null.
+    # `++key=value`: Hydra's add-or-override (DVC applies -S through Hydra, in struct mode, so
+    # a plain key=value fails for a key params.yaml does not have yet). JSON is YAML: each
+    # value comes back as the same string, number, list or null.
     return [arg for dotted, value in flatten(overrides)
-            for arg in ("-S", f"{dotted}={json.dumps(value)}")]
+            for arg in ("-S", f"++{dotted}={json.dumps(value)}")]
 
 
 def write_params(overrides: dict[str, Any], path: Path = PARAMS_FILE) -> None:
@@ -72,11 +79,7 @@ def write_params(overrides: dict[str, Any], path: Path = PARAMS_FILE) -> None:
     yaml = YAML()  # round-trip: comments and order of params.yaml stay
     data = yaml.load(path.read_text())
     for dotted, value in flatten(overrides):
-        node = data
-        *parents, last = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = value
+        set_dotted(data, dotted, value)
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         yaml.dump(data, f)
 
@@ -88,7 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--write", action="store_true", help="rewrite params.yaml")
     action.add_argument("--print", action="store_true", help="print the -S arguments")
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    dvc_args = argv[argv.index("--") + 1:] if "--" in argv else []  # for dvc exp run
+    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
 
     overrides = load_preset(args.name)
     validate_mapping(compose(read_params_file(), overrides), f"params.yaml + {args.name}")
@@ -98,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
         write_params(overrides)
         print(f"params.yaml: preset {args.name!r} applied; run `dvc repro`")
     else:
-        command = ["dvc", "exp", "run", "-n", args.name, *set_arguments(overrides)]
+        command = [sys.executable, "-m", "dvc", "exp", "run", *set_arguments(overrides),
+                   *dvc_args]
         sys.exit(subprocess.run(command).returncode)
 
 

@@ -11,7 +11,6 @@ import csv
 import hashlib
 import json
 import platform
-import subprocess
 from importlib import metadata
 from pathlib import Path
 
@@ -45,15 +44,40 @@ def environment() -> list[tuple[str, str]]:
             rows.append((name, metadata.version(name)))
         except metadata.PackageNotFoundError:
             continue
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-        rows.append(("git commit", commit))
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    params = Path("params.yaml")
-    if params.exists():
-        rows.append(("params.yaml sha256", hashlib.sha256(params.read_bytes()).hexdigest()[:16]))
+    return rows
+
+
+# (title, dotted key) of the params that shape each model, for the report's params digest.
+KEY_PARAMS = (
+    ("seed", "seed"), ("pretrain corpus", "download.pretrain.source"),
+    ("finetune corpus", "download.finetune.source"), ("tokenizer", "tokenize.tokenizer"),
+    ("vocabulary (bpe)", "tokenize.vocab_size"), ("layers", "pretrain.model.n_layer"),
+    ("width", "pretrain.model.n_embd"), ("context", "pretrain.model.block_size"),
+    ("pretrain steps", "pretrain.max_steps"), ("finetune steps", "finetune.max_steps"),
+    ("lora r / alpha", ("lora.r", "lora.alpha")), ("quantization", "quantize.method"),
+    ("gold scorer", "preferences.gold_scorer"), ("grpo k / beta", ("grpo.num_generations",
+                                                                   "grpo.beta")),
+    ("grpo steps", "grpo.max_steps"),
+)
+
+
+def params_digest(path: Path = Path("params.yaml")) -> list[tuple[str, str]]:
+    """The sha256 of params.yaml (a run with the same digest used the same params) and the
+    values that shape the models."""
+    from llmpipe.params import read_params_file
+
+    raw = read_params_file(path)
+
+    def value(dotted: str):
+        node = raw
+        for key in dotted.split("."):
+            node = node.get(key) if isinstance(node, dict) else None
+        return node
+
+    rows = [("params.yaml sha256", hashlib.sha256(path.read_bytes()).hexdigest()[:16])]
+    for title, keys in KEY_PARAMS:
+        keys = keys if isinstance(keys, tuple) else (keys,)
+        rows.append((title, " / ".join(str(value(k)) for k in keys)))
     return rows
 
 
@@ -179,6 +203,7 @@ def write_report(out_dir: Path, models: list[dict], samples: dict[str, list[dict
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = ["# llmpipe report card", "", "## Environment", "",
              _table(["", ""], [list(r) for r in environment()]), "",
+             "## Params", "", _table(["", ""], [list(r) for r in params_digest()]), "",
              "## Every model, same data and prompts", "",
              _table(["model", "val ppl (pretrain corpus)", "val ppl (finetune corpus)",
                      "reward-model score", "gold score", "KL to finetune", "size MB",

@@ -6,13 +6,18 @@ checkpointing on, even on CPU) are set explicitly here or from params.
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
-from llmpipe.gold import GoldScorer
+from llmpipe.causal_lm import runtime_args
+from llmpipe.gold import GoldScorer, load_gold_scorer
+from llmpipe.lora import adapter_config
 from llmpipe.params import GrpoParams, RewardModelParams
 from llmpipe.preferences import PAIR_COLUMNS, sample_completions
 from llmpipe.tracking import TrainerCurves
@@ -36,7 +41,16 @@ def load_reward_model(model_dir: str | Path, tokenizer):
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1,
                                                                use_safetensors=True)
     model.config.pad_token_id = tokenizer.pad_token_id
-    return model
+    return model.to("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_judges(preferences_dir: Path, reward_dir: Path):
+    """The gold scorer the preferences were labelled with, and the trained reward model with
+    its tokenizer: what GRPO and evaluate score completions with."""
+    spec = json.loads((preferences_dir / "gold.json").read_text())
+    reward_tokenizer = load_tokenizer(reward_dir)
+    reward_model = load_reward_model(reward_dir, reward_tokenizer)
+    return load_gold_scorer(spec["scorer"], spec["label"]), reward_model, reward_tokenizer
 
 
 @torch.no_grad()
@@ -72,14 +86,18 @@ def gold_agreement(model, tokenizer, fresh: Sequence[dict]) -> tuple[float, int]
 
 
 def train_reward_model(policy_dir: Path, train_pairs: Sequence[dict], eval_pairs: Sequence[dict],
-                       p: RewardModelParams, seed: int, work_dir: Path, live_dir: Path):
+                       p: RewardModelParams, seed: int, live_dir: Path):
+    """Returns (model, tokenizer, pairs trained on: RewardTrainer drops pairs over max_length)."""
     from datasets import Dataset
+    from transformers import set_seed
     from trl import RewardConfig, RewardTrainer
 
+    set_seed(seed)  # the new score head is initialised from the seed
     tokenizer = load_tokenizer(policy_dir)
     model = load_reward_model(policy_dir, tokenizer)
+    work_dir = tempfile.mkdtemp(prefix="llmpipe-reward-")
     args = RewardConfig(
-        output_dir=str(work_dir),
+        output_dir=work_dir,
         num_train_epochs=p.epochs,
         per_device_train_batch_size=p.batch_size,
         per_device_eval_batch_size=p.batch_size,
@@ -87,23 +105,21 @@ def train_reward_model(policy_dir: Path, train_pairs: Sequence[dict], eval_pairs
         lr_scheduler_type="cosine",
         warmup_steps=p.warmup_steps,
         max_length=p.max_length,  # longer pairs would be dropped, not truncated
-        bf16=torch.cuda.is_available(),  # RewardConfig defaults bf16 on, even on CPU
         gradient_checkpointing=False,  # defaults on; pointless for small models
         eval_strategy="epoch",
         save_strategy="no",
         logging_steps=5,
-        report_to="none",
-        seed=seed,
-        data_seed=seed,
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
+        **runtime_args(seed),
     )
     columns = lambda pairs: Dataset.from_list([{c: q[c] for c in PAIR_COLUMNS} for q in pairs])  # noqa: E731
-    trainer = RewardTrainer(model=model, args=args, train_dataset=columns(train_pairs),
-                            eval_dataset=columns(eval_pairs), processing_class=tokenizer,
-                            callbacks=[TrainerCurves(live_dir)])
-    trainer.train()
-    return trainer.model, tokenizer
+    try:
+        trainer = RewardTrainer(model=model, args=args, train_dataset=columns(train_pairs),
+                                eval_dataset=columns(eval_pairs), processing_class=tokenizer,
+                                callbacks=[TrainerCurves(live_dir)])
+        trainer.train()
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return trainer.model, tokenizer, len(trainer.train_dataset)
 
 
 def length_penalty(prompts, completions, completion_ids, **kwargs) -> list[float]:
@@ -122,20 +138,21 @@ def reward_functions(reward_dir: Path, p: GrpoParams) -> list[tuple[object, obje
 
 
 def run_grpo(policy_dir: Path, rewards: Sequence[tuple[object, object, float]],
-             prompts: Sequence[str], p: GrpoParams, seed: int, work_dir: Path, live_dir: Path):
+             prompts: Sequence[str], p: GrpoParams, seed: int, live_dir: Path):
     """GRPO on the policy against weighted rewards (TRL reward functions, or sequence
-    classifiers with their tokenizers); returns the policy (merged if LoRA)."""
+    classifiers with their tokenizers); returns (policy (merged if LoRA), steps done)."""
     from datasets import Dataset
-    from peft import LoraConfig, TaskType
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, set_seed
     from trl import GRPOConfig, GRPOTrainer
 
+    set_seed(seed)  # LoRA's initial weights come before the Trainer seeds anything
     tokenizer = load_tokenizer(policy_dir)
     tokenizer.padding_side = "left"
     policy = AutoModelForCausalLM.from_pretrained(policy_dir, use_safetensors=True)
     reward_funcs, reward_tokenizers, weights = (list(x) for x in zip(*rewards, strict=True))
+    work_dir = tempfile.mkdtemp(prefix="llmpipe-grpo-")
     args = GRPOConfig(
-        output_dir=str(work_dir),
+        output_dir=work_dir,
         max_steps=p.max_steps,
         per_device_train_batch_size=p.prompts_per_step * p.num_generations,  # completions
         num_generations=p.num_generations,
@@ -145,46 +162,48 @@ def run_grpo(policy_dir: Path, rewards: Sequence[tuple[object, object, float]],
         learning_rate=p.learning_rate,
         max_completion_length=p.max_completion_length,
         temperature=p.temperature,
+        top_k=0,  # plain temperature sampling, as the preference pairs were sampled
+        disable_dropout=True,  # defaults off: dropout would make the log-ratios noise
         reward_weights=weights,
-        bf16=torch.cuda.is_available(),  # GRPOConfig defaults bf16 on, even on CPU
-        gradient_checkpointing=False,
+        gradient_checkpointing=False,  # defaults on
         logging_steps=1,
         save_strategy="no",
-        report_to="none",
-        seed=seed,
-        data_seed=seed,
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
+        **runtime_args(seed),
     )
-    peft_config = (LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha,
-                              target_modules=list(p.lora_target_modules),
-                              task_type=TaskType.CAUSAL_LM, fan_in_fan_out=True)
-                   if p.use_lora else None)
-    trainer = GRPOTrainer(model=policy, reward_funcs=reward_funcs, args=args,
-                          train_dataset=Dataset.from_list([{"prompt": q} for q in prompts]),
-                          processing_class=tokenizer,
-                          reward_processing_classes=reward_tokenizers,
-                          peft_config=peft_config, callbacks=[TrainerCurves(live_dir)])
-    trainer.train()
+    peft_config = (adapter_config(policy, p.lora_r, p.lora_alpha, 0.0, p.lora_target_modules,
+                                  "grpo.lora_target_modules") if p.use_lora else None)
+    try:
+        trainer = GRPOTrainer(model=policy, reward_funcs=reward_funcs, args=args,
+                              train_dataset=Dataset.from_list([{"prompt": q} for q in prompts]),
+                              processing_class=tokenizer,
+                              reward_processing_classes=reward_tokenizers,
+                              peft_config=peft_config, callbacks=[TrainerCurves(live_dir)])
+        trainer.train()
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
     model = trainer.model
     if p.use_lora:
         model = model.merge_and_unload()
     model.config.use_cache = True
-    return model, tokenizer
+    return model, trainer.state.global_step
 
 
 @torch.no_grad()
 def completion_logprobs(model, prompt_ids: Sequence[list[int]],
-                        completion_ids: Sequence[list[int]]) -> list[float]:
-    """Sum of log p(completion token | prefix) per sequence (temperature 1)."""
+                        completion_ids: Sequence[list[int]], temperature: float = 1.0
+                        ) -> list[float]:
+    """Sum of log p(completion token | prefix) per sequence, under the model's distribution
+    at the sampling temperature (as TRL computes its log-ratios)."""
     model.eval()
+    device = next(model.parameters()).device
     sums = []
     for prompt, completion in zip(prompt_ids, completion_ids, strict=True):
         if not completion:
             sums.append(0.0)
             continue
-        ids = torch.tensor([prompt + completion])
-        logprobs = F.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
+        ids = torch.tensor([prompt + completion], device=device)
+        logits = model(ids).logits[0, :-1].float() / (temperature if temperature > 0 else 1.0)
+        logprobs = F.log_softmax(logits, dim=-1)
         targets = ids[0, 1:]
         token_lp = logprobs.gather(-1, targets[:, None])[:, 0]
         sums.append(token_lp[len(prompt) - 1:].sum().item())
@@ -201,9 +220,10 @@ def policy_report(policy, reference, tokenizer, reward_model, reward_tokenizer,
     flat_prompts = [q for q, g in zip(prompts, groups, strict=True) for _ in g]
     completions = [c for g in groups for c in g]
     prompt_ids = [tokenizer(q, add_special_tokens=False).input_ids for q in flat_prompts]
-    completion_ids = [c.ids for c in completions]
-    policy_lp = completion_logprobs(policy, prompt_ids, completion_ids)
-    reference_lp = completion_logprobs(reference, prompt_ids, completion_ids)
+    # Stopping is a choice too: a completion that ended includes its end-of-text token.
+    completion_ids = [c.ids + [tokenizer.eos_token_id] * c.stopped for c in completions]
+    policy_lp = completion_logprobs(policy, prompt_ids, completion_ids, temperature)
+    reference_lp = completion_logprobs(reference, prompt_ids, completion_ids, temperature)
     n = len(completions)
     return {
         "reward_model_score": sum(score_texts(reward_model, reward_tokenizer,
