@@ -8,13 +8,7 @@ import torch
 
 from llmpipe.causal_lm import load_base
 from llmpipe.data import TokenBin
-from llmpipe.evaluation import (
-    forward_latency_s,
-    generation_tokens_per_s,
-    perplexity,
-    top1_agreement,
-    window_loss,
-)
+from llmpipe.evaluation import inference_figures, top1_agreement
 from llmpipe.io import atomic_dir, write_metrics
 from llmpipe.params import load_stage_params
 from llmpipe.quantization import WEIGHTS_FILE, load_quantized, quantize, save_quantized
@@ -40,15 +34,9 @@ def main() -> None:
 
     batch = next(val.eval_batches(p.block_size, p.batch_size, p.batch_size))[0]
     prompt = batch[:1, :16]
-    figures = {}
-    for name, model in (("fp32", fp32), ("int8", int8)):
-        loss = window_loss(model, val, p.block_size, p.eval_windows, p.batch_size)
-        figures[name] = {
-            "val_perplexity": perplexity(loss),
-            "forward_ms": 1e3 * forward_latency_s(model, batch, p.repeats),
-            "generate_tokens_per_s": generation_tokens_per_s(model, prompt, p.generate_tokens,
-                                                             p.repeats),
-        }
+    figures = {name: inference_figures(model, val, p.block_size, p.eval_windows, p.batch_size,
+                                       batch, prompt, p.generate_tokens, p.repeats)
+               for name, model in (("fp32", fp32), ("int8", int8))}
     fp32_mb = (source_dir / "model.safetensors").stat().st_size / 1e6
     int8_mb = (OUT_DIR / WEIGHTS_FILE).stat().st_size / 1e6
     ppl32, ppl8 = figures["fp32"]["val_perplexity"], figures["int8"]["val_perplexity"]

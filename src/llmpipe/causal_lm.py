@@ -210,7 +210,10 @@ def run_stage(stage: str, p: CausalLMTrainingParams, seed: int, tokens_dir: Path
               work_dir: Path, live_dir: Path, adapt=None) -> StageRun:
     """Load the base (checked against the data before any work), score it, train it (through
     `adapt(model)` when given, e.g. a LoRA wrapper) and score the result on the same windows."""
+    from transformers import set_seed
+
     started = time.perf_counter()
+    set_seed(seed)  # an adapter's initial weights are drawn before the Trainer seeds anything
     model, tokenizer = load_base(p.base, p.trust_remote_code)
     check_block_size(model, p.block_size, f"{stage}.block_size")
     train_bin, val_bin = open_token_data(tokens_dir, model, p.base)

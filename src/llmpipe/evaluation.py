@@ -82,3 +82,14 @@ def top1_agreement(model: torch.nn.Module, reference: torch.nn.Module, bins: Tok
         same += (model(x)[0].argmax(-1) == reference(x)[0].argmax(-1)).sum().item()
         count += x.numel()
     return same / count
+
+
+def inference_figures(model, val: TokenBin, block_size: int, windows: int, batch_size: int,
+                      batch: torch.Tensor, prompt: torch.Tensor, new_tokens: int,
+                      repeats: int) -> dict:
+    """Validation perplexity, forward latency (ms) and generation tokens/s of one model."""
+    return {
+        "val_perplexity": perplexity(window_loss(model, val, block_size, windows, batch_size)),
+        "forward_ms": 1e3 * forward_latency_s(model, batch, repeats),
+        "generate_tokens_per_s": generation_tokens_per_s(model, prompt, new_tokens, repeats),
+    }
