@@ -1,10 +1,9 @@
 """grpo: TRL's GRPOTrainer on the finetuned policy against the reward model; the policy is
 measured before and after on held-out prompts with the same sampling seed."""
 
-import os
+from llmpipe.stage import run_main, use_one_gpu_unless_launched
 
-if "WORLD_SIZE" not in os.environ:  # TRL's trainers refuse several GPUs without a launcher
-    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
+use_one_gpu_unless_launched()  # before torch is imported
 
 from pathlib import Path  # noqa: E402
 
@@ -12,7 +11,6 @@ from llmpipe.causal_lm import load_base  # noqa: E402
 from llmpipe.io import atomic_dir, read_jsonl, write_json, write_metrics  # noqa: E402
 from llmpipe.params import load_stage_params  # noqa: E402
 from llmpipe.rlhf import load_judges, policy_report, reward_functions, run_grpo  # noqa: E402
-from llmpipe.stage import run_main  # noqa: E402
 
 POLICY_DIR = Path("data/finetune/model")
 REWARD_DIR = Path("data/reward_model/model")

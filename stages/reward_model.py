@@ -1,17 +1,15 @@
 """reward_model: a one-output classifier initialised from the finetuned model and trained on
 the preference pairs with TRL's RewardTrainer."""
 
-import os
+from llmpipe.stage import run_main, use_one_gpu_unless_launched
 
-if "WORLD_SIZE" not in os.environ:  # TRL's trainers refuse several GPUs without a launcher
-    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
+use_one_gpu_unless_launched()  # before torch is imported
 
 from pathlib import Path  # noqa: E402
 
 from llmpipe.io import atomic_dir, read_jsonl, write_metrics  # noqa: E402
 from llmpipe.params import load_stage_params  # noqa: E402
 from llmpipe.rlhf import gold_agreement, pairwise_report, train_reward_model  # noqa: E402
-from llmpipe.stage import run_main  # noqa: E402
 
 POLICY_DIR = Path("data/finetune/model")
 PREFERENCES_DIR = Path("data/preferences")
