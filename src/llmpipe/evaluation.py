@@ -54,6 +54,7 @@ def _median_seconds(fn, repeats: int) -> float:
 def forward_latency_s(model: torch.nn.Module, batch: torch.Tensor, repeats: int) -> float:
     """Median seconds of one forward pass over `batch` (B, T)."""
     model.eval()
+    batch = batch.to(next(model.parameters()).device)
     return _median_seconds(lambda: model(batch), repeats)
 
 
@@ -61,6 +62,7 @@ def forward_latency_s(model: torch.nn.Module, batch: torch.Tensor, repeats: int)
 def generation_tokens_per_s(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> float:
     """Greedy decoding of exactly `new_tokens` tokens (Hugging Face generate, KV cache)."""
     model.eval()
+    prompt = prompt.to(next(model.parameters()).device)
     config = model.generation_config
     pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
 
@@ -79,7 +81,9 @@ def top1_agreement(model: torch.nn.Module, reference: torch.nn.Module, bins: Tok
     reference.eval()
     same, count = 0, 0
     for x, _ in bins.eval_batches(block_size, windows, batch_size):
-        same += (model(x)[0].argmax(-1) == reference(x)[0].argmax(-1)).sum().item()
+        predicted = model(x.to(next(model.parameters()).device))[0].argmax(-1).cpu()
+        expected = reference(x.to(next(reference.parameters()).device))[0].argmax(-1).cpu()
+        same += (predicted == expected).sum().item()
         count += x.numel()
     return same / count
 

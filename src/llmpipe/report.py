@@ -88,13 +88,25 @@ def _read_curve(path: Path) -> tuple[list[float], list[float]]:
     return [float(r["step"]) for r in rows], [float(r[value]) for r in rows]
 
 
-def plot_curves(out_dir: Path) -> list[tuple[str, str]]:
-    """PNG files of the training curves that exist; returns (title, file name)."""
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, out_dir: Path, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(out_dir / name, dpi=100)
+    _pyplot().close(fig)
+    return name
+
+
+def plot_curves(out_dir: Path) -> list[tuple[str, str]]:
+    """PNG files of the training curves that exist; returns (title, file name)."""
+    plt = _pyplot()
     images = []
     for stage, files, title in CURVES:
         paths = [LIVE_DIR / stage / "plots/metrics" / f for f in files]
@@ -108,31 +120,19 @@ def plot_curves(out_dir: Path) -> list[tuple[str, str]]:
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend()
-        fig.tight_layout()
-        name = f"curve_{stage}.png"
-        fig.savefig(out_dir / name, dpi=100)
-        plt.close(fig)
-        images.append((title, name))
+        images.append((title, _save(fig, out_dir, f"curve_{stage}.png")))
     return images
 
 
 def plot_models(rows: list[dict], out_dir: Path) -> list[tuple[str, str]]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     images = []
     for key, title in (("val_perplexity_finetune", "validation perplexity, finetune corpus"),
                        ("gold_score", "gold score of held-out completions")):
         fig, ax = plt.subplots(figsize=(5, 2.6))
         ax.barh([r["model"] for r in rows], [r[key] for r in rows])
         ax.set_title(title)
-        fig.tight_layout()
-        name = f"models_{key}.png"
-        fig.savefig(out_dir / name, dpi=100)
-        plt.close(fig)
-        images.append((title, name))
+        images.append((title, _save(fig, out_dir, f"models_{key}.png")))
     return images
 
 
