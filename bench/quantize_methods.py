@@ -1,56 +1,111 @@
 """Every quantization method against fp32 on the finetuned model of the embedded default.
 
-    python bench/quantize_methods.py      (after `dvc repro`: it reads data/finetune/model)
+    python bench/quantize_methods.py [--torchao]   (after `dvc repro`: reads data/finetune/model)
 
 One process, same inputs and threads for all: size on disk, validation perplexity, forward
-latency and greedy generation tokens/s (medians after warm-up), top-1 agreement with fp32.
+latency, greedy generation tokens/s with `generate` (eager) and with the compiled static-cache
+decoder (medians after warm-up), top-1 agreement with fp32. For reference it also times
+`torch.ao.quantization.quantize_dynamic` (deprecated) and, with --torchao where torchao is
+installed, torchao's int8 configs: neither is saved, so they have no size column.
 """
 
+import argparse
+import copy
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from llmpipe.causal_lm import load_base
 from llmpipe.data import TokenBin
 from llmpipe.evaluation import inference_figures, top1_agreement
-from llmpipe.quantization import METHODS, WEIGHTS_FILE, load_quantized, quantize, save_quantized
+from llmpipe.quantization import (
+    METHODS,
+    WEIGHTS_FILE,
+    conv1d_to_linear,
+    load_quantized,
+    quantize,
+    save_quantized,
+)
 
 MODEL_DIR = Path("data/finetune/model")
 TOKENS_DIR = Path("data/tokens/finetune")
 BLOCK, WINDOWS, BATCH, NEW_TOKENS, REPEATS = 128, 64, 16, 32, 7
 
 
+def reference_quantizers(fp32, with_torchao: bool) -> dict:
+    """Other libraries' int8 on the same Conv1D -> Linear model (timed, not saved)."""
+    converted = conv1d_to_linear(copy.deepcopy(fp32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        models = {"torch.ao quantize_dynamic": quantize_dynamic(
+            copy.deepcopy(converted), {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)}
+    if with_torchao:
+        from torchao.quantization import (
+            Int8DynamicActivationInt8WeightConfig,
+            Int8WeightOnlyConfig,
+            quantize_,
+        )
+
+        for name, config in (("torchao int8 dynamic", Int8DynamicActivationInt8WeightConfig()),
+                             ("torchao int8 weight-only", Int8WeightOnlyConfig())):
+            models[name] = copy.deepcopy(converted)
+            quantize_(models[name], config)
+    return models
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--torchao", action="store_true", help="also time torchao's int8 configs")
+    args = parser.parse_args()
     fp32, tokenizer = load_base(str(MODEL_DIR), device="cpu")
     val = TokenBin.open(TOKENS_DIR, "val", expected_vocab_size=fp32.config.vocab_size)
     batch = next(val.eval_batches(BLOCK, BATCH, BATCH))[0]
     prompt = batch[:1, :16]
-    rows = {"fp32": (fp32, (MODEL_DIR / "model.safetensors").stat().st_size / 1e6)}
+    fp32_mb = (MODEL_DIR / "model.safetensors").stat().st_size / 1e6
+    rows = {"fp32": (fp32, fp32_mb)}
     with tempfile.TemporaryDirectory() as tmp:
         for method in METHODS:
             save_quantized(quantize(fp32, method), Path(tmp) / method, tokenizer)
             rows[method] = (load_quantized(Path(tmp) / method),
                             (Path(tmp) / method / WEIGHTS_FILE).stat().st_size / 1e6)
-        figures = {name: inference_figures(model, val, BLOCK, WINDOWS, BATCH, batch, prompt,
-                                           NEW_TOKENS, REPEATS)
-                   for name, (model, _) in rows.items()}
+    rows.update({name: (model, None)
+                 for name, model in reference_quantizers(fp32, args.torchao).items()})
+    figures = {}
+    for name, (model, _) in rows.items():
+        try:
+            figures[name] = inference_figures(model, val, BLOCK, WINDOWS, BATCH, batch, prompt,
+                                              NEW_TOKENS, REPEATS, compiled=True)
+        except Exception as e:  # a reference quantizer that does not compile: time it eager
+            print(f"{name}: compiled decoding failed ({type(e).__name__}: {str(e)[:120]})")
+            figures[name] = inference_figures(model, val, BLOCK, WINDOWS, BATCH, batch, prompt,
+                                              NEW_TOKENS, REPEATS)
     base = figures["fp32"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {MODEL_DIR}, "
           f"{BLOCK}-token windows x {WINDOWS}, forward on {BATCH}x{BLOCK}, greedy generation "
-          f"of {NEW_TOKENS} tokens")
+          f"of {NEW_TOKENS} tokens after a {prompt.size(1)}-token prompt")
     print("| method | MB | x fp32 size | val perplexity | change | top-1 agreement | "
-          "forward ms | forward speedup | generate tok/s | generate speedup |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "forward ms | forward speedup | generate tok/s | compiled decoder tok/s | "
+          "generate vs fp32 eager | compiled vs fp32 eager |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    eager_base = base["generate_tokens_per_s"]
     for name, (model, mb) in rows.items():
         f = figures[name]
+        compiled = f.get("compiled_generate_tokens_per_s")
         agreement = top1_agreement(model, fp32, val, BLOCK, WINDOWS, BATCH)
-        print(f"| {name} | {mb:.2f} | {mb / rows['fp32'][1]:.2f} | {f['val_perplexity']:.2f} | "
+        size = f"{mb:.2f} | {mb / fp32_mb:.2f}" if mb is not None else "- | -"
+        print(f"| {name} | {size} | {f['val_perplexity']:.2f} | "
               f"{100 * (f['val_perplexity'] / base['val_perplexity'] - 1):+.2f}% | "
               f"{agreement:.3f} | {f['forward_ms']:.1f} | "
               f"{base['forward_ms'] / f['forward_ms']:.2f}x | "
               f"{f['generate_tokens_per_s']:.0f} | "
-              f"{f['generate_tokens_per_s'] / base['generate_tokens_per_s']:.2f}x |")
+              + (f"{compiled:.0f}" if compiled else "failed") + " | "
+              f"{f['generate_tokens_per_s'] / eager_base:.2f}x | "
+              + (f"{compiled / eager_base:.2f}x" if compiled else "-") + " |")
 
 
 if __name__ == "__main__":

@@ -1,18 +1,18 @@
 import pytest
 import torch
 from torch import nn
-from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 from transformers.pytorch_utils import Conv1D
 
 from conftest import ROOT
 from llmpipe.causal_lm import load_base
 from llmpipe.data import TokenBin
+from llmpipe.decoding import GreedyDecoder
 from llmpipe.errors import DataError, ParamsError
 from llmpipe.evaluation import window_loss
 from llmpipe.params import load_stage_params
 from llmpipe.quantization import (
     METHODS,
-    WeightOnlyInt8Linear,
+    MODULES,
     conv1d_to_linear,
     load_quantized,
     quantize,
@@ -46,7 +46,8 @@ def test_every_block_projection_is_quantized(base, method):
         for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
             module = block.get_submodule(name)
             assert not isinstance(module, nn.Linear | Conv1D), (name, type(module))
-            assert isinstance(module, WeightOnlyInt8Linear | DynamicQuantizedLinear), name
+            assert type(module) is MODULES[method], name
+            assert module.qweight.dtype == torch.int8
     assert not isinstance(quantized.lm_head, nn.Linear)
     assert any(isinstance(m, Conv1D) for m in model.modules())  # the original is untouched
 
@@ -84,3 +85,44 @@ def test_unknown_method_or_source_is_a_clear_error(base, tmp_path):
         load_stage_params("quantize", tmp_path / "params.yaml")
     with pytest.raises(DataError, match="no quantization.json"):
         load_quantized(tmp_path)
+
+
+def test_dynamic_int8_matmul_matches_its_dequantized_reference(base):
+    """The int8 x int8 path computes (q_x * s_x) @ (q_w * s_w)^T + b, up to fp32 rounding."""
+    from llmpipe.quantization import DynamicInt8Linear, quantize_rows
+
+    linear = nn.Linear(64, 48)
+    module = DynamicInt8Linear.from_linear(linear)
+    x = torch.randn(3, 5, 64)
+    q_x, s_x = quantize_rows(x.reshape(-1, 64))
+    expected = (q_x.float() * s_x[:, None]) @ module.dequantized_weight().t() + linear.bias
+    assert torch.allclose(module(x), expected.reshape(3, 5, 48).detach(), atol=1e-5)
+    assert torch.allclose(module(x), linear(x), atol=0.05)
+
+
+@pytest.mark.parametrize("method", (None, *METHODS))
+def test_compiled_decoder_gives_the_greedy_tokens_of_generate(base, method):
+    model, _, val = base
+    model = model if method is None else quantize(model, method)
+    prompt = next(val.eval_batches(8, 2, 2))[0]
+    new_tokens = 6
+    with torch.no_grad():
+        expected = model.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                  do_sample=False, max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, pad_token_id=0)[:, 8:]
+    decoder = GreedyDecoder(model, batch_size=2, max_length=8 + new_tokens)
+    assert torch.equal(decoder(prompt, new_tokens), expected)
+    assert torch.equal(decoder(prompt, new_tokens), expected)  # the cache is reset per call
+    with pytest.raises(ValueError, match="decoder built for batch 2"):
+        decoder(prompt, new_tokens + 1)
+
+
+def test_decoder_stops_once_every_row_has_ended(base):
+    model, _, val = base
+    prompt = next(val.eval_batches(8, 1, 1))[0]
+    eager = GreedyDecoder(model, batch_size=1, max_length=20, compile=False)
+    tokens = eager(prompt, 12)
+    eos = int(tokens[0, 2])
+    ends_at = tokens[0].tolist().index(eos) + 1  # <= 3: where eos first appears
+    stopped = eager(prompt, 12, eos_token_id=eos)
+    assert stopped.size(1) == ends_at and torch.equal(stopped, tokens[:, :ends_at])

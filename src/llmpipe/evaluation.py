@@ -88,12 +88,29 @@ def top1_agreement(model: torch.nn.Module, reference: torch.nn.Module, bins: Tok
     return same / count
 
 
+@torch.no_grad()
+def compiled_generation_tokens_per_s(model, prompt: torch.Tensor, new_tokens: int,
+                                     repeats: int) -> float:
+    """Greedy decoding of exactly `new_tokens` tokens with the static-cache compiled decoder
+    (`llmpipe.decoding`); the warm-up run compiles."""
+    from llmpipe.decoding import GreedyDecoder
+
+    decoder = GreedyDecoder(model, prompt.size(0), prompt.size(1) + new_tokens, compile=True)
+    return new_tokens * prompt.size(0) / _median_seconds(lambda: decoder(prompt, new_tokens),
+                                                         repeats)
+
+
 def inference_figures(model, val: TokenBin, block_size: int, windows: int, batch_size: int,
                       batch: torch.Tensor, prompt: torch.Tensor, new_tokens: int,
-                      repeats: int) -> dict:
-    """Validation perplexity, forward latency (ms) and generation tokens/s of one model."""
-    return {
+                      repeats: int, compiled: bool = False) -> dict:
+    """Validation perplexity, forward latency (ms) and generation tokens/s of one model
+    (`generate`, eager; with `compiled`, also the compiled static-cache decoder)."""
+    figures = {
         "val_perplexity": perplexity(window_loss(model, val, block_size, windows, batch_size)),
         "forward_ms": 1e3 * forward_latency_s(model, batch, repeats),
         "generate_tokens_per_s": generation_tokens_per_s(model, prompt, new_tokens, repeats),
     }
+    if compiled:
+        figures["compiled_generate_tokens_per_s"] = compiled_generation_tokens_per_s(
+            model, prompt, new_tokens, repeats)
+    return figures

@@ -221,6 +221,7 @@ class QuantizeParams:
     batch_size: int = param(check=POSITIVE_INT)
     generate_tokens: int = param(32, check=POSITIVE_INT)  # per timed generation
     repeats: int = param(5, check=POSITIVE_INT)  # timed runs after a warm-up; the median counts
+    compile: bool = True  # also time the compiled static-cache decoder (a C++ compiler on CPU)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,27 +1,29 @@
 """Post-training int8 quantization of a Hugging Face causal LM for CPU inference.
 
-GPT-2's projections are transformers' `Conv1D` (weight (in, out)), which PyTorch's quantizers
-skip: they are converted to `nn.Linear` first (an exact transpose), so that every projection of
-every block is quantized, not only the head. Methods:
+GPT-2's projections are transformers' `Conv1D` (weight (in, out)), which quantizers skip: they
+are converted to `nn.Linear` first (an exact transpose), so that every projection of every block
+is quantized, not only the head. Both methods store each weight as int8 with one fp32 scale per
+output channel (symmetric, zero point 0):
 
-- `dynamic_int8`: int8 weights (per output channel) and activations quantized at run time, with
-  `torch.ao.quantization.quantize_dynamic` (fbgemm/onednn int8 kernels on CPU).
-- `weight_only_int8`: int8 weights (per output channel), dequantized to fp32 at each matmul: a
-  smaller model on disk and in memory, no faster on CPU (on a GPU, torchao's int8 weight-only
-  kernels are the path for memory-bound decoding).
+- `dynamic_int8`: activations are quantized too, per token at run time, and the matmul runs in
+  int8 (`torch._int_mm`, int32 accumulation), then rescaled.
+- `weight_only_int8`: the int8 weight is cast to the activation dtype inside the matmul.
+
+The modules hold plain tensors (no quantized tensor types), so `torch.compile` traces them into
+one graph with the rest of the model; that is the fast decoding path (`llmpipe.decoding`).
+`torch.ao.quantization.quantize_dynamic` (deprecated) and torchao 0.18's int8 configs were
+measured against these and lost: see bench/README.md.
 
 Saved form, loadable without pickle: `quantized.safetensors` holds plain tensors (int8 weights
-with their scales and zero points, everything else in fp32), `quantization.json` the recipe, and
-the config and tokenizer sit beside. With tied embeddings, the token embedding is not stored
-twice: it is rebuilt from the int8 head (a per-row int8 embedding), which is what brings the
-file under half the fp32 size.
+and their scales, everything else in fp32), `quantization.json` the recipe, and the config and
+tokenizer sit beside. With tied embeddings, the token embedding is not stored twice: it is
+rebuilt from the int8 head, which is what brings the file under half the fp32 size.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import warnings
 from pathlib import Path
 
 import torch
@@ -33,6 +35,7 @@ from llmpipe.errors import DataError
 METHODS = ("dynamic_int8", "weight_only_int8")
 WEIGHTS_FILE = "quantized.safetensors"
 RECIPE_FILE = "quantization.json"
+FORMAT_VERSION = 2  # 1: torch.ao quantized tensors with zero points (before plain int8 modules)
 
 
 def conv1d_to_linear(model: nn.Module) -> nn.Module:
@@ -51,58 +54,75 @@ def conv1d_to_linear(model: nn.Module) -> nn.Module:
     return model
 
 
-class WeightOnlyInt8Linear(nn.Module):
-    """A Linear whose weight is stored in int8 (per output channel) and dequantized per call."""
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: (int8 values, fp32 scale per row), weight ~= values * scale."""
+    scale = weight.detach().float().abs().amax(dim=-1).clamp(min=1e-8) / 127
+    values = torch.round(weight.detach().float() / scale.unsqueeze(-1)).clamp(-127, 127)
+    return values.to(torch.int8), scale
 
-    def __init__(self, qweight: torch.Tensor, bias: torch.Tensor | None):
+
+class Int8Linear(nn.Module):
+    """A Linear whose weight (out, in) is int8 with one scale per output channel."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
-        self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
-        self.qweight = qweight
-        self.bias = bias
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.ones(out_features))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.qweight.dequantize(), self.bias)
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        module.qweight, module.scale = quantize_rows(linear.weight)
+        if linear.bias is not None:
+            module.bias = linear.bias.detach().float().clone()
+        return module
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.qweight.float() * self.scale.unsqueeze(1)
+
+    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, int8 weight")
 
 
-def _quantize_per_channel(weight: torch.Tensor) -> torch.Tensor:
-    """Symmetric int8 per output channel (row)."""
-    weight = weight.detach()
-    scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127
-    return torch.quantize_per_channel(weight.float(), scales.double(),
-                                      torch.zeros(len(scales), dtype=torch.long), 0, torch.qint8)
+class WeightOnlyInt8Linear(Int8Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._add_bias(F.linear(x, self.qweight.to(x.dtype)) * self.scale.to(x.dtype))
 
 
-def _linear_names(model: nn.Module) -> list[str]:
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+class DynamicInt8Linear(Int8Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float()
+        q_rows, row_scale = quantize_rows(rows)
+        y = torch._int_mm(q_rows, self.qweight.t()).float()  # int32 accumulation
+        y = y * row_scale.unsqueeze(1) * self.scale
+        return self._add_bias(y).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+MODULES = {"dynamic_int8": DynamicInt8Linear, "weight_only_int8": WeightOnlyInt8Linear}
+
+
+def _replace_linears(model: nn.Module, method: str, from_weights: bool) -> list[str]:
+    """Swap every nn.Linear for the method's int8 module; returns the swapped names."""
+    cls = MODULES[method]
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for name in names:
+        linear = model.get_submodule(name)
+        module = (cls.from_linear(linear) if from_weights
+                  else cls(linear.in_features, linear.out_features, linear.bias is not None))
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+    return names
 
 
 def _is_tied(model: nn.Module) -> bool:
     out, emb = model.get_output_embeddings(), model.get_input_embeddings()
     return out is not None and out.weight is emb.weight
-
-
-def _qlinear(method: str, qweight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-    if method == "weight_only_int8":
-        return WeightOnlyInt8Linear(qweight, bias)
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
-
-    module = DynamicQuantizedLinear(qweight.shape[1], qweight.shape[0], dtype=torch.qint8)
-    module.set_weight_bias(qweight, bias)
-    return module
-
-
-def _qweight_of(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if isinstance(module, WeightOnlyInt8Linear):
-        return module.qweight, module.bias
-    return module.weight(), module.bias()
 
 
 def quantize(model: nn.Module, method: str) -> nn.Module:
@@ -111,53 +131,34 @@ def quantize(model: nn.Module, method: str) -> nn.Module:
         raise DataError(f"quantize.method: {method!r} is not one of {', '.join(METHODS)}")
     model = conv1d_to_linear(copy.deepcopy(model).cpu().float().eval())
     tied = _is_tied(model)
-    if method == "dynamic_int8":
-        with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao
-            warnings.simplefilter("ignore", DeprecationWarning)
-            from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-            quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8,
-                             inplace=True)
-    else:
-        for name in _linear_names(model):
-            linear = model.get_submodule(name)
-            bias = None if linear.bias is None else linear.bias.detach().clone()
-            _set_module(model, name, _qlinear(method, _quantize_per_channel(linear.weight), bias))
+    quantized = _replace_linears(model, method, from_weights=True)
     if tied:
         _embedding_from_head(model)
-    model.llmpipe_quantization = {"method": method, "tied_embedding": tied}
+    model.llmpipe_quantization = {"method": method, "tied_embedding": tied,
+                                  "quantized_modules": quantized}
     return model
 
 
 def _embedding_from_head(model: nn.Module) -> None:
     """Tied weights: the embedding becomes the dequantized int8 head, so it is stored once."""
-    head_q, _ = _qweight_of(model.get_output_embeddings())
-    model.get_input_embeddings().weight = nn.Parameter(head_q.dequantize(), requires_grad=False)
+    head = model.get_output_embeddings()
+    model.get_input_embeddings().weight = nn.Parameter(head.dequantized_weight(),
+                                                       requires_grad=False)
+
+
+def _embedding_key(model: nn.Module) -> str:
+    embedding = model.get_input_embeddings()
+    return next(f"{name}.weight" for name, m in model.named_modules() if m is embedding)
 
 
 def save_quantized(model: nn.Module, out_dir: Path, tokenizer=None, source: str = "") -> None:
     """Plain tensors in safetensors plus a JSON recipe; no pickle."""
     from safetensors.torch import save_file
 
-    recipe = dict(model.llmpipe_quantization)
-    tensors: dict[str, torch.Tensor] = {}
-    quantized = []
-    for name, module in model.named_modules():
-        if isinstance(module, WeightOnlyInt8Linear) or _is_dynamic_qlinear(module):
-            qweight, bias = _qweight_of(module)
-            tensors[f"{name}.qweight"] = qweight.int_repr().contiguous()
-            tensors[f"{name}.scales"] = qweight.q_per_channel_scales().float().contiguous()
-            tensors[f"{name}.zero_points"] = qweight.q_per_channel_zero_points().contiguous()
-            if bias is not None:
-                tensors[f"{name}.bias"] = bias.detach().float().contiguous()
-            quantized.append(name)
-    prefixes = tuple(f"{name}." for name in quantized)
-    embedding_key = _embedding_key(model) if recipe["tied_embedding"] else None
-    for key, value in model.state_dict().items():
-        if key.startswith(prefixes) or key == embedding_key or not torch.is_tensor(value):
-            continue
-        tensors[key] = value.detach().contiguous()
-    recipe.update({"source": source, "quantized_modules": quantized})
+    recipe = {"format_version": FORMAT_VERSION, **model.llmpipe_quantization, "source": source}
+    skip = _embedding_key(model) if recipe["tied_embedding"] else None
+    tensors = {key: value.detach().contiguous() for key, value in model.state_dict().items()
+               if key != skip}
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / WEIGHTS_FILE))
     (out_dir / RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n")
@@ -165,17 +166,6 @@ def save_quantized(model: nn.Module, out_dir: Path, tokenizer=None, source: str 
     model.generation_config.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
-
-
-def _is_dynamic_qlinear(module: nn.Module) -> bool:
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
-
-    return isinstance(module, DynamicQuantizedLinear)
-
-
-def _embedding_key(model: nn.Module) -> str:
-    embedding = model.get_input_embeddings()
-    return next(f"{name}.weight" for name, m in model.named_modules() if m is embedding)
 
 
 def load_quantized(model_dir: Path) -> nn.Module:
@@ -187,30 +177,25 @@ def load_quantized(model_dir: Path) -> nn.Module:
     if not (model_dir / RECIPE_FILE).exists():
         raise DataError(f"{model_dir}: no {RECIPE_FILE} (not a quantized model directory)")
     recipe = json.loads((model_dir / RECIPE_FILE).read_text())
+    if recipe.get("format_version") != FORMAT_VERSION or recipe.get("method") not in METHODS:
+        raise DataError(f"{model_dir / RECIPE_FILE}: format {recipe.get('format_version')} "
+                        f"method {recipe.get('method')!r} is not one this version reads "
+                        f"(format {FORMAT_VERSION}, {', '.join(METHODS)}); "
+                        "rerun the quantize stage")
     config = AutoConfig.from_pretrained(model_dir)
     model = conv1d_to_linear(AutoModelForCausalLM.from_config(config).eval())
     model.generation_config = GenerationConfig.from_pretrained(model_dir)
+    _replace_linears(model, recipe["method"], from_weights=False)
     tensors = load_file(str(model_dir / WEIGHTS_FILE))
-    quantized = {name: {part: tensors.pop(f"{name}.{part}", None)
-                        for part in ("qweight", "scales", "zero_points", "bias")}
-                 for name in recipe["quantized_modules"]}
-    # The float tensors first: quantized modules refuse a state dict without their own keys.
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    prefixes = tuple(f"{name}." for name in quantized)
     embedding_key = _embedding_key(model) if recipe["tied_embedding"] else None
-    missing = [k for k in missing if not k.startswith(prefixes) and k != embedding_key]
+    missing = [k for k in missing if k != embedding_key]
     if unexpected or missing:
         raise DataError(f"{model_dir / WEIGHTS_FILE}: does not fit its config "
                         f"(unexpected {unexpected[:5]}, missing {missing[:5]})")
-    for name, parts in quantized.items():
-        qweight = torch._make_per_channel_quantized_tensor(
-            parts["qweight"], parts["scales"].double(), parts["zero_points"], 0)
-        _set_module(model, name, _qlinear(recipe["method"], qweight, parts["bias"]))
     if recipe["tied_embedding"]:
         _embedding_from_head(model)
-    model.llmpipe_quantization = {k: recipe[k] for k in ("method", "tied_embedding")}
+    model.llmpipe_quantization = {k: recipe[k]
+                                  for k in ("method", "tied_embedding", "quantized_modules")}
     return model
 
-
-def size_on_disk_mb(model_dir: Path, files: tuple[str, ...]) -> float:
-    return sum((Path(model_dir) / f).stat().st_size for f in files) / 1e6

@@ -177,11 +177,12 @@ def stage_sections() -> list[str]:
     if m := read_metrics("quantize"):
         sections.append("### quantize\n" + _table(
             ["method", "MB (fp32 -> int8)", "perplexity (fp32 -> int8)", "top-1 agreement",
-             "forward speedup", "generation speedup"],
+             "forward speedup", "generation speedup vs fp32 eager"],
             [[m["method"], f"{m['fp32_size_mb']:.2f} -> {m['int8_size_mb']:.2f}",
               f"{m['fp32_val_perplexity']:.2f} -> {m['int8_val_perplexity']:.2f}",
               m["top1_agreement"], m["perf"]["forward_speedup"],
-              m["perf"]["generate_speedup"]]]))
+              ", ".join(f"{k} x{v}" for k, v in
+                        m["perf"]["generate_speedup_vs_fp32_eager"].items())]]))
     if (m := read_metrics("preferences")) and (r := read_metrics("reward_model")):
         sections.append("### preferences and reward model\n" + _table(
             ["train pairs", "held-out pairs", "tie rate", "held-out accuracy",
