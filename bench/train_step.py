@@ -2,10 +2,10 @@
 
     python bench/train_step.py [--steps 20] [--rounds 3]
 
-Same config, batch, data and optimizer (AdamW, same settings) for both; the two models
-alternate in one process (absolute times drift on a shared 2-core machine, ratios do not).
-Reports tokens/s, the ratio to Hugging Face, and achieved FLOP/s (6N + 12LHQT per token)
-against the machine's measured fp32 matmul peak.
+Same config, batch, data and optimizer (fused AdamW, as the pretrain stage uses) for both;
+the two models alternate in one process (absolute times drift on a shared 2-core machine,
+ratios do not). Reports tokens/s, the ratio to Hugging Face, and achieved FLOP/s
+(6N + 12LHQT per token) against the machine's measured fp32 matmul peak.
 """
 
 import argparse
@@ -47,7 +47,7 @@ def make_models(n_layer, n_head, n_embd, block):
 
 
 def time_steps(step, model, batches, dtype):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
     model.train()
     x, y = batches[0]

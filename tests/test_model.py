@@ -151,14 +151,15 @@ def test_residual_projections_get_scaled_init() -> None:
             assert torch.count_nonzero(param) == 0, name
 
 
-def test_forward_returns_full_logits_and_loss() -> None:
+def test_forward_returns_logits_without_targets_and_the_loss_with_them() -> None:
     model = tiny_gpt()
     idx = random_tokens(length=8)
     targets = random_tokens(length=8, seed=2)
-    logits, loss = model(idx, targets)
-    assert logits.shape == (2, 8, VOCAB_SIZE)
+    logits, no_loss = model(idx)
+    assert logits.shape == (2, 8, VOCAB_SIZE) and no_loss is None
+    no_logits, loss = model(idx, targets)
     expected = torch.nn.functional.cross_entropy(logits.view(-1, VOCAB_SIZE), targets.view(-1))
-    assert loss is not None and torch.allclose(loss, expected)
+    assert no_logits is None and torch.allclose(loss, expected)
 
     ignored = targets.clone()
     ignored[:, :4] = -100
@@ -167,7 +168,32 @@ def test_forward_returns_full_logits_and_loss() -> None:
         logits[:, 4:].reshape(-1, VOCAB_SIZE), targets[:, 4:].reshape(-1)
     )
     assert torch.allclose(loss_ignoring, expected)
-    assert model(idx)[1] is None
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_chunked_linear_cross_entropy_matches_the_usual_loss_and_gradients(bf16) -> None:
+    from llmpipe.model.loss import linear_cross_entropy
+
+    torch.manual_seed(0)
+    x = torch.randn(300, 32, requires_grad=True)
+    weight = torch.randn(50, 32, requires_grad=True)
+    targets = torch.randint(50, (300,))
+    targets[:40] = -100
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    with autocast:
+        expected = torch.nn.functional.cross_entropy((x @ weight.t()).float(), targets)
+    expected.backward()
+    expected_grads = x.grad.clone(), weight.grad.clone()
+    x.grad = weight.grad = None
+    with autocast:
+        loss = linear_cross_entropy(x, weight, targets, chunk_rows=64)  # 5 chunks, last short
+    (3 * loss).backward()  # the backward pass scales by the incoming gradient
+    tolerance = 1e-2 if bf16 else 1e-6
+    assert loss.item() == pytest.approx(expected.item(), rel=tolerance)
+    for grad, expected_grad in zip((x.grad, weight.grad), expected_grads, strict=True):
+        assert torch.allclose(grad, 3 * expected_grad, atol=tolerance * expected_grad.abs().max())
+    with torch.no_grad(), autocast:  # evaluation: the loss only
+        assert linear_cross_entropy(x, weight, targets).item() == pytest.approx(loss.item())
 
 
 def test_sequence_longer_than_block_size_is_rejected() -> None:
@@ -205,7 +231,7 @@ def test_configure_optimizers_decays_only_matrices() -> None:
     grouped = [id(p) for group in optimizer.param_groups for p in group["params"]]
     assert len(grouped) == len(set(grouped))
     assert set(grouped) == {id(p) for p in model.parameters()}
-    assert not optimizer.defaults["fused"]
+    assert optimizer.defaults["fused"]
 
 
 def test_estimate_mfu_by_hand() -> None:

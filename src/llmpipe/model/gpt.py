@@ -19,11 +19,11 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from llmpipe.model.loss import linear_cross_entropy
+
 # Hugging Face GPT-2's layer_norm_epsilon; matching it keeps converted logits identical.
 LAYER_NORM_EPS = 1e-5
 INIT_STD = 0.02
-# Default ignore_index of F.cross_entropy, also Hugging Face's label padding value.
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -39,6 +39,23 @@ class GPTConfig:
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float
+) -> torch.Tensor:
+    """Causal scaled dot-product attention: flash attention on a GPU.
+
+    Under bf16 autocast on a CPU the attention runs in fp32: there PyTorch's flash kernel is
+    about twice as slow in bf16 as in fp32 at GPT-2's small head sizes (bench/README.md).
+    """
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            y = F.scaled_dot_product_attention(
+                q.float(), k.float(), v.float(), dropout_p=dropout_p, is_causal=True
+            )
+        return y.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
 
 
 class CausalSelfAttention(nn.Module):
@@ -60,9 +77,7 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, head_size).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, head_size).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, head_size).transpose(1, 2)  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-        )  # (B, nh, T, hs)
+        y = causal_attention(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -145,10 +160,13 @@ class GPT(nn.Module):
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Return ``(logits, loss)``; logits are (B, T, V), loss is None without targets.
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Return ``(logits, loss)``: without targets, the (B, T, V) logits and None; with
+        targets (the shape of ``idx``, -100 ignored), None and the mean cross-entropy.
 
-        ``targets`` has the shape of ``idx``; positions set to -100 are ignored.
+        With targets the logits are never materialised: ``linear_cross_entropy`` computes the
+        loss and its gradient chunk by chunk (at the embedded default the (B*T, V) logits
+        and their gradient are most of the step's memory traffic).
         """
         B, T = idx.size()
         if T > self.config.block_size:
@@ -164,14 +182,10 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, V)
-
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(
-                logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=IGNORE_INDEX
-            )
-        return logits, loss
+        if targets is None:
+            return self.lm_head(x), None  # (B, T, V)
+        loss = linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.view(-1))
+        return None, loss
 
     def configure_optimizers(
         self,
@@ -190,8 +204,10 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
+        # The fused kernel (one pass over all parameters) exists on CUDA and CPU; on this
+        # project's 2-core CPU it is 6x faster than the per-parameter loop (bench/README.md).
         return torch.optim.AdamW(
-            param_groups, lr=learning_rate, betas=betas, fused=device_type == "cuda"
+            param_groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu")
         )
 
     def flops_per_token(self) -> int:
