@@ -64,13 +64,15 @@ def main() -> None:
     args = parser.parse_args()
     fp32, tokenizer = load_base(str(MODEL_DIR), device="cpu")
     val = TokenBin.open(TOKENS_DIR, "val", expected_vocab_size=fp32.config.vocab_size)
+    train = TokenBin.open(TOKENS_DIR, "train", expected_vocab_size=fp32.config.vocab_size)
+    calibration = [x for x, _ in train.eval_batches(BLOCK, WINDOWS, BATCH)]  # as the stage
     batch = next(val.eval_batches(BLOCK, BATCH, BATCH))[0]
     prompt = batch[:1, :16]
     fp32_mb = (MODEL_DIR / "model.safetensors").stat().st_size / 1e6
     rows = {"fp32": (fp32, fp32_mb)}
     with tempfile.TemporaryDirectory() as tmp:
         for method in METHODS:
-            save_quantized(quantize(fp32, method), Path(tmp) / method, tokenizer)
+            save_quantized(quantize(fp32, method, calibration), Path(tmp) / method, tokenizer)
             rows[method] = (load_quantized(Path(tmp) / method),
                             (Path(tmp) / method / WEIGHTS_FILE).stat().st_size / 1e6)
     rows.update({name: (model, None)

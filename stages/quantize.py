@@ -27,7 +27,12 @@ def main() -> None:
     fp32, tokenizer = load_base(str(source_dir), device="cpu")  # int8 kernels are CPU ones
     fp32.eval()
     val = TokenBin.open(TOKENS_DIR, "val", expected_vocab_size=fp32.config.vocab_size)
-    int8 = quantize(fp32, p.method)
+    calibration = None
+    if p.method == "static_int8":  # activation ranges from training windows, never validation
+        train = TokenBin.open(TOKENS_DIR, "train", expected_vocab_size=fp32.config.vocab_size)
+        calibration = [x for x, _ in train.eval_batches(p.block_size, p.calibration_windows,
+                                                        p.batch_size)]
+    int8 = quantize(fp32, p.method, calibration)
     with atomic_dir(OUT_DIR) as tmp:
         save_quantized(int8, tmp, tokenizer, source=str(source_dir))
     int8 = load_quantized(OUT_DIR)  # measure what was saved, as downstream stages will load it

@@ -27,6 +27,12 @@ def base(micro_pretrained):
     return model.eval(), tokenizer, val
 
 
+@pytest.fixture(scope="module")
+def calibration(micro_pretrained):
+    train = TokenBin.open(micro_pretrained / "data/tokens/pretrain", "train")
+    return [x for x, _ in train.eval_batches(32, 16, 8)]
+
+
 def test_conv1d_to_linear_is_exact(base):
     import copy
 
@@ -39,23 +45,26 @@ def test_conv1d_to_linear_is_exact(base):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_every_block_projection_is_quantized(base, method):
+def test_every_block_projection_is_quantized(base, method, calibration):
     model, _, _ = base
-    quantized = quantize(model, method)
+    quantized = quantize(model, method, calibration)
     for block in quantized.transformer.h:
         for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
             module = block.get_submodule(name)
             assert not isinstance(module, nn.Linear | Conv1D), (name, type(module))
             assert type(module) is MODULES[method], name
             assert module.qweight.dtype == torch.int8
+            if method == "static_int8":  # calibrated: a scale from the data, not the default 1
+                assert 0 < module.input_scale.item() < 1
     assert not isinstance(quantized.lm_head, nn.Linear)
     assert any(isinstance(m, Conv1D) for m in model.modules())  # the original is untouched
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_quantized_perplexity_stays_close_and_reload_is_identical(base, method, tmp_path):
+def test_quantized_perplexity_stays_close_and_reload_is_identical(base, method, tmp_path,
+                                                                  calibration):
     model, tokenizer, val = base
-    quantized = quantize(model, method)
+    quantized = quantize(model, method, calibration)
     fp32_loss = window_loss(model, val, 32, 16, 8)
     int8_loss = window_loss(quantized, val, 32, 16, 8)
     assert abs(int8_loss / fp32_loss - 1) < 0.02
@@ -78,6 +87,8 @@ def test_unknown_method_or_source_is_a_clear_error(base, tmp_path):
     model, _, _ = base
     with pytest.raises(DataError, match="quantize.method: 'int4' is not one of"):
         quantize(model, "int4")
+    with pytest.raises(DataError, match="static_int8 needs calibration windows"):
+        quantize(model, "static_int8")
     text = (ROOT / "params.yaml").read_text()
     (tmp_path / "params.yaml").write_text(text.replace("  source: finetune", "  source: pretrain"))
     with pytest.raises(ParamsError, match="quantize.source: 'pretrain' is not one of "
@@ -101,9 +112,9 @@ def test_dynamic_int8_matmul_matches_its_dequantized_reference(base):
 
 
 @pytest.mark.parametrize("method", (None, *METHODS))
-def test_compiled_decoder_gives_the_greedy_tokens_of_generate(base, method):
+def test_compiled_decoder_gives_the_greedy_tokens_of_generate(base, method, calibration):
     model, _, val = base
-    model = model if method is None else quantize(model, method)
+    model = model if method is None else quantize(model, method, calibration)
     prompt = next(val.eval_batches(8, 2, 2))[0]
     new_tokens = 6
     with torch.no_grad():

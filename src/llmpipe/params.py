@@ -215,13 +215,14 @@ class LoraParams(CausalLMTrainingParams):
 @dataclass(frozen=True, kw_only=True)
 class QuantizeParams:
     source: Literal["finetune", "lora"]
-    method: Literal["dynamic_int8", "weight_only_int8"]
+    method: Literal["dynamic_int8", "weight_only_int8", "static_int8"]
     block_size: int = param(check=POSITIVE_INT)
     eval_windows: int = param(check=POSITIVE_INT)
     batch_size: int = param(check=POSITIVE_INT)
     generate_tokens: int = param(32, check=POSITIVE_INT)  # per timed generation
     repeats: int = param(5, check=POSITIVE_INT)  # timed runs after a warm-up; the median counts
     compile: bool = True  # also time the compiled static-cache decoder (a C++ compiler on CPU)
+    calibration_windows: int = param(64, check=POSITIVE_INT)  # static_int8: training windows
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -8,6 +8,9 @@ output channel (symmetric, zero point 0):
 - `dynamic_int8`: activations are quantized too, per token at run time, and the matmul runs in
   int8 (`torch._int_mm`, int32 accumulation), then rescaled.
 - `weight_only_int8`: the int8 weight is cast to the activation dtype inside the matmul.
+- `static_int8`: like dynamic, but each layer's activation scale is fixed in advance from the
+  largest input it saw on calibration windows (from the training split): no per-token
+  max at run time, at the price of clipping inputs beyond the calibrated range.
 
 The modules hold plain tensors (no quantized tensor types), so `torch.compile` traces them into
 one graph with the rest of the model; that is the fast decoding path (`llmpipe.decoding`).
@@ -32,7 +35,7 @@ from torch.nn import functional as F
 
 from llmpipe.errors import DataError
 
-METHODS = ("dynamic_int8", "weight_only_int8")
+METHODS = ("dynamic_int8", "weight_only_int8", "static_int8")
 WEIGHTS_FILE = "quantized.safetensors"
 RECIPE_FILE = "quantization.json"
 FORMAT_VERSION = 2  # 1: torch.ao quantized tensors with zero points (before plain int8 modules)
@@ -104,7 +107,42 @@ class DynamicInt8Linear(Int8Linear):
         return self._add_bias(y).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
-MODULES = {"dynamic_int8": DynamicInt8Linear, "weight_only_int8": WeightOnlyInt8Linear}
+class StaticInt8Linear(Int8Linear):
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__(in_features, out_features, bias)
+        self.register_buffer("input_scale", torch.ones(()))  # set by calibration
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).float()
+        q_rows = torch.round(rows / self.input_scale).clamp(-127, 127).to(torch.int8)
+        y = torch._int_mm(q_rows, self.qweight.t()).float() * (self.input_scale * self.scale)
+        return self._add_bias(y).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+MODULES = {"dynamic_int8": DynamicInt8Linear, "weight_only_int8": WeightOnlyInt8Linear,
+           "static_int8": StaticInt8Linear}
+
+
+@torch.no_grad()
+def calibrate_input_scales(model: nn.Module, batches) -> dict[str, torch.Tensor]:
+    """Per nn.Linear: the symmetric int8 scale (max |input| / 127) over `batches` of token ids."""
+    absmax: dict[str, torch.Tensor] = {}
+
+    def record(name):
+        def hook(_module, inputs):
+            seen = inputs[0].detach().abs().amax().float()
+            absmax[name] = torch.maximum(absmax.get(name, seen), seen)
+        return hook
+
+    handles = [module.register_forward_pre_hook(record(name))
+               for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    try:
+        for batch in batches:
+            model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: value.clamp(min=1e-8) / 127 for name, value in absmax.items()}
 
 
 def _replace_linears(model: nn.Module, method: str, from_weights: bool) -> list[str]:
@@ -125,13 +163,21 @@ def _is_tied(model: nn.Module) -> bool:
     return out is not None and out.weight is emb.weight
 
 
-def quantize(model: nn.Module, method: str) -> nn.Module:
-    """An int8 copy of `model` (on CPU, eval mode); every Linear and Conv1D is quantized."""
+def quantize(model: nn.Module, method: str, calibration=None) -> nn.Module:
+    """An int8 copy of `model` (on CPU, eval mode); every Linear and Conv1D is quantized.
+    `static_int8` needs `calibration`: an iterable of (B, T) token-id batches."""
     if method not in METHODS:
         raise DataError(f"quantize.method: {method!r} is not one of {', '.join(METHODS)}")
     model = conv1d_to_linear(copy.deepcopy(model).cpu().float().eval())
     tied = _is_tied(model)
+    input_scales = {}
+    if method == "static_int8":
+        if calibration is None:
+            raise DataError("quantize.method: static_int8 needs calibration windows")
+        input_scales = calibrate_input_scales(model, calibration)
     quantized = _replace_linears(model, method, from_weights=True)
+    for name, input_scale in input_scales.items():
+        model.get_submodule(name).input_scale = input_scale
     if tied:
         _embedding_from_head(model)
     model.llmpipe_quantization = {"method": method, "tied_embedding": tied,
