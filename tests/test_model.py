@@ -191,9 +191,13 @@ def test_chunked_linear_cross_entropy_matches_the_usual_loss_and_gradients(bf16)
     tolerance = 1e-2 if bf16 else 1e-6
     assert loss.item() == pytest.approx(expected.item(), rel=tolerance)
     for grad, expected_grad in zip((x.grad, weight.grad), expected_grads, strict=True):
-        assert torch.allclose(grad, 3 * expected_grad, atol=tolerance * expected_grad.abs().max())
-    with torch.no_grad(), autocast:  # evaluation: the loss only
+        expected_grad = 3 * expected_grad
+        assert torch.allclose(grad, expected_grad, atol=tolerance * expected_grad.abs().max())
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), autocast, FlopCounterMode(display=False) as flops:
         assert linear_cross_entropy(x, weight, targets).item() == pytest.approx(loss.item())
+    assert flops.get_total_flops() == 2 * 300 * 32 * 50  # evaluation: the logits matmul only
 
 
 def test_sequence_longer_than_block_size_is_rejected() -> None:

@@ -137,3 +137,5 @@ def test_decoder_stops_once_every_row_has_ended(base):
     ends_at = tokens[0].tolist().index(eos) + 1  # <= 3: where eos first appears
     stopped = eager(prompt, 12, eos_token_id=eos)
     assert stopped.size(1) == ends_at and torch.equal(stopped, tokens[:, :ends_at])
+    with pytest.raises(ValueError, match="new_tokens must be >= 1"):
+        eager(prompt, 0)

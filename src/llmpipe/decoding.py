@@ -39,8 +39,11 @@ class GreedyDecoder:
     @torch.no_grad()
     def __call__(self, prompt: torch.Tensor, new_tokens: int,
                  eos_token_id: int | None = None) -> torch.Tensor:
-        """(B, P) prompt -> (B, new_tokens) tokens; with `eos_token_id`, stops early once every
-        row has produced it (then fewer columns come back)."""
+        """(B, P) prompt -> (B, new_tokens) tokens; with `eos_token_id`, a row that has produced
+        it continues with it, and decoding stops early once every row has (then fewer columns
+        come back)."""
+        if new_tokens < 1:
+            raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
         batch, prompt_length = prompt.shape
         if batch != self.batch_size or prompt_length + new_tokens > self.max_length:
             raise ValueError(f"decoder built for batch {self.batch_size} and {self.max_length} "
@@ -56,7 +59,8 @@ class GreedyDecoder:
             if finished is not None and bool(finished.all()):
                 break
             token = self._step(token, torch.tensor([position], device=self.device))
-            tokens.append(token)
             if finished is not None:
+                token = token.masked_fill(finished, eos_token_id)
                 finished |= token == eos_token_id
+            tokens.append(token)
         return torch.cat(tokens, dim=1)

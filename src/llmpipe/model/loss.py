@@ -24,11 +24,10 @@ CHUNK_LOGITS = {"cpu": 2**20, "cuda": 2**25}
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk_rows, compute_dtype):
+    def forward(ctx, x, weight, targets, chunk_rows, compute_dtype, needs_grad):
         # x (N, C), weight (V, C), targets (N,)
         valid = targets != IGNORE_INDEX  # (N,)
         count = valid.sum()
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         w = weight.to(compute_dtype)  # cast once, not per chunk
         grad_x = torch.empty_like(x) if needs_grad else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
@@ -48,10 +47,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if needs_grad:
                 probs.div_(row_sum)
                 probs.scatter_add_(1, target, torch.full_like(target, -1, dtype=probs.dtype))
-                probs.mul_((valid_chunk / count).unsqueeze(1))  # d loss / d logits, (c, V)
-                grad_logits = probs.to(compute_dtype)
+                # count * d loss / d logits, (c, V): the 1/count comes after the low-precision
+                # matmuls, where it cannot flush float16 values to zero
+                grad_logits = probs.mul_(valid_chunk.unsqueeze(1)).to(compute_dtype)
                 grad_x[rows] = grad_logits @ w  # (c, C)
                 grad_w += (grad_logits.t() @ x_chunk).float()  # (V, C)
+        if needs_grad:
+            grad_x.div_(count)
+            grad_w.div_(count)
         ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
         return total / count
@@ -59,7 +62,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss, (grad_w * grad_loss).to(ctx.weight_dtype), None, None, None
+        return (grad_x * grad_loss, (grad_w * grad_loss).to(ctx.weight_dtype),
+                None, None, None, None)
 
 
 def linear_cross_entropy(
@@ -76,5 +80,8 @@ def linear_cross_entropy(
         if torch.is_autocast_enabled(device_type)
         else x.dtype
     )
+    # Inside forward() grad mode is always off, so whether to compute gradients is decided here.
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     with torch.autocast(device_type, enabled=False):
-        return _LinearCrossEntropy.apply(x, weight, targets, chunk_rows, compute_dtype)
+        return _LinearCrossEntropy.apply(x, weight, targets, chunk_rows, compute_dtype,
+                                         needs_grad)
