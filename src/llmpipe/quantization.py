@@ -57,11 +57,15 @@ def conv1d_to_linear(model: nn.Module) -> nn.Module:
     return model
 
 
+def to_int8(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 with a given (broadcastable) scale: values ~= result * scale."""
+    return torch.round(values / scale).clamp(-127, 127).to(torch.int8)
+
+
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per row: (int8 values, fp32 scale per row), weight ~= values * scale."""
     scale = weight.detach().float().abs().amax(dim=-1).clamp(min=1e-8) / 127
-    values = torch.round(weight.detach().float() / scale.unsqueeze(-1)).clamp(-127, 127)
-    return values.to(torch.int8), scale
+    return to_int8(weight.detach().float(), scale.unsqueeze(-1)), scale
 
 
 class Int8Linear(nn.Module):
@@ -88,6 +92,19 @@ class Int8Linear(nn.Module):
     def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.bias is None else y + self.bias
 
+    def _int8_activation_matmul(self, x: torch.Tensor,
+                                input_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """int8 x int8 matmul with int32 accumulation: the activations are quantized with
+        `input_scale`, or per row at run time without one; the result has x's dtype."""
+        rows = x.reshape(-1, self.in_features).float()
+        if input_scale is None:
+            q_rows, row_scale = quantize_rows(rows)
+            input_scale = row_scale.unsqueeze(1)
+        else:
+            q_rows = to_int8(rows, input_scale)
+        y = torch._int_mm(q_rows, self.qweight.t()).float() * input_scale * self.scale
+        return self._add_bias(y).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, int8 weight")
@@ -100,11 +117,7 @@ class WeightOnlyInt8Linear(Int8Linear):
 
 class DynamicInt8Linear(Int8Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).float()
-        q_rows, row_scale = quantize_rows(rows)
-        y = torch._int_mm(q_rows, self.qweight.t()).float()  # int32 accumulation
-        y = y * row_scale.unsqueeze(1) * self.scale
-        return self._add_bias(y).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return self._int8_activation_matmul(x)
 
 
 class StaticInt8Linear(Int8Linear):
@@ -113,10 +126,7 @@ class StaticInt8Linear(Int8Linear):
         self.register_buffer("input_scale", torch.ones(()))  # set by calibration
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).float()
-        q_rows = torch.round(rows / self.input_scale).clamp(-127, 127).to(torch.int8)
-        y = torch._int_mm(q_rows, self.qweight.t()).float() * (self.input_scale * self.scale)
-        return self._add_bias(y).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return self._int8_activation_matmul(x, self.input_scale)
 
 
 MODULES = {"dynamic_int8": DynamicInt8Linear, "weight_only_int8": WeightOnlyInt8Linear,
