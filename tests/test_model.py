@@ -200,6 +200,23 @@ def test_chunked_linear_cross_entropy_matches_the_usual_loss_and_gradients(bf16)
     assert flops.get_total_flops() == 2 * 300 * 32 * 50  # evaluation: the logits matmul only
 
 
+def test_compiled_training_step_matches_eager() -> None:
+    """The pretrain stage's `compile: true` path; under compile the MLP's tanh GELU takes its
+    sigmoid form (gpt.gelu_tanh), which must be the same function."""
+    idx, targets = random_tokens(length=8), random_tokens(length=8, seed=2)
+    results = []
+    for compiled in (False, True):
+        model = tiny_gpt().train()
+        step = torch.compile(model) if compiled else model
+        _, loss = step(idx, targets)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
+    assert torch.allclose(compiled_loss, eager_loss, rtol=1e-5)
+    for name, grad in eager_grads.items():
+        assert torch.allclose(compiled_grads[name], grad, atol=1e-5 * grad.abs().max()), name
+
+
 def test_sequence_longer_than_block_size_is_rejected() -> None:
     with pytest.raises(ValueError, match=f"length {BLOCK_SIZE + 1}.*block_size is only"):
         tiny_gpt()(random_tokens(length=BLOCK_SIZE + 1))

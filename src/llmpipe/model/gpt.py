@@ -82,18 +82,30 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation, which GPT-2 was trained with ("gelu_new" in HF).
+
+    Under torch.compile on a CPU it is written as x * sigmoid(2u), the same function as
+    0.5 x (1 + tanh u): Inductor's vectorised CPU tanh is slow, its exp is not, and the
+    sigmoid form fuses into one loop forward and one backward, 2.3x faster than ATen's kernel
+    at 8x256x1024 in bf16 (bench/README.md). Eager mode keeps ATen's single kernel.
+    """
+    if x.device.type == "cpu" and torch.compiler.is_compiling():
+        u2 = (2 * math.sqrt(2 / math.pi)) * (x + 0.044715 * x * x * x)
+        return x * torch.sigmoid(u2)
+    return F.gelu(x, approximate="tanh")
+
+
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        # GPT-2 was trained with the tanh approximation ("gelu_new" in Hugging Face).
-        self.gelu = nn.GELU(approximate="tanh")
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.c_fc(x)  # (B, T, 4C)
-        x = self.gelu(x)
+        x = gelu_tanh(x)
         x = self.c_proj(x)  # (B, T, C)
         return self.dropout(x)
 
