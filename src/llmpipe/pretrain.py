@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import json
 import math
@@ -351,6 +352,13 @@ def pretrain(p: PretrainParams, seed: int, paths: PretrainPaths) -> dict | None:
         return metrics
     finally:
         if rt.world_size > 1 and dist.is_initialized():
+            # DDP's reducer holds the process group. Were it the last holder, garbage-collecting
+            # it later would run the gloo group's destructor with the GIL held, while a gloo
+            # worker thread waits for the GIL to free a finished all-reduce: a hang seen in CI
+            # (pytorch/pytorch#56297). So the wrapper goes first, and the group's last reference
+            # is dropped by destroy_process_group, whose binding releases the GIL (#154976).
+            model = sync = None  # also on error paths, where a traceback keeps the locals
+            gc.collect()
             dist.destroy_process_group()
 
 
