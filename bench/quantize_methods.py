@@ -20,10 +20,11 @@ from torch import nn
 
 from llmpipe.causal_lm import load_base
 from llmpipe.data import TokenBin
-from llmpipe.evaluation import inference_figures, top1_agreement
+from llmpipe.evaluation import compiled_generation_tokens_per_s, inference_figures, top1_agreement
 from llmpipe.quantization import (
     METHODS,
     WEIGHTS_FILE,
+    calibration_inputs,
     conv1d_to_linear,
     load_quantized,
     quantize,
@@ -65,7 +66,7 @@ def main() -> None:
     fp32, tokenizer = load_base(str(MODEL_DIR), device="cpu")
     val = TokenBin.open(TOKENS_DIR, "val", expected_vocab_size=fp32.config.vocab_size)
     train = TokenBin.open(TOKENS_DIR, "train", expected_vocab_size=fp32.config.vocab_size)
-    calibration = [x for x, _ in train.eval_batches(BLOCK, WINDOWS, BATCH)]  # as the stage
+    calibration = calibration_inputs(train, BLOCK, WINDOWS, BATCH)
     batch = next(val.eval_batches(BLOCK, BATCH, BATCH))[0]
     prompt = batch[:1, :16]
     fp32_mb = (MODEL_DIR / "model.safetensors").stat().st_size / 1e6
@@ -79,13 +80,13 @@ def main() -> None:
                  for name, model in reference_quantizers(fp32, args.torchao).items()})
     figures = {}
     for name, (model, _) in rows.items():
+        figures[name] = inference_figures(model, val, BLOCK, WINDOWS, BATCH, batch, prompt,
+                                          NEW_TOKENS, REPEATS)
         try:
-            figures[name] = inference_figures(model, val, BLOCK, WINDOWS, BATCH, batch, prompt,
-                                              NEW_TOKENS, REPEATS, compiled=True)
-        except Exception as e:  # a reference quantizer that does not compile: time it eager
+            figures[name]["compiled_generate_tokens_per_s"] = compiled_generation_tokens_per_s(
+                model, prompt, NEW_TOKENS, REPEATS)
+        except Exception as e:  # a reference quantizer that does not compile
             print(f"{name}: compiled decoding failed ({type(e).__name__}: {str(e)[:120]})")
-            figures[name] = inference_figures(model, val, BLOCK, WINDOWS, BATCH, batch, prompt,
-                                              NEW_TOKENS, REPEATS)
     base = figures["fp32"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {MODEL_DIR}, "
           f"{BLOCK}-token windows x {WINDOWS}, forward on {BATCH}x{BLOCK}, greedy generation "

@@ -113,9 +113,8 @@ def main() -> None:
     for name, n_layer, n_head, n_embd, block, batch in CONFIGS:
         ours, hf = make_models(n_layer, n_head, n_embd, block)
         g = torch.Generator().manual_seed(0)
-        batches = [(torch.randint(VOCAB, (batch, block), generator=g),) * 2
-                   for _ in range(args.steps)]
-        batches = [(x, torch.roll(x, -1, 1)) for x, _ in batches]
+        inputs = [torch.randint(VOCAB, (batch, block), generator=g) for _ in range(args.steps)]
+        batches = [(x, torch.roll(x, -1, 1)) for x in inputs]
         steps = {("HF", "eager"): hf_step_fn(hf), ("llmpipe", "eager"): ours_step_fn(ours)}
         if "compile" in modes:
             steps[("HF", "compile")] = hf_step_fn(torch.compile(hf))

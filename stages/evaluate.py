@@ -62,8 +62,7 @@ def main() -> None:
                         "kl_to_finetune": round(report["kl_to_reference"], 4),
                         "completion_length": round(report["completion_length"], 4),
                         "size_mb": round((directory / weights).stat().st_size / 1e6, 4)})
-        prompt = tokenizer(p.sample.prompts[0], return_tensors="pt").input_ids.to(
-            next(model.parameters()).device)
+        prompt = tokenizer(p.sample.prompts[0], return_tensors="pt").input_ids
         tokens_per_s = round(generation_tokens_per_s(model, prompt, p.generate_tokens,
                                                      p.repeats), 1)
         metrics[name] = figures

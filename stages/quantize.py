@@ -11,7 +11,13 @@ from llmpipe.data import TokenBin
 from llmpipe.evaluation import inference_figures, top1_agreement
 from llmpipe.io import atomic_dir, write_metrics
 from llmpipe.params import load_stage_params
-from llmpipe.quantization import WEIGHTS_FILE, load_quantized, quantize, save_quantized
+from llmpipe.quantization import (
+    WEIGHTS_FILE,
+    calibration_inputs,
+    load_quantized,
+    quantize,
+    save_quantized,
+)
 from llmpipe.stage import run_main
 
 SOURCES = {"finetune": Path("data/finetune/model"), "lora": Path("data/lora/merged")}
@@ -28,10 +34,10 @@ def main() -> None:
     fp32.eval()
     val = TokenBin.open(TOKENS_DIR, "val", expected_vocab_size=fp32.config.vocab_size)
     calibration = None
-    if p.method == "static_int8":  # activation ranges from training windows, never validation
+    if p.method == "static_int8":
         train = TokenBin.open(TOKENS_DIR, "train", expected_vocab_size=fp32.config.vocab_size)
-        calibration = [x for x, _ in train.eval_batches(p.block_size, p.calibration_windows,
-                                                        p.batch_size)]
+        calibration = calibration_inputs(train, p.block_size, p.calibration_windows,
+                                         p.batch_size)
     int8 = quantize(fp32, p.method, calibration)
     with atomic_dir(OUT_DIR) as tmp:
         save_quantized(int8, tmp, tokenizer, source=str(source_dir))

@@ -13,6 +13,7 @@ from llmpipe.params import load_stage_params
 from llmpipe.quantization import (
     METHODS,
     MODULES,
+    calibration_inputs,
     conv1d_to_linear,
     load_quantized,
     quantize,
@@ -30,7 +31,7 @@ def base(micro_pretrained):
 @pytest.fixture(scope="module")
 def calibration(micro_pretrained):
     train = TokenBin.open(micro_pretrained / "data/tokens/pretrain", "train")
-    return [x for x, _ in train.eval_batches(32, 16, 8)]
+    return calibration_inputs(train, 32, 16, 8)
 
 
 def test_conv1d_to_linear_is_exact(base):

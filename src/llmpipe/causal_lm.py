@@ -35,6 +35,11 @@ def base_name(spec: str) -> str:
     return spec
 
 
+def default_device() -> str:
+    """Where the Hugging Face stages put their models: the GPU when there is one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_base(spec: str, trust_remote_code: bool = False, device: str = "auto"):
     """The base causal LM (on the GPU when there is one and device is auto) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -50,7 +55,7 @@ def load_base(spec: str, trust_remote_code: bool = False, device: str = "auto"):
     except (OSError, ValueError) as e:
         raise DataError(f"base model {spec!r}: cannot load ({e})") from e
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = default_device()
     return model.to(device), tokenizer
 
 

@@ -79,10 +79,11 @@ def top1_agreement(model: torch.nn.Module, reference: torch.nn.Module, bins: Tok
     """Fraction of positions where both models predict the same next token."""
     model.eval()
     reference.eval()
+    device, reference_device = (next(m.parameters()).device for m in (model, reference))
     same, count = 0, 0
     for x, _ in bins.eval_batches(block_size, windows, batch_size):
-        predicted = model(x.to(next(model.parameters()).device))[0].argmax(-1).cpu()
-        expected = reference(x.to(next(reference.parameters()).device))[0].argmax(-1).cpu()
+        predicted = model(x.to(device))[0].argmax(-1).cpu()
+        expected = reference(x.to(reference_device))[0].argmax(-1).cpu()
         same += (predicted == expected).sum().item()
         count += x.numel()
     return same / count

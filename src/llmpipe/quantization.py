@@ -134,6 +134,13 @@ MODULES = {"dynamic_int8": DynamicInt8Linear, "weight_only_int8": WeightOnlyInt8
 
 
 @torch.no_grad()
+def calibration_inputs(train_bins, block_size: int, windows: int,
+                       batch_size: int) -> list[torch.Tensor]:
+    """Token-id batches (B, T) of `windows` windows of the *training* split (a TokenBin): the
+    activation ranges of static_int8 must never come from the windows it is evaluated on."""
+    return [x for x, _ in train_bins.eval_batches(block_size, windows, batch_size)]
+
+
 def calibrate_input_scales(model: nn.Module, batches) -> dict[str, torch.Tensor]:
     """Per nn.Linear: the symmetric int8 scale (max |input| / 127) over `batches` of token ids."""
     absmax: dict[str, torch.Tensor] = {}
@@ -241,7 +248,7 @@ def load_quantized(model_dir: Path) -> nn.Module:
     config = AutoConfig.from_pretrained(model_dir)
     model = conv1d_to_linear(AutoModelForCausalLM.from_config(config).eval())
     model.generation_config = GenerationConfig.from_pretrained(model_dir)
-    _replace_linears(model, recipe["method"], from_weights=False)
+    quantized = _replace_linears(model, recipe["method"], from_weights=False)
     tensors = load_file(str(model_dir / WEIGHTS_FILE))
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     embedding_key = _embedding_key(model) if recipe["tied_embedding"] else None
@@ -251,7 +258,8 @@ def load_quantized(model_dir: Path) -> nn.Module:
                         f"(unexpected {unexpected[:5]}, missing {missing[:5]})")
     if recipe["tied_embedding"]:
         _embedding_from_head(model)
-    model.llmpipe_quantization = {k: recipe[k]
-                                  for k in ("method", "tied_embedding", "quantized_modules")}
+    model.llmpipe_quantization = {"method": recipe["method"],
+                                  "tied_embedding": recipe["tied_embedding"],
+                                  "quantized_modules": quantized}
     return model
 

@@ -65,19 +65,13 @@ def params_digest(path: Path = Path("params.yaml")) -> list[tuple[str, str]]:
     """The sha256 of params.yaml (a run with the same digest used the same params) and the
     values that shape the models."""
     from llmpipe.params import read_params_file
+    from llmpipe.preset import flatten
 
-    raw = read_params_file(path)
-
-    def value(dotted: str):
-        node = raw
-        for key in dotted.split("."):
-            node = node.get(key) if isinstance(node, dict) else None
-        return node
-
+    values = dict(flatten(read_params_file(path)))
     rows = [("params.yaml sha256", hashlib.sha256(path.read_bytes()).hexdigest()[:16])]
     for title, keys in KEY_PARAMS:
         keys = keys if isinstance(keys, tuple) else (keys,)
-        rows.append((title, " / ".join(str(value(k)) for k in keys)))
+        rows.append((title, " / ".join(str(values.get(k)) for k in keys)))
     return rows
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from llmpipe.causal_lm import runtime_args
+from llmpipe.causal_lm import default_device, runtime_args
 from llmpipe.gold import GoldScorer, load_gold_scorer
 from llmpipe.lora import adapter_config
 from llmpipe.params import GrpoParams, RewardModelParams
@@ -41,7 +41,7 @@ def load_reward_model(model_dir: str | Path, tokenizer):
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1,
                                                                use_safetensors=True)
     model.config.pad_token_id = tokenizer.pad_token_id
-    return model.to("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(default_device())
 
 
 def load_judges(preferences_dir: Path, reward_dir: Path):
