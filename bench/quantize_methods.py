@@ -18,9 +18,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llmpipe.causal_lm import load_base
+from llmpipe import layout
 from llmpipe.data import TokenBin
-from llmpipe.evaluation import compiled_generation_tokens_per_s, inference_figures, top1_agreement
+from llmpipe.evaluation import (
+    InferenceBench,
+    compiled_generation_tokens_per_s,
+    inference_figures,
+    top1_agreement,
+)
+from llmpipe.loading import load_causal_lm
 from llmpipe.quantization import (
     METHODS,
     WEIGHTS_FILE,
@@ -31,8 +37,8 @@ from llmpipe.quantization import (
     save_quantized,
 )
 
-MODEL_DIR = Path("data/finetune/model")
-TOKENS_DIR = Path("data/tokens/finetune")
+MODEL_DIR = layout.FINETUNE_MODEL
+TOKENS_DIR = layout.tokens("finetune")
 BLOCK, WINDOWS, BATCH, NEW_TOKENS, REPEATS = 128, 64, 16, 32, 7
 
 
@@ -63,12 +69,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--torchao", action="store_true", help="also time torchao's int8 configs")
     args = parser.parse_args()
-    fp32, tokenizer = load_base(str(MODEL_DIR), device="cpu")
+    fp32, tokenizer = load_causal_lm(MODEL_DIR, device="cpu")
     val = TokenBin.open(TOKENS_DIR, "val", expected_vocab_size=fp32.config.vocab_size)
     train = TokenBin.open(TOKENS_DIR, "train", expected_vocab_size=fp32.config.vocab_size)
     calibration = calibration_inputs(train, BLOCK, WINDOWS, BATCH)
-    batch = next(val.eval_batches(BLOCK, BATCH, BATCH))[0]
-    prompt = batch[:1, :16]
+    bench = InferenceBench(val, BLOCK, WINDOWS, BATCH, NEW_TOKENS, REPEATS, compiled=False)
+    prompt = bench.prompt
     fp32_mb = (MODEL_DIR / "model.safetensors").stat().st_size / 1e6
     rows = {"fp32": (fp32, fp32_mb)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,8 +86,7 @@ def main() -> None:
                  for name, model in reference_quantizers(fp32, args.torchao).items()})
     figures = {}
     for name, (model, _) in rows.items():
-        figures[name] = inference_figures(model, val, BLOCK, WINDOWS, BATCH, batch, prompt,
-                                          NEW_TOKENS, REPEATS)
+        figures[name] = inference_figures(model, bench)
         try:
             figures[name]["compiled_generate_tokens_per_s"] = compiled_generation_tokens_per_s(
                 model, prompt, NEW_TOKENS, REPEATS)

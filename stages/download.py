@@ -1,23 +1,19 @@
 """download: write the pretrain and finetune corpora to data/raw/ as JSONL."""
 
-from pathlib import Path
-
+from llmpipe import layout
 from llmpipe.corpus import load_documents, text_bytes, write_texts
 from llmpipe.io import sha256_file, write_metrics
-from llmpipe.params import load_stage_params
+from llmpipe.params import DownloadParams, load_stage_params
 from llmpipe.stage import run_main
-
-RAW_DIR = Path("data/raw")
-CORPORA = ("pretrain", "finetune")
 
 
 def main() -> None:
-    _, params = load_stage_params("download")
+    _, params = load_stage_params(DownloadParams)
     # Load every corpus before writing any, so a bad source leaves earlier outputs intact.
-    documents = {name: load_documents(getattr(params, name)) for name in CORPORA}
+    documents = {name: load_documents(getattr(params, name)) for name in layout.CORPORA}
     metrics = {}
     for name, docs in documents.items():
-        path = RAW_DIR / f"{name}.jsonl"
+        path = layout.raw_corpus(name)
         write_texts(path, docs)
         metrics[name] = {
             "source": getattr(params, name).source,

@@ -5,55 +5,44 @@ from llmpipe.stage import run_main, use_one_gpu_unless_launched
 
 use_one_gpu_unless_launched()  # before torch is imported
 
-from pathlib import Path  # noqa: E402
-
-from llmpipe.causal_lm import load_base  # noqa: E402
-from llmpipe.io import atomic_dir, read_jsonl, write_json, write_metrics  # noqa: E402
-from llmpipe.params import load_stage_params  # noqa: E402
-from llmpipe.rlhf import load_judges, policy_report, reward_functions, run_grpo  # noqa: E402
-
-POLICY_DIR = Path("data/finetune/model")
-REWARD_DIR = Path("data/reward_model/model")
-PREFERENCES_DIR = Path("data/preferences")
-OUT_DIR = Path("data/grpo")
-LIVE_DIR = Path("dvclive/grpo")
-FIGURES = ("reward_model_score", "gold_score", "kl_to_reference", "completion_length")
+from llmpipe import layout  # noqa: E402
+from llmpipe.io import atomic_dir, write_json, write_metrics  # noqa: E402
+from llmpipe.loading import load_causal_lm  # noqa: E402
+from llmpipe.params import GrpoParams, load_stage_params  # noqa: E402
+from llmpipe.preferences import read_prompts  # noqa: E402
+from llmpipe.rlhf import (  # noqa: E402
+    before_after_metrics,
+    load_judges,
+    policy_report,
+    reward_functions,
+    run_grpo,
+)
+from llmpipe.sampling import Sampling  # noqa: E402
 
 
 def main() -> None:
-    shared, p = load_stage_params("grpo")
-    train_prompts = [r["prompt"] for r in read_jsonl(PREFERENCES_DIR / "prompts_train.jsonl")]
-    heldout = [r["prompt"] for r in read_jsonl(PREFERENCES_DIR / "prompts_heldout.jsonl")]
-    gold, reward_model, reward_tokenizer = load_judges(PREFERENCES_DIR, REWARD_DIR)
-    reference, tokenizer = load_base(str(POLICY_DIR))
+    shared, p = load_stage_params(GrpoParams)
+    train_prompts = read_prompts(layout.PREFERENCES, "train")
+    heldout = read_prompts(layout.PREFERENCES, "heldout")
+    reference, tokenizer = load_causal_lm(layout.FINETUNE_MODEL)
+    judges = load_judges(layout.PREFERENCES, layout.REWARD_MODEL, reference)
+    # The same prompts and sampling seed before and after.
+    sampling = Sampling(p.eval_samples, p.max_completion_length, p.temperature, shared.seed)
 
-    def report(policy):  # the same prompts and sampling seed before and after
-        return policy_report(policy, reference, tokenizer, reward_model, reward_tokenizer, gold,
-                             heldout, p.eval_samples, p.max_completion_length, p.temperature,
-                             shared.seed)
-
-    before = report(reference)
-    policy, steps = run_grpo(POLICY_DIR, reward_functions(REWARD_DIR, p), train_prompts, p,
-                             shared.seed, LIVE_DIR)
-    after = report(policy)
-    with atomic_dir(OUT_DIR / "model") as tmp:
+    before = policy_report(reference, tokenizer, heldout, sampling, judges)
+    policy, steps = run_grpo(layout.FINETUNE_MODEL, reward_functions(layout.REWARD_MODEL, p),
+                             train_prompts, p, shared.seed, layout.live_dir("grpo"))
+    after = policy_report(policy, tokenizer, heldout, sampling, judges)
+    with atomic_dir(layout.GRPO_MODEL) as tmp:
         policy.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "samples.json", {"before": before["samples"], "after": after["samples"]})
-    metrics = {f"{when}_{key}": round(report_[key], 4)
-               for when, report_ in (("before", before), ("after", after)) for key in FIGURES}
-    metrics["after_kl_per_token"] = round(after["kl_to_reference"]
-                                          / max(after["completion_length"], 1), 4)
-    metrics["gold_gain"] = round(after["gold_score"] - before["gold_score"], 4)
-    metrics["reward_model_gain"] = round(after["reward_model_score"]
-                                         - before["reward_model_score"], 4)
-    # Proxy up while gold does not follow is reward hacking: say so, the metrics show it too.
-    metrics["reward_hacking_suspected"] = metrics["reward_model_gain"] > 0 >= metrics["gold_gain"]
-    metrics.update({"steps": steps, "heldout_prompts": len(heldout)})
+    metrics = {**before_after_metrics(before, after), "steps": steps,
+               "heldout_prompts": len(heldout)}
     write_metrics("grpo", metrics)
     print(f"held-out gold score {before['gold_score']:.3f} -> {after['gold_score']:.3f}, reward "
           f"model {before['reward_model_score']:.3f} -> {after['reward_model_score']:.3f}, KL "
-          f"{after['kl_to_reference']:.3f} -> {OUT_DIR / 'model'}")
+          f"{after['kl_to_reference']:.3f} -> {layout.GRPO_MODEL}")
     if metrics["reward_hacking_suspected"]:
         print("warning: the reward model's score rose but the gold score did not: reward hacking")
 

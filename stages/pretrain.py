@@ -4,29 +4,28 @@ One process: `python -m stages.pretrain`. N processes (GPUs, or CPU with gloo):
 `torchrun --standalone --nproc_per_node N -m stages.pretrain`.
 """
 
-from pathlib import Path
-
+from llmpipe import layout
 from llmpipe.io import write_metrics
-from llmpipe.params import load_stage_params
+from llmpipe.params import PretrainParams, load_stage_params
 from llmpipe.pretrain import PretrainPaths, pretrain
 from llmpipe.stage import run_main
 
 PATHS = PretrainPaths(
-    tokens_dir=Path("data/tokens/pretrain"),
-    tokenizer_dir=Path("data/tokenizer"),
-    model_dir=Path("data/pretrain/model"),
-    checkpoint_dir=Path("data/pretrain/checkpoint"),
-    live_dir=Path("dvclive/pretrain"),
+    tokens_dir=layout.tokens("pretrain"),
+    tokenizer_dir=layout.TOKENIZER,
+    model_dir=layout.PRETRAIN_MODEL,
+    checkpoint_dir=layout.PRETRAIN_CHECKPOINT,
+    live_dir=layout.live_dir("pretrain"),
 )
 
 
 def main() -> None:
-    shared, params = load_stage_params("pretrain")
+    shared, params = load_stage_params(PretrainParams)
     metrics = pretrain(params, shared.seed, PATHS)
     if metrics is not None:  # rank 0 only
         write_metrics("pretrain", metrics)
-        print(f"val perplexity {metrics['val_perplexity']} (unigram baseline "
-              f"{metrics['unigram_val_perplexity']}); {metrics['perf']['tokens_per_s']:,.0f} "
+        print(f"val perplexity {metrics['val_perplexity']:.2f} (unigram baseline "
+              f"{metrics['unigram_val_perplexity']:.2f}); {metrics['perf']['tokens_per_s']:,.0f} "
               f"tokens/s -> {PATHS.model_dir}")
 
 

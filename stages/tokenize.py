@@ -1,12 +1,11 @@
 """tokenize: train (or load) the tokenizer and encode both corpora into token memmaps."""
 
 import time
-from pathlib import Path
 
+from llmpipe import layout
 from llmpipe.corpus import read_texts
-from llmpipe.data import write_corpus
 from llmpipe.io import atomic_dir, write_metrics
-from llmpipe.params import load_stage_params
+from llmpipe.params import TokenizeParams, load_stage_params
 from llmpipe.stage import run_main
 from llmpipe.tokenization import (
     FastEncoder,
@@ -14,18 +13,15 @@ from llmpipe.tokenization import (
     split_by_document,
     spread_sample,
     train_bpe,
+    write_corpus,
 )
 
-RAW_DIR = Path("data/raw")
-TOKENIZER_DIR = Path("data/tokenizer")
-TOKENS_DIR = Path("data/tokens")
-CORPORA = ("pretrain", "finetune")
 ENCODER_CHECK_DOCS = 200  # per corpus: tiktoken must reproduce the HF ids on them exactly
 
 
 def main() -> None:
-    shared, params = load_stage_params("tokenize")
-    corpora = {name: read_texts(RAW_DIR / f"{name}.jsonl") for name in CORPORA}
+    shared, params = load_stage_params(TokenizeParams)
+    corpora = {name: read_texts(layout.raw_corpus(name)) for name in layout.CORPORA}
     if params.tokenizer == "bpe":
         tokenizer = train_bpe(corpora["pretrain"], params.vocab_size, params.min_frequency)
     else:
@@ -41,7 +37,8 @@ def main() -> None:
                      "encoder": encoder.backend, "perf": {}}
     started = time.perf_counter()
     encoded_bytes = 0
-    with atomic_dir(TOKENIZER_DIR) as tokenizer_tmp, atomic_dir(TOKENS_DIR) as tokens_tmp:
+    with (atomic_dir(layout.TOKENIZER) as tokenizer_tmp,
+          atomic_dir(layout.TOKENS) as tokens_tmp):
         tokenizer.save_pretrained(tokenizer_tmp)
         for name, split in splits.items():
             meta = write_corpus(tokens_tmp / name, split, encoder, vocab_size,
@@ -51,13 +48,13 @@ def main() -> None:
                 metrics[f"{name}_{split_name}_documents"] = info["documents"]
             n_bytes = sum(info["bytes"] for info in meta["splits"].values())
             n_tokens = sum(info["tokens"] for info in meta["splits"].values())
-            metrics[f"{name}_bytes_per_token"] = round(n_bytes / n_tokens, 4)
+            metrics[f"{name}_bytes_per_token"] = n_bytes / n_tokens
             encoded_bytes += n_bytes
     seconds = time.perf_counter() - started
-    metrics["perf"]["encode_mb_per_s"] = round(encoded_bytes / seconds / 1e6, 2)
+    metrics["perf"]["encode_mb_per_s"] = encoded_bytes / seconds / 1e6
     write_metrics("tokenize", metrics)
     print(f"vocab {vocab_size} ({encoder.backend}); "
-          f"{metrics['perf']['encode_mb_per_s']} MB/s -> {TOKENS_DIR}")
+          f"{metrics['perf']['encode_mb_per_s']:.1f} MB/s -> {layout.TOKENS}")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from llmpipe.data import TokenBin, write_corpus
+from llmpipe.data import TokenBin
 from llmpipe.errors import DataError
+from llmpipe.tokenization import write_corpus
 
 
 class CountingEncoder:

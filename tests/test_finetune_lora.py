@@ -3,24 +3,26 @@ import dataclasses
 import pytest
 import torch
 
-from llmpipe.causal_lm import load_base, open_token_data, train, val_perplexity
+from llmpipe import layout
+from llmpipe.causal_lm import open_token_data, train, val_perplexity
 from llmpipe.errors import DataError, ParamsError
+from llmpipe.loading import load_causal_lm
 from llmpipe.lora import lora_config, parameter_counts
 from llmpipe.model import GPT, GPTConfig, export_hf_gpt2
-from llmpipe.params import load_stage_params
+from llmpipe.params import STAGE_SCHEMAS, load_stage_params
 
 MICRO = {"block_size": 32, "batch_size": 8, "max_steps": 40, "eval_interval": 10,
          "eval_windows": 8, "warmup_steps": 2}
 
 
 def stage_params(workspace, stage, **changes):
-    shared, p = load_stage_params(stage, workspace / "params.yaml")
+    shared, p = load_stage_params(STAGE_SCHEMAS[stage], workspace / "params.yaml")
     return shared.seed, dataclasses.replace(p, **{**MICRO, **changes})
 
 
 def base_and_data(workspace, p):
-    model, tokenizer = load_base(str(workspace / "data/pretrain/model"))
-    train_bin, val_bin = open_token_data(workspace / "data/tokens/finetune", model, p.base)
+    model, tokenizer = load_causal_lm(workspace / layout.PRETRAIN_MODEL)
+    train_bin, val_bin = open_token_data(workspace / layout.tokens("finetune"), model, p.base)
     return model, tokenizer, train_bin, val_bin
 
 
@@ -65,10 +67,10 @@ def test_early_stopping_keeps_the_best_checkpoint(micro_pretrained, tmp_path):
 def test_vocabulary_mismatch_names_both_sizes(micro_pretrained, tmp_path):
     export_hf_gpt2(GPT(GPTConfig(vocab_size=600, block_size=32, n_layer=1, n_head=2, n_embd=16)),
                    tmp_path / "other")
-    model, _ = load_base(str(tmp_path / "other"))
+    model, _ = load_causal_lm(tmp_path / "other")
     with pytest.raises(DataError, match="vocabulary of 512, but the model has a vocabulary of "
                                         "600"):
-        open_token_data(micro_pretrained / "data/tokens/finetune", model, "other")
+        open_token_data(micro_pretrained / layout.tokens("finetune"), model, "other")
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +117,7 @@ def test_adapter_reload_and_merge_give_the_same_logits(trained_lora, tmp_path):
         expected = model(input_ids=x).logits
     model.save_pretrained(tmp_path / "adapter")
     assert (tmp_path / "adapter/adapter_model.safetensors").exists()
-    fresh, _ = load_base(str(workspace / "data/pretrain/model"))
+    fresh, _ = load_causal_lm(workspace / layout.PRETRAIN_MODEL)
     reloaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
     with torch.no_grad():
         assert torch.allclose(reloaded(input_ids=x).logits, expected, atol=1e-6)
@@ -125,7 +127,7 @@ def test_adapter_reload_and_merge_give_the_same_logits(trained_lora, tmp_path):
 
 def test_unknown_target_module_is_a_clear_error(micro_pretrained):
     _, p = stage_params(micro_pretrained, "lora", target_modules=["q_proj"])
-    model, _ = load_base(str(micro_pretrained / "data/pretrain/model"))
+    model, _ = load_causal_lm(micro_pretrained / layout.PRETRAIN_MODEL)
     with pytest.raises(ParamsError, match=r"lora\.target_modules: \['q_proj'\] not in the base "
                                           r"model \(its linear layers: .*c_attn"):
         lora_config(model, p)

@@ -4,7 +4,14 @@ import pytest
 
 from conftest import ROOT, run, subprocess_env  # noqa: F401
 from llmpipe.errors import ParamsError
-from llmpipe.params import load_stage_params, validate_all
+from llmpipe.params import (
+    DownloadParams,
+    FinetuneParams,
+    PretrainParams,
+    TokenizeParams,
+    load_stage_params,
+    validate_all,
+)
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -23,7 +30,7 @@ def test_project_params_are_valid():
 
 def test_floats_in_exponent_notation_are_numbers(tmp_path):
     text = BASE.replace("val_fraction: 0.1", "val_fraction: 5e-2")
-    _, params = load_stage_params("tokenize", write(tmp_path, text))
+    _, params = load_stage_params(TokenizeParams, write(tmp_path, text))
     assert params.val_fraction == pytest.approx(0.05)
 
 
@@ -49,7 +56,7 @@ def test_floats_in_exponent_notation_are_numbers(tmp_path):
 def test_bad_tokenize_params(tmp_path, old, new, message):
     assert old in BASE
     with pytest.raises(ParamsError) as err:
-        load_stage_params("tokenize", write(tmp_path, BASE.replace(old, new, 1)))
+        load_stage_params(TokenizeParams, write(tmp_path, BASE.replace(old, new, 1)))
     assert str(err.value) == message
 
 
@@ -57,20 +64,20 @@ def test_unknown_source_scheme(tmp_path):
     text = BASE.replace("source: stdlib:reference", "source: ftp://example.org/x.txt")
     with pytest.raises(ParamsError, match=r"^download\.finetune\.source: 'ftp://example.org/x.txt'"
                        r" is not a corpus source"):
-        load_stage_params("download", write(tmp_path, text))
+        load_stage_params(DownloadParams, write(tmp_path, text))
 
 
 def test_missing_key_and_unknown_section(tmp_path):
     with pytest.raises(ParamsError, match=r"^tokenize\.vocab_size: missing \(required\)$"):
-        load_stage_params("tokenize", write(tmp_path, BASE.replace("  vocab_size: 4096\n", "")))
+        load_stage_params(TokenizeParams, write(tmp_path, BASE.replace("  vocab_size: 4096\n", "")))
     with pytest.raises(ParamsError, match=r"^tokenise: unknown key"):
-        load_stage_params("tokenize", write(tmp_path, BASE + "\ntokenise: {}\n"))
+        load_stage_params(TokenizeParams, write(tmp_path, BASE + "\ntokenise: {}\n"))
 
 
 def test_a_stage_reads_only_its_own_section(tmp_path):
     # A broken download section does not stop tokenize: DVC tracks sections separately.
     text = BASE.replace("source: stdlib:reference", "source: nowhere:x")
-    _, params = load_stage_params("tokenize", write(tmp_path, text))
+    _, params = load_stage_params(TokenizeParams, write(tmp_path, text))
     assert params.vocab_size == 4096
 
 
@@ -93,7 +100,7 @@ def test_bad_params_stop_the_stage_with_one_line(tmp_path):
                                               " (0.003)"),
         ("  learning_rate: 3.0e-3", "  learning_rate: .inf",
          "pretrain.learning_rate: inf is not a positive number"),
-        ("    top_k: 50\n\nfinetune", "    top_k: 50\n    top_p: 0\n\nfinetune",
+        ("    top_p: null\n\nfinetune", "    top_p: 0\n\nfinetune",
          "pretrain.sample.top_p: 0.0 is not a number in (0, 1]"),
         ('    prompts: ["Return the", "This module provides"]', "    prompts: []",
          "pretrain.sample.prompts: [] is not a non-empty list"),
@@ -104,18 +111,18 @@ def test_bad_params_stop_the_stage_with_one_line(tmp_path):
 def test_bad_pretrain_params(tmp_path, old, new, message):
     assert old in BASE, old
     with pytest.raises(ParamsError) as err:
-        load_stage_params("pretrain", write(tmp_path, BASE.replace(old, new, 1)))
+        load_stage_params(PretrainParams, write(tmp_path, BASE.replace(old, new, 1)))
     assert str(err.value) == message
 
 
 def test_optional_and_union_values(tmp_path):
-    _, p = load_stage_params("pretrain", write(tmp_path, BASE.replace(
+    _, p = load_stage_params(PretrainParams, write(tmp_path, BASE.replace(
         "  peak_flops: null", "  peak_flops: 1.0e12")))
     assert p.peak_flops == 1e12
-    _, f = load_stage_params("finetune", write(tmp_path, BASE.replace(
+    _, f = load_stage_params(FinetuneParams, write(tmp_path, BASE.replace(
         "  bf16: auto             # auto: bf16 on CUDA only", "  bf16: true")))
     assert f.bf16 is True
     with pytest.raises(ParamsError, match=r"^finetune\.bf16: 'yes' is not one of 'auto'$"):
-        load_stage_params("finetune", write(tmp_path, BASE.replace(
+        load_stage_params(FinetuneParams, write(tmp_path, BASE.replace(
             "  bf16: auto             # auto: bf16 on CUDA only", "  bf16: yes-ish".replace(
                 "yes-ish", "'yes'"))))

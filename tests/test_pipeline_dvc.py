@@ -94,3 +94,32 @@ def test_failing_stage_reports_one_line(project_copy):
     result = run(["dvc", "repro", "download"], project_copy, check=False)
     assert result.returncode != 0
     assert "error: file:/nonexistent.txt: file not found" in result.stderr
+
+
+def test_a_failed_stage_says_how_to_get_its_outputs_back(project_copy):
+    """dvc repro deletes a stage's outputs before running it; after a bad param, following the
+    error's way back restores them exactly."""
+    import hashlib
+    import re
+
+    repo = project_copy
+    set_params(repo, MICRO_PARAMS)
+    run(["dvc", "repro", "tokenize"], repo)
+    git_commit_all(repo, "tokenized")
+    outputs = ["data/tokens/pretrain/train.bin", "data/tokens/finetune/meta.json",
+               "data/tokenizer/tokenizer.json", "metrics/tokenize.json"]
+    digest = {path: hashlib.sha256((repo / path).read_bytes()).hexdigest() for path in outputs}
+
+    set_params(repo, {"tokenize.vocab_size": -5})
+    result = run(["dvc", "repro", "tokenize"], repo, check=False)
+    assert result.returncode != 0
+    line = next(line for line in result.stderr.splitlines() if line.startswith("error:"))
+    assert line.startswith("error: tokenize.vocab_size: -5 is not a positive integer (dvc repro "
+                           "removed this stage's previous outputs; to get them back: ")
+    assert not any((repo / path).exists() for path in outputs)
+
+    way_back = re.search(r"to get them back: (.*)\)$", line).group(1)
+    assert way_back == "dvc checkout tokenize && git checkout -- metrics/tokenize.json"
+    run(["bash", "-c", way_back], repo)
+    assert {path: hashlib.sha256((repo / path).read_bytes()).hexdigest()
+            for path in outputs} == digest

@@ -9,28 +9,35 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, run, set_params
+from llmpipe import layout
+from llmpipe.data import TokenBin
 from llmpipe.errors import ParamsError
 from llmpipe.model import GPT
-from llmpipe.params import load_stage_params
+from llmpipe.params import PretrainParams, load_stage_params
 from llmpipe.pretrain import (
     CHECKPOINT_FILE,
     PretrainPaths,
     TrainingError,
     build_model,
+    checkpoint,
+    evaluate,
     lr_at,
+    optimizer_step,
+    prepare,
     pretrain,
+    setup_runtime,
 )
 
 
 def paths_in(workspace: Path, out: Path) -> PretrainPaths:
-    return PretrainPaths(tokens_dir=workspace / "data/tokens/pretrain",
-                         tokenizer_dir=workspace / "data/tokenizer",
+    return PretrainPaths(tokens_dir=workspace / layout.tokens("pretrain"),
+                         tokenizer_dir=workspace / layout.TOKENIZER,
                          model_dir=out / "model", checkpoint_dir=out / "checkpoint",
                          live_dir=out / "live")
 
 
 def micro_params(workspace: Path, **changes):
-    shared, params = load_stage_params("pretrain", workspace / "params.yaml")
+    shared, params = load_stage_params(PretrainParams, workspace / "params.yaml")
     return shared.seed, dataclasses.replace(params, **changes)
 
 
@@ -125,6 +132,70 @@ def test_checkpoint_of_other_params_is_not_resumed(micro_workspace, tmp_path, mo
     rerun = pretrain(changed, seed, paths)
     assert "ignoring" in capsys.readouterr().out
     assert without_perf(rerun) == without_perf(fresh)
+
+
+def test_the_parts_of_the_loop_one_by_one(micro_workspace, tmp_path):
+    seed, p = micro_params(micro_workspace)
+    paths, rt = paths_in(micro_workspace, tmp_path), setup_runtime("cpu")
+    run = prepare(p, seed, paths, rt)
+    assert run.start_step == 0 and run.model is run.raw_model  # one process, no compile
+    loss = optimizer_step(run, 0)
+    assert math.isfinite(loss) and run.tokens_seen == p.batch_size * p.model.block_size
+    assert evaluate(run, 0) == run.val_loss > 0
+    checkpoint(run, 1)
+    resumed = prepare(p, seed, paths, rt)  # finds the checkpoint of the same run
+    assert resumed.start_step == 1 and resumed.tokens_seen == run.tokens_seen
+    assert all(torch.equal(a, b) for a, b in zip(run.raw_model.state_dict().values(),
+                                                 resumed.raw_model.state_dict().values(),
+                                                 strict=True))
+    assert optimizer_step(resumed, 1) == optimizer_step(run, 1)  # same data, same weights
+
+
+def test_a_non_finite_loss_never_reaches_the_weights(micro_workspace, tmp_path, monkeypatch):
+    seed, p = micro_params(micro_workspace)
+    run = prepare(p, seed, paths_in(micro_workspace, tmp_path), setup_runtime("cpu"))
+    optimizer_step(run, 0)
+    before = {k: v.clone() for k, v in run.raw_model.state_dict().items()}
+    real_forward = GPT.forward
+    monkeypatch.setattr(GPT, "forward", lambda self, idx, targets=None: (
+        lambda out: (out[0], out[1] * float("inf")))(real_forward(self, idx, targets)))
+    with pytest.raises(TrainingError, match=r"^pretrain: loss became inf at step 1$"):
+        optimizer_step(run, 1)
+    assert all(torch.equal(before[k], v) for k, v in run.raw_model.state_dict().items())
+
+
+def test_one_host_device_synchronisation_per_optimizer_step(micro_workspace, tmp_path,
+                                                            monkeypatch):
+    """On a GPU every read of a device tensor on the host (.item(), .tolist(), `if tensor`)
+    waits for the device: an optimizer step reads the loss and gradient norm once, together."""
+    seed, p = micro_params(micro_workspace, grad_accum_steps=2)
+    run = prepare(p, seed, paths_in(micro_workspace, tmp_path), setup_runtime("cpu"))
+    reads, counting = [], [True]
+
+    def counting_reads(name):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, **kwargs):
+            if counting[0]:
+                reads.append(name)
+            return real(self, *args, **kwargs)
+        return counted
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, counting_reads(name))
+    real_starts = TokenBin.random_starts
+
+    def starts_on_the_host(self, *args, **kwargs):  # the data position lives on the host
+        counting[0] = False
+        try:
+            return real_starts(self, *args, **kwargs)
+        finally:
+            counting[0] = True
+
+    monkeypatch.setattr(TokenBin, "random_starts", starts_on_the_host)
+    for step in range(3):
+        optimizer_step(run, step)
+    assert reads == ["tolist"] * 3
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(micro_workspace, tmp_path,

@@ -4,12 +4,13 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from conftest import ROOT
-from llmpipe.causal_lm import load_base
+from llmpipe import layout
 from llmpipe.data import TokenBin
 from llmpipe.decoding import GreedyDecoder
 from llmpipe.errors import DataError, ParamsError
 from llmpipe.evaluation import window_loss
-from llmpipe.params import load_stage_params
+from llmpipe.loading import load_causal_lm
+from llmpipe.params import QuantizeParams, load_stage_params
 from llmpipe.quantization import (
     METHODS,
     MODULES,
@@ -23,14 +24,14 @@ from llmpipe.quantization import (
 
 @pytest.fixture(scope="module")
 def base(micro_pretrained):
-    model, tokenizer = load_base(str(micro_pretrained / "data/pretrain/model"))
-    val = TokenBin.open(micro_pretrained / "data/tokens/pretrain", "val")
+    model, tokenizer = load_causal_lm(micro_pretrained / layout.PRETRAIN_MODEL)
+    val = TokenBin.open(micro_pretrained / layout.tokens("pretrain"), "val")
     return model.eval(), tokenizer, val
 
 
 @pytest.fixture(scope="module")
 def calibration(micro_pretrained):
-    train = TokenBin.open(micro_pretrained / "data/tokens/pretrain", "train")
+    train = TokenBin.open(micro_pretrained / layout.tokens("pretrain"), "train")
     return calibration_inputs(train, 32, 16, 8)
 
 
@@ -80,7 +81,8 @@ def test_quantized_perplexity_stays_close_and_reload_is_identical(base, method, 
 def test_int8_file_is_under_half_the_fp32_file(base, tmp_path, micro_pretrained):
     model, tokenizer, _ = base
     save_quantized(quantize(model, "dynamic_int8"), tmp_path, tokenizer)
-    fp32_bytes = (micro_pretrained / "data/pretrain/model/model.safetensors").stat().st_size
+    fp32_bytes = (micro_pretrained / layout.PRETRAIN_MODEL
+                  / "model.safetensors").stat().st_size
     assert (tmp_path / "quantized.safetensors").stat().st_size < 0.5 * fp32_bytes
 
 
@@ -94,7 +96,7 @@ def test_unknown_method_or_source_is_a_clear_error(base, tmp_path):
     (tmp_path / "params.yaml").write_text(text.replace("  source: finetune", "  source: pretrain"))
     with pytest.raises(ParamsError, match="quantize.source: 'pretrain' is not one of "
                                           "'finetune', 'lora'"):
-        load_stage_params("quantize", tmp_path / "params.yaml")
+        load_stage_params(QuantizeParams, tmp_path / "params.yaml")
     with pytest.raises(DataError, match="no quantization.json"):
         load_quantized(tmp_path)
 

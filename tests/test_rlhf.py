@@ -6,26 +6,27 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from llmpipe import layout
 from llmpipe.errors import DataError
+from llmpipe.loading import load_reward_model, load_tokenizer
 from llmpipe.params import GrpoParams, RewardModelParams
-from llmpipe.preferences import Completion, gold_pairs, load_preference_set, sample_completions
+from llmpipe.preference_pairs import gold_pairs, load_preference_set
 from llmpipe.rlhf import (
     completion_logprobs,
     length_penalty,
-    load_reward_model,
-    load_tokenizer,
     pairwise_report,
     run_grpo,
     score_texts,
     train_reward_model,
 )
+from llmpipe.sampling import Completion, Sampling, sample_completions
 
 WORDS = ["value", "object", "return", "list", "the", "file", "name", "of", "a", "is"]
 
 
 @pytest.fixture(scope="module")
 def policy_dir(micro_pretrained):
-    return micro_pretrained / "data/pretrain/model"
+    return micro_pretrained / layout.PRETRAIN_MODEL
 
 
 def toy_pairs(seed: int, n: int) -> list[dict]:
@@ -51,7 +52,9 @@ def test_reward_trainer_learns_a_separable_preference(policy_dir, tmp_path):
 
 
 def grpo_params(**changes) -> GrpoParams:
-    values = dict(use_lora=False, num_generations=4, prompts_per_step=4, beta=0.0,
+    values = dict(use_lora=False, lora_r=8, lora_alpha=16,
+                  lora_target_modules=["c_attn", "c_proj"], num_generations=4,
+                  prompts_per_step=4, beta=0.0, length_penalty=0.0, eval_samples=1,
                   loss_type="dapo", scale_rewards="group", learning_rate=1e-2,
                   max_completion_length=8, temperature=1.0, max_steps=15)
     return GrpoParams(**{**values, **changes})
@@ -66,7 +69,7 @@ def test_grpo_raises_a_simple_reward_and_calls_it_as_trl_documents(policy_dir, t
     prompts = [" ".join(random.Random(i).choice(WORDS) for _ in range(3)) for i in range(32)]
 
     def sampled_ids(model) -> list[list[int]]:
-        groups = sample_completions(model, tokenizer, prompts, 4, 8, 1.0, None, seed=7)
+        groups = sample_completions(model, tokenizer, prompts, Sampling(4, 8, 1.0, seed=7))
         return [c.ids for group in groups for c in group]
 
     base_ids = sampled_ids(AutoModelForCausalLM.from_pretrained(policy_dir))
@@ -116,7 +119,7 @@ def test_kl_of_a_policy_to_itself_is_zero_and_positive_to_another(policy_dir):
     tokenizer = load_tokenizer(policy_dir)
     policy = AutoModelForCausalLM.from_pretrained(policy_dir)
     prompts = ["the value of", "a list is"]
-    groups = sample_completions(policy, tokenizer, prompts, 3, 6, 1.0, None, seed=0)
+    groups = sample_completions(policy, tokenizer, prompts, Sampling(3, 6, 1.0, seed=0))
     prompt_ids = [tokenizer(q, add_special_tokens=False).input_ids
                   for q in prompts for _ in range(3)]
     ids = [c.ids for g in groups for c in g]
@@ -169,3 +172,27 @@ def test_preference_set_with_missing_columns_is_a_clear_error(tmp_path):
     path.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
     assert load_preference_set(f"hf:{path}", "train") == [
         {"prompt": "q", "chosen": "a", "rejected": "b"}]
+
+
+def test_the_preference_directory_round_trips(tmp_path):
+    from llmpipe.preferences import (
+        GoldSpec,
+        PreferenceSet,
+        read_fresh,
+        read_gold_spec,
+        read_pairs,
+        read_prompts,
+    )
+
+    pairs = {"train": toy_pairs(0, 3), "heldout": toy_pairs(1, 2)}
+    prompts = {split: sorted({q["prompt"] for q in rows}) for split, rows in pairs.items()}
+    fresh = [{"prompt": "q", "completions": ["a", "b"], "gold": [0.1, -0.2]}]
+    PreferenceSet(pairs, prompts, fresh, GoldSpec("vader", None)).write(tmp_path / "prefs")
+    assert [read_pairs(tmp_path / "prefs", s) for s in ("train", "heldout")] == \
+        [pairs["train"], pairs["heldout"]]
+    assert read_prompts(tmp_path / "prefs", "heldout") == prompts["heldout"]
+    assert read_fresh(tmp_path / "prefs") == fresh
+    assert read_gold_spec(tmp_path / "prefs") == GoldSpec("vader", None)
+    assert not list(tmp_path.glob(".prefs*"))  # written as a whole, no temporary left
+    with pytest.raises(DataError, match=r"gold\.json: not found"):
+        read_gold_spec(tmp_path)

@@ -20,43 +20,10 @@ import torch
 from llmpipe.data import TokenBin
 from llmpipe.errors import DataError, ParamsError
 from llmpipe.evaluation import perplexity, window_loss
+from llmpipe.loading import load_causal_lm
 from llmpipe.params import CausalLMTrainingParams
+from llmpipe.runtime import runtime_args
 from llmpipe.tracking import TrainerCurves
-
-PRETRAIN_MODEL_DIR = Path("data/pretrain/model")
-
-
-def base_name(spec: str) -> str:
-    """`pretrain` -> the pretrain stage's model directory; `hf:<name>` -> a hub name."""
-    if spec == "pretrain":
-        return str(PRETRAIN_MODEL_DIR)
-    if spec.startswith("hf:"):
-        return spec.removeprefix("hf:")
-    return spec
-
-
-def default_device() -> str:
-    """Where the Hugging Face stages put their models: the GPU when there is one."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_base(spec: str, trust_remote_code: bool = False, device: str = "auto"):
-    """The base causal LM (on the GPU when there is one and device is auto) and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    name = base_name(spec)
-    if not spec.startswith("hf:") and not Path(name).is_dir():
-        raise DataError(f"base model {spec!r}: no directory {name} (run the pretrain stage "
-                        "first, or set base to hf:<name> or a model directory)")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code,
-                                                     use_safetensors=True)
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise DataError(f"base model {spec!r}: cannot load ({e})") from e
-    if device == "auto":
-        device = default_device()
-    return model.to(device), tokenizer
 
 
 def open_token_data(tokens_dir: Path, model, base_spec: str) -> tuple[TokenBin, TokenBin]:
@@ -113,15 +80,6 @@ class TrainResult:
     eval_losses: list[tuple[int, float]]  # (step, Trainer eval_loss) at every evaluation
     tokens_per_s: float
     peak_memory_mb: float
-
-
-def runtime_args(seed: int, bf16: bool | None = None) -> dict:
-    """TrainingArguments every trainer here shares (HF Trainer, TRL's RewardConfig and
-    GRPOConfig; the TRL ones default bf16 on even on CPU, so it is always given)."""
-    cuda = torch.cuda.is_available()
-    return {"bf16": cuda if bf16 is None else bf16, "use_cpu": not cuda, "seed": seed,
-            "data_seed": seed, "dataloader_num_workers": 0,
-            "report_to": "none"}  # curves go through TrainerCurves, which leaves dvc.yaml alone
 
 
 def use_bf16(p: CausalLMTrainingParams) -> bool:
@@ -200,14 +158,14 @@ class StageRun:
     def metrics(self, base_spec: str) -> dict:
         return {
             "base": base_spec,
-            "base_val_perplexity": round(self.base_perplexity, 4),
-            "val_perplexity": round(self.perplexity, 4),
-            "train_loss": round(self.result.train_loss, 6),
+            "base_val_perplexity": self.base_perplexity,
+            "val_perplexity": self.perplexity,
+            "train_loss": self.result.train_loss,
             "steps": self.result.steps,
             "best_step": self.result.best_step,
-            "perf": {"tokens_per_s": round(self.result.tokens_per_s, 1),
-                     "peak_memory_mb": round(self.result.peak_memory_mb, 1),
-                     "wall_s": round(time.perf_counter() - self.started, 1)},
+            "perf": {"tokens_per_s": self.result.tokens_per_s,
+                     "peak_memory_mb": self.result.peak_memory_mb,
+                     "wall_s": time.perf_counter() - self.started},
         }
 
 
@@ -219,7 +177,7 @@ def run_stage(stage: str, p: CausalLMTrainingParams, seed: int, tokens_dir: Path
 
     started = time.perf_counter()
     set_seed(seed)  # an adapter's initial weights are drawn before the Trainer seeds anything
-    model, tokenizer = load_base(p.base, p.trust_remote_code)
+    model, tokenizer = load_causal_lm(p.base, p.trust_remote_code)
     check_block_size(model, p.block_size, f"{stage}.block_size")
     train_bin, val_bin = open_token_data(tokens_dir, model, p.base)
     base_ppl = val_perplexity(model, val_bin, p)

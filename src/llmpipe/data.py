@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from llmpipe.errors import DataError
-from llmpipe.io import sha256_file
+from llmpipe.io import sha256_file, write_json
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class TokenBin:
              verify_checksum: bool = False) -> TokenBin:
         corpus_dir = Path(corpus_dir)
         meta = read_meta(corpus_dir)
-        path = corpus_dir / f"{split}.bin"
+        path = bin_path(corpus_dir, split)
         info = meta["splits"].get(split)
         if info is None:
             raise DataError(f"{corpus_dir / 'meta.json'}: no split {split!r}")
@@ -97,8 +97,25 @@ class TokenBin:
             yield self.batch(starts[i:i + batch_size], block_size)
 
 
+META_FILE = "meta.json"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest unsigned dtype that holds every id of the vocabulary."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def bin_path(corpus_dir: str | Path, split: str) -> Path:
+    return Path(corpus_dir) / f"{split}.bin"
+
+
+def write_meta(corpus_dir: str | Path, meta: dict) -> None:
+    """meta.json, written last (atomically): a corpus directory without it is unfinished."""
+    write_json(Path(corpus_dir) / META_FILE, meta)
+
+
 def read_meta(corpus_dir: str | Path) -> dict:
-    path = Path(corpus_dir) / "meta.json"
+    path = Path(corpus_dir) / META_FILE
     if not path.exists():
         raise DataError(f"{path}: not found (run the tokenize stage first)")
     try:
@@ -122,36 +139,3 @@ def unigram_perplexity(train: TokenBin, val_windows: list[torch.Tensor]) -> floa
     log_probs = np.log((counts + 1) / (counts.sum() + train.vocab_size))
     targets = torch.cat([w.flatten() for w in val_windows]).numpy()
     return float(np.exp(-log_probs[targets].mean()))
-
-
-def write_corpus(out_dir: str | Path, splits: dict[str, list[str]], encoder, vocab_size: int,
-                 tokenizer_name: str, progress_desc: str = "") -> dict:
-    """Encode each split's documents into out_dir/<split>.bin and write meta.json beside.
-
-    Encodes and writes chunk by chunk, so the token arrays never all sit in memory. Returns meta.
-    """
-    from tqdm import tqdm
-
-    from llmpipe.corpus import text_bytes
-    from llmpipe.io import atomic_path, write_json
-    from llmpipe.tokenization import chunks, token_dtype
-
-    out_dir = Path(out_dir)
-    dtype = token_dtype(vocab_size)
-    meta = {"dtype": dtype.name, "vocab_size": vocab_size, "eot_id": encoder.eot,
-            "tokenizer": tokenizer_name, "encoder": encoder.backend, "splits": {}}
-    total_bytes = sum(text_bytes(docs) for docs in splits.values())
-    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=progress_desc) as bar:
-        for split, docs in splits.items():
-            n_tokens = 0
-            with atomic_path(out_dir / f"{split}.bin") as tmp, open(tmp, "wb") as f:
-                for group in chunks(docs):
-                    ids = encoder.encode_to_array(group, dtype)
-                    ids.tofile(f)
-                    n_tokens += len(ids)
-                    bar.update(text_bytes(group))
-            meta["splits"][split] = {"documents": len(docs), "tokens": n_tokens,
-                                     "bytes": text_bytes(docs),
-                                     "sha256": sha256_file(out_dir / f"{split}.bin")}
-    write_json(out_dir / "meta.json", meta)
-    return meta

@@ -10,6 +10,8 @@ import contextlib
 import math
 import statistics
 import time
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch.nn import functional as F
@@ -101,17 +103,41 @@ def compiled_generation_tokens_per_s(model, prompt: torch.Tensor, new_tokens: in
                                                          repeats)
 
 
-def inference_figures(model, val: TokenBin, block_size: int, windows: int, batch_size: int,
-                      batch: torch.Tensor, prompt: torch.Tensor, new_tokens: int,
-                      repeats: int, compiled: bool = False) -> dict:
+@dataclass(frozen=True)
+class InferenceBench:
+    """The inputs every model's inference figures are measured on: fixed validation windows
+    (perplexity), one batch (forward latency) and one prompt (greedy generation)."""
+
+    val: TokenBin
+    block_size: int
+    windows: int
+    batch_size: int
+    new_tokens: int  # per timed generation
+    repeats: int  # timed runs after a warm-up; the median counts
+    compiled: bool  # also time the compiled static-cache decoder
+    prompt_tokens: int = 16
+
+    @cached_property
+    def batch(self) -> torch.Tensor:
+        """(batch_size, block_size): the first validation windows."""
+        return next(self.val.eval_batches(self.block_size, self.batch_size, self.batch_size))[0]
+
+    @property
+    def prompt(self) -> torch.Tensor:
+        return self.batch[:1, :self.prompt_tokens]
+
+
+def inference_figures(model, bench: InferenceBench) -> dict:
     """Validation perplexity, forward latency (ms) and generation tokens/s of one model
-    (`generate`, eager; with `compiled`, also the compiled static-cache decoder)."""
+    (`generate`, eager; with `bench.compiled`, also the compiled static-cache decoder)."""
     figures = {
-        "val_perplexity": perplexity(window_loss(model, val, block_size, windows, batch_size)),
-        "forward_ms": 1e3 * forward_latency_s(model, batch, repeats),
-        "generate_tokens_per_s": generation_tokens_per_s(model, prompt, new_tokens, repeats),
+        "val_perplexity": perplexity(window_loss(model, bench.val, bench.block_size,
+                                                 bench.windows, bench.batch_size)),
+        "forward_ms": 1e3 * forward_latency_s(model, bench.batch, bench.repeats),
+        "generate_tokens_per_s": generation_tokens_per_s(model, bench.prompt, bench.new_tokens,
+                                                         bench.repeats),
     }
-    if compiled:
+    if bench.compiled:
         figures["compiled_generate_tokens_per_s"] = compiled_generation_tokens_per_s(
-            model, prompt, new_tokens, repeats)
+            model, bench.prompt, bench.new_tokens, bench.repeats)
     return figures

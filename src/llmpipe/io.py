@@ -16,7 +16,12 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-METRICS_DIR = Path("metrics")
+from llmpipe import layout
+
+# Metrics are rounded here, once, as they are written: figures to 4 decimals (losses to 6),
+# timings (under "perf", or a rate named *_per_s) to 4 significant digits: they vary +-25% run
+# to run, more digits are noise.
+DECIMALS, LOSS_DECIMALS, PERF_DIGITS = 4, 6, 4
 
 
 def _chmod_default(path: Path, mode: int) -> None:
@@ -110,11 +115,25 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
+def rounded(value: Any, key: str = "", perf: bool = False) -> Any:
+    """`value` with every float rounded by the rule above (nested dicts and lists too)."""
+    if isinstance(value, dict):
+        return {k: rounded(v, str(k), perf or k == "perf" or str(k).endswith("_per_s"))
+                for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [rounded(v, key, perf) for v in value]
+    if not isinstance(value, float):
+        return value
+    if perf:
+        return float(f"{value:.{PERF_DIGITS}g}")
+    return round(value, LOSS_DECIMALS if key.endswith("_loss") else DECIMALS)
+
+
 def write_metrics(stage: str, metrics: dict[str, Any]) -> Path:
-    """Write metrics/<stage>.json. Timing figures go under the key "perf": everything else
-    is a deterministic function of params, seed and data (bit for bit on CPU)."""
-    path = METRICS_DIR / f"{stage}.json"
-    write_json(path, metrics)
+    """Write metrics/<stage>.json, rounded. Timing figures go under the key "perf": everything
+    else is a deterministic function of params, seed and data (bit for bit on CPU)."""
+    path = layout.metrics_file(stage)
+    write_json(path, rounded(metrics))
     return path
 
 

@@ -1,13 +1,15 @@
 """Typed, validated params.yaml.
 
-Each stage calls `load_stage_params("<stage>")` and gets the shared keys plus its own section as
-frozen dataclasses. Validation is strict, because a typo in params.yaml that is silently ignored
-makes a DVC experiment compare two identical runs: an unknown key, a wrong type or an
-out-of-range value stops the stage with one line naming the dotted key, the value and what is
-allowed, e.g. ``tokenize.vocab_size: -5 is not a positive integer``.
+Each stage calls `load_stage_params(<its schema>)`, e.g. `load_stage_params(FinetuneParams)`,
+and gets the shared keys plus its own section as frozen dataclasses of those types.
+Validation is strict, because a typo in params.yaml that is silently ignored makes a DVC
+experiment compare two identical runs: an unknown key, a wrong type or an out-of-range value
+stops the stage with one line naming the dotted key, the value and what is allowed,
+e.g. ``tokenize.vocab_size: -5 is not a positive integer``.
 
-The schema is the dataclasses below: the type annotation gives the type, `param(check=...)` the
-range, and a field without a default is required.
+The schema is the dataclasses below: the type annotation gives the type, `param(<check>)` the
+range. No field has a default: every value comes from params.yaml, which spells out every key,
+so that DVC, which tracks params.yaml and not this file, sees every value a stage uses.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from llmpipe.errors import ParamsError
 
@@ -75,8 +77,8 @@ GOLD_SCORER = Check("vader, hf:<name> or a directory (a text-classification mode
 PREFERENCE_SOURCE = Check("generate, hf:<dataset>[:<config>] or file:<path>",
                           lambda v: v == "generate" or _has_scheme(v, ("hf", "file")))
 
-def param(default: Any = dataclasses.MISSING, *, check: Check | None = None) -> Any:
-    return dataclasses.field(default=default, metadata={"check": check})
+def param(check: Check) -> Any:
+    return dataclasses.field(metadata={"check": check})
 
 
 # --- the schema ------------------------------------------------------------------------------
@@ -84,11 +86,11 @@ def param(default: Any = dataclasses.MISSING, *, check: Check | None = None) -> 
 
 @dataclass(frozen=True, kw_only=True)
 class CorpusParams:
-    source: str = param(check=CORPUS_SOURCE)
-    split: str = "train"  # hf: datasets only
-    text_column: str = "text"  # hf:, file: .jsonl and .parquet
-    sha256: str | None = param(None, check=SHA256)  # required for url:, optional for file:
-    max_documents: int | None = param(None, check=POSITIVE_INT)
+    source: str = param(CORPUS_SOURCE)
+    split: str  # hf: datasets only
+    text_column: str  # hf:, file: .jsonl and .parquet
+    sha256: str | None = param(SHA256)  # required for url:, optional for file:
+    max_documents: int | None = param(POSITIVE_INT)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,21 +101,21 @@ class DownloadParams:
 
 @dataclass(frozen=True, kw_only=True)
 class TokenizeParams:
-    tokenizer: str = param(check=TOKENIZER_SOURCE)
-    vocab_size: int = param(check=POSITIVE_INT)  # bpe only; a pretrained tokenizer has its own
-    min_frequency: int = param(2, check=POSITIVE_INT)
-    val_fraction: float = param(check=OPEN_UNIT_INTERVAL)
-    trust_remote_code: bool = False
+    tokenizer: str = param(TOKENIZER_SOURCE)
+    vocab_size: int = param(POSITIVE_INT)  # bpe only; a pretrained tokenizer has its own
+    min_frequency: int = param(POSITIVE_INT)
+    val_fraction: float = param(OPEN_UNIT_INTERVAL)
+    trust_remote_code: bool
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelParams:
-    n_layer: int = param(check=POSITIVE_INT)
-    n_head: int = param(check=POSITIVE_INT)
-    n_embd: int = param(check=POSITIVE_INT)
-    block_size: int = param(check=POSITIVE_INT)
-    dropout: float = param(0.0, check=HALF_OPEN_UNIT_INTERVAL)
-    bias: bool = True
+    n_layer: int = param(POSITIVE_INT)
+    n_head: int = param(POSITIVE_INT)
+    n_embd: int = param(POSITIVE_INT)
+    block_size: int = param(POSITIVE_INT)
+    dropout: float = param(HALF_OPEN_UNIT_INTERVAL)
+    bias: bool
 
     def cross_field_problems(self) -> list[tuple[str, str]]:
         if self.n_embd % self.n_head:
@@ -124,36 +126,36 @@ class ModelParams:
 @dataclass(frozen=True, kw_only=True)
 class SampleParams:
     prompts: list[str]
-    max_new_tokens: int = param(48, check=POSITIVE_INT)
-    temperature: float = param(0.8, check=NON_NEGATIVE_NUMBER)
-    top_k: int | None = param(None, check=POSITIVE_INT)
-    top_p: float | None = param(None, check=PROBABILITY_MASS)
+    max_new_tokens: int = param(POSITIVE_INT)
+    temperature: float = param(NON_NEGATIVE_NUMBER)
+    top_k: int | None = param(POSITIVE_INT)
+    top_p: float | None = param(PROBABILITY_MASS)
 
 
 @dataclass(frozen=True, kw_only=True)
 class PretrainParams:
-    launcher: str = "python"  # dvc.yaml runs `<launcher> -m stages.pretrain`; or torchrun ...
-    init: str = param(check=MODEL_SOURCE)
+    launcher: str  # dvc.yaml runs `<launcher> -m stages.pretrain`; or torchrun ...
+    init: str = param(MODEL_SOURCE)
     model: ModelParams
-    batch_size: int = param(check=POSITIVE_INT)  # per process and micro-step
-    grad_accum_steps: int = param(check=POSITIVE_INT)  # for the whole run, over all processes
-    max_steps: int = param(check=POSITIVE_INT)
-    learning_rate: float = param(check=POSITIVE_NUMBER)
-    min_lr: float = param(check=NON_NEGATIVE_NUMBER)
-    warmup_steps: int = param(check=NON_NEGATIVE_INT)
-    weight_decay: float = param(check=NON_NEGATIVE_NUMBER)
-    beta1: float = param(0.9, check=OPEN_UNIT_INTERVAL)
-    beta2: float = param(0.95, check=OPEN_UNIT_INTERVAL)
-    grad_clip: float = param(1.0, check=NON_NEGATIVE_NUMBER)  # 0 turns clipping off
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    compile: bool = False
-    eval_interval: int = param(check=POSITIVE_INT)
-    eval_windows: int = param(check=POSITIVE_INT)
-    checkpoint_interval: int = param(check=POSITIVE_INT)
-    peak_flops: float | None = param(None, check=POSITIVE_NUMBER)  # None: measured at start
-    trust_remote_code: bool = False
-    sample: SampleParams | None = None
+    batch_size: int = param(POSITIVE_INT)  # per process and micro-step
+    grad_accum_steps: int = param(POSITIVE_INT)  # for the whole run, over all processes
+    max_steps: int = param(POSITIVE_INT)
+    learning_rate: float = param(POSITIVE_NUMBER)
+    min_lr: float = param(NON_NEGATIVE_NUMBER)
+    warmup_steps: int = param(NON_NEGATIVE_INT)
+    weight_decay: float = param(NON_NEGATIVE_NUMBER)
+    beta1: float = param(OPEN_UNIT_INTERVAL)
+    beta2: float = param(OPEN_UNIT_INTERVAL)
+    grad_clip: float = param(NON_NEGATIVE_NUMBER)  # 0 turns clipping off
+    device: Literal["auto", "cpu", "cuda"]
+    dtype: Literal["float32", "bfloat16", "float16"]
+    compile: bool
+    eval_interval: int = param(POSITIVE_INT)
+    eval_windows: int = param(POSITIVE_INT)
+    checkpoint_interval: int = param(POSITIVE_INT)
+    peak_flops: float | None = param(POSITIVE_NUMBER)  # None: measured at start
+    trust_remote_code: bool
+    sample: SampleParams | None  # null: no sample generations
 
     def cross_field_problems(self) -> list[tuple[str, str]]:
         return _schedule_problems(self) + (
@@ -172,28 +174,23 @@ def _schedule_problems(p: Any) -> list[tuple[str, str]]:
     return problems
 
 
-# --- the later stages: validated now, so params.yaml is one whole document; each stage's
-# --- code consumes its section when the stage lands in dvc.yaml.
-
-
-
 @dataclass(frozen=True, kw_only=True)
 class CausalLMTrainingParams:
     """What finetune and lora share: the base, the data and the optimisation."""
 
-    base: str = param(check=BASE_MODEL)
-    block_size: int = param(check=POSITIVE_INT)
-    batch_size: int = param(check=POSITIVE_INT)
-    grad_accum_steps: int = param(1, check=POSITIVE_INT)
-    max_steps: int = param(check=POSITIVE_INT)
-    learning_rate: float = param(check=POSITIVE_NUMBER)
-    warmup_steps: int = param(check=NON_NEGATIVE_INT)
-    weight_decay: float = param(check=NON_NEGATIVE_NUMBER)
-    eval_interval: int = param(check=POSITIVE_INT)
-    eval_windows: int = param(check=POSITIVE_INT)
-    early_stopping_patience: int = param(check=POSITIVE_INT)
-    bf16: bool | Literal["auto"] = "auto"  # auto: bf16 on CUDA only
-    trust_remote_code: bool = False
+    base: str = param(BASE_MODEL)
+    block_size: int = param(POSITIVE_INT)
+    batch_size: int = param(POSITIVE_INT)
+    grad_accum_steps: int = param(POSITIVE_INT)
+    max_steps: int = param(POSITIVE_INT)
+    learning_rate: float = param(POSITIVE_NUMBER)
+    warmup_steps: int = param(NON_NEGATIVE_INT)
+    weight_decay: float = param(NON_NEGATIVE_NUMBER)
+    eval_interval: int = param(POSITIVE_INT)
+    eval_windows: int = param(POSITIVE_INT)
+    early_stopping_patience: int = param(POSITIVE_INT)
+    bf16: bool | Literal["auto"]  # auto: bf16 on CUDA only
+    trust_remote_code: bool
 
     def cross_field_problems(self) -> list[tuple[str, str]]:
         return _schedule_problems(self)
@@ -206,9 +203,9 @@ class FinetuneParams(CausalLMTrainingParams):
 
 @dataclass(frozen=True, kw_only=True)
 class LoraParams(CausalLMTrainingParams):
-    r: int = param(check=POSITIVE_INT)
-    alpha: int = param(check=POSITIVE_INT)
-    dropout: float = param(0.0, check=HALF_OPEN_UNIT_INTERVAL)
+    r: int = param(POSITIVE_INT)
+    alpha: int = param(POSITIVE_INT)
+    dropout: float = param(HALF_OPEN_UNIT_INTERVAL)
     target_modules: list[str]
 
 
@@ -216,30 +213,30 @@ class LoraParams(CausalLMTrainingParams):
 class QuantizeParams:
     source: Literal["finetune", "lora"]
     method: Literal["dynamic_int8", "weight_only_int8", "static_int8"]
-    block_size: int = param(check=POSITIVE_INT)
-    eval_windows: int = param(check=POSITIVE_INT)
-    batch_size: int = param(check=POSITIVE_INT)
-    generate_tokens: int = param(32, check=POSITIVE_INT)  # per timed generation
-    repeats: int = param(5, check=POSITIVE_INT)  # timed runs after a warm-up; the median counts
-    compile: bool = True  # also time the compiled static-cache decoder (a C++ compiler on CPU)
-    calibration_windows: int = param(64, check=POSITIVE_INT)  # static_int8: training windows
+    block_size: int = param(POSITIVE_INT)
+    eval_windows: int = param(POSITIVE_INT)
+    batch_size: int = param(POSITIVE_INT)
+    generate_tokens: int = param(POSITIVE_INT)  # per timed generation
+    repeats: int = param(POSITIVE_INT)  # timed runs after a warm-up; the median counts
+    compile: bool  # also time the compiled static-cache decoder (a C++ compiler on CPU)
+    calibration_windows: int = param(POSITIVE_INT)  # static_int8: training windows
 
 
 @dataclass(frozen=True, kw_only=True)
 class PreferencesParams:
-    source: str = param(check=PREFERENCE_SOURCE)
-    gold_scorer: str = param(check=GOLD_SCORER)
-    gold_label: str | None = None  # the label to reward, for a classifier gold scorer
-    split: str = "train"  # hf:/file: sets
-    heldout_fraction: float = param(0.1, check=OPEN_UNIT_INTERVAL)  # hf:/file: sets
-    prompt_tokens: int = param(check=POSITIVE_INT)
-    completion_tokens: int = param(check=POSITIVE_INT)
-    samples_per_prompt: int = param(check=Check("an integer of at least 2", lambda v: v >= 2))
-    pairs_per_prompt: int = param(1, check=POSITIVE_INT)
-    train_prompts: int = param(check=POSITIVE_INT)
-    heldout_prompts: int = param(check=POSITIVE_INT)
-    temperature: float = param(1.0, check=POSITIVE_NUMBER)
-    top_k: int | None = param(None, check=POSITIVE_INT)
+    source: str = param(PREFERENCE_SOURCE)
+    gold_scorer: str = param(GOLD_SCORER)
+    gold_label: str | None  # the label to reward, for a classifier gold scorer
+    split: str  # hf:/file: sets
+    heldout_fraction: float = param(OPEN_UNIT_INTERVAL)  # hf:/file: sets
+    prompt_tokens: int = param(POSITIVE_INT)
+    completion_tokens: int = param(POSITIVE_INT)
+    samples_per_prompt: int = param(Check("an integer of at least 2", lambda v: v >= 2))
+    pairs_per_prompt: int = param(POSITIVE_INT)
+    train_prompts: int = param(POSITIVE_INT)
+    heldout_prompts: int = param(POSITIVE_INT)
+    temperature: float = param(POSITIVE_NUMBER)
+    top_k: int | None = param(POSITIVE_INT)
 
     def cross_field_problems(self) -> list[tuple[str, str]]:
         if 2 * self.pairs_per_prompt > self.samples_per_prompt:
@@ -250,50 +247,48 @@ class PreferencesParams:
 
 @dataclass(frozen=True, kw_only=True)
 class RewardModelParams:
-    learning_rate: float = param(check=POSITIVE_NUMBER)
-    warmup_steps: int = param(0, check=NON_NEGATIVE_INT)
-    epochs: int = param(check=POSITIVE_INT)
-    batch_size: int = param(check=POSITIVE_INT)
-    max_length: int = param(check=POSITIVE_INT)  # tokens of prompt + completion
+    learning_rate: float = param(POSITIVE_NUMBER)
+    warmup_steps: int = param(NON_NEGATIVE_INT)
+    epochs: int = param(POSITIVE_INT)
+    batch_size: int = param(POSITIVE_INT)
+    max_length: int = param(POSITIVE_INT)  # tokens of prompt + completion
 
 
 @dataclass(frozen=True, kw_only=True)
 class GrpoParams:
     use_lora: bool
-    lora_r: int = param(8, check=POSITIVE_INT)
-    lora_alpha: int = param(16, check=POSITIVE_INT)
-    lora_target_modules: list[str] = dataclasses.field(
-        default_factory=lambda: ["c_attn", "c_proj"])
-    num_generations: int = param(check=Check("an integer of at least 2 (a group)",
-                                             lambda v: v >= 2))
-    prompts_per_step: int = param(check=POSITIVE_INT)
-    beta: float = param(check=NON_NEGATIVE_NUMBER)
+    lora_r: int = param(POSITIVE_INT)
+    lora_alpha: int = param(POSITIVE_INT)
+    lora_target_modules: list[str]
+    num_generations: int = param(Check("an integer of at least 2 (a group)", lambda v: v >= 2))
+    prompts_per_step: int = param(POSITIVE_INT)
+    beta: float = param(NON_NEGATIVE_NUMBER)
     loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"]
     scale_rewards: Literal["group", "batch", "none"]
-    learning_rate: float = param(check=POSITIVE_NUMBER)
-    max_completion_length: int = param(check=POSITIVE_INT)
-    temperature: float = param(check=POSITIVE_NUMBER)
-    max_steps: int = param(check=POSITIVE_INT)
-    length_penalty: float = param(0.0, check=NON_NEGATIVE_NUMBER)  # weight, per token
-    eval_samples: int = param(4, check=POSITIVE_INT)  # completions per held-out prompt
+    learning_rate: float = param(POSITIVE_NUMBER)
+    max_completion_length: int = param(POSITIVE_INT)
+    temperature: float = param(POSITIVE_NUMBER)
+    max_steps: int = param(POSITIVE_INT)
+    length_penalty: float = param(NON_NEGATIVE_NUMBER)  # weight, per token
+    eval_samples: int = param(POSITIVE_INT)  # completions per held-out prompt
 
 
 @dataclass(frozen=True, kw_only=True)
 class EvaluateParams:
-    block_size: int = param(check=POSITIVE_INT)
-    eval_windows: int = param(check=POSITIVE_INT)  # per corpus, the same for every model
-    batch_size: int = param(check=POSITIVE_INT)
-    samples_per_prompt: int = param(check=POSITIVE_INT)  # on the held-out preference prompts
-    completion_tokens: int = param(check=POSITIVE_INT)
-    temperature: float = param(1.0, check=POSITIVE_NUMBER)
-    generate_tokens: int = param(32, check=POSITIVE_INT)  # timed greedy generation
-    repeats: int = param(3, check=POSITIVE_INT)
+    block_size: int = param(POSITIVE_INT)
+    eval_windows: int = param(POSITIVE_INT)  # per corpus, the same for every model
+    batch_size: int = param(POSITIVE_INT)
+    samples_per_prompt: int = param(POSITIVE_INT)  # on the held-out preference prompts
+    completion_tokens: int = param(POSITIVE_INT)
+    temperature: float = param(POSITIVE_NUMBER)
+    generate_tokens: int = param(POSITIVE_INT)  # timed greedy generation
+    repeats: int = param(POSITIVE_INT)
     sample: SampleParams  # fixed prompts whose generations go into the report
 
 
 @dataclass(frozen=True, kw_only=True)
 class SharedParams:
-    seed: int = param(check=NON_NEGATIVE_INT)
+    seed: int = param(NON_NEGATIVE_INT)
 
 
 STAGE_SCHEMAS: dict[str, type] = {
@@ -308,7 +303,9 @@ STAGE_SCHEMAS: dict[str, type] = {
     "grpo": GrpoParams,
     "evaluate": EvaluateParams,
 }
+STAGE_OF_SCHEMA: dict[type, str] = {schema: stage for stage, schema in STAGE_SCHEMAS.items()}
 SHARED_KEYS = tuple(f.name for f in dataclasses.fields(SharedParams))
+Schema = TypeVar("Schema")
 
 
 # --- validation ------------------------------------------------------------------------------
@@ -375,9 +372,7 @@ def build(schema: type, raw: Any, prefix: str) -> Any:
     for name, f in fields.items():
         key = f"{prefix}.{name}"
         if name not in raw:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ParamsError(f"{key}: missing (required)")
-            continue
+            raise ParamsError(f"{key}: missing (required)")
         values[name] = _convert(raw[name], hints[name], key, f.metadata.get("check"))
     built = schema(**values)
     for name, problem in getattr(built, "cross_field_problems", list)():
@@ -409,8 +404,13 @@ def _check_sections(raw: dict[str, Any]) -> None:
             raise ParamsError(f"{key}: unknown key (allowed: {', '.join(sorted(known))})")
 
 
-def load_stage_params(stage: str, path: str | Path = PARAMS_FILE) -> tuple[SharedParams, Any]:
-    """The shared keys and the validated section of one stage (other sections are not read)."""
+def load_stage_params(schema: type[Schema], path: str | Path = PARAMS_FILE
+                      ) -> tuple[SharedParams, Schema]:
+    """The shared keys and the validated section of the stage whose schema is `schema`
+    (e.g. FinetuneParams); other sections are not read."""
+    if schema not in STAGE_OF_SCHEMA:
+        raise TypeError(f"{schema.__name__} is no stage's schema (see STAGE_SCHEMAS)")
+    stage = STAGE_OF_SCHEMA[schema]
     raw = read_params_file(path)
     if stage not in raw:
         raise ParamsError(f"{stage}: missing section in {path}")

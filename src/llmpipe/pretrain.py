@@ -10,6 +10,12 @@
   same weights as an uninterrupted run; a finished run deletes it;
 - a loss that becomes NaN or inf stops the run, naming the step, before the optimizer can touch
   the weights; the last good checkpoint stays.
+
+`pretrain()` reads top to bottom: `prepare` (set-up and resume), then per step
+`optimizer_step` (one host-device synchronisation: the loss and gradient norm read together),
+`evaluate` every eval_interval steps and `checkpoint` every checkpoint_interval, then `finish`
+(export and metrics). Each part takes the `PretrainRun` that holds the state, and tests call
+them one by one.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -187,169 +194,245 @@ def autocast_for(p: PretrainParams, device: torch.device):
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
+@dataclass
+class PretrainRun:
+    """Everything one training run holds, from set-up to export."""
+
+    p: PretrainParams
+    seed: int
+    paths: PretrainPaths
+    rt: Runtime
+    train_bin: TokenBin
+    val_bin: TokenBin
+    tokenizer: object
+    raw_model: GPT  # the module whose weights are saved
+    model: torch.nn.Module | None  # what is called: raw_model, compiled and/or DDP-wrapped
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    data_rng: torch.Generator  # its state is the data position
+    autocast: Callable
+    digest: str
+    peak_flops: float
+    curves: CurveLog | None  # rank 0 only
+    start_step: int = 0
+    history: list[dict] = field(default_factory=list)
+    tokens_seen: int = 0
+    val_loss: float | None = None
+
+    @property
+    def micro_steps(self) -> int:
+        """Micro-batches of this process per optimizer step."""
+        return self.p.grad_accum_steps // self.rt.world_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.p.grad_accum_steps * self.p.batch_size * self.p.model.block_size
+
+
+def prepare(p: PretrainParams, seed: int, paths: PretrainPaths, rt: Runtime) -> PretrainRun:
+    """Set-up: data, model, optimizer, and the state of an interrupted run if one matches."""
+    from transformers import AutoTokenizer
+
+    meta = read_meta(paths.tokens_dir)
+    train_bin = TokenBin.open(paths.tokens_dir, "train")
+    val_bin = TokenBin.open(paths.tokens_dir, "val")
+    if p.grad_accum_steps % rt.world_size:
+        raise ParamsError(f"pretrain.grad_accum_steps: {p.grad_accum_steps} is not "
+                          f"divisible by the {rt.world_size} processes")
+    peak_flops = p.peak_flops
+    if peak_flops is None:  # before seeding: its random matrices must not shift the RNG
+        peak_flops = measure_matmul_peak_flops(
+            dtype=torch.float32 if p.dtype == "float32" else getattr(torch, p.dtype),
+            device=rt.device, n=8192 if rt.device.type == "cuda" else 1024)
+
+    # Every process seeds alike and consumes random numbers alike (dropout on equal shapes;
+    # sampling uses its own generator), so rank 0's RNG state is every rank's.
+    torch.manual_seed(seed)  # the same initial weights in every process
+    raw_model = build_model(p, meta["vocab_size"]).to(rt.device)
+    optimizer = raw_model.configure_optimizers(p.weight_decay, p.learning_rate,
+                                               (p.beta1, p.beta2), rt.device.type)
+    run = PretrainRun(
+        p=p, seed=seed, paths=paths, rt=rt, train_bin=train_bin, val_bin=val_bin,
+        tokenizer=AutoTokenizer.from_pretrained(paths.tokenizer_dir), raw_model=raw_model,
+        model=None, optimizer=optimizer,
+        scaler=torch.amp.GradScaler(enabled=p.dtype == "float16"),
+        data_rng=torch.Generator().manual_seed(seed), autocast=autocast_for(p, rt.device),
+        digest=run_digest(p, seed, meta, rt.world_size), peak_flops=peak_flops, curves=None)
+    resume(run)
+    if rt.is_main:
+        run.curves = CurveLog(paths.live_dir, run.history)
+    run.model = wrap_model(raw_model, p, rt)
+    return run
+
+
+def wrap_model(raw_model: GPT, p: PretrainParams, rt: Runtime) -> torch.nn.Module:
+    model: torch.nn.Module = torch.compile(raw_model) if p.compile else raw_model
+    if rt.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    return model
+
+
+def resume(run: PretrainRun) -> None:
+    """Load the checkpoint of an interrupted run with the same digest, if there is one."""
+    paths, rt = run.paths, run.rt
+    paths.checkpoint_dir.mkdir(parents=True, exist_ok=True)  # a DVC output even when empty
+    for stale in paths.checkpoint_dir.glob(f".{CHECKPOINT_FILE}.*.tmp"):
+        stale.unlink(missing_ok=True)  # from a run killed while writing its checkpoint
+    state = load_checkpoint(paths.checkpoint_dir, run.digest)
+    if state is None:
+        return
+    run.raw_model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["torch_rng"])
+    if rt.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"], rt.device)
+    run.data_rng.set_state(state["data_rng"])
+    run.start_step, run.history, run.tokens_seen = state["step"], state["history"], state["tokens"]
+    if rt.is_main:
+        print(f"resuming from {paths.checkpoint_dir / CHECKPOINT_FILE} at step {run.start_step}")
+
+
+def optimizer_step(run: PretrainRun, step: int) -> float:
+    """One optimizer step over the global batch; returns its mean training loss.
+
+    The loss and the gradient norm reach the host together, in the one host-device
+    synchronisation of the step (float16 adds the GradScaler's own check for inf gradients),
+    and a non-finite value stops the run before the optimizer can apply it.
+    """
+    p, rt = run.p, run.rt
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr_at(step, p)
+    block, micro_steps = p.model.block_size, run.micro_steps
+    # Every process draws the same starts and takes its share: the global batch is the
+    # single-process run's.
+    starts = run.train_bin.random_starts(p.grad_accum_steps * p.batch_size, block, run.data_rng)
+    mine = starts[rt.rank * micro_steps * p.batch_size:(rt.rank + 1) * micro_steps * p.batch_size]
+    step_loss = torch.zeros((), device=rt.device)
+    for micro in range(micro_steps):
+        x, y = run.train_bin.batch(mine[micro * p.batch_size:(micro + 1) * p.batch_size], block)
+        x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+        # DDP all-reduces gradients on the last micro-step only. (No local name holds the
+        # DDP wrapper: see the teardown in pretrain().)
+        with (run.model.no_sync() if rt.world_size > 1 and micro < micro_steps - 1
+              else contextlib.nullcontext()), run.autocast():
+            loss = run.model(x, y)[1] / micro_steps
+        run.scaler.scale(loss).backward()
+        step_loss += loss.detach()
+    if rt.world_size > 1:
+        dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        run.raw_model.parameters(), p.grad_clip if p.grad_clip > 0 else math.inf)
+    train_loss, norm = torch.stack([step_loss.float(), grad_norm.float()]).tolist()
+    if not math.isfinite(train_loss):
+        raise TrainingError(f"pretrain: loss became {train_loss} at step {step}"
+                            f"{last_good_checkpoint(run.paths)}")
+    if not run.scaler.is_enabled() and not math.isfinite(norm):  # fp16: the scaler skips it
+        raise TrainingError(f"pretrain: gradient norm became {norm} at step {step}"
+                            f"{last_good_checkpoint(run.paths)}")
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.tokens_seen += run.tokens_per_step
+    return train_loss
+
+
+def evaluate(run: PretrainRun, step: int) -> float:
+    """Validation loss on the fixed windows (and a sample generation, printed)."""
+    from tqdm import tqdm
+
+    p = run.p
+    run.val_loss = window_loss(run.raw_model, run.val_bin, p.model.block_size, p.eval_windows,
+                               p.batch_size, run.autocast)
+    if p.sample is not None:
+        first = sample(run.raw_model, run.tokenizer, p.sample, run.seed, run.rt.device)[0]
+        tqdm.write(f"step {step + 1}: {first['prompt']!r} -> {first['completion']!r}")
+    return run.val_loss
+
+
+def checkpoint(run: PretrainRun, next_step: int) -> None:
+    """Everything an exact resume at `next_step` needs, written atomically (rank 0)."""
+    rt = run.rt
+    save_checkpoint(run.paths.checkpoint_dir, {
+        "digest": run.digest, "step": next_step, "model": run.raw_model.state_dict(),
+        "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
+        "torch_rng": torch.get_rng_state(), "data_rng": run.data_rng.get_state(),
+        **({"cuda_rng": torch.cuda.get_rng_state(rt.device)} if rt.device.type == "cuda"
+           else {}),
+        "history": run.history, "tokens": run.tokens_seen})
+
+
+def finish(run: PretrainRun, tokens_per_s: float, started: float) -> dict:
+    """Export the model with its samples, close the curves, drop the checkpoint; the metrics."""
+    p, rt = run.p, run.rt
+    raw_model = run.raw_model.eval()
+    samples = sample(raw_model, run.tokenizer, p.sample, run.seed, rt.device) if p.sample else []
+    val_targets = [y for _, y in run.val_bin.eval_batches(p.model.block_size, p.eval_windows,
+                                                          p.batch_size)]
+    interval = [r["train/loss"] for r in run.history[-p.eval_interval:]]
+    metrics = {
+        "parameters": raw_model.num_params(),
+        "steps": p.max_steps,
+        "tokens_seen": run.tokens_seen,
+        "train_loss": sum(interval) / len(interval),
+        "val_loss": run.val_loss,
+        "val_perplexity": perplexity(run.val_loss),
+        "unigram_val_perplexity": unigram_perplexity(run.train_bin, val_targets),
+        "perf": {
+            "tokens_per_s": tokens_per_s,
+            # peak_flops is one device's: MFU is per device.
+            "mfu": raw_model.estimate_mfu(tokens_per_s / rt.world_size, run.peak_flops),
+            "peak_flops": run.peak_flops,
+            "wall_s": time.perf_counter() - started,
+            "device": str(rt.device), "processes": rt.world_size, "dtype": p.dtype,
+        },
+    }
+    with atomic_dir(run.paths.model_dir) as tmp:
+        export_hf_gpt2(raw_model.cpu(), tmp, tokenizer=run.tokenizer)
+        write_json(tmp / "samples.json", samples)
+    run.curves.close()
+    # A finished run leaves no checkpoint behind: a rerun with new params starts afresh.
+    (run.paths.checkpoint_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+    return metrics
+
+
 def pretrain(p: PretrainParams, seed: int, paths: PretrainPaths) -> dict | None:
     """Train, export the model to paths.model_dir and return the metrics (None on ranks > 0)."""
     from tqdm import tqdm
-    from transformers import AutoTokenizer
 
     started = time.perf_counter()
     rt = setup_runtime(p.device)
+    run = None
     try:
-        meta = read_meta(paths.tokens_dir)
-        train_bin = TokenBin.open(paths.tokens_dir, "train")
-        val_bin = TokenBin.open(paths.tokens_dir, "val")
-        if p.grad_accum_steps % rt.world_size:
-            raise ParamsError(f"pretrain.grad_accum_steps: {p.grad_accum_steps} is not "
-                              f"divisible by the {rt.world_size} processes")
-        micro_steps = p.grad_accum_steps // rt.world_size
-        block = p.model.block_size
-        tokens_per_step = p.grad_accum_steps * p.batch_size * block
-
-        peak_flops = p.peak_flops
-        if peak_flops is None:  # before seeding: its random matrices must not shift the RNG
-            peak_flops = measure_matmul_peak_flops(
-                dtype=torch.float32 if p.dtype == "float32" else getattr(torch, p.dtype),
-                device=rt.device, n=8192 if rt.device.type == "cuda" else 1024)
-
-        # Every process seeds alike and consumes random numbers alike (dropout on equal shapes;
-        # sampling uses its own generator), so rank 0's RNG state is every rank's.
-        torch.manual_seed(seed)  # the same initial weights in every process
-        raw_model = build_model(p, meta["vocab_size"]).to(rt.device)
-        optimizer = raw_model.configure_optimizers(p.weight_decay, p.learning_rate,
-                                                   (p.beta1, p.beta2), rt.device.type)
-        scaler = torch.amp.GradScaler(enabled=p.dtype == "float16")
-        data_rng = torch.Generator().manual_seed(seed)
-        digest = run_digest(p, seed, meta, rt.world_size)
-        paths.checkpoint_dir.mkdir(parents=True, exist_ok=True)  # a DVC output even when empty
-        for stale in paths.checkpoint_dir.glob(f".{CHECKPOINT_FILE}.*.tmp"):
-            stale.unlink(missing_ok=True)  # from a run killed while writing its checkpoint
-        state = load_checkpoint(paths.checkpoint_dir, digest)
-        start_step, history, tokens_seen = 0, [], 0
-        if state is not None:
-            raw_model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            torch.set_rng_state(state["torch_rng"])
-            if rt.device.type == "cuda":
-                torch.cuda.set_rng_state(state["cuda_rng"], rt.device)
-            data_rng.set_state(state["data_rng"])
-            start_step, history, tokens_seen = state["step"], state["history"], state["tokens"]
-            if rt.is_main:
-                print(f"resuming from {paths.checkpoint_dir / CHECKPOINT_FILE} at step "
-                      f"{start_step}")
-
-        model: torch.nn.Module = raw_model
-        if p.compile:
-            model = torch.compile(model)
-        if rt.world_size > 1:
-            model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-        autocast = autocast_for(p, rt.device)
-        tokenizer = AutoTokenizer.from_pretrained(paths.tokenizer_dir)
-        curves = CurveLog(paths.live_dir, history) if rt.is_main else None
-
-        train_seconds, timed_tokens = 0.0, 0
-        val_loss = None
-        bar = tqdm(range(start_step, p.max_steps), initial=start_step, total=p.max_steps,
-                   desc="pretrain", mininterval=1.0,
+        run = prepare(p, seed, paths, rt)
+        train_seconds, timed_tokens, tokens_per_s = 0.0, 0, 0.0
+        bar = tqdm(range(run.start_step, p.max_steps), initial=run.start_step,
+                   total=p.max_steps, desc="pretrain", mininterval=1.0,
                    disable=True if not rt.is_main else None)  # None: off when not a terminal
         for step in bar:
             step_started = time.perf_counter()
-            lr = lr_at(step, p)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            starts = train_bin.random_starts(p.grad_accum_steps * p.batch_size, block, data_rng)
-            mine = starts[rt.rank * micro_steps * p.batch_size:
-                          (rt.rank + 1) * micro_steps * p.batch_size]
-            step_loss = torch.zeros((), device=rt.device)
-            for micro in range(micro_steps):
-                x, y = train_bin.batch(mine[micro * p.batch_size:(micro + 1) * p.batch_size],
-                                       block)
-                x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-                # DDP all-reduces gradients on the last micro-step only.
-                sync = (contextlib.nullcontext() if rt.world_size == 1 or
-                        micro == micro_steps - 1 else model.no_sync())
-                with sync, autocast():
-                    _, loss = model(x, y)
-                    loss = loss / micro_steps
-                scaler.scale(loss).backward()
-                step_loss += loss.detach()
-            if rt.world_size > 1:
-                dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
-            train_loss = step_loss.item()
-            if not math.isfinite(train_loss):
-                raise TrainingError(f"pretrain: loss became {train_loss} at step {step}"
-                                    f"{last_good_checkpoint(paths)}")
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                raw_model.parameters(), p.grad_clip if p.grad_clip > 0 else math.inf)
-            if not scaler.is_enabled() and not torch.isfinite(grad_norm):  # fp16: scaler skips
-                raise TrainingError(f"pretrain: gradient norm became {grad_norm.item()} at step "
-                                    f"{step}{last_good_checkpoint(paths)}")
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            tokens_seen += tokens_per_step
-            if step > start_step:  # the first step pays for warm-up (and compilation)
+            train_loss = optimizer_step(run, step)
+            if step > run.start_step:  # the first step pays for warm-up (and compilation)
                 train_seconds += time.perf_counter() - step_started
-                timed_tokens += tokens_per_step
-            tokens_per_s = timed_tokens / train_seconds if train_seconds else 0.0
-            record = {"step": step, "train/loss": train_loss, "lr": lr,
+                timed_tokens += run.tokens_per_step
+                tokens_per_s = timed_tokens / train_seconds
+            record = {"step": step, "train/loss": train_loss,
+                      "lr": run.optimizer.param_groups[0]["lr"],
                       "perf/tokens_per_s": round(tokens_per_s, 1)}
             done = step + 1 == p.max_steps
             if rt.is_main and ((step + 1) % p.eval_interval == 0 or done):
-                val_loss = window_loss(raw_model, val_bin, block, p.eval_windows,
-                                       p.batch_size, autocast)
-                record["val/loss"] = val_loss
-                if p.sample is not None:
-                    first = sample(raw_model, tokenizer, p.sample, seed, rt.device)[0]
-                    tqdm.write(f"step {step + 1}: {first['prompt']!r} -> "
-                               f"{first['completion']!r}")
-            if curves is not None:
-                curves.log(record)
+                record["val/loss"] = evaluate(run, step)
+            if run.curves is not None:
+                run.curves.log(record)
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-            if (step + 1) % p.checkpoint_interval == 0 and not done:
-                if rt.is_main:
-                    save_checkpoint(paths.checkpoint_dir, {
-                        "digest": digest, "step": step + 1, "model": raw_model.state_dict(),
-                        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                        "torch_rng": torch.get_rng_state(), "data_rng": data_rng.get_state(),
-                        **({"cuda_rng": torch.cuda.get_rng_state(rt.device)}
-                           if rt.device.type == "cuda" else {}),
-                        "history": history, "tokens": tokens_seen})
+            if rt.is_main and (step + 1) % p.checkpoint_interval == 0 and not done:
+                checkpoint(run, step + 1)
         bar.close()
         if not rt.is_main:
             return None
-
-        raw_model.eval()
-        samples = sample(raw_model, tokenizer, p.sample, seed, rt.device) if p.sample else []
-        val_targets = [y for _, y in val_bin.eval_batches(block, p.eval_windows, p.batch_size)]
-        tokens_per_s = timed_tokens / train_seconds if train_seconds else 0.0
-        interval = [r["train/loss"] for r in history[-p.eval_interval:]]
-        metrics = {
-            "parameters": raw_model.num_params(),
-            "steps": p.max_steps,
-            "tokens_seen": tokens_seen,
-            "train_loss": round(sum(interval) / len(interval), 6),
-            "val_loss": round(val_loss, 6),
-            "val_perplexity": round(perplexity(val_loss), 4),
-            "unigram_val_perplexity": round(unigram_perplexity(train_bin, val_targets), 4),
-            "perf": {
-                "tokens_per_s": round(tokens_per_s, 1),
-                # peak_flops is one device's: MFU is per device.
-                "mfu": round(raw_model.estimate_mfu(tokens_per_s / rt.world_size, peak_flops), 4),
-                "peak_flops": peak_flops,
-                "wall_s": round(time.perf_counter() - started, 1),
-                "device": str(rt.device), "processes": rt.world_size, "dtype": p.dtype,
-            },
-        }
-        with atomic_dir(paths.model_dir) as tmp:
-            export_hf_gpt2(raw_model.cpu(), tmp, tokenizer=tokenizer)
-            write_json(tmp / "samples.json", samples)
-        curves.close()
-        # A finished run leaves no checkpoint behind: a rerun with new params starts afresh.
-        (paths.checkpoint_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
-        return metrics
+        return finish(run, tokens_per_s, started)
     finally:
         if rt.world_size > 1 and dist.is_initialized():
             # DDP's reducer holds the process group. Were it the last holder, garbage-collecting
@@ -357,7 +440,8 @@ def pretrain(p: PretrainParams, seed: int, paths: PretrainPaths) -> dict | None:
             # worker thread waits for the GIL to free a finished all-reduce: a hang seen in CI
             # (pytorch/pytorch#56297). So the wrapper goes first, and the group's last reference
             # is dropped by destroy_process_group, whose binding releases the GIL (#154976).
-            model = sync = None  # also on error paths, where a traceback keeps the locals
+            if run is not None:
+                run.model = None  # also on error paths, where a traceback keeps `run`
             gc.collect()
             dist.destroy_process_group()
 

@@ -34,6 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from llmpipe.errors import DataError
+from llmpipe.evaluation import InferenceBench, inference_figures, top1_agreement
 
 METHODS = ("dynamic_int8", "weight_only_int8", "static_int8")
 WEIGHTS_FILE = "quantized.safetensors"
@@ -263,3 +264,37 @@ def load_quantized(model_dir: Path) -> nn.Module:
                                   "quantized_modules": quantized}
     return model
 
+
+def compare_to_fp32(fp32: nn.Module, int8: nn.Module, bench: InferenceBench, fp32_file: Path,
+                    int8_file: Path) -> dict:
+    """The quantize stage's metrics: size, perplexity, top-1 agreement and speed of the int8
+    model against its fp32 source, measured in one process on the same inputs and threads.
+    Every generation speedup is against fp32 eager `generate`, where users start from."""
+    figures = {name: inference_figures(model, bench) for name, model in (("fp32", fp32),
+                                                                         ("int8", int8))}
+    fp32_mb, int8_mb = fp32_file.stat().st_size / 1e6, int8_file.stat().st_size / 1e6
+    ppl32, ppl8 = figures["fp32"]["val_perplexity"], figures["int8"]["val_perplexity"]
+    tokens_per_s = {f"{name}_eager": f["generate_tokens_per_s"] for name, f in figures.items()}
+    if bench.compiled:
+        tokens_per_s.update({f"{name}_compiled": f["compiled_generate_tokens_per_s"]
+                             for name, f in figures.items()})
+    baseline = tokens_per_s["fp32_eager"]
+    return {
+        "fp32_size_mb": fp32_mb,
+        "int8_size_mb": int8_mb,
+        "size_ratio": int8_mb / fp32_mb,
+        "fp32_val_perplexity": ppl32,
+        "int8_val_perplexity": ppl8,
+        "perplexity_change_percent": 100 * (ppl8 / ppl32 - 1),
+        "top1_agreement": top1_agreement(int8, fp32, bench.val, bench.block_size, bench.windows,
+                                         bench.batch_size),
+        "perf": {
+            "threads": torch.get_num_threads(),
+            "fp32_forward_ms": figures["fp32"]["forward_ms"],
+            "int8_forward_ms": figures["int8"]["forward_ms"],
+            "forward_speedup": figures["fp32"]["forward_ms"] / figures["int8"]["forward_ms"],
+            "generate_tokens_per_s": tokens_per_s,
+            "generate_speedup_vs_fp32_eager": {k: v / baseline for k, v in tokens_per_s.items()
+                                               if k != "fp32_eager"},
+        },
+    }

@@ -14,11 +14,12 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-METRICS_DIR = Path("metrics")
-LIVE_DIR = Path("dvclive")
+from llmpipe import layout
+from llmpipe.params import PARAMS_FILE
+
 PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "tokenizers", "dvc", "dvclive")
 
-# (stage, curve file under dvclive/<stage>/plots/metrics, title)
+# (stage, curve files under layout.curves_dir(stage), title)
 CURVES = (
     ("pretrain", ("train/loss.tsv", "val/loss.tsv"), "pretrain: loss"),
     ("finetune", ("train/loss.tsv", "eval/loss.tsv"), "finetune: loss"),
@@ -29,7 +30,7 @@ CURVES = (
 
 
 def read_metrics(stage: str) -> dict:
-    path = METRICS_DIR / f"{stage}.json"
+    path = layout.metrics_file(stage)
     return json.loads(path.read_text()) if path.exists() else {}
 
 
@@ -61,7 +62,7 @@ KEY_PARAMS = (
 )
 
 
-def params_digest(path: Path = Path("params.yaml")) -> list[tuple[str, str]]:
+def params_digest(path: Path = PARAMS_FILE) -> list[tuple[str, str]]:
     """The sha256 of params.yaml (a run with the same digest used the same params) and the
     values that shape the models."""
     from llmpipe.params import read_params_file
@@ -103,14 +104,14 @@ def plot_curves(out_dir: Path) -> list[tuple[str, str]]:
     plt = _pyplot()
     images = []
     for stage, files, title in CURVES:
-        paths = [LIVE_DIR / stage / "plots/metrics" / f for f in files]
+        paths = [layout.curves_dir(stage) / f for f in files]
         if not any(p.exists() for p in paths):
             continue
         fig, ax = plt.subplots(figsize=(5, 3))
         for path in paths:
             if path.exists():
                 ax.plot(*_read_curve(path), label=path.relative_to(
-                    LIVE_DIR / stage / "plots/metrics").with_suffix("").as_posix())
+                    layout.curves_dir(stage)).with_suffix("").as_posix())
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend()

@@ -6,51 +6,40 @@ checkpointing on, even on CPU) are set explicitly here or from params.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
-from llmpipe.causal_lm import default_device, runtime_args
-from llmpipe.gold import GoldScorer, load_gold_scorer
+from llmpipe.gold import GoldScorer
+from llmpipe.loading import load_reward_model, load_tokenizer
 from llmpipe.lora import adapter_config
 from llmpipe.params import GrpoParams, RewardModelParams
-from llmpipe.preferences import PAIR_COLUMNS, sample_completions
+from llmpipe.preferences import PAIR_COLUMNS, read_gold_spec
+from llmpipe.runtime import runtime_args
+from llmpipe.sampling import Sampling, sample_completions
 from llmpipe.tracking import TrainerCurves
 
 
-def load_tokenizer(model_dir: str | Path):
-    from transformers import AutoTokenizer
+@dataclass(frozen=True)
+class Judges:
+    """What a policy's held-out completions are scored by: the gold scorer the preferences were
+    labelled with, the trained reward model, and the reference policy (for KL)."""
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def load_reward_model(model_dir: str | Path, tokenizer):
-    """A one-output sequence classifier. GPT-2 scores the last non-pad token; with pad = eos,
-    the EOS that RewardTrainer appends is skipped, so training and TRL's scoring of
-    prompt + completion (without EOS) read the same position."""
-    from transformers import AutoModelForSequenceClassification
-
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1,
-                                                               use_safetensors=True)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return model.to(default_device())
+    gold: GoldScorer
+    reward_model: torch.nn.Module
+    reward_tokenizer: object
+    reference: torch.nn.Module
 
 
-def load_judges(preferences_dir: Path, reward_dir: Path):
-    """The gold scorer the preferences were labelled with, and the trained reward model with
-    its tokenizer: what GRPO and evaluate score completions with."""
-    spec = json.loads((preferences_dir / "gold.json").read_text())
+def load_judges(preferences_dir: Path, reward_dir: Path, reference) -> Judges:
     reward_tokenizer = load_tokenizer(reward_dir)
-    reward_model = load_reward_model(reward_dir, reward_tokenizer)
-    return load_gold_scorer(spec["scorer"], spec["label"]), reward_model, reward_tokenizer
+    return Judges(read_gold_spec(preferences_dir).load(),
+                  load_reward_model(reward_dir, reward_tokenizer), reward_tokenizer, reference)
 
 
 @torch.no_grad()
@@ -210,30 +199,45 @@ def completion_logprobs(model, prompt_ids: Sequence[list[int]],
     return sums
 
 
-def policy_report(policy, reference, tokenizer, reward_model, reward_tokenizer,
-                  gold: GoldScorer, prompts: Sequence[str], samples: int, max_new_tokens: int,
-                  temperature: float, seed: int) -> dict:
+def policy_report(policy, tokenizer, prompts: Sequence[str], sampling: Sampling,
+                  judges: Judges) -> dict:
     """Reward-model score, gold score, KL to the reference (a Monte-Carlo estimate on the
     policy's own samples) and mean length of completions sampled from `policy`."""
-    groups = sample_completions(policy, tokenizer, prompts, samples, max_new_tokens,
-                                temperature, None, seed)
+    groups = sample_completions(policy, tokenizer, prompts, sampling)
     flat_prompts = [q for q, g in zip(prompts, groups, strict=True) for _ in g]
     completions = [c for g in groups for c in g]
     prompt_ids = [tokenizer(q, add_special_tokens=False).input_ids for q in flat_prompts]
     # Stopping is a choice too: a completion that ended includes its end-of-text token.
     completion_ids = [c.ids + [tokenizer.eos_token_id] * c.stopped for c in completions]
-    policy_lp = completion_logprobs(policy, prompt_ids, completion_ids, temperature)
-    reference_lp = completion_logprobs(reference, prompt_ids, completion_ids, temperature)
-    n = len(completions)
+    policy_lp = completion_logprobs(policy, prompt_ids, completion_ids, sampling.temperature)
+    reference_lp = completion_logprobs(judges.reference, prompt_ids, completion_ids,
+                                       sampling.temperature)
+    n, every = len(completions), sampling.n
+    rm_scores = score_texts(judges.reward_model, judges.reward_tokenizer,
+                            [q + c.text for q, c in zip(flat_prompts, completions, strict=True)])
     return {
-        "reward_model_score": sum(score_texts(reward_model, reward_tokenizer,
-                                              [q + c.text for q, c in zip(flat_prompts,
-                                                                          completions,
-                                                                          strict=True)])) / n,
-        "gold_score": sum(gold([c.text for c in completions])) / n,
+        "reward_model_score": sum(rm_scores) / n,
+        "gold_score": sum(judges.gold([c.text for c in completions])) / n,
         "kl_to_reference": sum(a - b for a, b in zip(policy_lp, reference_lp, strict=True)) / n,
         "completion_length": sum(len(c.ids) for c in completions) / n,
-        "samples": [{"prompt": q, "completion": c.text}
-                    for q, c in zip(flat_prompts[:samples * 4:samples],
-                                    completions[:samples * 4:samples], strict=True)],
+        "samples": [{"prompt": q, "completion": c.text}  # one per prompt, of the first four
+                    for q, c in zip(flat_prompts[:every * 4:every],
+                                    completions[:every * 4:every], strict=True)],
     }
+
+
+REPORT_FIGURES = ("reward_model_score", "gold_score", "kl_to_reference", "completion_length")
+
+
+def before_after_metrics(before: dict, after: dict) -> dict:
+    """An RL stage's figures before and after training (policy_report's), the gains, and the
+    reward-hacking flag: the proxy rose while the gold score did not follow."""
+    metrics = {f"{when}_{key}": report[key]
+               for when, report in (("before", before), ("after", after))
+               for key in REPORT_FIGURES}
+    metrics["after_kl_per_token"] = (after["kl_to_reference"]
+                                     / max(after["completion_length"], 1))
+    metrics["gold_gain"] = after["gold_score"] - before["gold_score"]
+    metrics["reward_model_gain"] = after["reward_model_score"] - before["reward_model_score"]
+    metrics["reward_hacking_suspected"] = metrics["reward_model_gain"] > 0 >= metrics["gold_gain"]
+    return metrics

@@ -20,8 +20,21 @@ def run_main(main: Callable[[], Any]) -> None:
     try:
         main()
     except LlmpipeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}{way_back(os.environ.get('DVC_STAGE'))}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+
+
+def way_back(stage: str | None) -> str:
+    """How to get a failed stage's previous outputs back. `dvc repro` deletes a stage's outputs
+    before running it (DVC sets DVC_STAGE then); the cached ones are in DVC's cache, the
+    metrics and curves in git. Empty outside DVC, where a failure leaves every output intact."""
+    from llmpipe import layout
+
+    if stage not in layout.STAGES:
+        return ""
+    git_paths = " ".join(str(path) for path in layout.STAGES[stage].git_outputs(stage))
+    return (f" (dvc repro removed this stage's previous outputs; to get them back: "
+            f"dvc checkout {stage} && git checkout -- {git_paths})")
 
 
 def use_one_gpu_unless_launched() -> None:

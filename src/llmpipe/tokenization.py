@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from llmpipe.data import bin_path, token_dtype, write_meta
 from llmpipe.errors import DataError, ParamsError
+from llmpipe.io import atomic_path, sha256_file
 
 EOT = "<|endoftext|>"
 # GPT-2's pre-tokenization regex, which byte-level BPE (tokenizers' ByteLevel) uses too.
@@ -55,10 +57,6 @@ def load_pretrained(spec: str, trust_remote_code: bool = False):
 
 def eot_id(tokenizer) -> int:
     return int(tokenizer.eos_token_id)
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -186,3 +184,34 @@ def spread_sample(docs: Sequence[str], count: int) -> list[str]:
     """`count` documents spread evenly over `docs` (not just its first ones)."""
     step = max(len(docs) // count, 1)
     return list(docs[::step][:count])
+
+
+def write_corpus(out_dir: str | Path, splits: dict[str, list[str]], encoder, vocab_size: int,
+                 tokenizer_name: str, progress_desc: str = "") -> dict:
+    """Encode each split's documents into a token memmap (`llmpipe.data`'s format):
+    out_dir/<split>.bin, then meta.json beside.
+
+    Encodes and writes chunk by chunk, so the token arrays never all sit in memory. Returns meta.
+    """
+    from tqdm import tqdm
+
+    from llmpipe.corpus import text_bytes
+
+    dtype = token_dtype(vocab_size)
+    meta = {"dtype": dtype.name, "vocab_size": vocab_size, "eot_id": encoder.eot,
+            "tokenizer": tokenizer_name, "encoder": encoder.backend, "splits": {}}
+    total_bytes = sum(text_bytes(docs) for docs in splits.values())
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=progress_desc) as bar:
+        for split, docs in splits.items():
+            n_tokens = 0
+            path = bin_path(out_dir, split)
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                for group in chunks(docs):
+                    ids = encoder.encode_to_array(group, dtype)
+                    ids.tofile(f)
+                    n_tokens += len(ids)
+                    bar.update(text_bytes(group))
+            meta["splits"][split] = {"documents": len(docs), "tokens": n_tokens,
+                                     "bytes": text_bytes(docs), "sha256": sha256_file(path)}
+    write_meta(out_dir, meta)
+    return meta

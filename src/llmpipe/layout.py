@@ -1,0 +1,109 @@
+"""Where every artifact of the pipeline lives: the one home of its paths.
+
+Stages and the library take their paths from here; `dvc.yaml` spells the same paths out for
+DVC, and tests/test_dvc_yaml.py checks that the two agree stage by stage (what each stage
+reads and writes, below in STAGES). Paths are relative to the repository root, where DVC runs
+every stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DATA = Path("data")  # DVC outputs, not in git
+METRICS = Path("metrics")  # small JSON files, in git
+LIVE = Path("dvclive")  # training curves, in git
+
+CORPORA = ("pretrain", "finetune")
+
+RAW = DATA / "raw"
+TOKENIZER = DATA / "tokenizer"
+TOKENS = DATA / "tokens"
+PRETRAIN_MODEL = DATA / "pretrain/model"
+PRETRAIN_CHECKPOINT = DATA / "pretrain/checkpoint"  # persist: a killed run resumes from here
+FINETUNE_MODEL = DATA / "finetune/model"
+LORA_ADAPTER = DATA / "lora/adapter"
+LORA_MERGED = DATA / "lora/merged"
+QUANTIZED_MODEL = DATA / "quantize/model"
+PREFERENCES = DATA / "preferences"
+REWARD_MODEL = DATA / "reward_model/model"
+GRPO_MODEL = DATA / "grpo/model"
+REPORT = DATA / "evaluate"  # report.md with its images, samples.json
+EVALUATE_MODELS = METRICS / "evaluate_models.json"  # one row per model: dvc.yaml's bar plots
+
+
+def raw_corpus(corpus: str) -> Path:
+    return RAW / f"{corpus}.jsonl"
+
+
+def tokens(corpus: str) -> Path:
+    return TOKENS / corpus
+
+
+def metrics_file(stage: str) -> Path:
+    return METRICS / f"{stage}.json"
+
+
+def live_dir(stage: str) -> Path:
+    """Where dvclive writes a stage's curves."""
+    return LIVE / stage
+
+
+def curves_dir(stage: str) -> Path:
+    """The curve files inside live_dir (TSV per metric): what dvc.yaml declares as plots."""
+    return live_dir(stage) / "plots/metrics"
+
+
+def scratch_dir(stage: str) -> Path:
+    """Trainer checkpoints while a stage runs: deleted when it ends, never an output."""
+    return DATA / stage / "trainer"
+
+
+@dataclass(frozen=True)
+class StageFiles:
+    """What one stage reads and writes besides its code and params (dvc.yaml's data deps and
+    outs). Every stage also writes metrics_file(stage)."""
+
+    reads: tuple[Path, ...]
+    writes: tuple[Path, ...]
+    curves: bool = False  # writes curves_dir(stage)
+    in_git: tuple[Path, ...] = ()  # further outputs kept in git, not in DVC's cache
+
+    def git_outputs(self, stage: str) -> tuple[Path, ...]:
+        """Outputs that live in git (cache: false): what `git checkout` brings back."""
+        return (metrics_file(stage), *self.in_git,
+                *((curves_dir(stage),) if self.curves else ()))
+
+
+MODEL_OUTPUTS = {  # the models evaluate compares, by the name the report gives them
+    "pretrain": PRETRAIN_MODEL,
+    "finetune": FINETUNE_MODEL,
+    "lora": LORA_MERGED,
+    "quantized": QUANTIZED_MODEL,
+    "grpo": GRPO_MODEL,
+}
+STAGES: dict[str, StageFiles] = {
+    "download": StageFiles(reads=(), writes=(RAW,)),
+    "tokenize": StageFiles(reads=(RAW,), writes=(TOKENIZER, TOKENS)),
+    "pretrain": StageFiles(reads=(tokens("pretrain"), TOKENIZER),
+                           writes=(PRETRAIN_MODEL, PRETRAIN_CHECKPOINT), curves=True),
+    "finetune": StageFiles(reads=(tokens("finetune"), PRETRAIN_MODEL),
+                           writes=(FINETUNE_MODEL,), curves=True),
+    "lora": StageFiles(reads=(tokens("finetune"), PRETRAIN_MODEL),
+                       writes=(LORA_ADAPTER, LORA_MERGED), curves=True),
+    "quantize": StageFiles(reads=(tokens("finetune"), FINETUNE_MODEL, LORA_MERGED),
+                           writes=(QUANTIZED_MODEL,)),
+    "preferences": StageFiles(reads=(tokens("finetune"), FINETUNE_MODEL),
+                              writes=(PREFERENCES,)),
+    "reward_model": StageFiles(reads=(PREFERENCES, FINETUNE_MODEL), writes=(REWARD_MODEL,),
+                               curves=True),
+    "grpo": StageFiles(reads=(PREFERENCES, REWARD_MODEL, FINETUNE_MODEL), writes=(GRPO_MODEL,),
+                       curves=True),
+}
+# The report card gathers every model, every stage's metrics and the training curves.
+STAGES["evaluate"] = StageFiles(
+    reads=(TOKENS, PREFERENCES, REWARD_MODEL, *MODEL_OUTPUTS.values(),
+           *(metrics_file(stage) for stage in STAGES if stage != "download"),
+           *(curves_dir(stage) for stage, files in STAGES.items() if files.curves)),
+    writes=(REPORT,), in_git=(EVALUATE_MODELS,))
