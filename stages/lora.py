@@ -4,7 +4,7 @@ the merged model."""
 from llmpipe import layout
 from llmpipe.causal_lm import run_stage
 from llmpipe.io import atomic_dir, write_metrics
-from llmpipe.lora import lora_config, parameter_counts
+from llmpipe.lora import lora_config, parameter_counts, save_adapter
 from llmpipe.params import LoraParams, load_stage_params
 from llmpipe.stage import run_main
 
@@ -19,7 +19,7 @@ def main() -> None:
     model = run.result.model
     trainable, total = parameter_counts(model)
     with atomic_dir(layout.LORA_ADAPTER) as tmp:
-        model.save_pretrained(tmp)  # adapter_model.safetensors + adapter_config.json
+        save_adapter(model, tmp)
     with atomic_dir(layout.LORA_MERGED) as tmp:
         model.merge_and_unload().save_pretrained(tmp)
         run.tokenizer.save_pretrained(tmp)

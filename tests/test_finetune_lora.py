@@ -1,4 +1,5 @@
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from llmpipe import layout
 from llmpipe.causal_lm import open_token_data, train, val_perplexity
 from llmpipe.errors import DataError, ParamsError
 from llmpipe.loading import load_causal_lm
-from llmpipe.lora import lora_config, parameter_counts
+from llmpipe.lora import lora_config, parameter_counts, save_adapter
 from llmpipe.model import GPT, GPTConfig, export_hf_gpt2
 from llmpipe.params import STAGE_SCHEMAS, load_stage_params
 
@@ -115,8 +116,10 @@ def test_adapter_reload_and_merge_give_the_same_logits(trained_lora, tmp_path):
     model.eval()
     with torch.no_grad():
         expected = model(input_ids=x).logits
-    model.save_pretrained(tmp_path / "adapter")
+    save_adapter(model, tmp_path / "adapter")
     assert (tmp_path / "adapter/adapter_model.safetensors").exists()
+    config = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
+    assert config["target_modules"] == sorted(p.target_modules)  # not a set's hash order
     fresh, _ = load_causal_lm(workspace / layout.PRETRAIN_MODEL)
     reloaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
     with torch.no_grad():

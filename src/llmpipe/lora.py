@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from llmpipe.errors import ParamsError
 from llmpipe.params import LoraParams
+
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 def lora_config(model: torch.nn.Module, p: LoraParams):
@@ -31,6 +36,17 @@ def adapter_config(model: torch.nn.Module, r: int, alpha: int, dropout: float,
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
                       target_modules=list(target_modules), fan_in_fan_out=fan_in_fan_out,
                       task_type=TaskType.CAUSAL_LM)
+
+
+def save_adapter(model, directory: Path) -> None:
+    """adapter_model.safetensors + adapter_config.json. peft keeps target_modules as a set, whose
+    order follows the process's string hashing: sorted here, the file is the same every run."""
+    model.save_pretrained(directory)
+    path = directory / ADAPTER_CONFIG
+    config = json.loads(path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))  # as peft writes it
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
