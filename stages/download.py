@@ -1,27 +1,35 @@
-"""download: write the pretrain and finetune corpora to data/raw/ as JSONL."""
+"""download: stream the pretrain and finetune corpora into data/raw/<corpus>/ as JSONL shards."""
+
+import shutil
 
 from llmpipe import layout
-from llmpipe.corpus import load_documents, text_bytes, write_texts
-from llmpipe.io import sha256_file, write_metrics
+from llmpipe.corpus import open_documents, write_shards
+from llmpipe.io import atomic_dir, write_metrics
 from llmpipe.params import DownloadParams, load_stage_params
 from llmpipe.stage import run_main
 
 
 def main() -> None:
+    from tqdm import tqdm
+
     _, params = load_stage_params(DownloadParams)
-    # Load every corpus before writing any, so a bad source leaves earlier outputs intact.
-    documents = {name: load_documents(getattr(params, name)) for name in layout.CORPORA}
+    # A download killed half way left only a temporary directory: it starts again cleanly.
+    for stale in layout.RAW.parent.glob(f".{layout.RAW.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    # Every source is opened (and checked) before anything is written, and the corpora replace
+    # data/raw together: a bad source, or one that breaks half way, leaves the old ones intact.
+    streams = {name: open_documents(getattr(params, name)) for name in layout.CORPORA}
     metrics = {}
-    for name, docs in documents.items():
-        path = layout.raw_corpus(name)
-        write_texts(path, docs)
-        metrics[name] = {
-            "source": getattr(params, name).source,
-            "documents": len(docs),
-            "bytes": text_bytes(docs),
-            "sha256": sha256_file(path),
-        }
-        print(f"{name}: {len(docs)} documents, {metrics[name]['bytes']:,} bytes -> {path}")
+    with atomic_dir(layout.RAW) as tmp:
+        for name, docs in streams.items():
+            stats = write_shards(tmp / layout.raw_corpus(name).name,
+                                 tqdm(docs, desc=f"download {name}", unit=" docs",
+                                      mininterval=1.0))
+            metrics[name] = {"source": getattr(params, name).source,
+                             "documents": stats.documents, "bytes": stats.bytes,
+                             "sha256": stats.sha256, "shards": stats.shards}
+            print(f"{name}: {stats.documents} documents, {stats.bytes:,} bytes in "
+                  f"{stats.shards} shard(s) -> {layout.raw_corpus(name)}")
     write_metrics("download", metrics)
 
 

@@ -1,5 +1,11 @@
-"""tokenize: train (or load) the tokenizer and encode both corpora into token memmaps."""
+"""tokenize: train (or load) the tokenizer and encode both corpora into token memmaps.
 
+The corpora are streamed from their shards, three times at most (a sample for the tokenizer,
+the document hashes for the split, the encoding), so memory does not grow with their size.
+"""
+
+import itertools
+import os
 import time
 
 from llmpipe import layout
@@ -8,10 +14,10 @@ from llmpipe.io import atomic_dir, write_metrics
 from llmpipe.params import TokenizeParams, load_stage_params
 from llmpipe.stage import run_main
 from llmpipe.tokenization import (
+    DocumentSplit,
     FastEncoder,
+    capped,
     load_pretrained,
-    split_by_document,
-    spread_sample,
     train_bpe,
     write_corpus,
 )
@@ -21,28 +27,33 @@ ENCODER_CHECK_DOCS = 200  # per corpus: tiktoken must reproduce the HF ids on th
 
 def main() -> None:
     shared, params = load_stage_params(TokenizeParams)
-    corpora = {name: read_texts(layout.raw_corpus(name)) for name in layout.CORPORA}
+    raw = {name: layout.raw_corpus(name) for name in layout.CORPORA}
     if params.tokenizer == "bpe":
-        tokenizer = train_bpe(corpora["pretrain"], params.vocab_size, params.min_frequency)
+        tokenizer = train_bpe(capped(read_texts(raw["pretrain"]), params.train_bytes),
+                              params.vocab_size, params.min_frequency)
     else:
         tokenizer = load_pretrained(params.tokenizer, params.trust_remote_code)
     vocab_size = len(tokenizer)
-    sample = [doc for docs in corpora.values() for doc in spread_sample(docs, ENCODER_CHECK_DOCS)]
+    sample = [doc for path in raw.values()
+              for doc in itertools.islice(read_texts(path), ENCODER_CHECK_DOCS)]
     encoder = FastEncoder(tokenizer, sample=sample)
-    splits = {name: split_by_document(docs, params.val_fraction, shared.seed, name)
-              for name, docs in corpora.items()}
+    num_proc = params.num_proc or os.cpu_count() or 1
 
     # Encode everything into temporary directories first: a failure leaves old outputs intact.
     metrics: dict = {"tokenizer": params.tokenizer, "vocab_size": vocab_size,
-                     "encoder": encoder.backend, "perf": {}}
-    started = time.perf_counter()
-    encoded_bytes = 0
+                     "encoder": encoder.backend, "perf": {"processes": num_proc}}
+    encoding_seconds, encoded_bytes = 0.0, 0
     with (atomic_dir(layout.TOKENIZER) as tokenizer_tmp,
           atomic_dir(layout.TOKENS) as tokens_tmp):
         tokenizer.save_pretrained(tokenizer_tmp)
-        for name, split in splits.items():
-            meta = write_corpus(tokens_tmp / name, split, encoder, vocab_size,
-                                params.tokenizer, progress_desc=f"encode {name}")
+        for name, path in raw.items():
+            split = DocumentSplit.fit(read_texts(path), params.val_fraction, shared.seed, name)
+            started = time.perf_counter()
+            meta = write_corpus(tokens_tmp / name, read_texts(path), split, encoder, vocab_size,
+                                params.tokenizer, num_proc,
+                                progress_total=sum(f.stat().st_size for f in path.iterdir()),
+                                progress_desc=f"encode {name}")
+            encoding_seconds += time.perf_counter() - started
             for split_name, info in meta["splits"].items():
                 metrics[f"{name}_{split_name}_tokens"] = info["tokens"]
                 metrics[f"{name}_{split_name}_documents"] = info["documents"]
@@ -50,10 +61,9 @@ def main() -> None:
             n_tokens = sum(info["tokens"] for info in meta["splits"].values())
             metrics[f"{name}_bytes_per_token"] = n_bytes / n_tokens
             encoded_bytes += n_bytes
-    seconds = time.perf_counter() - started
-    metrics["perf"]["encode_mb_per_s"] = encoded_bytes / seconds / 1e6
+    metrics["perf"]["encode_mb_per_s"] = encoded_bytes / encoding_seconds / 1e6
     write_metrics("tokenize", metrics)
-    print(f"vocab {vocab_size} ({encoder.backend}); "
+    print(f"vocab {vocab_size} ({encoder.backend}, {num_proc} processes); "
           f"{metrics['perf']['encode_mb_per_s']:.1f} MB/s -> {layout.TOKENS}")
 
 

@@ -1,10 +1,12 @@
 import json
+import random
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from llmpipe.corpus import load_documents, write_texts
+from llmpipe.corpus import load_documents, read_texts, write_shards
 from llmpipe.errors import DataError
 from llmpipe.io import sha256_file
 from llmpipe.params import CorpusParams
@@ -13,16 +15,15 @@ from llmpipe.params import CorpusParams
 def corpus(source: str, **changes) -> CorpusParams:
     """A corpus section as params.yaml spells it out, with `changes`."""
     return CorpusParams(**{"source": source, "split": "train", "text_column": "text",
-                           "sha256": None, "max_documents": None, **changes})
+                           "sha256": None, "data_files": None, "max_documents": None,
+                           "max_bytes": None, **changes})
 
 
 def test_stdlib_docstrings_are_deterministic(tmp_path):
     first = load_documents(corpus("stdlib:docstrings"))
     second = load_documents(corpus("stdlib:docstrings"))
     assert len(first) > 1000 and len(set(first)) == len(first)  # deduplicated
-    write_texts(tmp_path / "a.jsonl", first)
-    write_texts(tmp_path / "b.jsonl", second)
-    assert sha256_file(tmp_path / "a.jsonl") == sha256_file(tmp_path / "b.jsonl")
+    assert write_shards(tmp_path / "a", first) == write_shards(tmp_path / "b", second)
 
 
 def test_stdlib_reference_and_max_documents():
@@ -81,3 +82,129 @@ def test_unreachable_sources_name_themselves(tmp_path):
         load_documents(corpus("file:/nonexistent.jsonl"))
     with pytest.raises(DataError, match=r"^hf:/nonexistent_dataset_dir: cannot load dataset"):
         load_documents(corpus("hf:/nonexistent_dataset_dir"))
+
+
+def write_parquet_shards(directory, texts, shards):
+    directory.mkdir(parents=True, exist_ok=True)
+    per = -(-len(texts) // shards)
+    for i in range(shards):
+        pq.write_table(pa.Table.from_pylist([{"text": t, "n": j} for j, t in
+                                             enumerate(texts[i * per:(i + 1) * per])]),
+                       directory / f"shard-{i:03d}.parquet")
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """A few MB of text in four parquet shards."""
+    directory = tmp_path_factory.mktemp("sharded")
+    rng = random.Random(0)
+    texts = [f"Document {i}: " + " ".join(f"w{rng.randrange(10**6)}" for _ in range(100))
+             for i in range(4000)]
+    write_parquet_shards(directory, texts, 4)
+    return directory, texts
+
+
+def test_a_sharded_corpus_streams_through_hf_patterns_and_file_globs(sharded):
+    directory, texts = sharded
+    assert sum(f.stat().st_size for f in directory.iterdir()) > 2e6  # parquet, compressed
+    through_hf = load_documents(corpus(f"hf:{directory}", data_files=["shard-*.parquet"]))
+    through_file = load_documents(corpus(f"file:{directory}/shard-*.parquet"))
+    assert through_hf == through_file == texts
+    assert load_documents(corpus(f"hf:{directory}", data_files=["shard-00[01].parquet"])) \
+        == texts[:2000]
+    assert load_documents(corpus(f"file:{directory}/*.parquet", max_documents=3)) == texts[:3]
+    capped = load_documents(corpus(f"file:{directory}/*.parquet", max_bytes=10_000))
+    assert capped == texts[:len(capped)] and 0 < sum(len(t) for t in capped) <= 10_000
+    assert sum(len(t) for t in texts[:len(capped) + 1]) > 10_000
+
+
+def test_shards_roll_over_and_read_back_with_the_digest_of_one_file(tmp_path, sharded):
+    _, texts = sharded
+    many = write_shards(tmp_path / "many", texts, shard_bytes=200_000)
+    one = write_shards(tmp_path / "one", texts)
+    assert many.shards > 5 and one.shards == 1
+    assert (many.documents, many.bytes, many.sha256) == (one.documents, one.bytes, one.sha256)
+    assert one.sha256 == sha256_file(tmp_path / "one/part-00000.jsonl")
+    assert list(read_texts(tmp_path / "many")) == texts
+
+
+def test_bad_sources_stop_with_one_line_naming_them(tmp_path, sharded, monkeypatch):
+    directory, texts = sharded
+    script_only = tmp_path / "old_dataset"
+    script_only.mkdir()
+    (script_only / "old_dataset.py").write_text("# a loading script\n")
+    with pytest.raises(DataError, match=r"^hf:.*old_dataset: a script-only dataset, which "
+                                        r"datasets 5 no longer loads; use its parquet "
+                                        r"conversion \(hf:.*@refs/convert/parquet"):
+        load_documents(corpus(f"hf:{script_only}"))
+
+    broken = tmp_path / "broken"
+    write_parquet_shards(broken, texts[:100], 2)
+    data = (broken / "shard-001.parquet").read_bytes()
+    (broken / "shard-001.parquet").write_bytes(data[:len(data) // 2])  # truncated
+    for source, extra in ((f"hf:{broken}", {"data_files": ["*.parquet"]}),
+                          (f"file:{broken}/*.parquet", {})):
+        with pytest.raises(DataError, match=r"shard-001\.parquet: not a readable parquet file"):
+            load_documents(corpus(source, **extra))
+
+    with pytest.raises(DataError, match=r"no column 'body' \(columns: text, n\)"):
+        load_documents(corpus(f"file:{directory}/*.parquet", text_column="body"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"text": "   "}\n')
+    with pytest.raises(DataError, match=r"^file:.*empty\.jsonl: no documents$"):
+        load_documents(corpus(f"file:{empty}"))
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"^file:.*latin1\.jsonl: cannot read "
+                                        r"\(UnicodeDecodeError"):
+        load_documents(corpus(f"file:{latin1}"))
+
+
+@pytest.mark.parametrize(("error", "message"), [
+    ("revision", r"^hf:someone/corpus@v9: no revision 'v9' \(name a branch, tag or commit"),
+    ("offline", r"^hf:someone/corpus@v9: the hub is unreachable \(OfflineModeIsEnabled\)"),
+])
+def test_hub_failures_name_the_dataset_and_the_way_out(monkeypatch, error, message):
+    import datasets
+    from huggingface_hub.errors import OfflineModeIsEnabled, RevisionNotFoundError
+
+    def load_dataset(*args, **kwargs):
+        assert kwargs["revision"] == "v9" and kwargs["streaming"]
+        if error == "revision":
+            response = SimpleNamespace(headers={}, request=None)  # what the error reads of one
+            raise RevisionNotFoundError("404 Client Error: Revision Not Found", response=response)
+        raise OfflineModeIsEnabled("Cannot reach the hub: offline mode is enabled.")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with pytest.raises(DataError, match=message):
+        load_documents(corpus("hf:someone/corpus@v9"))
+
+
+def test_a_text_shard_that_is_not_utf8_is_named(tmp_path):
+    write_shards(tmp_path / "raw", ["fine"])
+    (tmp_path / "raw/part-00001.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"part-00001\.jsonl:1: not UTF-8 text"):
+        list(read_texts(tmp_path / "raw"))
+    with pytest.raises(DataError, match=r"no part-\*\.jsonl shards \(run the download stage"):
+        read_texts(tmp_path / "nothing")
+
+
+def test_a_bad_source_leaves_the_previous_download_intact(tmp_path, sharded):
+    from conftest import ROOT, run, set_params
+
+    directory, texts = sharded
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    set_params(tmp_path, {"download.pretrain.source": f"file:{directory}/*.parquet",
+                          "download.finetune.max_documents": 5})
+    run(["python", "-m", "stages.download"], tmp_path)
+    assert list(read_texts(tmp_path / "data/raw/pretrain")) == texts
+    before = {p: p.read_bytes() for p in sorted((tmp_path / "data/raw").rglob("*.jsonl"))}
+    metrics = json.loads((tmp_path / "metrics/download.json").read_text())
+    assert metrics["pretrain"]["documents"] == len(texts) and metrics["finetune"]["shards"] == 1
+
+    set_params(tmp_path, {"download.finetune.source": f"file:{tmp_path}/missing.parquet"})
+    result = run(["python", "-m", "stages.download"], tmp_path, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: file:{tmp_path}/missing.parquet: file not found"
+    assert {p: p.read_bytes() for p in sorted((tmp_path / "data/raw").rglob("*.jsonl"))} == before
+    assert not list((tmp_path / "data").glob(".raw.*"))  # no temporary left behind

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -24,9 +25,20 @@ class CountingEncoder:
         return np.asarray(ids, dtype=dtype)
 
 
+class FirstDocumentsAreTrain:
+    """A split by position (the documents repeat, so no split by text would do)."""
+
+    def __init__(self, n_train):
+        self.n_train, self.seen = n_train, 0
+
+    def is_val(self, doc):
+        self.seen += 1
+        return self.seen > self.n_train
+
+
 def make_corpus(tmp_path, vocab_size=1000, big=0, words=50):
     docs = [" ".join("x" * (1 + (i * j) % 9) for j in range(words)) for i in range(1, 20)]
-    write_corpus(tmp_path, {"train": docs[:15], "val": docs[15:]}, CountingEncoder(0, big),
+    write_corpus(tmp_path, iter(docs), FirstDocumentsAreTrain(15), CountingEncoder(0, big),
                  vocab_size, "test")
     return tmp_path
 
@@ -84,3 +96,37 @@ def test_changed_bin_fails_the_checksum(tmp_path):
     (corpus / "val.bin").write_bytes(bytes(data))
     with pytest.raises(DataError, match="sha256 differs from meta.json"):
         TokenBin.open(corpus, "val", verify_checksum=True)
+
+
+class ReadsRecorded:
+    """A memmap stand-in that records every slice read and refuses a read of the whole."""
+
+    def __init__(self, tokens):
+        self.tokens, self.reads = tokens, []
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def __getitem__(self, key):
+        assert isinstance(key, slice), key
+        self.reads.append(key.stop - key.start)
+        return self.tokens[key]
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("the whole memmap was read")
+
+
+def test_training_windows_read_only_themselves(tmp_path):
+    n = 20_000_000  # 40 MB of uint16
+    np.arange(n, dtype=np.uint16).tofile(tmp_path / "train.bin")
+    (tmp_path / "meta.json").write_text(json.dumps({
+        "dtype": "uint16", "vocab_size": 65536, "eot_id": 0,
+        "splits": {"train": {"tokens": n, "documents": 1, "bytes": 0, "sha256": ""}}}))
+    bins = TokenBin.open(tmp_path, "train")
+    spy = ReadsRecorded(bins.tokens)
+    bins = dataclasses.replace(bins, tokens=spy)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        x, y = bins.batch(bins.random_starts(16, 1024, generator), 1024)
+        assert x.shape == y.shape == (16, 1024)
+    assert spy.reads == [1025] * 80  # each window and its next token, nothing else

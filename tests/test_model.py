@@ -107,6 +107,22 @@ def test_export_round_trips_through_from_pretrained(tmp_path: Path, bias: bool) 
     assert max_logit_diff(model, hf_model, random_tokens()) < 1e-4
 
 
+def test_a_padded_vocabulary_stays_inside_the_model(tmp_path: Path) -> None:
+    model = tiny_gpt(vocab_multiple=64)  # 97 -> 128 rows
+    randomize_(model)
+    assert model.transformer.wte.weight.shape[0] == model.lm_head.weight.shape[0] == 128
+    tokens = random_tokens()
+    logits, _ = model(tokens)
+    assert logits.shape[-1] == VOCAB_SIZE  # the padding rows are never a prediction
+    _, loss = model(tokens, tokens)
+    assert torch.isfinite(loss)
+    export_hf_gpt2(model, tmp_path, eos_token_id=3)
+    hf_model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert hf_model.config.vocab_size == VOCAB_SIZE
+    assert hf_model.get_input_embeddings().weight.shape[0] == VOCAB_SIZE
+    assert max_logit_diff(model, hf_model, tokens) < 1e-4
+
+
 def test_export_saves_tokenizer_and_uses_its_eos(tmp_path: Path) -> None:
     class RecordingTokenizer:
         eos_token_id = 5

@@ -15,7 +15,7 @@ def test_gpu_preset_is_valid_params():
                                          load_preset("gpu")))
     assert validated["pretrain"].model.n_embd == 768 and validated["pretrain"].dtype == "bfloat16"
     assert validated["pretrain"].launcher.startswith("torchrun")
-    assert validated["finetune"].base == "hf:gpt2"
+    assert validated["finetune"].base == validated["lora"].base == "pretrain"
     assert validated["grpo"].num_generations == 4 and validated["grpo"].beta == 0.1
     assert validated["download"].finetune.sha256.startswith("86c4e6aa")
 
@@ -29,7 +29,7 @@ def test_dvc_applies_the_set_arguments_to_params_yaml(tmp_path):
     overrides = load_preset("gpu")
     apply_overrides(path, [a for a in set_arguments(overrides) if a != "-S"])
     assert validate_all(path)["download"].finetune.sha256 == overrides["download"]["finetune"][
-        "sha256"]  # a key the embedded default does not have
+        "sha256"]
     expected = compose(read_params_file(ROOT / "params.yaml"), overrides)
     assert YAML(typ="safe").load(path.read_text()) == expected
 
@@ -52,3 +52,29 @@ def test_write_applies_the_preset_to_params_yaml(tmp_path):
     printed = run(["python", "-m", "llmpipe.preset", "gpu", "--print"], tmp_path).stdout
     assert "'++pretrain.model.n_layer=12'" in printed
     assert json.dumps("hf:gpt2") in printed
+
+
+# FineWeb-Edu's data card: sample-10BT holds 10B GPT-2 tokens in 14 parquet shards.
+FINEWEB_EDU_10BT_TOKENS, FINEWEB_EDU_10BT_SHARDS = 10e9, 14
+GPT2_124M_PARAMETERS = 124e6
+
+
+def test_the_gpu_presets_token_budget():
+    from fnmatch import fnmatch
+
+    p = validate_mapping(compose(read_params_file(ROOT / "params.yaml"), load_preset("gpu")))
+    corpus, pretrain = p["download"].pretrain, p["pretrain"]
+    assert corpus.source.startswith("hf:HuggingFaceFW/fineweb-edu@")  # a pinned revision
+    shards = [f"sample/10BT/{i:03d}_00000.parquet" for i in range(FINEWEB_EDU_10BT_SHARDS)]
+    chosen = [s for s in shards if any(fnmatch(s, pattern)
+                                       for pattern in corpus.data_files)]
+    unique_train = (FINEWEB_EDU_10BT_TOKENS * len(chosen) / FINEWEB_EDU_10BT_SHARDS
+                    * (1 - p["tokenize"].val_fraction))
+    tokens_per_step = pretrain.batch_size * pretrain.grad_accum_steps * pretrain.model.block_size
+    trained = tokens_per_step * pretrain.max_steps
+    assert tokens_per_step == 524_288  # GPT-2's batch of 0.5M tokens
+    assert trained >= 20 * GPT2_124M_PARAMETERS  # Chinchilla: 20 tokens per parameter
+    assert trained <= unique_train, f"{trained:.3g} tokens trained, {unique_train:.3g} unique"
+    for gpus in (1, 2, 4, 8):  # the same global batch on every box
+        assert pretrain.grad_accum_steps % gpus == 0
+    assert -(-50257 // pretrain.model.vocab_multiple) * pretrain.model.vocab_multiple == 50304

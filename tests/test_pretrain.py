@@ -259,3 +259,13 @@ def test_torchrun_two_processes_match_one(micro_workspace, tmp_path):
         assert metrics["perf"]["processes"] == (2 if name == "ddp" else 1)
     assert len(curves["single"]) == len(curves["ddp"]) == 8
     assert curves["ddp"] == pytest.approx(curves["single"], abs=1e-4)
+
+
+@pytest.mark.parametrize(("name", "flops"), [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12), ("NVIDIA GeForce RTX 3090", None)])
+def test_the_peak_flops_of_a_gpu_come_from_its_name(name, flops):
+    from llmpipe.pretrain import peak_flops_of_gpu
+
+    assert peak_flops_of_gpu(name) == flops

@@ -80,3 +80,50 @@ def test_split_by_document_is_deterministic_and_disjoint():
     assert split != split_by_document(docs, 0.2, seed=2, corpus="c")
     with pytest.raises(DataError, match="corpus c: 1 distinct document"):
         split_by_document(["same", "same"], 0.5, seed=1, corpus="c")
+
+
+def todays_split(docs, val_fraction, seed):
+    """The split before DocumentSplit: whole digests, the corpus in memory."""
+    import hashlib
+
+    def rank(text):
+        return hashlib.sha256(f"{seed}\0{text}".encode()).digest()
+
+    unique = sorted({rank(d) for d in docs})
+    n_val = min(max(1, round(val_fraction * len(unique))), len(unique) - 1)
+    val = set(unique[:n_val])
+    return [d for d in docs if rank(d) not in val], [d for d in docs if rank(d) in val]
+
+
+def test_the_streamed_split_is_the_in_memory_one():
+    from llmpipe.corpus import stdlib_docstrings
+    from llmpipe.tokenization import DocumentSplit
+
+    docs = stdlib_docstrings()[:3000] * 2  # duplicates too
+    for fraction, seed in ((0.1, 1337), (0.05, 7)):
+        split = DocumentSplit.fit(iter(docs), fraction, seed, "c")
+        train, val = todays_split(docs, fraction, seed)
+        assert [d for d in docs if not split.is_val(d)] == train
+        assert [d for d in docs if split.is_val(d)] == val
+
+
+def test_two_worker_processes_write_the_bins_of_one(tokenizer, tmp_path):
+    from llmpipe.corpus import stdlib_docstrings
+    from llmpipe.tokenization import DocumentSplit, write_corpus
+
+    docs = stdlib_docstrings()  # about 2 MB: a few chunks per process
+    encoder = FastEncoder(tokenizer, sample=docs[:50])
+    assert encoder.backend == "tiktoken"
+    split = DocumentSplit.fit(iter(docs), 0.1, 0, "c")
+    metas = {n: write_corpus(tmp_path / str(n), iter(docs), split, encoder, len(tokenizer),
+                             "bpe", num_proc=n) for n in (1, 2)}
+    assert metas[1] == metas[2]
+    for name in ("train", "val"):
+        one, two = ((tmp_path / f"{n}/{name}.bin").read_bytes() for n in (1, 2))
+        assert one == two
+    # and the same ids as encoding each document on its own
+    train = [d for d in docs if not split.is_val(d)][:40]
+    ids = np.fromfile(tmp_path / "2/train.bin", dtype=np.uint16)
+    expected = [t for d in train for t in tokenizer(d, add_special_tokens=False).input_ids
+                + [tokenizer.eos_token_id]]
+    assert ids[:len(expected)].tolist() == expected

@@ -34,7 +34,8 @@ EVALUATE_MODELS = METRICS / "evaluate_models.json"  # one row per model: dvc.yam
 
 
 def raw_corpus(corpus: str) -> Path:
-    return RAW / f"{corpus}.jsonl"
+    """A directory of JSONL shards (llmpipe.corpus)."""
+    return RAW / corpus
 
 
 def tokens(corpus: str) -> Path:

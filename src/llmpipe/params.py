@@ -61,7 +61,7 @@ def _hf_or_dir(value: str) -> bool:
 
 
 CORPUS_SOURCE = Check(
-    "a corpus source: stdlib:docstrings, stdlib:reference, hf:<dataset>[:<config>], "
+    "a corpus source: stdlib:docstrings, stdlib:reference, hf:<dataset>[:<config>][@<revision>], "
     "url:<address> or file:<path>",
     lambda v: v in ("stdlib:docstrings", "stdlib:reference")
     or _has_scheme(v, ("hf", "url", "file")),
@@ -90,7 +90,9 @@ class CorpusParams:
     split: str  # hf: datasets only
     text_column: str  # hf:, file: .jsonl and .parquet
     sha256: str | None = param(SHA256)  # required for url:, optional for file:
-    max_documents: int | None = param(POSITIVE_INT)
+    data_files: list[str] | None  # hf: the files to read (glob patterns), e.g. parquet shards
+    max_documents: int | None = param(POSITIVE_INT)  # caps, for a sample of a large corpus
+    max_bytes: int | None = param(POSITIVE_INT)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,6 +107,8 @@ class TokenizeParams:
     vocab_size: int = param(POSITIVE_INT)  # bpe only; a pretrained tokenizer has its own
     min_frequency: int = param(POSITIVE_INT)
     val_fraction: float = param(OPEN_UNIT_INTERVAL)
+    train_bytes: int | None = param(POSITIVE_INT)  # bpe: train on at most this much text
+    num_proc: int | None = param(POSITIVE_INT)  # encoding processes; None: one per core
     trust_remote_code: bool
 
 
@@ -116,6 +120,7 @@ class ModelParams:
     block_size: int = param(POSITIVE_INT)
     dropout: float = param(HALF_OPEN_UNIT_INTERVAL)
     bias: bool
+    vocab_multiple: int = param(POSITIVE_INT)  # embedding rows padded to a multiple (GPU: 64)
 
     def cross_field_problems(self) -> list[tuple[str, str]]:
         if self.n_embd % self.n_head:

@@ -87,6 +87,34 @@ def setup_runtime(device_param: str) -> Runtime:
     return Runtime(dist.get_rank(), world_size, device)
 
 
+# Dense bf16/fp16 tensor-core peaks from NVIDIA's data sheets (FLOP/s per GPU), matched in
+# order against torch.cuda.get_device_name(): the MFU denominator nanoGPT and nanochat use.
+PEAK_BF16_FLOPS = (
+    (("H100", "PCIe"), 756e12),
+    (("H100", "NVL"), 835e12),
+    (("H100",), 989e12),  # SXM
+    (("H200", "NVL"), 835e12),
+    (("H200",), 989e12),  # SXM
+    (("A100",), 312e12),
+    (("L40S",), 362e12),
+    (("L4",), 121e12),
+)
+
+
+def known_peak_flops(device: torch.device, dtype: str) -> float | None:
+    """The data-sheet peak of this GPU in bf16/fp16, or None (then it is measured)."""
+    if device.type != "cuda" or dtype == "float32":
+        return None
+    return peak_flops_of_gpu(torch.cuda.get_device_name(device))
+
+
+def peak_flops_of_gpu(name: str) -> float | None:
+    for words, flops in PEAK_BF16_FLOPS:
+        if all(word in name for word in words):
+            return flops
+    return None
+
+
 def lr_at(step: int, p: PretrainParams) -> float:
     """Linear warmup to learning_rate, then cosine decay to min_lr at max_steps."""
     if step < p.warmup_steps:
@@ -99,6 +127,9 @@ def lr_at(step: int, p: PretrainParams) -> float:
 def build_model(p: PretrainParams, vocab_size: int) -> GPT:
     if p.init == "scratch":
         return GPT(GPTConfig(vocab_size=vocab_size, **dataclasses.asdict(p.model)))
+    if p.model.vocab_multiple != 1:
+        raise ParamsError(f"pretrain.model.vocab_multiple: {p.model.vocab_multiple} pads a model "
+                          "trained from scratch; a loaded checkpoint keeps its vocabulary (set 1)")
     name = p.init.removeprefix("hf:")
     if not p.init.startswith("hf:") and not Path(name).is_dir():
         raise DataError(f"pretrain.init: {p.init!r} is no directory (nor scratch or hf:<name>)")
@@ -239,7 +270,7 @@ def prepare(p: PretrainParams, seed: int, paths: PretrainPaths, rt: Runtime) -> 
     if p.grad_accum_steps % rt.world_size:
         raise ParamsError(f"pretrain.grad_accum_steps: {p.grad_accum_steps} is not "
                           f"divisible by the {rt.world_size} processes")
-    peak_flops = p.peak_flops
+    peak_flops = p.peak_flops or known_peak_flops(rt.device, p.dtype)
     if peak_flops is None:  # before seeding: its random matrices must not shift the RNG
         peak_flops = measure_matmul_peak_flops(
             dtype=torch.float32 if p.dtype == "float32" else getattr(torch, p.dtype),
@@ -294,6 +325,14 @@ def resume(run: PretrainRun) -> None:
         print(f"resuming from {paths.checkpoint_dir / CHECKPOINT_FILE} at step {run.start_step}")
 
 
+def to_device(device: torch.device, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Host batches to the device; to a GPU from pinned memory, so that the copy runs
+    asynchronously beside the compute."""
+    if device.type == "cuda":
+        tensors = tuple(t.pin_memory() for t in tensors)
+    return [t.to(device, non_blocking=True) for t in tensors]
+
+
 def optimizer_step(run: PretrainRun, step: int) -> float:
     """One optimizer step over the global batch; returns its mean training loss.
 
@@ -311,8 +350,8 @@ def optimizer_step(run: PretrainRun, step: int) -> float:
     mine = starts[rt.rank * micro_steps * p.batch_size:(rt.rank + 1) * micro_steps * p.batch_size]
     step_loss = torch.zeros((), device=rt.device)
     for micro in range(micro_steps):
-        x, y = run.train_bin.batch(mine[micro * p.batch_size:(micro + 1) * p.batch_size], block)
-        x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+        x, y = to_device(rt.device, *run.train_bin.batch(
+            mine[micro * p.batch_size:(micro + 1) * p.batch_size], block))
         # DDP all-reduces gradients on the last micro-step only. (No local name holds the
         # DDP wrapper: see the teardown in pretrain().)
         with (run.model.no_sync() if rt.world_size > 1 and micro < micro_steps - 1

@@ -8,9 +8,12 @@ and falls back to `encode_batch` when the two disagree, so the ids are always th
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +27,7 @@ EOT = "<|endoftext|>"
 GPT2_PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
 
 
-def train_bpe(texts: Sequence[str], vocab_size: int, min_frequency: int):
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int):
     """A byte-level BPE trained on `texts`, with <|endoftext|> as bos/eos/unk (as GPT-2)."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
@@ -102,12 +105,15 @@ def _tiktoken_encoding(tokenizer):
 
 
 class FastEncoder:
-    """Encode documents to ids, each followed by the end-of-text id."""
+    """Encode documents to ids, each followed by the end-of-text id. It pickles (the encoding
+    worker processes get a copy) without transformers: it keeps the `tokenizers` backend and
+    the tiktoken encoding only."""
 
     def __init__(self, tokenizer, sample: Sequence[str] = (), threads: int | None = None):
         """`sample`: documents on which the fast path must give the tokenizer's ids exactly
         (through the same glued path the corpus goes through), else it is not used."""
-        self.tokenizer = tokenizer
+        self.backend_tokenizer = tokenizer.backend_tokenizer
+        self.eos = tokenizer.eos_token
         self.eot = eot_id(tokenizer)
         self.threads = threads or os.cpu_count() or 1
         self.tiktoken = _tiktoken_encoding(tokenizer)
@@ -131,7 +137,7 @@ class FastEncoder:
         # eot. encode_to_numpy skips the Python list and releases the GIL: one piece a thread.
         from concurrent.futures import ThreadPoolExecutor
 
-        eos = self.tokenizer.eos_token
+        eos = self.eos
         pieces = ["".join(doc + eos for doc in group) for group in chunks(texts, 1 << 17)]
         with ThreadPoolExecutor(self.threads) as pool:
             encoded = list(pool.map(
@@ -140,33 +146,55 @@ class FastEncoder:
         return np.concatenate(encoded).astype(dtype, copy=False)
 
     def _slow(self, texts: list[str], dtype: np.dtype) -> np.ndarray:
-        encoded = self.tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+        encoded = self.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
         return np.concatenate([np.asarray(e.ids + [self.eot], dtype=dtype) for e in encoded])
+
+
+@dataclass(frozen=True)
+class DocumentSplit:
+    """Deterministic train/val split by documents.
+
+    Documents are ranked by a seeded hash of their text and the lowest ranked fraction of the
+    distinct documents goes to val. Identical texts share a hash, so a duplicated document can
+    never land on both sides. Fitting streams the corpus once and keeps 8 bytes per document
+    (the hash's leading bytes, which order the documents as the whole hash does).
+    """
+
+    seed: int
+    threshold: int  # a document is val when its rank is at most this
+
+    def rank(self, text: str) -> int:
+        return _rank(self.seed, text)
+
+    def is_val(self, text: str) -> bool:
+        return self.rank(text) <= self.threshold
+
+    @classmethod
+    def fit(cls, docs: Iterable[str], val_fraction: float, seed: int,
+            corpus: str) -> DocumentSplit:
+        ranks = np.unique(np.fromiter((_rank(seed, d) for d in docs), dtype=np.uint64))
+        if len(ranks) < 2:
+            raise DataError(f"corpus {corpus}: {len(ranks)} distinct document(s); a train/val "
+                            "split needs at least 2")
+        n_val = min(max(1, round(val_fraction * len(ranks))), len(ranks) - 1)
+        return cls(seed, int(ranks[n_val - 1]))
+
+
+def _rank(seed: int, text: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{text}".encode()).digest()[:8], "big")
 
 
 def split_by_document(docs: Sequence[str], val_fraction: float, seed: int,
                       corpus: str) -> dict[str, list[str]]:
-    """Deterministic train/val split by documents.
-
-    Documents are ranked by a seeded hash of their text and the lowest ranked fraction goes
-    to val. Identical texts share a hash, so a duplicated document can never land on both sides.
-    """
-    def rank(text: str) -> bytes:
-        return hashlib.sha256(f"{seed}\0{text}".encode()).digest()
-
-    unique = sorted({rank(d) for d in docs})
-    if len(unique) < 2:
-        raise DataError(f"corpus {corpus}: {len(unique)} distinct document(s); a train/val "
-                        "split needs at least 2")
-    n_val = min(max(1, round(val_fraction * len(unique))), len(unique) - 1)
-    val_ranks = set(unique[:n_val])
+    """`docs` split in memory by DocumentSplit (for small sets: preference prompts)."""
+    split_rule = DocumentSplit.fit(docs, val_fraction, seed, corpus)
     split: dict[str, list[str]] = {"train": [], "val": []}
     for doc in docs:
-        split["val" if rank(doc) in val_ranks else "train"].append(doc)
+        split["val" if split_rule.is_val(doc) else "train"].append(doc)
     return split
 
 
-def chunks(docs: Sequence[str], max_chars: int = 1 << 20) -> Iterator[list[str]]:
+def chunks(docs: Iterable[str], max_chars: int = 1 << 20) -> Iterator[list[str]]:
     """Consecutive groups of documents of about `max_chars` characters."""
     group: list[str] = []
     size = 0
@@ -180,38 +208,96 @@ def chunks(docs: Sequence[str], max_chars: int = 1 << 20) -> Iterator[list[str]]
         yield group
 
 
-def spread_sample(docs: Sequence[str], count: int) -> list[str]:
-    """`count` documents spread evenly over `docs` (not just its first ones)."""
-    step = max(len(docs) // count, 1)
-    return list(docs[::step][:count])
+def capped(docs: Iterable[str], max_bytes: int | None) -> Iterator[str]:
+    """The leading documents of `docs` up to `max_bytes` of UTF-8 text (all when None)."""
+    size = 0
+    for doc in docs:
+        size += len(doc.encode("utf-8"))
+        if max_bytes is not None and size > max_bytes:
+            return
+        yield doc
 
 
-def write_corpus(out_dir: str | Path, splits: dict[str, list[str]], encoder, vocab_size: int,
-                 tokenizer_name: str, progress_desc: str = "") -> dict:
-    """Encode each split's documents into a token memmap (`llmpipe.data`'s format):
-    out_dir/<split>.bin, then meta.json beside.
+@dataclass(frozen=True)
+class _ChunkEncoder:
+    """What an encoding worker needs: the encoder, the split and the dtype (picklable)."""
 
-    Encodes and writes chunk by chunk, so the token arrays never all sit in memory. Returns meta.
-    """
+    encoder: FastEncoder
+    split: DocumentSplit
+    dtype: np.dtype
+
+    def __call__(self, docs: list[str]) -> dict[str, tuple[np.ndarray, int, int]]:
+        """split -> (ids, documents, bytes) of one chunk of documents."""
+        parts: dict[str, list[str]] = {"train": [], "val": []}
+        for doc in docs:
+            parts["val" if self.split.is_val(doc) else "train"].append(doc)
+        return {name: (self.encoder.encode_to_array(texts, self.dtype) if texts
+                       else np.zeros(0, self.dtype), len(texts),
+                       sum(len(t.encode("utf-8")) for t in texts))
+                for name, texts in parts.items()}
+
+
+_worker_job: _ChunkEncoder | None = None
+
+
+def _start_worker(job: _ChunkEncoder) -> None:
+    global _worker_job
+    _worker_job = job
+
+
+def _run_worker(docs: list[str]):
+    return _worker_job(docs)
+
+
+def _encoded_chunks(job: _ChunkEncoder, docs: Iterable[str], num_proc: int) -> Iterator:
+    """job(chunk) for consecutive chunks of `docs`, in order, on `num_proc` processes, with at
+    most two chunks per process in flight: memory does not grow with the corpus."""
+    groups = chunks(docs)
+    if num_proc == 1:
+        yield from map(job, groups)
+        return
+    import multiprocessing
+
+    # fork: the workers inherit the encoder instead of importing and rebuilding it
+    with multiprocessing.get_context("fork").Pool(num_proc, _start_worker, (job,)) as pool:
+        pending: deque = deque()
+        for group in groups:
+            pending.append(pool.apply_async(_run_worker, (group,)))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def write_corpus(out_dir: str | Path, docs: Iterable[str], split: DocumentSplit, encoder,
+                 vocab_size: int, tokenizer_name: str, num_proc: int = 1,
+                 progress_total: int | None = None, progress_desc: str = "") -> dict:
+    """Encode a stream of documents into the token memmaps of `llmpipe.data`'s format:
+    out_dir/train.bin and val.bin, filled chunk by chunk in corpus order (each split's ids are
+    those of its documents, in order), then meta.json. Returns meta."""
     from tqdm import tqdm
-
-    from llmpipe.corpus import text_bytes
 
     dtype = token_dtype(vocab_size)
     meta = {"dtype": dtype.name, "vocab_size": vocab_size, "eot_id": encoder.eot,
             "tokenizer": tokenizer_name, "encoder": encoder.backend, "splits": {}}
-    total_bytes = sum(text_bytes(docs) for docs in splits.values())
-    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=progress_desc) as bar:
-        for split, docs in splits.items():
-            n_tokens = 0
-            path = bin_path(out_dir, split)
-            with atomic_path(path) as tmp, open(tmp, "wb") as f:
-                for group in chunks(docs):
-                    ids = encoder.encode_to_array(group, dtype)
-                    ids.tofile(f)
-                    n_tokens += len(ids)
-                    bar.update(text_bytes(group))
-            meta["splits"][split] = {"documents": len(docs), "tokens": n_tokens,
-                                     "bytes": text_bytes(docs), "sha256": sha256_file(path)}
+    counts = {name: {"documents": 0, "tokens": 0, "bytes": 0} for name in ("train", "val")}
+    if num_proc > 1:
+        encoder = copy.copy(encoder)
+        encoder.threads = 1  # one process per core does the parallel work
+    job = _ChunkEncoder(encoder, split, dtype)
+    with (atomic_path(bin_path(out_dir, "train")) as train_tmp,
+          atomic_path(bin_path(out_dir, "val")) as val_tmp,
+          open(train_tmp, "wb") as train_file, open(val_tmp, "wb") as val_file,
+          tqdm(total=progress_total, unit="B", unit_scale=True, desc=progress_desc) as bar):
+        files = {"train": train_file, "val": val_file}
+        for encoded in _encoded_chunks(job, docs, num_proc):
+            for name, (ids, documents, n_bytes) in encoded.items():
+                ids.tofile(files[name])
+                for key, value in (("documents", documents), ("tokens", len(ids)),
+                                   ("bytes", n_bytes)):
+                    counts[name][key] += value
+                bar.update(n_bytes)
+    for name in ("train", "val"):
+        meta["splits"][name] = {**counts[name], "sha256": sha256_file(bin_path(out_dir, name))}
     write_meta(out_dir, meta)
     return meta

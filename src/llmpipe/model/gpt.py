@@ -35,10 +35,18 @@ class GPTConfig:
     n_embd: int
     dropout: float = 0.0
     bias: bool = True
+    # The embedding and head get rows up to a multiple of this (GPT-2's 50257 -> 50304 with
+    # 64): matmul shapes the GPU's kernels tile well. The extra rows are never a target and
+    # never in the logits; the export drops them.
+    vocab_multiple: int = 1
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
 
 def causal_attention(
@@ -131,14 +139,14 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
                 wpe=nn.Embedding(config.block_size, config.n_embd),
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
                 ln_f=nn.LayerNorm(config.n_embd, eps=LAYER_NORM_EPS, bias=config.bias),
             )
         )
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         # Weight tying (as in GPT-2): the output projection reuses the token embedding.
         self.transformer.wte.weight = self.lm_head.weight
 
@@ -195,7 +203,7 @@ class GPT(nn.Module):
             x = block(x)
         x = self.transformer.ln_f(x)
         if targets is None:
-            return self.lm_head(x), None  # (B, T, V)
+            return self.lm_head(x)[..., :self.config.vocab_size], None  # (B, T, V)
         loss = linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.view(-1))
         return None, loss
 

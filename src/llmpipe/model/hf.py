@@ -108,7 +108,10 @@ def hf_model_from_gpt(model: GPT, eos_token_id: int | None = None) -> GPT2LMHead
     hf_state = {}
     for name, hf_tensor in hf_model.state_dict().items():
         if name in state:
-            hf_state[name] = _to_other_layout(name, state[name])
+            tensor = state[name]
+            if name in ("transformer.wte.weight", "lm_head.weight"):
+                tensor = tensor[:config.vocab_size]  # without the padding rows
+            hf_state[name] = _to_other_layout(name, tensor)
         elif name.endswith(".bias") and not config.bias:
             # GPT-2 always has biases; all-zero biases compute the same as none.
             hf_state[name] = torch.zeros_like(hf_tensor)
