@@ -63,7 +63,7 @@ def run(config: str, corpus: Path, tokenizer_dir: Path, out: Path) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     encoder = FastEncoder(tokenizer, sample=list(itertools.islice(read_texts(corpus), 200)))
-    if config == "before (in memory, 2 threads)":
+    if config == "before (in memory, threads)":  # a thread per core
         docs = list(read_texts(corpus))  # what the stage did: every document in a list
         started = time.perf_counter()
         split = split_by_document(docs, 0.1, SEED, "bench")
@@ -102,7 +102,7 @@ def main() -> None:
     tokenizer_dir = args.dir / "tokenizer"
     if not tokenizer_dir.exists():
         train_bpe(stdlib_docstrings(), 4096, 2).save_pretrained(tokenizer_dir)
-    configs = ("before (in memory, 2 threads)", "1 worker", "2 workers")
+    configs = ("before (in memory, threads)", "1 worker", "2 workers")
     rows = []
     for megabytes in args.mb:
         corpus = args.dir / f"corpus-{megabytes}mb"

@@ -1,10 +1,8 @@
 """download: stream the pretrain and finetune corpora into data/raw/<corpus>/ as JSONL shards."""
 
-import shutil
-
 from llmpipe import layout
 from llmpipe.corpus import open_documents, write_shards
-from llmpipe.io import atomic_dir, write_metrics
+from llmpipe.io import atomic_dir, remove_stale_temporaries, write_metrics
 from llmpipe.params import DownloadParams, load_stage_params
 from llmpipe.stage import run_main
 
@@ -13,9 +11,7 @@ def main() -> None:
     from tqdm import tqdm
 
     _, params = load_stage_params(DownloadParams)
-    # A download killed half way left only a temporary directory: it starts again cleanly.
-    for stale in layout.RAW.parent.glob(f".{layout.RAW.name}.*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_temporaries(layout.RAW)  # a download killed half way starts again cleanly
     # Every source is opened (and checked) before anything is written, and the corpora replace
     # data/raw together: a bad source, or one that breaks half way, leaves the old ones intact.
     streams = {name: open_documents(getattr(params, name)) for name in layout.CORPORA}

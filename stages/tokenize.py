@@ -1,22 +1,22 @@
 """tokenize: train (or load) the tokenizer and encode both corpora into token memmaps.
 
-The corpora are streamed from their shards, three times at most (a sample for the tokenizer,
-the document hashes for the split, the encoding), so memory does not grow with their size.
+The corpora are streamed from their shards: the pretrain corpus three times (a sample of at
+most train_bytes for the BPE, the document hashes for the split, the encoding), the finetune
+corpus twice, so memory does not grow with their size (the split keeps 8 bytes a document).
 """
 
-import itertools
 import os
 import time
 
 from llmpipe import layout
-from llmpipe.corpus import read_texts
-from llmpipe.io import atomic_dir, write_metrics
+from llmpipe.corpus import capped, read_texts
+from llmpipe.io import atomic_dir, remove_stale_temporaries, write_metrics
 from llmpipe.params import TokenizeParams, load_stage_params
 from llmpipe.stage import run_main
 from llmpipe.tokenization import (
     DocumentSplit,
     FastEncoder,
-    capped,
+    SpreadSample,
     load_pretrained,
     train_bpe,
     write_corpus,
@@ -27,17 +27,21 @@ ENCODER_CHECK_DOCS = 200  # per corpus: tiktoken must reproduce the HF ids on th
 
 def main() -> None:
     shared, params = load_stage_params(TokenizeParams)
+    for output in (layout.TOKENIZER, layout.TOKENS):
+        remove_stale_temporaries(output)  # a run killed half way
     raw = {name: layout.raw_corpus(name) for name in layout.CORPORA}
     if params.tokenizer == "bpe":
-        tokenizer = train_bpe(capped(read_texts(raw["pretrain"]), params.train_bytes),
+        tokenizer = train_bpe(capped(read_texts(raw["pretrain"]), max_bytes=params.train_bytes),
                               params.vocab_size, params.min_frequency)
     else:
         tokenizer = load_pretrained(params.tokenizer, params.trust_remote_code)
     vocab_size = len(tokenizer)
-    sample = [doc for path in raw.values()
-              for doc in itertools.islice(read_texts(path), ENCODER_CHECK_DOCS)]
-    encoder = FastEncoder(tokenizer, sample=sample)
-    num_proc = params.num_proc or os.cpu_count() or 1
+    splits, samples = {}, {name: SpreadSample(ENCODER_CHECK_DOCS) for name in raw}
+    for name, path in raw.items():
+        splits[name] = DocumentSplit.fit(samples[name].watch(read_texts(path)),
+                                         params.val_fraction, shared.seed, name)
+    encoder = FastEncoder(tokenizer, sample=[d for s in samples.values() for d in s.documents])
+    num_proc = params.num_proc or len(os.sched_getaffinity(0))  # the cores this process may use
 
     # Encode everything into temporary directories first: a failure leaves old outputs intact.
     metrics: dict = {"tokenizer": params.tokenizer, "vocab_size": vocab_size,
@@ -47,11 +51,9 @@ def main() -> None:
           atomic_dir(layout.TOKENS) as tokens_tmp):
         tokenizer.save_pretrained(tokenizer_tmp)
         for name, path in raw.items():
-            split = DocumentSplit.fit(read_texts(path), params.val_fraction, shared.seed, name)
             started = time.perf_counter()
-            meta = write_corpus(tokens_tmp / name, read_texts(path), split, encoder, vocab_size,
-                                params.tokenizer, num_proc,
-                                progress_total=sum(f.stat().st_size for f in path.iterdir()),
+            meta = write_corpus(tokens_tmp / name, read_texts(path), splits[name], encoder,
+                                vocab_size, params.tokenizer, num_proc,
                                 progress_desc=f"encode {name}")
             encoding_seconds += time.perf_counter() - started
             for split_name, info in meta["splits"].items():

@@ -134,8 +134,9 @@ def test_bad_sources_stop_with_one_line_naming_them(tmp_path, sharded, monkeypat
     script_only.mkdir()
     (script_only / "old_dataset.py").write_text("# a loading script\n")
     with pytest.raises(DataError, match=r"^hf:.*old_dataset: a script-only dataset, which "
-                                        r"datasets 5 no longer loads; use its parquet "
-                                        r"conversion \(hf:.*@refs/convert/parquet"):
+                                        r"datasets no longer loads \(since 4\.0\); use its "
+                                        r"parquet conversion \(on the hub: "
+                                        r"hf:.*@refs/convert/parquet"):
         load_documents(corpus(f"hf:{script_only}"))
 
     broken = tmp_path / "broken"
@@ -208,3 +209,62 @@ def test_a_bad_source_leaves_the_previous_download_intact(tmp_path, sharded):
     assert result.stderr.strip() == f"error: file:{tmp_path}/missing.parquet: file not found"
     assert {p: p.read_bytes() for p in sorted((tmp_path / "data/raw").rglob("*.jsonl"))} == before
     assert not list((tmp_path / "data").glob(".raw.*"))  # no temporary left behind
+
+
+def test_a_source_that_breaks_half_way_leaves_the_previous_download_intact(tmp_path):
+    from conftest import ROOT, run, set_params
+
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(3000)))
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    set_params(tmp_path, {"download.pretrain.source": f"file:{good}",
+                          "download.finetune.source": f"file:{good}"})
+    run(["python", "-m", "stages.download"], tmp_path)
+    before = {p: p.read_bytes() for p in sorted((tmp_path / "data/raw").rglob("*.jsonl"))}
+
+    broken = tmp_path / "broken.jsonl"  # fine for 2000 records, then a line that is no JSON
+    broken.write_text(good.read_text()[:good.read_text().index('{"text": "doc 2000"}')]
+                      + "{not json\n")
+    set_params(tmp_path, {"download.finetune.source": f"file:{broken}"})
+    (tmp_path / "data/.raw.killed.tmp").mkdir()  # what a kill during a download leaves
+    result = run(["python", "-m", "stages.download"], tmp_path, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {broken}:2001: not valid JSON (Expecting property " \
+                                    "name enclosed in double quotes)"
+    assert {p: p.read_bytes() for p in sorted((tmp_path / "data/raw").rglob("*.jsonl"))} == before
+    assert not list((tmp_path / "data").glob(".raw.*"))
+
+
+def test_records_that_are_not_objects_or_not_utf8_are_named(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "fine"}\n[1, 2]\n')
+    with pytest.raises(DataError, match=r"rows\.jsonl:2: not a JSON object"):
+        load_documents(corpus(f"file:{rows}"))
+    surrogate = tmp_path / "surrogate.jsonl"
+    surrogate.write_text('{"text": "fine"}\n{"text": "bad \\udc80"}\n')
+    with pytest.raises(DataError, match=r"surrogate\.jsonl\): row 1 is not UTF-8 text"):
+        load_documents(corpus(f"file:{surrogate}"))
+
+
+def test_the_datasets_wrapped_revision_error_is_named(monkeypatch):
+    import datasets
+    from datasets.exceptions import DatasetNotFoundError
+
+    def load_dataset(*args, **kwargs):  # what datasets raises for a revision that is not there
+        raise DatasetNotFoundError("Revision 'v9' doesn't exist for dataset 'someone/corpus' "
+                                   "on the Hub.")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with pytest.raises(DataError, match=r"^hf:someone/corpus@v9: no revision 'v9'"):
+        load_documents(corpus("hf:someone/corpus@v9"))
+
+
+def test_data_files_belong_to_hf_sources():
+    from llmpipe.errors import ParamsError
+    from llmpipe.params import build
+
+    with pytest.raises(ParamsError, match=r"^download\.pretrain\.data_files: \['\*\.parquet'\] "
+                                          r"applies to hf: sources only"):
+        build(CorpusParams, {"source": "file:x.jsonl", "split": "train", "text_column": "text",
+                             "sha256": None, "data_files": ["*.parquet"], "max_documents": None,
+                             "max_bytes": None}, "download.pretrain")

@@ -264,7 +264,8 @@ def test_torchrun_two_processes_match_one(micro_workspace, tmp_path):
 @pytest.mark.parametrize(("name", "flops"), [
     ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
     ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA A100-SXM4-80GB", 312e12),
-    ("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12), ("NVIDIA GeForce RTX 3090", None)])
+    ("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12), ("NVIDIA GeForce RTX 3090", None),
+    ("NVIDIA L40", None), ("NVIDIA RTX A1000", None), ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", None)])
 def test_the_peak_flops_of_a_gpu_come_from_its_name(name, flops):
     from llmpipe.pretrain import peak_flops_of_gpu
 

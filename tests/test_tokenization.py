@@ -115,8 +115,9 @@ def test_two_worker_processes_write_the_bins_of_one(tokenizer, tmp_path):
     encoder = FastEncoder(tokenizer, sample=docs[:50])
     assert encoder.backend == "tiktoken"
     split = DocumentSplit.fit(iter(docs), 0.1, 0, "c")
+    # chunks of 32 KB: about 60 of them, so two processes work under the in-flight bound
     metas = {n: write_corpus(tmp_path / str(n), iter(docs), split, encoder, len(tokenizer),
-                             "bpe", num_proc=n) for n in (1, 2)}
+                             "bpe", num_proc=n, chunk_chars=1 << 15) for n in (1, 2)}
     assert metas[1] == metas[2]
     for name in ("train", "val"):
         one, two = ((tmp_path / f"{n}/{name}.bin").read_bytes() for n in (1, 2))

@@ -124,9 +124,9 @@ def _hf_dataset(source: str, split: str, data_files: Sequence[str] | None, strea
     except RuntimeError as e:
         if SCRIPT_ONLY in str(e):
             raise DataError(
-                f"{source}: a script-only dataset, which datasets 5 no longer loads; use its "
-                f"parquet conversion (hf:{name}@refs/convert/parquet with data_files naming "
-                "its shards) or another copy of the data") from e
+                f"{source}: a script-only dataset, which datasets no longer loads (since 4.0); "
+                f"use its parquet conversion (on the hub: hf:{name}@refs/convert/parquet with "
+                "data_files naming its shards) or another copy of the data") from e
         raise DataError(f"{source}: cannot load dataset ({e})") from e
     except Exception as e:  # datasets and the hub client raise many kinds
         kind = type(e).__name__
@@ -245,7 +245,7 @@ def _guarded(batches: Iterator, source: str) -> Iterator:
             return
         except DataError:
             raise
-        except (OSError, ValueError, UnicodeDecodeError) as e:  # ArrowInvalid is a ValueError
+        except (OSError, ValueError, TypeError) as e:  # pyarrow's errors are ValueError/TypeError
             raise DataError(f"{source}: cannot read ({type(e).__name__}: {e})") from e
         yield batch
 
@@ -265,9 +265,12 @@ def _file_batches(path: Path, source: str) -> Iterator[tuple[dict, str]]:
                 if not line.strip():
                     continue
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from e
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{line_no}: not a JSON object (a record)")
+                rows.append(row)
                 if len(rows) == RECORD_BATCH:
                     yield _columns(rows), f"{source} ({path.name})"
                     rows = []
@@ -284,12 +287,18 @@ def _columns(rows: list[dict]) -> dict[str, list]:
 
 
 def _texts_of(batches: Iterator[tuple[list, str]], column: str) -> Iterator[str]:
-    row = 0
+    row, last_origin = 0, None
     for values, origin in batches:
+        if origin != last_origin:  # rows count within each file
+            row, last_origin = 0, origin
         for value in values:
             if not isinstance(value, str):
                 raise DataError(f"{origin}: row {row} column {column!r} is "
                                 f"{type(value).__name__}, not text")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate, say
+                raise DataError(f"{origin}: row {row} is not UTF-8 text ({e})") from e
             row += 1
             if value.strip():
                 yield value
@@ -307,7 +316,7 @@ def open_documents(params: CorpusParams) -> Iterator[str]:
         docs = stdlib_reference()
     elif scheme == "url":
         docs = url_text(rest, params.sha256, source)
-    elif scheme == "file" and Path(rest).suffix.lower() == ".txt":
+    elif scheme == "file" and not glob.has_magic(rest) and Path(rest).suffix.lower() == ".txt":
         path = Path(rest)
         if not path.exists():
             raise DataError(f"{source}: file not found")
@@ -326,21 +335,29 @@ def open_documents(params: CorpusParams) -> Iterator[str]:
         docs = _texts_of(_record_batches(params), params.text_column)
     else:  # params validation lets nothing else through
         raise DataError(f"{source}: unknown source scheme")
-    return _capped(iter(docs), params)
+    docs = capped(docs, params.max_documents, params.max_bytes)
+    first = next(docs, None)  # an empty corpus stops the stage before anything is written
+    if first is None:
+        raise DataError(f"{source}: no documents")
+    return itertools.chain([first], docs)
 
 
-def _capped(docs: Iterator[str], params: CorpusParams) -> Iterator[str]:
+def capped(docs: Iterable[str], max_documents: int | None = None,
+           max_bytes: int | None = None) -> Iterator[str]:
+    """The leading documents of `docs`: at most `max_documents` of them and `max_bytes` of
+    UTF-8 text (None: no cap). Reads no document past the cap."""
+    if max_documents == 0:
+        return
     count, size = 0, 0
     for doc in docs:
-        if params.max_documents is not None and count == params.max_documents:
-            break
-        doc_bytes = len(doc.encode("utf-8"))
-        if params.max_bytes is not None and size + doc_bytes > params.max_bytes:
-            break
-        count, size = count + 1, size + doc_bytes
+        if max_bytes is not None:
+            size += len(doc.encode("utf-8"))
+            if size > max_bytes:
+                return
         yield doc
-    if count == 0:
-        raise DataError(f"{params.source}: no documents")
+        count += 1
+        if count == max_documents:
+            return
 
 
 def load_documents(params: CorpusParams) -> list[str]:

@@ -133,14 +133,17 @@ def read_meta(corpus_dir: str | Path) -> dict:
 
 
 UNIGRAM_FIT_TOKENS = 1 << 27  # 134M: plenty for token frequencies, a bounded read at any scale
+COUNT_CHUNK = 1 << 22  # bincount converts to int64: counted chunk by chunk, 32 MB at a time
 
 
 def unigram_perplexity(train: TokenBin, val_windows: list[torch.Tensor]) -> float:
     """Perplexity of a unigram model fit on train (add-one smoothed; its first
     UNIGRAM_FIT_TOKENS tokens) on the given targets: the baseline a language model must beat
     to have learned anything beyond token counts."""
-    counts = np.bincount(train.tokens[:UNIGRAM_FIT_TOKENS],
-                         minlength=train.vocab_size).astype(np.float64)
+    counts = np.zeros(train.vocab_size, dtype=np.float64)
+    for start in range(0, min(len(train), UNIGRAM_FIT_TOKENS), COUNT_CHUNK):
+        counts += np.bincount(train.tokens[start:min(start + COUNT_CHUNK, UNIGRAM_FIT_TOKENS)],
+                              minlength=train.vocab_size)
     log_probs = np.log((counts + 1) / (counts.sum() + train.vocab_size))
     targets = torch.cat([w.flatten() for w in val_windows]).numpy()
     return float(np.exp(-log_probs[targets].mean()))

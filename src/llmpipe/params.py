@@ -94,6 +94,12 @@ class CorpusParams:
     max_documents: int | None = param(POSITIVE_INT)  # caps, for a sample of a large corpus
     max_bytes: int | None = param(POSITIVE_INT)
 
+    def cross_field_problems(self) -> list[tuple[str, str]]:
+        if self.data_files is not None and not self.source.startswith("hf:"):
+            return [("data_files", f"{self.data_files} applies to hf: sources only (file: takes "
+                                   "a glob in its path)")]
+        return []
+
 
 @dataclass(frozen=True, kw_only=True)
 class DownloadParams:
@@ -158,7 +164,7 @@ class PretrainParams:
     eval_interval: int = param(POSITIVE_INT)
     eval_windows: int = param(POSITIVE_INT)
     checkpoint_interval: int = param(POSITIVE_INT)
-    peak_flops: float | None = param(POSITIVE_NUMBER)  # None: measured at start
+    peak_flops: float | None = param(POSITIVE_NUMBER)  # None: the GPU's data sheet, or measured
     trust_remote_code: bool
     sample: SampleParams | None  # null: no sample generations
 

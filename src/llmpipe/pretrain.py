@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ import torch.distributed as dist
 from llmpipe.data import TokenBin, read_meta, unigram_perplexity
 from llmpipe.errors import DataError, LlmpipeError, ParamsError
 from llmpipe.evaluation import perplexity, window_loss
-from llmpipe.io import atomic_dir, atomic_path, write_json
+from llmpipe.io import atomic_dir, atomic_path, remove_stale_temporaries, write_json
 from llmpipe.model import GPT, GPTConfig, export_hf_gpt2, load_hf_gpt2, measure_matmul_peak_flops
 from llmpipe.params import PretrainParams, SampleParams
 from llmpipe.tracking import curves_live
@@ -109,8 +110,13 @@ def known_peak_flops(device: torch.device, dtype: str) -> float | None:
 
 
 def peak_flops_of_gpu(name: str) -> float | None:
+    """By whole words of the name ("L4" is not "L40S"); a MIG slice has a share of the card's
+    peak that its name does not give, so it is measured."""
+    words_of_name = set(re.split(r"[\s_-]+", name))
+    if "MIG" in words_of_name:
+        return None
     for words, flops in PEAK_BF16_FLOPS:
-        if all(word in name for word in words):
+        if words_of_name.issuperset(words):
             return flops
     return None
 
@@ -308,8 +314,7 @@ def resume(run: PretrainRun) -> None:
     """Load the checkpoint of an interrupted run with the same digest, if there is one."""
     paths, rt = run.paths, run.rt
     paths.checkpoint_dir.mkdir(parents=True, exist_ok=True)  # a DVC output even when empty
-    for stale in paths.checkpoint_dir.glob(f".{CHECKPOINT_FILE}.*.tmp"):
-        stale.unlink(missing_ok=True)  # from a run killed while writing its checkpoint
+    remove_stale_temporaries(paths.checkpoint_dir / CHECKPOINT_FILE)  # a kill while writing
     state = load_checkpoint(paths.checkpoint_dir, run.digest)
     if state is None:
         return

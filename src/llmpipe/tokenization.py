@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import heapq
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -105,9 +106,9 @@ def _tiktoken_encoding(tokenizer):
 
 
 class FastEncoder:
-    """Encode documents to ids, each followed by the end-of-text id. It pickles (the encoding
-    worker processes get a copy) without transformers: it keeps the `tokenizers` backend and
-    the tiktoken encoding only."""
+    """Encode documents to ids, each followed by the end-of-text id. It keeps the `tokenizers`
+    backend and the tiktoken encoding only (no transformers object): the encoding worker
+    processes inherit it."""
 
     def __init__(self, tokenizer, sample: Sequence[str] = (), threads: int | None = None):
         """`sample`: documents on which the fast path must give the tokenizer's ids exactly
@@ -194,7 +195,10 @@ def split_by_document(docs: Sequence[str], val_fraction: float, seed: int,
     return split
 
 
-def chunks(docs: Iterable[str], max_chars: int = 1 << 20) -> Iterator[list[str]]:
+CHUNK_CHARS = 1 << 20  # the unit of work of an encoding process
+
+
+def chunks(docs: Iterable[str], max_chars: int = CHUNK_CHARS) -> Iterator[list[str]]:
     """Consecutive groups of documents of about `max_chars` characters."""
     group: list[str] = []
     size = 0
@@ -208,14 +212,25 @@ def chunks(docs: Iterable[str], max_chars: int = 1 << 20) -> Iterator[list[str]]
         yield group
 
 
-def capped(docs: Iterable[str], max_bytes: int | None) -> Iterator[str]:
-    """The leading documents of `docs` up to `max_bytes` of UTF-8 text (all when None)."""
-    size = 0
-    for doc in docs:
-        size += len(doc.encode("utf-8"))
-        if max_bytes is not None and size > max_bytes:
-            return
-        yield doc
+class SpreadSample:
+    """`size` documents spread over a whole stream (those with the smallest hash), gathered
+    while the stream passes by: what the fast encoder is checked on."""
+
+    def __init__(self, size: int):
+        self.size, self._heap = size, []
+
+    def watch(self, docs: Iterable[str]) -> Iterator[str]:
+        for doc in docs:
+            key = -int.from_bytes(hashlib.sha256(doc.encode()).digest()[:8], "big")
+            if len(self._heap) < self.size:
+                heapq.heappush(self._heap, (key, doc))
+            elif key > self._heap[0][0]:
+                heapq.heapreplace(self._heap, (key, doc))
+            yield doc
+
+    @property
+    def documents(self) -> list[str]:
+        return [doc for _, doc in sorted(self._heap, reverse=True)]
 
 
 @dataclass(frozen=True)
@@ -249,29 +264,36 @@ def _run_worker(docs: list[str]):
     return _worker_job(docs)
 
 
-def _encoded_chunks(job: _ChunkEncoder, docs: Iterable[str], num_proc: int) -> Iterator:
+def _encoded_chunks(job: _ChunkEncoder, docs: Iterable[str], num_proc: int,
+                    chunk_chars: int) -> Iterator:
     """job(chunk) for consecutive chunks of `docs`, in order, on `num_proc` processes, with at
     most two chunks per process in flight: memory does not grow with the corpus."""
-    groups = chunks(docs)
+    groups = chunks(docs, chunk_chars)
     if num_proc == 1:
         yield from map(job, groups)
         return
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
-    # fork: the workers inherit the encoder instead of importing and rebuilding it
-    with multiprocessing.get_context("fork").Pool(num_proc, _start_worker, (job,)) as pool:
+    # The parent used tokenizers' threads (training, the encoder check): forked workers
+    # would each warn that they turn them off.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # fork: the workers inherit the encoder instead of importing and rebuilding it. A worker
+    # that dies (the OOM killer) raises BrokenProcessPool here rather than hanging.
+    with ProcessPoolExecutor(num_proc, multiprocessing.get_context("fork"), _start_worker,
+                             (job,)) as pool:
         pending: deque = deque()
         for group in groups:
-            pending.append(pool.apply_async(_run_worker, (group,)))
+            pending.append(pool.submit(_run_worker, group))
             if len(pending) >= 2 * num_proc:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
 
 
 def write_corpus(out_dir: str | Path, docs: Iterable[str], split: DocumentSplit, encoder,
                  vocab_size: int, tokenizer_name: str, num_proc: int = 1,
-                 progress_total: int | None = None, progress_desc: str = "") -> dict:
+                 progress_desc: str = "", chunk_chars: int = CHUNK_CHARS) -> dict:
     """Encode a stream of documents into the token memmaps of `llmpipe.data`'s format:
     out_dir/train.bin and val.bin, filled chunk by chunk in corpus order (each split's ids are
     those of its documents, in order), then meta.json. Returns meta."""
@@ -288,9 +310,9 @@ def write_corpus(out_dir: str | Path, docs: Iterable[str], split: DocumentSplit,
     with (atomic_path(bin_path(out_dir, "train")) as train_tmp,
           atomic_path(bin_path(out_dir, "val")) as val_tmp,
           open(train_tmp, "wb") as train_file, open(val_tmp, "wb") as val_file,
-          tqdm(total=progress_total, unit="B", unit_scale=True, desc=progress_desc) as bar):
+          tqdm(unit="B", unit_scale=True, desc=progress_desc) as bar):
         files = {"train": train_file, "val": val_file}
-        for encoded in _encoded_chunks(job, docs, num_proc):
+        for encoded in _encoded_chunks(job, docs, num_proc, chunk_chars):
             for name, (ids, documents, n_bytes) in encoded.items():
                 ids.tofile(files[name])
                 for key, value in (("documents", documents), ("tokens", len(ids)),

@@ -36,8 +36,9 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     # The embedding and head get rows up to a multiple of this (GPT-2's 50257 -> 50304 with
-    # 64): matmul shapes the GPU's kernels tile well. The extra rows are never a target and
-    # never in the logits; the export drops them.
+    # 64): matmul shapes the GPU's kernels tile well. The extra rows are never a target; as in
+    # nanoGPT they take part in the training softmax (and learn to be improbable), while
+    # predictions, evaluation and the export use the real rows only.
     vocab_multiple: int = 1
 
     def __post_init__(self) -> None:
