@@ -41,8 +41,8 @@ def test_floats_in_exponent_notation_are_numbers(tmp_path):
         ("vocab_size: 4096", "vocab_size: many",
          "tokenize.vocab_size: 'many' is not a positive integer"),
         ("vocab_size: 4096", "vocab_size: 4096\n  vocab_sise: 10",
-         "tokenize.vocab_sise: unknown key (allowed: min_frequency, tokenizer, "
-         "trust_remote_code, val_fraction, vocab_size)"),
+         "tokenize.vocab_sise: unknown key (allowed: min_frequency, num_proc, tokenizer, "
+         "train_bytes, trust_remote_code, val_fraction, vocab_size)"),
         ("val_fraction: 0.1", "val_fraction: 1.0",
          "tokenize.val_fraction: 1.0 is not a number strictly between 0 and 1"),
         ("val_fraction: 0.1", "val_fraction: 0",
