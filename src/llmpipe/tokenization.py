@@ -303,9 +303,8 @@ def write_corpus(out_dir: str | Path, docs: Iterable[str], split: DocumentSplit,
     meta = {"dtype": dtype.name, "vocab_size": vocab_size, "eot_id": encoder.eot,
             "tokenizer": tokenizer_name, "encoder": encoder.backend, "splits": {}}
     counts = {name: {"documents": 0, "tokens": 0, "bytes": 0} for name in ("train", "val")}
-    if num_proc > 1:
-        encoder = copy.copy(encoder)
-        encoder.threads = 1  # one process per core does the parallel work
+    encoder = copy.copy(encoder)
+    encoder.threads = 1  # one thread per process: the processes are the parallelism
     job = _ChunkEncoder(encoder, split, dtype)
     with (atomic_path(bin_path(out_dir, "train")) as train_tmp,
           atomic_path(bin_path(out_dir, "val")) as val_tmp,
