@@ -8,7 +8,7 @@ BIN := $(abspath $(VENV))/bin
 # DVC runs each stage's cmd (`python -m stages.x`) with this PATH: the venv's python first.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup pipeline test lint bench compare
+.PHONY: setup pipeline test lint bench compare gpu-smoke smoke-wheels
 
 setup: $(VENV)/.installed
 
@@ -38,3 +38,24 @@ bench: setup
 REV ?= main
 compare: setup
 	python -m llmpipe.compare $(REV)
+
+# The GPU smoke run (README): the whole chain on one GPU without DVC, on the machine's own
+# Python stack (no venv: an air-gapped GPU box brings its own torch). Missing dependencies are
+# installed from $(WHEELS) when that folder exists.
+WHEELS ?= wheels
+SMOKE_PYTHON ?= python3
+SMOKE_ARGS ?=
+gpu-smoke:
+	PYTHONPATH=src$(if $(PYTHONPATH),:$(PYTHONPATH)) $(SMOKE_PYTHON) -m llmpipe.smoke gpu-smoke \
+		$(if $(wildcard $(WHEELS)),--wheels $(WHEELS)) $(SMOKE_ARGS)
+
+# On a connected machine: wheels of pyproject.toml's dependencies (torch aside) for the GPU
+# box's Python and platform. pip also fetches what the box may have already (transformers,
+# accelerate, ...); installing from the folder keeps the installed versions of those.
+SMOKE_PY_VERSION ?= 3.12
+SMOKE_PLATFORM ?= manylinux_2_28_x86_64
+smoke-wheels:
+	PYTHONPATH=src $(PYTHON) -m llmpipe.smoke --print-requirements | xargs $(PYTHON) -m pip \
+		download --dest $(WHEELS) --only-binary=:all: --python-version $(SMOKE_PY_VERSION) \
+		--platform $(SMOKE_PLATFORM) --platform manylinux2014_x86_64 \
+		--platform manylinux_2_17_x86_64

@@ -4,6 +4,7 @@ from llmpipe import layout
 from llmpipe.causal_lm import run_stage
 from llmpipe.io import atomic_dir, write_metrics
 from llmpipe.params import FinetuneParams, load_stage_params
+from llmpipe.runtime import is_main_process
 from llmpipe.stage import run_main
 
 
@@ -11,6 +12,8 @@ def main() -> None:
     shared, p = load_stage_params(FinetuneParams)
     run = run_stage("finetune", p, shared.seed, layout.tokens("finetune"),
                     layout.scratch_dir("finetune"), layout.live_dir("finetune"))
+    if not is_main_process():  # under a launcher, one process writes
+        return
     with atomic_dir(layout.FINETUNE_MODEL) as tmp:
         run.result.model.save_pretrained(tmp)
         run.tokenizer.save_pretrained(tmp)

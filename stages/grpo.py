@@ -1,37 +1,39 @@
 """grpo: TRL's GRPOTrainer on the finetuned policy against the reward model; the policy is
 measured before and after on held-out prompts with the same sampling seed."""
 
-from llmpipe.stage import run_main, use_one_gpu_unless_launched
-
-use_one_gpu_unless_launched()  # before torch is imported
-
-from llmpipe import layout  # noqa: E402
-from llmpipe.io import atomic_dir, write_json, write_metrics  # noqa: E402
-from llmpipe.loading import load_causal_lm  # noqa: E402
-from llmpipe.params import GrpoParams, load_stage_params  # noqa: E402
-from llmpipe.preferences import read_prompts  # noqa: E402
-from llmpipe.rlhf import (  # noqa: E402
+from llmpipe import layout
+from llmpipe.io import atomic_dir, write_json, write_metrics
+from llmpipe.loading import load_causal_lm
+from llmpipe.params import GrpoParams, load_stage_params
+from llmpipe.preferences import read_prompts
+from llmpipe.rlhf import (
     before_after_metrics,
     load_judges,
     policy_report,
     reward_functions,
     run_grpo,
 )
-from llmpipe.sampling import Sampling  # noqa: E402
+from llmpipe.runtime import is_main_process
+from llmpipe.sampling import Sampling
+from llmpipe.stage import run_main
 
 
 def main() -> None:
     shared, p = load_stage_params(GrpoParams)
     train_prompts = read_prompts(layout.PREFERENCES, "train")
     heldout = read_prompts(layout.PREFERENCES, "heldout")
-    reference, tokenizer = load_causal_lm(layout.FINETUNE_MODEL)
-    judges = load_judges(layout.PREFERENCES, layout.REWARD_MODEL, reference)
-    # The same prompts and sampling seed before and after.
+    # The same prompts and sampling seed before and after, measured once: by the main process
+    # under a launcher (the others start training and wait for it at the first step).
     sampling = Sampling(p.eval_samples, p.max_completion_length, p.temperature, shared.seed)
-
-    before = policy_report(reference, tokenizer, heldout, sampling, judges)
+    main_process = is_main_process()
+    if main_process:
+        reference, tokenizer = load_causal_lm(layout.FINETUNE_MODEL)
+        judges = load_judges(layout.PREFERENCES, layout.REWARD_MODEL, reference)
+        before = policy_report(reference, tokenizer, heldout, sampling, judges)
     policy, steps = run_grpo(layout.FINETUNE_MODEL, reward_functions(layout.REWARD_MODEL, p),
                              train_prompts, p, shared.seed, layout.live_dir("grpo"))
+    if not main_process:
+        return
     after = policy_report(policy, tokenizer, heldout, sampling, judges)
     with atomic_dir(layout.GRPO_MODEL) as tmp:
         policy.save_pretrained(tmp)

@@ -6,6 +6,7 @@ from llmpipe.causal_lm import run_stage
 from llmpipe.io import atomic_dir, write_metrics
 from llmpipe.lora import lora_config, parameter_counts, save_adapter
 from llmpipe.params import LoraParams, load_stage_params
+from llmpipe.runtime import is_main_process
 from llmpipe.stage import run_main
 
 
@@ -16,6 +17,8 @@ def main() -> None:
     run = run_stage("lora", p, shared.seed, layout.tokens("finetune"), layout.scratch_dir("lora"),
                     layout.live_dir("lora"),
                     adapt=lambda base: get_peft_model(base, lora_config(base, p)))
+    if not is_main_process():  # under a launcher, one process writes
+        return
     model = run.result.model
     trainable, total = parameter_counts(model)
     with atomic_dir(layout.LORA_ADAPTER) as tmp:

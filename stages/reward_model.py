@@ -1,15 +1,13 @@
 """reward_model: a one-output classifier initialised from the finetuned model and trained on
 the preference pairs with TRL's RewardTrainer."""
 
-from llmpipe.stage import run_main, use_one_gpu_unless_launched
-
-use_one_gpu_unless_launched()  # before torch is imported
-
-from llmpipe import layout  # noqa: E402
-from llmpipe.io import atomic_dir, write_metrics  # noqa: E402
-from llmpipe.params import RewardModelParams, load_stage_params  # noqa: E402
-from llmpipe.preferences import read_fresh, read_pairs  # noqa: E402
-from llmpipe.rlhf import gold_agreement, pairwise_report, train_reward_model  # noqa: E402
+from llmpipe import layout
+from llmpipe.io import atomic_dir, write_metrics
+from llmpipe.params import RewardModelParams, load_stage_params
+from llmpipe.preferences import read_fresh, read_pairs
+from llmpipe.rlhf import gold_agreement, pairwise_report, train_reward_model
+from llmpipe.runtime import is_main_process
+from llmpipe.stage import run_main
 
 
 def main() -> None:
@@ -20,6 +18,8 @@ def main() -> None:
     model, tokenizer, trained_pairs = train_reward_model(layout.FINETUNE_MODEL, train, heldout, p,
                                                          shared.seed,
                                                          layout.live_dir("reward_model"))
+    if not is_main_process():  # under a launcher, one process measures and writes
+        return
     held = pairwise_report(model, tokenizer, heldout)
     agreement, counted = gold_agreement(model, tokenizer, fresh)
     with atomic_dir(layout.REWARD_MODEL) as tmp:

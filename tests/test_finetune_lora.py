@@ -32,7 +32,7 @@ def test_finetuning_lowers_validation_perplexity(micro_pretrained, tmp_path):
     model, _, train_bin, val_bin = base_and_data(micro_pretrained, p)
     before = val_perplexity(model, val_bin, p)
     result = train(model, p, seed, train_bin, val_bin, tmp_path / "work",
-                   tmp_path / "live")
+                   tmp_path / "live", p.grad_accum_steps)
     after = val_perplexity(result.model, val_bin, p)
     assert after < 0.8 * before
     assert after > 5  # real text: a perplexity near 1 would mean validation leaked into training
@@ -56,7 +56,7 @@ def test_early_stopping_keeps_the_best_checkpoint(micro_pretrained, tmp_path):
                            eval_interval=2, max_steps=40, early_stopping_patience=1)
     model, _, train_bin, val_bin = base_and_data(micro_pretrained, p)
     result = train(model, p, seed, train_bin, val_bin, tmp_path / "work",
-                   tmp_path / "live")
+                   tmp_path / "live", p.grad_accum_steps)
     steps, losses = zip(*result.eval_losses, strict=True)
     assert result.steps < p.max_steps
     assert losses[-1] > losses[-2]  # stopped because it stopped improving
@@ -83,7 +83,8 @@ def trained_lora(micro_pretrained, tmp_path_factory):
     base, tokenizer, train_bin, val_bin = base_and_data(micro_pretrained, p)
     before = {k: v.clone() for k, v in base.state_dict().items()}
     model = get_peft_model(base, lora_config(base, p))
-    result = train(model, p, seed, train_bin, val_bin, tmp / "work", tmp / "live")
+    result = train(model, p, seed, train_bin, val_bin, tmp / "work", tmp / "live",
+                   p.grad_accum_steps)
     return micro_pretrained, tmp, p, before, result.model, val_bin
 
 

@@ -1,10 +1,12 @@
+import shutil
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run, subprocess_env  # noqa: F401
+from conftest import ROOT, run, set_params, subprocess_env  # noqa: F401
 from llmpipe.errors import ParamsError
 from llmpipe.params import (
+    STAGE_SCHEMAS,
     DownloadParams,
     FinetuneParams,
     PretrainParams,
@@ -126,3 +128,27 @@ def test_optional_and_union_values(tmp_path):
         load_stage_params(FinetuneParams, write(tmp_path, BASE.replace(
             "  bf16: auto             # auto: bf16 on CUDA only", "  bf16: yes-ish".replace(
                 "yes-ish", "'yes'"))))
+
+
+LAUNCHER_PROBLEM = ("is not a launcher: python, torchrun <options> or accelerate launch "
+                    "<options> (dvc.yaml appends -m stages.<name>)")
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune", "lora", "reward_model", "grpo"])
+@pytest.mark.parametrize("launcher", ["torchrun --standalone --nproc_per_node 8",
+                                      "accelerate launch --config_file fsdp.yaml", "python"])
+def test_every_training_stage_takes_a_launcher(tmp_path, stage, launcher):
+    shutil.copy2(ROOT / "params.yaml", tmp_path / "params.yaml")
+    set_params(tmp_path, {f"{stage}.launcher": launcher})
+    _, p = load_stage_params(STAGE_SCHEMAS[stage], tmp_path / "params.yaml")
+    assert p.launcher == launcher
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun -m stages.lora", "python -u",
+                                      "accelerate config", "", "python stages/lora.py"])
+def test_a_bad_launcher_is_a_one_line_error(tmp_path, launcher):
+    shutil.copy2(ROOT / "params.yaml", tmp_path / "params.yaml")
+    set_params(tmp_path, {"lora.launcher": launcher})
+    with pytest.raises(ParamsError) as err:
+        load_stage_params(STAGE_SCHEMAS["lora"], tmp_path / "params.yaml")
+    assert str(err.value) == f"lora.launcher: {launcher!r} {LAUNCHER_PROBLEM}"

@@ -22,7 +22,14 @@ from llmpipe.errors import DataError, ParamsError
 from llmpipe.evaluation import perplexity, window_loss
 from llmpipe.loading import load_causal_lm
 from llmpipe.params import CausalLMTrainingParams
-from llmpipe.runtime import runtime_args
+from llmpipe.runtime import (
+    default_device,
+    is_main_process,
+    per_process,
+    runtime_args,
+    wait_for_everyone,
+    world_size,
+)
 from llmpipe.tracking import TrainerCurves
 
 
@@ -88,18 +95,20 @@ def use_bf16(p: CausalLMTrainingParams) -> bool:
 
 
 def train(model, p: CausalLMTrainingParams, seed: int, train_bin: TokenBin, val_bin: TokenBin,
-          work_dir: Path, live_dir: Path) -> TrainResult:
-    """Train with early stopping and return the best checkpoint's model."""
+          work_dir: Path, live_dir: Path, accumulation: int) -> TrainResult:
+    """Train with early stopping and return the best checkpoint's model. `accumulation` is
+    this process's share of p.grad_accum_steps (per_process)."""
     from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 
-    shutil.rmtree(work_dir, ignore_errors=True)  # checkpoints of a crashed run must not rotate in
+    if is_main_process():  # the one that saves Trainer checkpoints
+        shutil.rmtree(work_dir, ignore_errors=True)  # a crashed run's must not rotate in
     curves = TrainerCurves(live_dir)
     args = TrainingArguments(
         output_dir=str(work_dir),
         max_steps=p.max_steps,
         per_device_train_batch_size=p.batch_size,
         per_device_eval_batch_size=p.batch_size,
-        gradient_accumulation_steps=p.grad_accum_steps,
+        gradient_accumulation_steps=accumulation,
         learning_rate=p.learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=p.warmup_steps,
@@ -133,7 +142,9 @@ def train(model, p: CausalLMTrainingParams, seed: int, train_bin: TokenBin, val_
     tokens = state.global_step * p.batch_size * p.grad_accum_steps * p.block_size
     peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    shutil.rmtree(work_dir, ignore_errors=True)  # Trainer checkpoints: the best is loaded
+    wait_for_everyone()  # every process has loaded the best checkpoint
+    if is_main_process():
+        shutil.rmtree(work_dir, ignore_errors=True)
     trainer.model.config.use_cache = True  # the Trainer turns the KV cache off for training
     return TrainResult(model=trainer.model, steps=state.global_step, best_step=best_step,
                        train_loss=output.training_loss, eval_losses=eval_losses,
@@ -147,12 +158,13 @@ def val_perplexity(model, val_bin: TokenBin, p: CausalLMTrainingParams) -> float
 
 @dataclass
 class StageRun:
-    """One finetune-like stage: the base, its data, the training and the before/after."""
+    """One finetune-like stage: the base, its data, the training and the before/after (the
+    perplexities are measured by the main process only, None on the others)."""
 
     result: TrainResult
     tokenizer: object
-    base_perplexity: float
-    perplexity: float
+    base_perplexity: float | None
+    perplexity: float | None
     started: float
 
     def metrics(self, base_spec: str) -> dict:
@@ -165,25 +177,29 @@ class StageRun:
             "best_step": self.result.best_step,
             "perf": {"tokens_per_s": self.result.tokens_per_s,
                      "peak_memory_mb": self.result.peak_memory_mb,
-                     "wall_s": time.perf_counter() - self.started},
+                     "wall_s": time.perf_counter() - self.started,
+                     "processes": world_size(), "device": default_device()},
         }
 
 
 def run_stage(stage: str, p: CausalLMTrainingParams, seed: int, tokens_dir: Path,
               work_dir: Path, live_dir: Path, adapt=None) -> StageRun:
     """Load the base (checked against the data before any work), score it, train it (through
-    `adapt(model)` when given, e.g. a LoRA wrapper) and score the result on the same windows."""
+    `adapt(model)` when given, e.g. a LoRA wrapper) and score the result on the same windows.
+    Under a launcher every process trains; the main one alone scores."""
     from transformers import set_seed
 
     started = time.perf_counter()
+    accumulation = per_process(p.grad_accum_steps, f"{stage}.grad_accum_steps")
     set_seed(seed)  # an adapter's initial weights are drawn before the Trainer seeds anything
     model, tokenizer = load_causal_lm(p.base, p.trust_remote_code)
     check_block_size(model, p.block_size, f"{stage}.block_size")
     train_bin, val_bin = open_token_data(tokens_dir, model, p.base)
-    base_ppl = val_perplexity(model, val_bin, p)
+    main = is_main_process()
+    base_ppl = val_perplexity(model, val_bin, p) if main else None
     if adapt is not None:
         model = adapt(model)
-    result = train(model, p, seed, train_bin, val_bin, work_dir, live_dir)
-    return StageRun(result, tokenizer, base_ppl, val_perplexity(result.model, val_bin, p),
-                    started)
+    result = train(model, p, seed, train_bin, val_bin, work_dir, live_dir, accumulation)
+    return StageRun(result, tokenizer, base_ppl,
+                    val_perplexity(result.model, val_bin, p) if main else None, started)
 

@@ -77,6 +77,20 @@ GOLD_SCORER = Check("vader, hf:<name> or a directory (a text-classification mode
 PREFERENCE_SOURCE = Check("generate, hf:<dataset>[:<config>] or file:<path>",
                           lambda v: v == "generate" or _has_scheme(v, ("hf", "file")))
 
+
+
+def _is_launcher(value: str) -> bool:
+    words = value.split()
+    if any(w == "-m" or w.startswith("stages.") for w in words):
+        return False  # dvc.yaml appends `-m stages.<name>` itself
+    return (words in (["python"], ["python3"]) or words[:1] == ["torchrun"]
+            or words[:2] == ["accelerate", "launch"])
+
+
+LAUNCHER = Check("a launcher: python, torchrun <options> or accelerate launch <options> "
+                 "(dvc.yaml appends -m stages.<name>)", _is_launcher)
+
+
 def param(check: Check) -> Any:
     return dataclasses.field(metadata={"check": check})
 
@@ -145,7 +159,7 @@ class SampleParams:
 
 @dataclass(frozen=True, kw_only=True)
 class PretrainParams:
-    launcher: str  # dvc.yaml runs `<launcher> -m stages.pretrain`; or torchrun ...
+    launcher: str = param(LAUNCHER)  # dvc.yaml runs `<launcher> -m stages.pretrain`
     init: str = param(MODEL_SOURCE)
     model: ModelParams
     batch_size: int = param(POSITIVE_INT)  # per process and micro-step
@@ -187,12 +201,13 @@ def _schedule_problems(p: Any) -> list[tuple[str, str]]:
 
 @dataclass(frozen=True, kw_only=True)
 class CausalLMTrainingParams:
-    """What finetune and lora share: the base, the data and the optimisation."""
+    """What finetune and lora share: the launcher, the base, the data and the optimisation."""
 
+    launcher: str = param(LAUNCHER)
     base: str = param(BASE_MODEL)
     block_size: int = param(POSITIVE_INT)
-    batch_size: int = param(POSITIVE_INT)
-    grad_accum_steps: int = param(POSITIVE_INT)
+    batch_size: int = param(POSITIVE_INT)  # windows per process and micro-step
+    grad_accum_steps: int = param(POSITIVE_INT)  # micro-steps per optimizer step, all processes
     max_steps: int = param(POSITIVE_INT)
     learning_rate: float = param(POSITIVE_NUMBER)
     warmup_steps: int = param(NON_NEGATIVE_INT)
@@ -258,21 +273,24 @@ class PreferencesParams:
 
 @dataclass(frozen=True, kw_only=True)
 class RewardModelParams:
+    launcher: str = param(LAUNCHER)
     learning_rate: float = param(POSITIVE_NUMBER)
     warmup_steps: int = param(NON_NEGATIVE_INT)
     epochs: int = param(POSITIVE_INT)
-    batch_size: int = param(POSITIVE_INT)
+    batch_size: int = param(POSITIVE_INT)  # pairs per step, over all processes
     max_length: int = param(POSITIVE_INT)  # tokens of prompt + completion
 
 
 @dataclass(frozen=True, kw_only=True)
 class GrpoParams:
+    launcher: str = param(LAUNCHER)
+    use_vllm: bool  # generation in vLLM (TRL's colocate mode; CUDA, the [gpu] extra)
     use_lora: bool
     lora_r: int = param(POSITIVE_INT)
     lora_alpha: int = param(POSITIVE_INT)
     lora_target_modules: list[str]
     num_generations: int = param(Check("an integer of at least 2 (a group)", lambda v: v >= 2))
-    prompts_per_step: int = param(POSITIVE_INT)
+    prompts_per_step: int = param(POSITIVE_INT)  # over all processes
     beta: float = param(NON_NEGATIVE_NUMBER)
     loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"]
     scale_rewards: Literal["group", "batch", "none"]
@@ -314,6 +332,9 @@ STAGE_SCHEMAS: dict[str, type] = {
     "grpo": GrpoParams,
     "evaluate": EvaluateParams,
 }
+# Stages whose dvc.yaml command is `${<stage>.launcher} -m stages.<stage>`.
+LAUNCHED_STAGES = tuple(stage for stage, schema in STAGE_SCHEMAS.items()
+                        if "launcher" in {f.name for f in dataclasses.fields(schema)})
 STAGE_OF_SCHEMA: dict[type, str] = {schema: stage for stage, schema in STAGE_SCHEMAS.items()}
 SHARED_KEYS = tuple(f.name for f in dataclasses.fields(SharedParams))
 Schema = TypeVar("Schema")

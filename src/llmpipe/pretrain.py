@@ -162,10 +162,12 @@ def build_model(p: PretrainParams, vocab_size: int) -> GPT:
     return model
 
 
-def run_digest(p: PretrainParams, seed: int, meta: dict, world_size: int) -> str:
-    """Identifies a run: a checkpoint from any other run must never be resumed."""
-    payload = {"params": dataclasses.asdict(p), "seed": seed, "world_size": world_size,
-               "data": {s: i["sha256"] for s, i in meta["splits"].items()}}
+def run_digest(p: PretrainParams, seed: int, meta: dict) -> str:
+    """Identifies a run: a checkpoint from any other run must never be resumed. The process
+    count is not part of it: the global batch, the data order and so the run are the same on
+    any number of processes, and a run may resume on another."""
+    payload = {"params": {k: v for k, v in dataclasses.asdict(p).items() if k != "launcher"},
+               "seed": seed, "data": {s: i["sha256"] for s, i in meta["splits"].items()}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -294,7 +296,7 @@ def prepare(p: PretrainParams, seed: int, paths: PretrainPaths, rt: Runtime) -> 
         model=None, optimizer=optimizer,
         scaler=torch.amp.GradScaler(enabled=p.dtype == "float16"),
         data_rng=torch.Generator().manual_seed(seed), autocast=autocast_for(p, rt.device),
-        digest=run_digest(p, seed, meta, rt.world_size), peak_flops=peak_flops, curves=None)
+        digest=run_digest(p, seed, meta), peak_flops=peak_flops, curves=None)
     resume(run)
     if rt.is_main:
         run.curves = CurveLog(paths.live_dir, run.history)
@@ -315,7 +317,13 @@ def resume(run: PretrainRun) -> None:
     paths, rt = run.paths, run.rt
     paths.checkpoint_dir.mkdir(parents=True, exist_ok=True)  # a DVC output even when empty
     remove_stale_temporaries(paths.checkpoint_dir / CHECKPOINT_FILE)  # a kill while writing
-    state = load_checkpoint(paths.checkpoint_dir, run.digest)
+    # Rank 0 writes the checkpoints, so rank 0 decides, and every rank resumes from its copy:
+    # on several nodes without a shared filesystem the others have none (or a stale one).
+    state = load_checkpoint(paths.checkpoint_dir, run.digest) if rt.is_main else None
+    if rt.world_size > 1:
+        shared = [state]
+        dist.broadcast_object_list(shared, src=0, device=rt.device)
+        state = shared[0]
     if state is None:
         return
     run.raw_model.load_state_dict(state["model"])

@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from llmpipe.errors import ParamsError
 from llmpipe.gold import GoldScorer
 from llmpipe.loading import load_reward_model, load_tokenizer
 from llmpipe.lora import adapter_config
 from llmpipe.params import GrpoParams, RewardModelParams
 from llmpipe.preferences import PAIR_COLUMNS, read_gold_spec
-from llmpipe.runtime import runtime_args
+from llmpipe.runtime import per_process, runtime_args
 from llmpipe.sampling import Sampling, sample_completions
 from llmpipe.tracking import TrainerCurves
 
@@ -88,8 +89,8 @@ def train_reward_model(policy_dir: Path, train_pairs: Sequence[dict], eval_pairs
     args = RewardConfig(
         output_dir=work_dir,
         num_train_epochs=p.epochs,
-        per_device_train_batch_size=p.batch_size,
-        per_device_eval_batch_size=p.batch_size,
+        per_device_train_batch_size=per_process(p.batch_size, "reward_model.batch_size"),
+        per_device_eval_batch_size=per_process(p.batch_size, "reward_model.batch_size"),
         learning_rate=p.learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=p.warmup_steps,
@@ -134,6 +135,12 @@ def run_grpo(policy_dir: Path, rewards: Sequence[tuple[object, object, float]],
     from transformers import AutoModelForCausalLM, set_seed
     from trl import GRPOConfig, GRPOTrainer
 
+    completions_per_step = p.prompts_per_step * p.num_generations
+    completions_per_process = per_process(
+        completions_per_step, "grpo.prompts_per_step",
+        f"{p.prompts_per_step} prompts x {p.num_generations} generations = "
+        f"{completions_per_step} completions")
+    check_vllm(p)
     set_seed(seed)  # LoRA's initial weights come before the Trainer seeds anything
     tokenizer = load_tokenizer(policy_dir)
     tokenizer.padding_side = "left"
@@ -143,8 +150,10 @@ def run_grpo(policy_dir: Path, rewards: Sequence[tuple[object, object, float]],
     args = GRPOConfig(
         output_dir=work_dir,
         max_steps=p.max_steps,
-        per_device_train_batch_size=p.prompts_per_step * p.num_generations,  # completions
+        per_device_train_batch_size=completions_per_process,
         num_generations=p.num_generations,
+        use_vllm=p.use_vllm,
+        vllm_mode="colocate",  # generation inside the training processes: no server to start
         beta=p.beta,
         loss_type=p.loss_type,
         scale_rewards=p.scale_rewards,
@@ -175,6 +184,20 @@ def run_grpo(policy_dir: Path, rewards: Sequence[tuple[object, object, float]],
         model = model.merge_and_unload()
     model.config.use_cache = True
     return model, trainer.state.global_step
+
+
+def check_vllm(p: GrpoParams) -> None:
+    """vLLM generates on CUDA only, and is an optional install."""
+    import importlib.util
+
+    if not p.use_vllm:
+        return
+    if not torch.cuda.is_available():
+        raise ParamsError("grpo.use_vllm: true needs a CUDA GPU (vLLM generates on CUDA only; "
+                          "set it to false to generate with transformers)")
+    if importlib.util.find_spec("vllm") is None:
+        raise ParamsError("grpo.use_vllm: true needs vLLM, which is not installed "
+                          "(pip install -e '.[gpu]')")
 
 
 @torch.no_grad()

@@ -1,20 +1,60 @@
-"""Where the Hugging Face stages run: the device, and the TrainingArguments that every trainer
-here (transformers' Trainer, TRL's RewardConfig and GRPOConfig) shares."""
+"""Where a stage runs: one process, or one of N started by a launcher (torchrun, accelerate
+launch); the device of this process; and the TrainingArguments that every trainer here
+(transformers' Trainer, TRL's RewardConfig and GRPOConfig) shares.
+
+Under a launcher every process trains, and the main one alone measures, writes outputs,
+metrics and curves. Batch sizes in params are global (over all processes), so a run on N
+processes takes the same optimizer steps on the same data as a run on one.
+"""
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+from llmpipe.errors import ParamsError
+
+
+def world_size() -> int:
+    """Processes the launcher started (1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def default_device() -> str:
-    """The GPU when there is one."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """This process's GPU when there is one: a launcher gives each process its own
+    (LOCAL_RANK); without one, the stage sees only the first (stage.one_gpu_unless_launched)."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+
+
+def per_process(total: int, key: str, what: str | None = None) -> int:
+    """A global batch quantity split over the processes; it must divide evenly, so that the
+    global batch, and the run, do not depend on how many processes share it. `what` says what
+    `total` counts, where it is not the value of `key` itself."""
+    n = world_size()
+    if total % n:
+        raise ParamsError(f"{key}: {what or total} is not divisible by the {n} processes of the "
+                          "launcher (the global batch must not depend on the process count)")
+    return total // n
 
 
 def runtime_args(seed: int, bf16: bool | None = None) -> dict:
     """Device, precision and seeding arguments. TRL's configs default bf16 on even on CPU, so it
-    is always given: by default, on CUDA only."""
+    is always given: by default, on CUDA only. Several CPU processes talk over gloo."""
     cuda = torch.cuda.is_available()
     return {"bf16": cuda if bf16 is None else bf16, "use_cpu": not cuda, "seed": seed,
             "data_seed": seed, "dataloader_num_workers": 0,
+            **({"ddp_backend": "gloo"} if world_size() > 1 and not cuda else {}),
             "report_to": "none"}  # curves go through TrainerCurves, which leaves dvc.yaml alone
+
+
+def wait_for_everyone() -> None:
+    """A barrier between the launcher's processes (nothing without one)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()

@@ -1,15 +1,19 @@
-"""What every stage entry point shares: one-line errors and a non-zero exit."""
+"""What every stage entry point shares: one-line errors and a non-zero exit, the GPUs a stage
+sees, and the end of a launcher's process group."""
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from llmpipe.errors import LlmpipeError
 
 EXIT_USER_ERROR = 2
+NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")  # one entry per GPU, read without CUDA
 
 
 def run_main(main: Callable[[], Any]) -> None:
@@ -17,11 +21,21 @@ def run_main(main: Callable[[], Any]) -> None:
 
     Anything else is a bug in llmpipe and keeps its traceback.
     """
+    one_gpu_unless_launched(running_stage())
     try:
         main()
     except LlmpipeError as e:
         print(f"error: {e}{way_back(os.environ.get('DVC_STAGE'))}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    finally:
+        end_distributed()
+
+
+def running_stage() -> str:
+    """The stage that `python -m stages.<name>` runs ('' elsewhere)."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    name = spec.name if spec is not None else ""
+    return name.removeprefix("stages.") if name.startswith("stages.") else ""
 
 
 def way_back(stage: str | None) -> str:
@@ -37,8 +51,30 @@ def way_back(stage: str | None) -> str:
             f"dvc checkout {stage} && git checkout -- {git_paths})")
 
 
-def use_one_gpu_unless_launched() -> None:
-    """TRL's trainers refuse several GPUs without a distributed launcher: outside one, a stage
-    that uses them sees the first GPU only. Call before torch is imported."""
-    if "WORLD_SIZE" not in os.environ:
-        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
+def one_gpu_unless_launched(stage: str) -> None:
+    """Without a launcher a stage is one process on one GPU, and says so on a box with several:
+    transformers' Trainer would otherwise wrap the model in nn.DataParallel over every GPU
+    (one process, a batch silently multiplied by the GPU count), and TRL's trainers refuse
+    several GPUs. CUDA reads the variable when it starts, so this runs before any CUDA call."""
+    if not stage or "WORLD_SIZE" in os.environ or "CUDA_VISIBLE_DEVICES" in os.environ:
+        return
+    os.environ["CUDA_VISIBLE_DEVICES"] = "0"
+    gpus = len(list(NVIDIA_GPUS.iterdir())) if NVIDIA_GPUS.is_dir() else 0
+    if gpus > 1:
+        from llmpipe.params import LAUNCHED_STAGES
+
+        how = (f"set {stage}.launcher to 'torchrun --standalone --nproc_per_node {gpus}' to use "
+               "them all" if stage in LAUNCHED_STAGES else "this stage runs in one process")
+        print(f"{stage}: {gpus} GPUs on this machine, using the first ({how})", file=sys.stderr)
+
+
+def end_distributed() -> None:
+    """Tear down the process group a launcher's run made (pretrain's loop, or a trainer's).
+    Garbage goes first: a DDP reducer collected after the group is destroyed can run gloo's
+    destructor with the GIL held while a gloo thread waits for the GIL, a hang
+    (pytorch/pytorch#56297); destroy_process_group drops the group's last reference with the
+    GIL released."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        gc.collect()
+        distributed.destroy_process_group()

@@ -1,0 +1,229 @@
+"""Every training stage under a launcher: N processes train, one writes, and the global batch
+(so the run) does not depend on N. On CPU with gloo, one thread per process.
+
+Each stage runs twice on a copy of the same micro workspace: `python -m stages.<name>` with
+grad_accum_steps 2 (or the global batch), then `torchrun --nproc_per_node 2` with the same
+params. Tolerances: finetune, lora and the reward model see the same data in the same order
+and differ by float reassociation only (the all-reduce sums in another order): 1e-4 relative.
+GRPO samples on every process with its own random stream (TRL seeds each device apart), so two
+processes draw other completions than one: its before-figures are equal exactly (measured once,
+by the main process), and the run's shape (steps, completions per step) is equal.
+"""
+
+import json
+import random
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run, set_params, subprocess_env
+from llmpipe import layout
+
+pytestmark = pytest.mark.slow
+
+TWO_PROCESSES = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m"]
+ONE_PROCESS = ["python", "-m"]
+TIMEOUT_S = 300  # a hung process group fails the test instead of blocking the suite
+WORDS = ["value", "object", "return", "list", "the", "file", "name", "of", "a", "is"]
+
+
+def copy_workspace(source: Path, target: Path) -> Path:
+    target.mkdir(parents=True)
+    shutil.copytree(source / "data", target / "data")
+    shutil.copy2(source / "params.yaml", target / "params.yaml")
+    return target
+
+
+def run_stage(stage: str, launcher: list[str], workspace: Path):
+    result = subprocess.run([*launcher, f"stages.{stage}"], cwd=workspace, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=TIMEOUT_S)
+    if result.returncode != 0:
+        raise AssertionError(f"{stage} under {launcher[0]} failed ({result.returncode}):\n"
+                             f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def metrics_of(workspace: Path, stage: str) -> dict:
+    return json.loads((workspace / layout.metrics_file(stage)).read_text())
+
+
+def curve(workspace: Path, stage: str, name: str) -> dict[int, float]:
+    """{step: value}; a step written twice (two writers) fails here."""
+    lines = (workspace / layout.curves_dir(stage) / f"{name}.tsv").read_text().splitlines()
+    rows = [(int(step), float(value)) for step, value in (line.split("\t") for line in lines[1:])]
+    assert len({step for step, _ in rows}) == len(rows), lines
+    return dict(rows)
+
+
+def one_and_two_processes(stage: str, source: Path, tmp_path: Path, params: dict):
+    """Runs the stage alone and under torchrun with 2 processes; returns both workspaces
+    and the torchrun run's output."""
+    workspaces = {}
+    for name, launcher in (("one", ONE_PROCESS), ("two", TWO_PROCESSES)):
+        workspace = copy_workspace(source, tmp_path / name)
+        set_params(workspace, params)
+        result = run_stage(stage, launcher, workspace)
+        workspaces[name] = workspace
+    return workspaces["one"], workspaces["two"], result
+
+
+def assert_one_writer(result, summary: str) -> None:
+    """The stage's closing line comes from the one process that writes, once."""
+    assert result.stdout.count(summary) == 1, result.stdout
+
+
+def assert_close(one: dict, two: dict, keys: list[str], rel: float = 1e-4) -> None:
+    for key in keys:
+        assert two[key] == pytest.approx(one[key], rel=rel, abs=1e-6), key
+
+
+def toy_preferences(seed: int, n: int) -> list[dict]:
+    """Chosen ends in ' yes', rejected in ' no', after the same random filler: separable."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        prompt = " ".join(rng.choice(WORDS) for _ in range(3))
+        filler = " " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4)))
+        pairs.append({"prompt": prompt, "chosen": filler + " yes", "rejected": filler + " no"})
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def micro_rlhf(micro_pretrained, tmp_path_factory) -> Path:
+    """A copy of the micro workspace whose pretrained model stands in for the finetuned one,
+    with a toy preference set (enough pairs for several reward-model steps)."""
+    from llmpipe.preferences import GoldSpec, PreferenceSet
+
+    workspace = copy_workspace(micro_pretrained, tmp_path_factory.mktemp("rlhf") / "ws")
+    shutil.copytree(workspace / layout.PRETRAIN_MODEL, workspace / layout.FINETUNE_MODEL)
+    pairs = {"train": toy_preferences(0, 64), "heldout": toy_preferences(1, 16)}
+    prompts = {split: sorted({q["prompt"] for q in rows}) for split, rows in pairs.items()}
+    fresh = [{"prompt": q["prompt"], "completions": [q["chosen"], q["rejected"]],
+              "gold": [1.0, 0.0]} for q in pairs["heldout"]]
+    PreferenceSet(pairs, prompts, fresh, GoldSpec("vader", None)).write(
+        workspace / layout.PREFERENCES)
+    return workspace
+
+
+@pytest.mark.parametrize("stage", ["finetune", "lora"])
+def test_finetune_and_lora_on_two_processes_match_one(stage, micro_pretrained, tmp_path):
+    # LoRA's dropout is off: each process draws its masks from its own random stream, so with
+    # dropout two processes are a run as good as one, but not the same run.
+    one, two, result = one_and_two_processes(stage, micro_pretrained, tmp_path, {
+        f"{stage}.grad_accum_steps": 2, f"{stage}.max_steps": 10, f"{stage}.eval_interval": 5,
+        **({"lora.dropout": 0.0} if stage == "lora" else {})})
+    m1, m2 = metrics_of(one, stage), metrics_of(two, stage)
+    assert m1["steps"] == m2["steps"] == 10 and m1["best_step"] == m2["best_step"]
+    assert m1["base_val_perplexity"] == m2["base_val_perplexity"]  # measured once, alike
+    assert_close(m1, m2, ["val_perplexity", "train_loss"])
+    assert (m1["perf"]["processes"], m2["perf"]["processes"]) == (1, 2)
+    assert curve(two, stage, "eval/loss") == pytest.approx(curve(one, stage, "eval/loss"),
+                                                           rel=1e-4)
+    assert_one_writer(result, "val perplexity")
+    model_dir = layout.FINETUNE_MODEL if stage == "finetune" else layout.LORA_MERGED
+    assert (two / model_dir / "model.safetensors").exists()
+
+
+def test_reward_model_on_two_processes_matches_one(micro_rlhf, tmp_path):
+    one, two, result = one_and_two_processes("reward_model", micro_rlhf, tmp_path,
+                                             {"reward_model.batch_size": 8,
+                                              "reward_model.epochs": 2})
+    m1, m2 = metrics_of(one, "reward_model"), metrics_of(two, "reward_model")
+    assert m1["train_pairs"] == m2["train_pairs"]
+    assert_close(m1, m2, ["heldout_mean_margin", "heldout_accuracy", "train_accuracy",
+                          "gold_agreement_fresh"])
+    assert curve(two, "reward_model", "train/loss") == pytest.approx(
+        curve(one, "reward_model", "train/loss"), rel=1e-4)
+    assert_one_writer(result, "held-out accuracy")
+
+
+def test_grpo_on_two_processes_has_the_runs_shape(micro_rlhf, tmp_path):
+    source = copy_workspace(micro_rlhf, tmp_path / "source")
+    run(["python", "-m", "stages.reward_model"], source)
+    one, two, result = one_and_two_processes("grpo", source, tmp_path, {
+        "grpo.prompts_per_step": 2, "grpo.num_generations": 2, "grpo.max_steps": 2})
+    m1, m2 = metrics_of(one, "grpo"), metrics_of(two, "grpo")
+    assert m1["steps"] == m2["steps"] == 2
+    before = [k for k in m1 if k.startswith("before_")]
+    assert before and all(m1[k] == m2[k] for k in before)  # measured once, by the main process
+    # The same global batch: 2 prompts x 2 completions per step, split over the processes.
+    assert list(curve(two, "grpo", "train/reward")) == list(curve(one, "grpo", "train/reward"))
+    assert_one_writer(result, "held-out gold score")
+    assert (two / layout.GRPO_MODEL / "samples.json").exists()
+
+
+def test_a_global_batch_that_does_not_divide_is_a_one_line_error(micro_rlhf, tmp_path):
+    workspace = copy_workspace(micro_rlhf, tmp_path / "ws")
+    set_params(workspace, {"finetune.grad_accum_steps": 3})
+    result = subprocess.run([*TWO_PROCESSES, "stages.finetune"], cwd=workspace,
+                            env=subprocess_env(), capture_output=True, text=True,
+                            timeout=TIMEOUT_S)
+    assert result.returncode != 0
+    assert ("error: finetune.grad_accum_steps: 3 is not divisible by the 2 processes of the "
+            "launcher") in result.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_pretrain_on_two_nodes_resumes_from_node_0s_checkpoint(micro_workspace, tmp_path,
+                                                               monkeypatch):
+    """Two "nodes" (one process each, separate directories: no shared filesystem) resume a run
+    whose checkpoint only node 0 has, and end where an uninterrupted run ends."""
+    from safetensors.torch import load_file
+
+    import llmpipe.pretrain as module
+    from llmpipe.params import PretrainParams, load_stage_params
+    from llmpipe.pretrain import PretrainPaths
+
+    params = {"pretrain.grad_accum_steps": 2, "pretrain.max_steps": 12,
+              "pretrain.checkpoint_interval": 6}
+    reference = copy_workspace(micro_workspace, tmp_path / "reference")
+    set_params(reference, params)
+    run(["python", "-m", "stages.pretrain"], reference)
+
+    node0, node1 = (copy_workspace(micro_workspace, tmp_path / f"node{i}") for i in (0, 1))
+    for node in (node0, node1):
+        set_params(node, params)
+    # Node 0 alone ran until after the step-6 checkpoint (the process count is no part of a
+    # run's identity: the global batch is the same).
+    real_lr_at = module.lr_at
+    monkeypatch.setattr(module, "lr_at", lambda s, q: (_ for _ in ()).throw(KeyboardInterrupt)
+                        if s == 8 else real_lr_at(s, q))
+    shared, p = load_stage_params(PretrainParams, node0 / "params.yaml")
+    with pytest.raises(KeyboardInterrupt):
+        module.pretrain(p, shared.seed, PretrainPaths(
+            tokens_dir=node0 / layout.tokens("pretrain"), tokenizer_dir=node0 / layout.TOKENIZER,
+            model_dir=node0 / layout.PRETRAIN_MODEL,
+            checkpoint_dir=node0 / layout.PRETRAIN_CHECKPOINT,
+            live_dir=node0 / layout.live_dir("pretrain")))
+    assert (node0 / layout.PRETRAIN_CHECKPOINT / module.CHECKPOINT_FILE).exists()
+
+    port = free_port()
+    nodes = [subprocess.Popen(
+        ["torchrun", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank),
+         "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "stages.pretrain"],
+        cwd=node, env=subprocess_env(PYTHONPATH=f"{ROOT}:{ROOT / 'src'}"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank, node in enumerate((node0, node1))]
+    try:
+        outputs = [node.communicate(timeout=TIMEOUT_S)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert "resuming from" in outputs[0] and "at step 6" in outputs[0]
+    assert not (node1 / layout.metrics_file("pretrain")).exists()  # rank 0 writes
+    expected = metrics_of(reference, "pretrain")
+    resumed = metrics_of(node0, "pretrain")
+    assert resumed["perf"]["processes"] == 2
+    assert resumed["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-4)
+    wa = load_file(reference / layout.PRETRAIN_MODEL / "model.safetensors")
+    wb = load_file(node0 / layout.PRETRAIN_MODEL / "model.safetensors")
+    assert all((wa[k] - wb[k]).abs().max() < 1e-4 for k in wa)
