@@ -5,6 +5,8 @@ PYTHON ?= python3
 # GPU box). On a CPU-only machine elsewhere: TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
 BIN := $(abspath $(VENV))/bin
+# The machine's own PATH, before the venv goes first: the GPU smoke run uses its Python.
+MACHINE_PATH := $(PATH)
 # DVC runs each stage's cmd (`python -m stages.x`) with this PATH: the venv's python first.
 export PATH := $(BIN):$(PATH)
 
@@ -46,7 +48,8 @@ WHEELS ?= wheels
 SMOKE_PYTHON ?= python3
 SMOKE_ARGS ?=
 gpu-smoke:
-	PYTHONPATH=src$(if $(PYTHONPATH),:$(PYTHONPATH)) $(SMOKE_PYTHON) -m llmpipe.smoke gpu-smoke \
+	PATH="$(MACHINE_PATH)" PYTHONPATH=src$(if $(PYTHONPATH),:$(PYTHONPATH)) \
+		$(SMOKE_PYTHON) -m llmpipe.smoke gpu-smoke \
 		$(if $(wildcard $(WHEELS)),--wheels $(WHEELS)) $(SMOKE_ARGS)
 
 # On a connected machine: wheels of pyproject.toml's dependencies (torch aside) for the GPU

@@ -57,9 +57,13 @@ def main() -> None:
                         "size_mb": weights_file(name).stat().st_size / 1e6})
         prompt = tokenizer(p.sample.prompts[0], return_tensors="pt").input_ids
         tokens_per_s = generation_tokens_per_s(model, prompt, p.generate_tokens, p.repeats)
+        # The int8 model runs on the CPU (its kernels are CPU ones), the others on the GPU
+        # when there is one: every row says where its figures come from.
+        device = str(next(model.parameters()).device)
         metrics[name] = figures
-        metrics["perf"][name] = {"generate_tokens_per_s": tokens_per_s}
-        rows.append(rounded({"model": name, **figures, "generate_tokens_per_s": tokens_per_s}))
+        metrics["perf"][name] = {"generate_tokens_per_s": tokens_per_s, "device": device}
+        rows.append(rounded({"model": name, **figures, "generate_tokens_per_s": tokens_per_s,
+                             "device": device}))
         groups = sample_completions(model, tokenizer, p.sample.prompts, shown)
         samples[name] = [{"prompt": q, "completion": g[0].text}
                          for q, g in zip(p.sample.prompts, groups, strict=True)]

@@ -8,6 +8,7 @@ from llmpipe.params import GrpoParams, load_stage_params
 from llmpipe.preferences import read_prompts
 from llmpipe.rlhf import (
     before_after_metrics,
+    check_grpo_launch,
     load_judges,
     policy_report,
     reward_functions,
@@ -20,10 +21,12 @@ from llmpipe.stage import run_main
 
 def main() -> None:
     shared, p = load_stage_params(GrpoParams)
+    check_grpo_launch(p)  # before minutes of measuring
     train_prompts = read_prompts(layout.PREFERENCES, "train")
     heldout = read_prompts(layout.PREFERENCES, "heldout")
     # The same prompts and sampling seed before and after, measured once: by the main process
-    # under a launcher (the others start training and wait for it at the first step).
+    # under a launcher (the others build the trainer and wait for it in their first
+    # collective, within the Trainer's ddp_timeout of 30 minutes).
     sampling = Sampling(p.eval_samples, p.max_completion_length, p.temperature, shared.seed)
     main_process = is_main_process()
     if main_process:

@@ -11,6 +11,7 @@ by the main process), and the run's shape (steps, completions per step) is equal
 """
 
 import json
+import os
 import random
 import shutil
 import socket
@@ -227,3 +228,35 @@ def test_pretrain_on_two_nodes_resumes_from_node_0s_checkpoint(micro_workspace, 
     wa = load_file(reference / layout.PRETRAIN_MODEL / "model.safetensors")
     wb = load_file(node0 / layout.PRETRAIN_MODEL / "model.safetensors")
     assert all((wa[k] - wb[k]).abs().max() < 1e-4 for k in wa)
+
+
+@pytest.mark.parametrize(("visible", "gpus_seen", "note"), [
+    (None, "0", None), ("2,3", "2", "finetune: 2 GPUs visible, using the first"),
+    ("5", "5", None)])
+def test_without_a_launcher_a_stage_sees_one_gpu_and_says_so(monkeypatch, capsys, visible,
+                                                              gpus_seen, note):
+    from llmpipe import stage
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(stage, "NVIDIA_GPUS", Path("/nonexistent"))
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    stage.one_gpu_unless_launched("finetune")
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == gpus_seen
+    err = capsys.readouterr().err
+    assert (note in err) if note else err == ""
+    if note:
+        assert "finetune.launcher to 'torchrun --standalone --nproc_per_node 2'" in err
+
+
+def test_a_sharding_accelerate_config_is_refused_with_one_line(monkeypatch):
+    from llmpipe.errors import ParamsError
+    from llmpipe.runtime import check_unsharded
+
+    check_unsharded("lora")  # plain DDP (or one process): fine
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ParamsError, match=r"^lora\.launcher: an accelerate config with FSDP "
+                                          r"shards the model"):
+        check_unsharded("lora")

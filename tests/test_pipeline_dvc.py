@@ -45,6 +45,8 @@ def test_the_experiment_workflow(project_copy):
     for model in MODELS:
         assert set(FIGURES) <= set(evaluate[model]), model
         assert evaluate["perf"][model]["generate_tokens_per_s"] > 0
+        assert evaluate["perf"][model]["device"] == "cpu"  # where its figures come from
+    assert json.loads((repo / "metrics/quantize.json").read_text())["perf"]["device"] == "cpu"
     assert evaluate["finetune"]["kl_to_finetune"] == 0
     assert evaluate["grpo"]["kl_to_finetune"] > 0
     assert evaluate["quantized"]["size_mb"] < 0.5 * evaluate["finetune"]["size_mb"]

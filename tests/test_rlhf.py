@@ -42,8 +42,8 @@ def toy_pairs(seed: int, n: int) -> list[dict]:
 
 def test_reward_trainer_learns_a_separable_preference(policy_dir, tmp_path):
     train, heldout = toy_pairs(0, 256), toy_pairs(1, 64)
-    p = RewardModelParams(learning_rate=1e-3, warmup_steps=0, epochs=3, batch_size=16,
-                          max_length=64)
+    p = RewardModelParams(launcher="python", learning_rate=1e-3, warmup_steps=0, epochs=3,
+                          batch_size=16, max_length=64)
     model, tokenizer, trained = train_reward_model(policy_dir, train, heldout, p, 0,
                                                    tmp_path / "live")
     assert trained == len(train)  # none longer than max_length
@@ -52,7 +52,7 @@ def test_reward_trainer_learns_a_separable_preference(policy_dir, tmp_path):
 
 
 def grpo_params(**changes) -> GrpoParams:
-    values = dict(use_lora=False, lora_r=8, lora_alpha=16,
+    values = dict(launcher="python", use_vllm=False, use_lora=False, lora_r=8, lora_alpha=16,
                   lora_target_modules=["c_attn", "c_proj"], num_generations=4,
                   prompts_per_step=4, beta=0.0, length_penalty=0.0, eval_samples=1,
                   loss_type="dapo", scale_rewards="group", learning_rate=1e-2,

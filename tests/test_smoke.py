@@ -25,7 +25,8 @@ def test_stage_commands_take_the_launchers_from_params():
     params = compose(YAML(typ="safe").load((ROOT / "params.yaml").read_text()),
                      {"grpo": {"launcher": "torchrun --standalone --nproc_per_node 8"}})
     assert smoke.stage_command("grpo", params) == [
-        "torchrun", "--standalone", "--nproc_per_node", "8", "-m", "stages.grpo"]
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "8",
+        "-m", "stages.grpo"]
     assert smoke.stage_command("evaluate", params) == [sys.executable, "-m", "stages.evaluate"]
 
 

@@ -23,6 +23,7 @@ from llmpipe.evaluation import perplexity, window_loss
 from llmpipe.loading import load_causal_lm
 from llmpipe.params import CausalLMTrainingParams
 from llmpipe.runtime import (
+    check_unsharded,
     default_device,
     is_main_process,
     per_process,
@@ -190,6 +191,7 @@ def run_stage(stage: str, p: CausalLMTrainingParams, seed: int, tokens_dir: Path
     from transformers import set_seed
 
     started = time.perf_counter()
+    check_unsharded(stage)
     accumulation = per_process(p.grad_accum_steps, f"{stage}.grad_accum_steps")
     set_seed(seed)  # an adapter's initial weights are drawn before the Trainer seeds anything
     model, tokenizer = load_causal_lm(p.base, p.trust_remote_code)

@@ -289,6 +289,7 @@ def compare_to_fp32(fp32: nn.Module, int8: nn.Module, bench: InferenceBench, fp3
         "top1_agreement": top1_agreement(int8, fp32, bench.val, bench.block_size, bench.windows,
                                          bench.batch_size),
         "perf": {
+            "device": str(next(int8.parameters()).device),  # every figure: both models there
             "threads": torch.get_num_threads(),
             "fp32_forward_ms": figures["fp32"]["forward_ms"],
             "int8_forward_ms": figures["int8"]["forward_ms"],

@@ -203,10 +203,11 @@ def write_report(out_dir: Path, models: list[dict], samples: dict[str, list[dict
              "## Every model, same data and prompts", "",
              _table(["model", "val ppl (pretrain corpus)", "val ppl (finetune corpus)",
                      "reward-model score", "gold score", "KL to finetune", "size MB",
-                     "generation tokens/s"],
+                     "generation tokens/s", "device"],
                     [[r["model"], r["val_perplexity_pretrain"], r["val_perplexity_finetune"],
                       r["reward_model_score"], r["gold_score"], r["kl_to_finetune"],
-                      r["size_mb"], r["generate_tokens_per_s"]] for r in models]), ""]
+                      r["size_mb"], r["generate_tokens_per_s"], r["device"]] for r in models]),
+             ""]
     lines += [f"![{title}]({name})" for title, name in plot_models(models, out_dir)]
     lines += ["", "## Stages", ""]
     for section in stage_sections():

@@ -21,7 +21,7 @@ from llmpipe.loading import load_reward_model, load_tokenizer
 from llmpipe.lora import adapter_config
 from llmpipe.params import GrpoParams, RewardModelParams
 from llmpipe.preferences import PAIR_COLUMNS, read_gold_spec
-from llmpipe.runtime import per_process, runtime_args
+from llmpipe.runtime import check_unsharded, per_process, runtime_args
 from llmpipe.sampling import Sampling, sample_completions
 from llmpipe.tracking import TrainerCurves
 
@@ -82,6 +82,7 @@ def train_reward_model(policy_dir: Path, train_pairs: Sequence[dict], eval_pairs
     from transformers import set_seed
     from trl import RewardConfig, RewardTrainer
 
+    check_unsharded("reward_model")
     set_seed(seed)  # the new score head is initialised from the seed
     tokenizer = load_tokenizer(policy_dir)
     model = load_reward_model(policy_dir, tokenizer)
@@ -135,12 +136,7 @@ def run_grpo(policy_dir: Path, rewards: Sequence[tuple[object, object, float]],
     from transformers import AutoModelForCausalLM, set_seed
     from trl import GRPOConfig, GRPOTrainer
 
-    completions_per_step = p.prompts_per_step * p.num_generations
-    completions_per_process = per_process(
-        completions_per_step, "grpo.prompts_per_step",
-        f"{p.prompts_per_step} prompts x {p.num_generations} generations = "
-        f"{completions_per_step} completions")
-    check_vllm(p)
+    completions_per_process = check_grpo_launch(p)
     set_seed(seed)  # LoRA's initial weights come before the Trainer seeds anything
     tokenizer = load_tokenizer(policy_dir)
     tokenizer.padding_side = "left"
@@ -184,6 +180,17 @@ def run_grpo(policy_dir: Path, rewards: Sequence[tuple[object, object, float]],
         model = model.merge_and_unload()
     model.config.use_cache = True
     return model, trainer.state.global_step
+
+
+def check_grpo_launch(p: GrpoParams) -> int:
+    """What GRPO needs of the machine and the launcher; returns the completions per process.
+    Cheap: the stage calls it before its first measurement."""
+    check_unsharded("grpo")
+    check_vllm(p)
+    completions = p.prompts_per_step * p.num_generations
+    return per_process(completions, "grpo.prompts_per_step",
+                       f"{p.prompts_per_step} prompts x {p.num_generations} generations = "
+                       f"{completions} completions")
 
 
 def check_vllm(p: GrpoParams) -> None:

@@ -3,8 +3,9 @@ launch); the device of this process; and the TrainingArguments that every traine
 (transformers' Trainer, TRL's RewardConfig and GRPOConfig) shares.
 
 Under a launcher every process trains, and the main one alone measures, writes outputs,
-metrics and curves. Batch sizes in params are global (over all processes), so a run on N
-processes takes the same optimizer steps on the same data as a run on one.
+metrics and curves. The global batch (batch_size x grad_accum_steps, with grad_accum_steps
+counted over all processes; or a whole step's pairs or prompts) is what params set, so a run on
+N processes takes the same optimizer steps on the same data as a run on one.
 """
 
 from __future__ import annotations
@@ -31,6 +32,16 @@ def default_device() -> str:
     if not torch.cuda.is_available():
         return "cpu"
     return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+
+
+def check_unsharded(stage: str) -> None:
+    """FSDP and DeepSpeed (an accelerate config) shard the model over the processes; the main
+    process alone could then neither measure it nor save its full weights."""
+    for engine in ("FSDP", "DEEPSPEED"):
+        if os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() == "true":
+            raise ParamsError(f"{stage}.launcher: an accelerate config with {engine} shards the "
+                              "model, which llmpipe cannot save or measure yet (use DDP: "
+                              "torchrun or accelerate launch without that config)")
 
 
 def per_process(total: int, key: str, what: str | None = None) -> int:

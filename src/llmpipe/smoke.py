@@ -109,13 +109,17 @@ def compose_params(preset: str, overrides: list[str], run_dir: Path) -> dict:
     return composed
 
 
+# Launchers as modules of this interpreter, the one the wheels went into (a `torchrun` on PATH
+# may belong to another Python).
+LAUNCHER_MODULES = {"python": [], "python3": [], "torchrun": ["-m", "torch.distributed.run"],
+                    "accelerate": ["-m", "accelerate.commands.accelerate_cli"]}
+
+
 def stage_command(stage: str, params: dict) -> list[str]:
     """The stage's launcher from params (python for the stages that have none), as dvc.yaml
-    runs it; `python` is this interpreter."""
-    launcher = shlex.split(params[stage].get("launcher", "python"))
-    if launcher[0] in ("python", "python3"):
-        launcher = [sys.executable, *launcher[1:]]
-    return [*launcher, "-m", f"stages.{stage}"]
+    runs it, through this interpreter."""
+    program, *options = shlex.split(params[stage].get("launcher", "python"))
+    return [sys.executable, *LAUNCHER_MODULES[program], *options, "-m", f"stages.{stage}"]
 
 
 def run_stages(params: dict, run_dir: Path, stages: tuple[str, ...] = STAGES) -> list[dict]:

@@ -25,7 +25,8 @@ def run_main(main: Callable[[], Any]) -> None:
     try:
         main()
     except LlmpipeError as e:
-        print(f"error: {e}{way_back(os.environ.get('DVC_STAGE'))}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under a launcher every process stops; one says why
+            print(f"error: {e}{way_back(os.environ.get('DVC_STAGE'))}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     finally:
         end_distributed()
@@ -56,16 +57,22 @@ def one_gpu_unless_launched(stage: str) -> None:
     transformers' Trainer would otherwise wrap the model in nn.DataParallel over every GPU
     (one process, a batch silently multiplied by the GPU count), and TRL's trainers refuse
     several GPUs. CUDA reads the variable when it starts, so this runs before any CUDA call."""
-    if not stage or "WORLD_SIZE" in os.environ or "CUDA_VISIBLE_DEVICES" in os.environ:
+    if not stage or "WORLD_SIZE" in os.environ:
         return
-    os.environ["CUDA_VISIBLE_DEVICES"] = "0"
-    gpus = len(list(NVIDIA_GPUS.iterdir())) if NVIDIA_GPUS.is_dir() else 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # a scheduler may have set several
+    if visible is not None:
+        gpus = len([d for d in visible.split(",") if d.strip()])
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible.split(",")[0]
+    else:
+        gpus = len(list(NVIDIA_GPUS.iterdir())) if NVIDIA_GPUS.is_dir() else 0
+        os.environ["CUDA_VISIBLE_DEVICES"] = "0"
     if gpus > 1:
         from llmpipe.params import LAUNCHED_STAGES
 
-        how = (f"set {stage}.launcher to 'torchrun --standalone --nproc_per_node {gpus}' to use "
-               "them all" if stage in LAUNCHED_STAGES else "this stage runs in one process")
-        print(f"{stage}: {gpus} GPUs on this machine, using the first ({how})", file=sys.stderr)
+        how = (f"set {stage}.launcher to 'torchrun --standalone --nproc_per_node {gpus}', with "
+               f"a global batch that {gpus} processes divide, to use them all"
+               if stage in LAUNCHED_STAGES else "this stage runs in one process")
+        print(f"{stage}: {gpus} GPUs visible, using the first ({how})", file=sys.stderr)
 
 
 def end_distributed() -> None:
