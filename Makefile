@@ -21,6 +21,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# torchao (the GPU int8 path) beside the venv, off its path: installed, transformers imports
+	# it in every process and it prints warnings; tests/test_quantize.py loads it on purpose.
+	$(BIN)/python -m pip install --quiet --no-deps --target $(VENV)/torchao "torchao>=0.18,<0.19"
 	touch $@
 
 pipeline: setup

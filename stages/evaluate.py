@@ -8,7 +8,7 @@ from llmpipe.io import atomic_dir, rounded, write_json, write_metrics
 from llmpipe.loading import load_causal_lm, load_tokenizer
 from llmpipe.params import EvaluateParams, load_stage_params
 from llmpipe.preferences import read_prompts
-from llmpipe.quantization import WEIGHTS_FILE, load_quantized
+from llmpipe.quantization import WEIGHTS_FILE, load_for_inference
 from llmpipe.report import write_report
 from llmpipe.rlhf import load_judges, policy_report
 from llmpipe.sampling import Sampling, sample_completions
@@ -19,8 +19,8 @@ REFERENCE = "finetune"  # the SFT policy: KL is measured against it
 
 def load_model(name: str):
     directory = layout.MODEL_OUTPUTS[name]
-    if name == "quantized":
-        return load_quantized(directory), load_tokenizer(directory)
+    if name == "quantized":  # on the GPU if its method runs there, else on the CPU
+        return load_for_inference(directory), load_tokenizer(directory)
     model, tokenizer = load_causal_lm(directory)
     return model.eval(), tokenizer
 
@@ -57,8 +57,8 @@ def main() -> None:
                         "size_mb": weights_file(name).stat().st_size / 1e6})
         prompt = tokenizer(p.sample.prompts[0], return_tensors="pt").input_ids
         tokens_per_s = generation_tokens_per_s(model, prompt, p.generate_tokens, p.repeats)
-        # The int8 model runs on the CPU (its kernels are CPU ones), the others on the GPU
-        # when there is one: every row says where its figures come from.
+        # The int8 model may run on the CPU while the others use the GPU: every row says where
+        # its figures come from.
         device = str(next(model.parameters()).device)
         metrics[name] = figures
         metrics["perf"][name] = {"generate_tokens_per_s": tokens_per_s, "device": device}

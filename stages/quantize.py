@@ -15,7 +15,8 @@ from llmpipe.quantization import (
     WEIGHTS_FILE,
     calibration_inputs,
     compare_to_fp32,
-    load_quantized,
+    load_for_inference,
+    measurement_device,
     quantize,
     save_quantized,
 )
@@ -29,9 +30,10 @@ def main() -> None:
     shared, p = load_stage_params(QuantizeParams)
     torch.manual_seed(shared.seed)
     source_dir = SOURCES[p.source]
-    # The int8 kernels here are CPU ones (torch._int_mm on CUDA needs more than 16 rows, and
-    # torchao is the GPU path): fp32 is measured beside int8 on the CPU, and the metrics say so.
-    fp32, tokenizer = load_causal_lm(source_dir, device="cpu")
+    # fp32 is measured beside int8, on the same device: the GPU for weight-only int8 (torchao's
+    # kernels), the CPU for the int8-activation methods; the metrics name it.
+    device = measurement_device(p.device, p.method)
+    fp32, tokenizer = load_causal_lm(source_dir, device=device)
     fp32.eval()
     tokens_dir = layout.tokens("finetune")
     val = TokenBin.open(tokens_dir, "val", expected_vocab_size=fp32.config.vocab_size)
@@ -43,7 +45,7 @@ def main() -> None:
     with atomic_dir(layout.QUANTIZED_MODEL) as tmp:
         save_quantized(quantize(fp32, p.method, calibration), tmp, tokenizer,
                        source=str(source_dir))
-    int8 = load_quantized(layout.QUANTIZED_MODEL)  # measured as downstream stages load it
+    int8 = load_for_inference(layout.QUANTIZED_MODEL, p.device)  # as evaluate loads it
 
     bench = InferenceBench(val, p.block_size, p.eval_windows, p.batch_size, p.generate_tokens,
                            p.repeats, p.compile)
@@ -54,7 +56,7 @@ def main() -> None:
     write_metrics("quantize", metrics)
     speedups = ", ".join(f"{k} x{v:.2f}" for k, v in
                          metrics["perf"]["generate_speedup_vs_fp32_eager"].items())
-    print(f"{p.method} (measured on the CPU): {metrics['fp32_size_mb']:.2f} MB -> "
+    print(f"{p.method} (measured on {device}): {metrics['fp32_size_mb']:.2f} MB -> "
           f"{metrics['int8_size_mb']:.2f} MB, "
           f"perplexity {metrics['fp32_val_perplexity']:.2f} -> "
           f"{metrics['int8_val_perplexity']:.2f}, generation vs fp32 eager: {speedups} "

@@ -1,6 +1,7 @@
 import os
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars are for people, not test logs
+import random
 import shutil
 import subprocess
 import sys
@@ -146,3 +147,18 @@ def micro_pretrained(micro_workspace) -> Path:
     """micro_workspace with the pretrain stage's model (data/pretrain/model) as well."""
     run(["python", "-m", "stages.pretrain"], micro_workspace)
     return micro_workspace
+
+
+TOY_WORDS = ["value", "object", "return", "list", "the", "file", "name", "of", "a", "is"]
+
+
+def toy_pairs(seed: int, n: int) -> list[dict]:
+    """Preference pairs a reward model can separate: chosen ends in ' yes', rejected in ' no',
+    after the same random filler."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        prompt = " ".join(rng.choice(TOY_WORDS) for _ in range(4))
+        filler = " " + " ".join(rng.choice(TOY_WORDS) for _ in range(rng.randint(1, 5)))
+        pairs.append({"prompt": prompt, "chosen": filler + " yes", "rejected": filler + " no"})
+    return pairs

@@ -1,9 +1,10 @@
 """Every training stage under a launcher: N processes train, one writes, and the global batch
 (so the run) does not depend on N. On CPU with gloo, one thread per process.
 
-Each stage runs twice on a copy of the same micro workspace: `python -m stages.<name>` with
-grad_accum_steps 2 (or the global batch), then `torchrun --nproc_per_node 2` with the same
-params. Tolerances: finetune, lora and the reward model see the same data in the same order
+Each stage runs on copies of the same micro workspace: `python -m stages.<name>` with
+grad_accum_steps 2 (or the global batch), then 2 processes with the same params
+(`torchrun --nproc_per_node 2`; for finetune also `accelerate launch`). Tolerances: finetune,
+lora and the reward model see the same data in the same order
 and differ by float reassociation only (the all-reduce sums in another order): 1e-4 relative.
 GRPO samples on every process with its own random stream (TRL seeds each device apart), so two
 processes draw other completions than one: its before-figures are equal exactly (measured once,
@@ -12,7 +13,6 @@ by the main process), and the run's shape (steps, completions per step) is equal
 
 import json
 import os
-import random
 import shutil
 import socket
 import subprocess
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run, set_params, subprocess_env
+from conftest import ROOT, run, set_params, subprocess_env, toy_pairs
 from llmpipe import layout
 
 pytestmark = pytest.mark.slow
@@ -28,7 +28,6 @@ pytestmark = pytest.mark.slow
 TWO_PROCESSES = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m"]
 ONE_PROCESS = ["python", "-m"]
 TIMEOUT_S = 300  # a hung process group fails the test instead of blocking the suite
-WORDS = ["value", "object", "return", "list", "the", "file", "name", "of", "a", "is"]
 
 
 def copy_workspace(source: Path, target: Path) -> Path:
@@ -59,16 +58,37 @@ def curve(workspace: Path, stage: str, name: str) -> dict[int, float]:
     return dict(rows)
 
 
-def one_and_two_processes(stage: str, source: Path, tmp_path: Path, params: dict):
-    """Runs the stage alone and under torchrun with 2 processes; returns both workspaces
-    and the torchrun run's output."""
-    workspaces = {}
-    for name, launcher in (("one", ONE_PROCESS), ("two", TWO_PROCESSES)):
-        workspace = copy_workspace(source, tmp_path / name)
+@pytest.fixture(scope="module")
+def launchers(tmp_path_factory) -> dict[str, list[str]]:
+    """torchrun, and accelerate with the shipped FSDP config turned to 2 CPU processes (which
+    accelerate runs as plain DDP on CPU: the config parses and launches, the sharding is not
+    exercised; see ShardedTrainer below)."""
+    import yaml  # PyYAML, as accelerate reads it (YAML 1.1: an unquoted no is false)
+
+    config = yaml.safe_load((ROOT / "configs/accelerate/fsdp.yaml").read_text())
+    config.update(num_processes=2, use_cpu=True, mixed_precision="no")
+    path = tmp_path_factory.mktemp("accelerate") / "fsdp-cpu.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return {"torchrun": TWO_PROCESSES,
+            "accelerate": ["accelerate", "launch", "--config_file", str(path), "-m"]}
+
+
+SINGLE_RUNS: dict[tuple, Path] = {}  # one process, once per stage and params
+
+
+def one_and_two_processes(stage: str, source: Path, tmp_path: Path, params: dict,
+                          launcher: list[str]):
+    """Runs the stage alone (once per module) and under `launcher` with 2 processes; returns
+    both workspaces and the 2-process run's output."""
+    key = (stage, str(source), tuple(sorted(params.items())))
+    if key not in SINGLE_RUNS:
+        workspace = copy_workspace(source, tmp_path / "one")
         set_params(workspace, params)
-        result = run_stage(stage, launcher, workspace)
-        workspaces[name] = workspace
-    return workspaces["one"], workspaces["two"], result
+        run_stage(stage, ONE_PROCESS, workspace)
+        SINGLE_RUNS[key] = workspace
+    two = copy_workspace(source, tmp_path / "two")
+    set_params(two, params)
+    return SINGLE_RUNS[key], two, run_stage(stage, launcher, two)
 
 
 def assert_one_writer(result, summary: str) -> None:
@@ -81,17 +101,6 @@ def assert_close(one: dict, two: dict, keys: list[str], rel: float = 1e-4) -> No
         assert two[key] == pytest.approx(one[key], rel=rel, abs=1e-6), key
 
 
-def toy_preferences(seed: int, n: int) -> list[dict]:
-    """Chosen ends in ' yes', rejected in ' no', after the same random filler: separable."""
-    rng = random.Random(seed)
-    pairs = []
-    for _ in range(n):
-        prompt = " ".join(rng.choice(WORDS) for _ in range(3))
-        filler = " " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4)))
-        pairs.append({"prompt": prompt, "chosen": filler + " yes", "rejected": filler + " no"})
-    return pairs
-
-
 @pytest.fixture(scope="module")
 def micro_rlhf(micro_pretrained, tmp_path_factory) -> Path:
     """A copy of the micro workspace whose pretrained model stands in for the finetuned one,
@@ -100,7 +109,7 @@ def micro_rlhf(micro_pretrained, tmp_path_factory) -> Path:
 
     workspace = copy_workspace(micro_pretrained, tmp_path_factory.mktemp("rlhf") / "ws")
     shutil.copytree(workspace / layout.PRETRAIN_MODEL, workspace / layout.FINETUNE_MODEL)
-    pairs = {"train": toy_preferences(0, 64), "heldout": toy_preferences(1, 16)}
+    pairs = {"train": toy_pairs(0, 64), "heldout": toy_pairs(1, 16)}
     prompts = {split: sorted({q["prompt"] for q in rows}) for split, rows in pairs.items()}
     fresh = [{"prompt": q["prompt"], "completions": [q["chosen"], q["rejected"]],
               "gold": [1.0, 0.0]} for q in pairs["heldout"]]
@@ -109,13 +118,15 @@ def micro_rlhf(micro_pretrained, tmp_path_factory) -> Path:
     return workspace
 
 
-@pytest.mark.parametrize("stage", ["finetune", "lora"])
-def test_finetune_and_lora_on_two_processes_match_one(stage, micro_pretrained, tmp_path):
+@pytest.mark.parametrize(("stage", "launcher"), [("finetune", "torchrun"), ("lora", "torchrun"),
+                                                 ("finetune", "accelerate")])
+def test_finetune_and_lora_on_two_processes_match_one(stage, launcher, launchers,
+                                                      micro_pretrained, tmp_path):
     # LoRA's dropout is off: each process draws its masks from its own random stream, so with
     # dropout two processes are a run as good as one, but not the same run.
     one, two, result = one_and_two_processes(stage, micro_pretrained, tmp_path, {
         f"{stage}.grad_accum_steps": 2, f"{stage}.max_steps": 10, f"{stage}.eval_interval": 5,
-        **({"lora.dropout": 0.0} if stage == "lora" else {})})
+        **({"lora.dropout": 0.0} if stage == "lora" else {})}, launchers[launcher])
     m1, m2 = metrics_of(one, stage), metrics_of(two, stage)
     assert m1["steps"] == m2["steps"] == 10 and m1["best_step"] == m2["best_step"]
     assert m1["base_val_perplexity"] == m2["base_val_perplexity"]  # measured once, alike
@@ -131,7 +142,7 @@ def test_finetune_and_lora_on_two_processes_match_one(stage, micro_pretrained, t
 def test_reward_model_on_two_processes_matches_one(micro_rlhf, tmp_path):
     one, two, result = one_and_two_processes("reward_model", micro_rlhf, tmp_path,
                                              {"reward_model.batch_size": 8,
-                                              "reward_model.epochs": 2})
+                                              "reward_model.epochs": 2}, TWO_PROCESSES)
     m1, m2 = metrics_of(one, "reward_model"), metrics_of(two, "reward_model")
     assert m1["train_pairs"] == m2["train_pairs"]
     assert_close(m1, m2, ["heldout_mean_margin", "heldout_accuracy", "train_accuracy",
@@ -141,11 +152,17 @@ def test_reward_model_on_two_processes_matches_one(micro_rlhf, tmp_path):
     assert_one_writer(result, "held-out accuracy")
 
 
-def test_grpo_on_two_processes_has_the_runs_shape(micro_rlhf, tmp_path):
-    source = copy_workspace(micro_rlhf, tmp_path / "source")
-    run(["python", "-m", "stages.reward_model"], source)
-    one, two, result = one_and_two_processes("grpo", source, tmp_path, {
-        "grpo.prompts_per_step": 2, "grpo.num_generations": 2, "grpo.max_steps": 2})
+@pytest.fixture(scope="module")
+def micro_rlhf_with_reward_model(micro_rlhf, tmp_path_factory) -> Path:
+    workspace = copy_workspace(micro_rlhf, tmp_path_factory.mktemp("grpo") / "ws")
+    run(["python", "-m", "stages.reward_model"], workspace)
+    return workspace
+
+
+def test_grpo_on_two_processes_has_the_runs_shape(micro_rlhf_with_reward_model, tmp_path):
+    one, two, result = one_and_two_processes("grpo", micro_rlhf_with_reward_model, tmp_path, {
+        "grpo.prompts_per_step": 2, "grpo.num_generations": 2, "grpo.max_steps": 2},
+        TWO_PROCESSES)
     m1, m2 = metrics_of(one, "grpo"), metrics_of(two, "grpo")
     assert m1["steps"] == m2["steps"] == 2
     before = [k for k in m1 if k.startswith("before_")]
@@ -251,12 +268,30 @@ def test_without_a_launcher_a_stage_sees_one_gpu_and_says_so(monkeypatch, capsys
         assert "finetune.launcher to 'torchrun --standalone --nproc_per_node 2'" in err
 
 
-def test_a_sharding_accelerate_config_is_refused_with_one_line(monkeypatch):
-    from llmpipe.errors import ParamsError
-    from llmpipe.runtime import check_unsharded
+class ShardedTrainer:
+    """What runtime.trained_model reads of a Trainer under FSDP. accelerate runs an FSDP config
+    as plain DDP on CPU, so the gather itself (accelerator.get_state_dict) is not exercised
+    here: this checks what happens around it."""
 
-    check_unsharded("lora")  # plain DDP (or one process): fine
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(ParamsError, match=r"^lora\.launcher: an accelerate config with FSDP "
-                                          r"shards the model"):
-        check_unsharded("lora")
+    is_fsdp_enabled, is_deepspeed_enabled = True, False
+
+    def __init__(self, state: dict):
+        self.model = None  # the sharded module, which the main process must not use
+        self.accelerator = type("Accelerator", (), {"get_state_dict": lambda _, m: state})()
+
+
+def test_a_sharded_runs_weights_are_gathered_into_a_rebuilt_model(monkeypatch, capsys):
+    import torch
+
+    from llmpipe.runtime import trained_model
+
+    trained = torch.nn.Linear(3, 2)
+    fresh = torch.nn.Linear(3, 2)
+    assert not torch.equal(fresh.weight, trained.weight)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert trained_model(ShardedTrainer(trained.state_dict()), lambda: fresh) is None
+    monkeypatch.setenv("RANK", "0")
+    model = trained_model(ShardedTrainer(trained.state_dict()), lambda: fresh)
+    assert model is fresh and torch.equal(model.weight, trained.weight)
+    assert "gathered the FSDP-sharded weights of 2 processes" in capsys.readouterr().out

@@ -6,6 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from conftest import TOY_WORDS as WORDS
+from conftest import toy_pairs
 from llmpipe import layout
 from llmpipe.errors import DataError
 from llmpipe.loading import load_reward_model, load_tokenizer
@@ -21,23 +23,10 @@ from llmpipe.rlhf import (
 )
 from llmpipe.sampling import Completion, Sampling, sample_completions
 
-WORDS = ["value", "object", "return", "list", "the", "file", "name", "of", "a", "is"]
-
 
 @pytest.fixture(scope="module")
 def policy_dir(micro_pretrained):
     return micro_pretrained / layout.PRETRAIN_MODEL
-
-
-def toy_pairs(seed: int, n: int) -> list[dict]:
-    """Chosen ends in ' yes', rejected in ' no', after the same random filler."""
-    rng = random.Random(seed)
-    pairs = []
-    for _ in range(n):
-        prompt = " ".join(rng.choice(WORDS) for _ in range(4))
-        filler = " " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 5)))
-        pairs.append({"prompt": prompt, "chosen": filler + " yes", "rejected": filler + " no"})
-    return pairs
 
 
 def test_reward_trainer_learns_a_separable_preference(policy_dir, tmp_path):

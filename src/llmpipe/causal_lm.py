@@ -12,6 +12,7 @@ from __future__ import annotations
 import resource
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +24,11 @@ from llmpipe.evaluation import perplexity, window_loss
 from llmpipe.loading import load_causal_lm
 from llmpipe.params import CausalLMTrainingParams
 from llmpipe.runtime import (
-    check_unsharded,
     default_device,
     is_main_process,
     per_process,
     runtime_args,
+    trained_model,
     wait_for_everyone,
     world_size,
 )
@@ -81,7 +82,7 @@ class WindowDataset(torch.utils.data.Dataset):
 
 @dataclass
 class TrainResult:
-    model: torch.nn.Module  # the best checkpoint's weights, loaded
+    model: torch.nn.Module | None  # the best checkpoint's weights (main process; else None)
     steps: int
     best_step: int
     train_loss: float
@@ -96,9 +97,12 @@ def use_bf16(p: CausalLMTrainingParams) -> bool:
 
 
 def train(model, p: CausalLMTrainingParams, seed: int, train_bin: TokenBin, val_bin: TokenBin,
-          work_dir: Path, live_dir: Path, accumulation: int) -> TrainResult:
-    """Train with early stopping and return the best checkpoint's model. `accumulation` is
-    this process's share of p.grad_accum_steps (per_process)."""
+          work_dir: Path, live_dir: Path, accumulation: int,
+          rebuild: Callable[[], torch.nn.Module] | None = None) -> TrainResult:
+    """Train with early stopping and return the best checkpoint's model (in the main process;
+    None in the others). `accumulation` is this process's share of p.grad_accum_steps
+    (per_process); `rebuild()` makes `model` afresh, to hold the gathered weights of a sharded
+    run (FSDP, DeepSpeed: runtime.trained_model)."""
     from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 
     if is_main_process():  # the one that saves Trainer checkpoints
@@ -143,11 +147,12 @@ def train(model, p: CausalLMTrainingParams, seed: int, train_bin: TokenBin, val_
     tokens = state.global_step * p.batch_size * p.grad_accum_steps * p.block_size
     peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    trained = trained_model(trainer, rebuild)
     wait_for_everyone()  # every process has loaded the best checkpoint
     if is_main_process():
         shutil.rmtree(work_dir, ignore_errors=True)
-    trainer.model.config.use_cache = True  # the Trainer turns the KV cache off for training
-    return TrainResult(model=trainer.model, steps=state.global_step, best_step=best_step,
+        trained.config.use_cache = True  # the Trainer turns the KV cache off for training
+    return TrainResult(model=trained, steps=state.global_step, best_step=best_step,
                        train_loss=output.training_loss, eval_losses=eval_losses,
                        tokens_per_s=tokens / curves.step_seconds if curves.step_seconds else 0.0,
                        peak_memory_mb=peak_mb)
@@ -191,7 +196,6 @@ def run_stage(stage: str, p: CausalLMTrainingParams, seed: int, tokens_dir: Path
     from transformers import set_seed
 
     started = time.perf_counter()
-    check_unsharded(stage)
     accumulation = per_process(p.grad_accum_steps, f"{stage}.grad_accum_steps")
     set_seed(seed)  # an adapter's initial weights are drawn before the Trainer seeds anything
     model, tokenizer = load_causal_lm(p.base, p.trust_remote_code)
@@ -199,9 +203,13 @@ def run_stage(stage: str, p: CausalLMTrainingParams, seed: int, tokens_dir: Path
     train_bin, val_bin = open_token_data(tokens_dir, model, p.base)
     main = is_main_process()
     base_ppl = val_perplexity(model, val_bin, p) if main else None
-    if adapt is not None:
-        model = adapt(model)
-    result = train(model, p, seed, train_bin, val_bin, work_dir, live_dir, accumulation)
+    adapt = adapt or (lambda base: base)
+
+    def rebuild():
+        return adapt(load_causal_lm(p.base, p.trust_remote_code)[0])
+
+    result = train(adapt(model), p, seed, train_bin, val_bin, work_dir, live_dir, accumulation,
+                   rebuild)
     return StageRun(result, tokenizer, base_ppl,
                     val_perplexity(result.model, val_bin, p) if main else None, started)
 

@@ -246,6 +246,13 @@ class QuantizeParams:
     repeats: int = param(POSITIVE_INT)  # timed runs after a warm-up; the median counts
     compile: bool  # also time the compiled static-cache decoder (a C++ compiler on CPU)
     calibration_windows: int = param(POSITIVE_INT)  # static_int8: training windows
+    device: Literal["auto", "cpu", "cuda"]  # where int8 and fp32 are measured
+
+    def cross_field_problems(self) -> list[tuple[str, str]]:
+        if self.device == "cuda" and self.method != "weight_only_int8":
+            return [("method", f"{self.method} runs on the CPU only; with device cuda use "
+                               "weight_only_int8 (torchao's kernels), or set device: cpu")]
+        return []
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,4 +1,5 @@
-"""Post-training int8 quantization of a Hugging Face causal LM for CPU inference.
+"""Post-training int8 quantization of a Hugging Face causal LM: int8 modules for the CPU, and
+torchao's kernels for the weight-only method on a GPU (`on_device`).
 
 GPT-2's projections are transformers' `Conv1D` (weight (in, out)), which quantizers skip: they
 are converted to `nn.Linear` first (an exact transpose), so that every projection of every block
@@ -33,7 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from llmpipe.errors import DataError
+from llmpipe.errors import DataError, ParamsError
 from llmpipe.evaluation import InferenceBench, inference_figures, top1_agreement
 
 METHODS = ("dynamic_int8", "weight_only_int8", "static_int8")
@@ -262,6 +263,63 @@ def load_quantized(model_dir: Path) -> nn.Module:
     model.llmpipe_quantization = {"method": recipe["method"],
                                   "tied_embedding": recipe["tied_embedding"],
                                   "quantized_modules": quantized}
+    return model
+
+
+def measurement_device(requested: str, method: str) -> str:
+    """quantize.device: auto is the GPU when there is one, the method runs there (weight-only
+    int8) and torchao is installed for it; else the CPU. The metrics name the one taken."""
+    import importlib.util
+
+    cuda = torch.cuda.is_available()
+    if requested == "cuda" and not cuda:
+        raise ParamsError("quantize.device: 'cuda' but no CUDA device is available")
+    if requested == "auto":
+        runs_there = method == "weight_only_int8" and importlib.util.find_spec("torchao")
+        return "cuda" if cuda and runs_there else "cpu"
+    return requested
+
+
+def load_for_inference(model_dir: Path, requested_device: str = "auto") -> nn.Module:
+    """A saved int8 model, on the device its method runs on (measurement_device)."""
+    model = load_quantized(model_dir)
+    return on_device(model, measurement_device(requested_device,
+                                               model.llmpipe_quantization["method"]))
+
+
+def on_device(model: nn.Module, device: str) -> nn.Module:
+    """The quantized model where it is measured: these modules on the CPU; on a GPU, torchao's
+    int8 weight-only kernels (weight_only_int8 only: the int8-activation methods are CPU
+    kernels here, torch._int_mm on CUDA needs more than 16 rows)."""
+    if device == "cpu":
+        return model
+    method = model.llmpipe_quantization["method"]
+    if method != "weight_only_int8":
+        raise ParamsError(f"quantize.method: {method} runs on the CPU only; on {device} use "
+                          "weight_only_int8 (torchao's kernels), or set quantize.device: cpu")
+    return to_torchao_weight_only(model).to(device)
+
+
+def to_torchao_weight_only(model: nn.Module) -> nn.Module:
+    """The weight-only int8 model with torchao's kernels: each int8 module goes back to an
+    nn.Linear of its dequantized weight, which torchao's Int8WeightOnlyConfig quantizes again
+    per output channel. Its scales differ slightly from ours, so the weights are rounded
+    twice: on the micro model of the tests, the logits' error to fp32 is about 2x ours."""
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError as e:
+        raise ParamsError("quantize.device: a GPU needs torchao for its int8 kernels "
+                          "(pip install -e '.[gpu]')") from e
+    for name, module in list(model.named_modules()):
+        if isinstance(module, WeightOnlyInt8Linear):
+            linear = nn.Linear(module.in_features, module.out_features,
+                               bias=module.bias is not None)
+            with torch.no_grad():
+                linear.weight.copy_(module.dequantized_weight())
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+            model.set_submodule(name, linear)
+    quantize_(model, Int8WeightOnlyConfig())
     return model
 
 

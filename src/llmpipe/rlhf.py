@@ -21,7 +21,7 @@ from llmpipe.loading import load_reward_model, load_tokenizer
 from llmpipe.lora import adapter_config
 from llmpipe.params import GrpoParams, RewardModelParams
 from llmpipe.preferences import PAIR_COLUMNS, read_gold_spec
-from llmpipe.runtime import check_unsharded, per_process, runtime_args
+from llmpipe.runtime import per_process, runtime_args, trained_model
 from llmpipe.sampling import Sampling, sample_completions
 from llmpipe.tracking import TrainerCurves
 
@@ -77,12 +77,12 @@ def gold_agreement(model, tokenizer, fresh: Sequence[dict]) -> tuple[float, int]
 
 def train_reward_model(policy_dir: Path, train_pairs: Sequence[dict], eval_pairs: Sequence[dict],
                        p: RewardModelParams, seed: int, live_dir: Path):
-    """Returns (model, tokenizer, pairs trained on: RewardTrainer drops pairs over max_length)."""
+    """Returns (model (None outside the main process), tokenizer, pairs trained on:
+    RewardTrainer drops pairs over max_length)."""
     from datasets import Dataset
     from transformers import set_seed
     from trl import RewardConfig, RewardTrainer
 
-    check_unsharded("reward_model")
     set_seed(seed)  # the new score head is initialised from the seed
     tokenizer = load_tokenizer(policy_dir)
     model = load_reward_model(policy_dir, tokenizer)
@@ -110,7 +110,8 @@ def train_reward_model(policy_dir: Path, train_pairs: Sequence[dict], eval_pairs
         trainer.train()
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
-    return trainer.model, tokenizer, len(trainer.train_dataset)
+    model = trained_model(trainer, lambda: load_reward_model(policy_dir, tokenizer))
+    return model, tokenizer, len(trainer.train_dataset)
 
 
 def length_penalty(prompts, completions, completion_ids, **kwargs) -> list[float]:
@@ -131,7 +132,8 @@ def reward_functions(reward_dir: Path, p: GrpoParams) -> list[tuple[object, obje
 def run_grpo(policy_dir: Path, rewards: Sequence[tuple[object, object, float]],
              prompts: Sequence[str], p: GrpoParams, seed: int, live_dir: Path):
     """GRPO on the policy against weighted rewards (TRL reward functions, or sequence
-    classifiers with their tokenizers); returns (policy (merged if LoRA), steps done)."""
+    classifiers with their tokenizers); returns (policy (merged if LoRA; None outside the main
+    process), steps done)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, set_seed
     from trl import GRPOConfig, GRPOTrainer
@@ -175,7 +177,16 @@ def run_grpo(policy_dir: Path, rewards: Sequence[tuple[object, object, float]],
         trainer.train()
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
-    model = trainer.model
+
+    def rebuild():
+        from peft import get_peft_model
+
+        fresh = AutoModelForCausalLM.from_pretrained(policy_dir, use_safetensors=True)
+        return get_peft_model(fresh, peft_config) if p.use_lora else fresh
+
+    model = trained_model(trainer, rebuild)
+    if model is None:  # not the main process
+        return None, trainer.state.global_step
     if p.use_lora:
         model = model.merge_and_unload()
     model.config.use_cache = True
@@ -185,7 +196,6 @@ def run_grpo(policy_dir: Path, rewards: Sequence[tuple[object, object, float]],
 def check_grpo_launch(p: GrpoParams) -> int:
     """What GRPO needs of the machine and the launcher; returns the completions per process.
     Cheap: the stage calls it before its first measurement."""
-    check_unsharded("grpo")
     check_vllm(p)
     completions = p.prompts_per_step * p.num_generations
     return per_process(completions, "grpo.prompts_per_step",

@@ -34,14 +34,21 @@ def default_device() -> str:
     return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
 
 
-def check_unsharded(stage: str) -> None:
-    """FSDP and DeepSpeed (an accelerate config) shard the model over the processes; the main
-    process alone could then neither measure it nor save its full weights."""
-    for engine in ("FSDP", "DEEPSPEED"):
-        if os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() == "true":
-            raise ParamsError(f"{stage}.launcher: an accelerate config with {engine} shards the "
-                              "model, which llmpipe cannot save or measure yet (use DDP: "
-                              "torchrun or accelerate launch without that config)")
+def trained_model(trainer, rebuild):
+    """The trained model, whole, in the main process (None in the others). Under FSDP or
+    DeepSpeed (an accelerate config) each process holds a shard: every process joins the
+    gather of the full weights, and the main one loads them into `rebuild()`, the model as it
+    was before training. Otherwise the trainer's model is already whole."""
+    if not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        return trainer.model if is_main_process() else None
+    state = trainer.accelerator.get_state_dict(trainer.model)  # a collective: every process
+    if not is_main_process():
+        return None
+    engine = "FSDP" if trainer.is_fsdp_enabled else "DeepSpeed"
+    print(f"gathered the {engine}-sharded weights of {world_size()} processes", flush=True)
+    model = rebuild()
+    model.load_state_dict(state)
+    return model
 
 
 def per_process(total: int, key: str, what: str | None = None) -> int:
