@@ -295,3 +295,26 @@ def test_a_sharded_runs_weights_are_gathered_into_a_rebuilt_model(monkeypatch, c
     model = trained_model(ShardedTrainer(trained.state_dict()), lambda: fresh)
     assert model is fresh and torch.equal(model.weight, trained.weight)
     assert "gathered the FSDP-sharded weights of 2 processes" in capsys.readouterr().out
+
+
+def test_vllm_generation_is_checked_before_anything_loads(monkeypatch):
+    import dataclasses
+
+    from llmpipe.errors import ParamsError
+    from llmpipe.params import GrpoParams, load_stage_params
+    from llmpipe.rlhf import check_grpo_launch
+
+    _, p = load_stage_params(GrpoParams, ROOT / "params.yaml")
+    assert check_grpo_launch(p) == p.prompts_per_step * p.num_generations  # HF generate: fine
+    with pytest.raises(ParamsError, match=r"^grpo\.use_vllm: true needs a CUDA GPU"):
+        check_grpo_launch(dataclasses.replace(p, use_vllm=True))
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ParamsError, match=r"^grpo\.use_vllm: true needs vLLM, which is not "
+                                          r"installed \(pip install -e '\.\[gpu\]'\)"):
+        check_grpo_launch(dataclasses.replace(p, use_vllm=True))
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ParamsError, match=r"^grpo\.prompts_per_step: 8 prompts x 4 generations "
+                                          r"= 32 completions is not divisible by the 3"):
+        check_grpo_launch(p)
