@@ -10,7 +10,7 @@ MACHINE_PATH := $(PATH)
 # DVC runs each stage's cmd (`python -m stages.x`) with this PATH: the venv's python first.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup pipeline test lint bench compare gpu-smoke smoke-wheels
+.PHONY: setup pipeline test lint bench compare push pull gpu-smoke smoke-wheels
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,14 @@ lint: setup
 bench: setup
 	python bench/tokenize_throughput.py
 	python bench/train_step.py
+
+# The DVC remote (.dvc/config: a folder beside the repository unless switched, README) with the
+# run-cache and the outputs its runs name, so that another clone restores, with
+# `dvc repro --pull`, any stage run it has not computed itself.
+push: setup
+	python -m llmpipe.share
+pull: setup
+	dvc pull --run-cache
 
 # The markdown a pull request gets as a comment: params and metrics diff against REV.
 REV ?= main

@@ -60,6 +60,7 @@ def project_copy(tmp_path: Path) -> Path:
     run(["git", "config", "user.email", "test@llmpipe.local"], repo)
     run(["git", "config", "user.name", "llmpipe test"], repo)
     run(["dvc", "init", "-q"], repo)
+    shutil.copy2(ROOT / ".dvc/config", repo / ".dvc/config")  # remote and cache link type
     return repo
 
 

@@ -21,7 +21,9 @@ RAW = DATA / "raw"
 TOKENIZER = DATA / "tokenizer"
 TOKENS = DATA / "tokens"
 PRETRAIN_MODEL = DATA / "pretrain/model"
-PRETRAIN_CHECKPOINT = DATA / "pretrain/checkpoint"  # persist: a killed run resumes from here
+# A killed pretrain run resumes from here. Scratch, like scratch_dir, and no output: DVC neither
+# deletes it before a rerun nor caches it, and a clone that pulled the outputs does not miss it.
+PRETRAIN_CHECKPOINT = DATA / "pretrain/checkpoint"
 FINETUNE_MODEL = DATA / "finetune/model"
 LORA_ADAPTER = DATA / "lora/adapter"
 LORA_MERGED = DATA / "lora/merged"
@@ -88,7 +90,7 @@ STAGES: dict[str, StageFiles] = {
     "download": StageFiles(reads=(), writes=(RAW,)),
     "tokenize": StageFiles(reads=(RAW,), writes=(TOKENIZER, TOKENS)),
     "pretrain": StageFiles(reads=(tokens("pretrain"), TOKENIZER),
-                           writes=(PRETRAIN_MODEL, PRETRAIN_CHECKPOINT), curves=True),
+                           writes=(PRETRAIN_MODEL,), curves=True),
     "finetune": StageFiles(reads=(tokens("finetune"), PRETRAIN_MODEL),
                            writes=(FINETUNE_MODEL,), curves=True),
     "lora": StageFiles(reads=(tokens("finetune"), PRETRAIN_MODEL),

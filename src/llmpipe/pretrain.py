@@ -56,7 +56,7 @@ class PretrainPaths:
     tokens_dir: Path  # data/tokens/pretrain: train.bin, val.bin, meta.json
     tokenizer_dir: Path
     model_dir: Path  # the Hugging Face export of the final model
-    checkpoint_dir: Path  # persist: true in dvc.yaml, so a killed run can resume
+    checkpoint_dir: Path  # no DVC output: left alone between runs, so a killed run can resume
     live_dir: Path  # dvclive curves
 
 
@@ -315,7 +315,7 @@ def wrap_model(raw_model: GPT, p: PretrainParams, rt: Runtime) -> torch.nn.Modul
 def resume(run: PretrainRun) -> None:
     """Load the checkpoint of an interrupted run with the same digest, if there is one."""
     paths, rt = run.paths, run.rt
-    paths.checkpoint_dir.mkdir(parents=True, exist_ok=True)  # a DVC output even when empty
+    paths.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(paths.checkpoint_dir / CHECKPOINT_FILE)  # a kill while writing
     # Rank 0 writes the checkpoints, so rank 0 decides, and every rank resumes from its copy:
     # on several nodes without a shared filesystem the others have none (or a stale one).

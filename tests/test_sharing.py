@@ -1,0 +1,77 @@
+"""The cache beyond one box, offline: a bare git repository stands for the git server and the
+default DVC remote (.dvc/config: a folder beside the repository) for the storage. One clone
+computes and pushes; another pulls and reruns only what it has never seen."""
+
+import csv
+import io
+import json
+
+import pytest
+from test_pipeline_dvc import STAGES, ran, write_toy_preferences
+
+from conftest import git_commit_all, run, set_params
+
+pytestmark = pytest.mark.slow
+
+
+def restored(output: str) -> set[str]:
+    """Stages DVC took from the run-cache instead of running them."""
+    return {stage for stage in STAGES
+            if f"Stage '{stage}' is cached - skipping run, checking out outputs" in output}
+
+
+def experiments(repo) -> dict[str, dict]:
+    rows = csv.DictReader(io.StringIO(run(["dvc", "exp", "show", "--csv"], repo).stdout))
+    return {row["Experiment"]: row for row in rows if row["Experiment"]}
+
+
+def test_a_second_clone_pulls_what_the_first_computed(project_copy, tmp_path):
+    first, server, second = project_copy, tmp_path / "server.git", tmp_path / "second"
+    set_params(first, write_toy_preferences(first))
+    assert ran(run(["dvc", "repro"], first).stdout) == set(STAGES)
+    git_commit_all(first, "micro pipeline")
+    run(["git", "init", "-q", "--bare", "-b", "main", str(server)], tmp_path)
+    run(["git", "remote", "add", "origin", str(server)], first)
+    run(["git", "push", "-q", "origin", "main"], first)
+    run(["python", "-m", "llmpipe.share"], first)  # make push
+    assert (tmp_path / "llmpipe-dvc-storage").is_dir()  # the default remote, beside the repo
+
+    # An experiment on the first clone, shared through git and the DVC remote.
+    exp = run(["dvc", "exp", "run", "-n", "lora-r4", "-S", "lora.r=4"], first).stdout
+    assert ran(exp) == {"lora", "quantize", "evaluate"}
+    run(["dvc", "exp", "push", "origin", "lora-r4"], first)
+    run(["python", "-m", "llmpipe.share"], first)
+    # The pull-request comment: the one param, the metrics it changed, nothing else.
+    markdown = run(["python", "-m", "llmpipe.compare", "HEAD"], first).stdout
+    params = markdown.split("### Params")[1].split("### Metrics")[0]
+    assert "lora.r" in params and params.count("| params.yaml") == 1
+    metrics = markdown.split("### Metrics")[1]
+    assert {f"metrics/{s}.json" for s in STAGES if f"metrics/{s}.json" in metrics} == {
+        "metrics/lora.json", "metrics/quantize.json", "metrics/evaluate.json"}
+
+    # The second clone pulls and has nothing to compute.
+    run(["git", "clone", "-q", str(server), str(second)], tmp_path)
+    run(["git", "config", "user.email", "test@llmpipe.local"], second)
+    run(["git", "config", "user.name", "llmpipe test"], second)
+    run(["dvc", "pull", "--run-cache"], second)  # make pull
+    # A checkout links outputs to the cache, no copies (hard links on this filesystem).
+    assert (second / "data/finetune/model/model.safetensors").stat().st_nlink > 1
+    repro = run(["dvc", "repro"], second).stdout
+    assert not ran(repro) and not restored(repro), repro
+    # A value seen on the first clone comes from the run-cache, not from a rerun...
+    set_params(second, {"lora.r": 4})
+    repro = run(["dvc", "repro", "--pull"], second).stdout
+    assert not ran(repro) and restored(repro) == {"lora", "quantize", "evaluate"}, repro
+    assert json.loads((second / "metrics/lora.json").read_text()) == json.loads(
+        (first / "metrics/lora.json").read_text())
+    # ...and a value never seen reruns lora and what depends on it, nothing upstream.
+    run(["git", "checkout", "--", "params.yaml"], second)
+    exp = run(["dvc", "exp", "run", "-S", "lora.r=2"], second).stdout
+    assert ran(exp) == {"lora", "quantize", "evaluate"}
+
+    # The first clone's experiment, with its metrics, in the second.
+    run(["dvc", "exp", "pull", "origin", "lora-r4"], second)
+    shown = experiments(second)
+    assert shown["lora-r4"]["lora.r"] == "4"
+    assert shown["lora-r4"]["trainable_parameters"] == json.loads(
+        (first / "metrics/lora.json").read_text())["trainable_parameters"].__str__()
