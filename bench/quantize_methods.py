@@ -24,6 +24,7 @@ from llmpipe.evaluation import (
     InferenceBench,
     compiled_generation_tokens_per_s,
     inference_figures,
+    token_byte_lengths,
     top1_agreement,
 )
 from llmpipe.loading import load_causal_lm
@@ -73,7 +74,8 @@ def main() -> None:
     val = TokenBin.open(TOKENS_DIR, "val", expected_vocab_size=fp32.config.vocab_size)
     train = TokenBin.open(TOKENS_DIR, "train", expected_vocab_size=fp32.config.vocab_size)
     calibration = calibration_inputs(train, BLOCK, WINDOWS, BATCH)
-    bench = InferenceBench(val, BLOCK, WINDOWS, BATCH, NEW_TOKENS, REPEATS, compiled=False)
+    bench = InferenceBench(val, BLOCK, WINDOWS, BATCH, NEW_TOKENS, REPEATS, compiled=False,
+                           token_bytes=token_byte_lengths(tokenizer))
     prompt = bench.prompt
     fp32_mb = (MODEL_DIR / "model.safetensors").stat().st_size / 1e6
     rows = {"fp32": (fp32, fp32_mb)}

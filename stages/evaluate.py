@@ -3,7 +3,12 @@ table; then the report card."""
 
 from llmpipe import layout
 from llmpipe.data import TokenBin
-from llmpipe.evaluation import generation_tokens_per_s, perplexity, window_loss
+from llmpipe.evaluation import (
+    generation_tokens_per_s,
+    perplexity,
+    token_byte_lengths,
+    window_scores,
+)
 from llmpipe.io import atomic_dir, rounded, write_json, write_metrics
 from llmpipe.loading import load_causal_lm, load_tokenizer
 from llmpipe.params import EvaluateParams, load_stage_params
@@ -46,9 +51,13 @@ def main() -> None:
     rows, samples = [], {}
     for name in layout.MODEL_OUTPUTS:
         model, tokenizer = load_model(name)
-        figures = {f"val_perplexity_{corpus}": perplexity(window_loss(
-            model, bins, p.block_size, p.eval_windows, p.batch_size))
-            for corpus, bins in val.items()}
+        token_bytes = token_byte_lengths(tokenizer)
+        scores = {corpus: window_scores(model, bins, p.block_size, p.eval_windows, p.batch_size,
+                                        token_bytes) for corpus, bins in val.items()}
+        figures = {f"val_perplexity_{corpus}": perplexity(score.loss)
+                   for corpus, score in scores.items()}
+        figures.update({f"val_bits_per_byte_{corpus}": score.bits_per_byte
+                        for corpus, score in scores.items()})
         report = policy_report(model, tokenizer, heldout, scored, judges)
         figures.update({"reward_model_score": report["reward_model_score"],
                         "gold_score": report["gold_score"],

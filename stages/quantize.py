@@ -7,7 +7,7 @@ import torch
 
 from llmpipe import layout
 from llmpipe.data import TokenBin
-from llmpipe.evaluation import InferenceBench
+from llmpipe.evaluation import InferenceBench, token_byte_lengths
 from llmpipe.io import atomic_dir, write_metrics
 from llmpipe.loading import load_causal_lm
 from llmpipe.params import QuantizeParams, load_stage_params
@@ -48,7 +48,7 @@ def main() -> None:
     int8 = load_for_inference(layout.QUANTIZED_MODEL, p.device)  # as evaluate loads it
 
     bench = InferenceBench(val, p.block_size, p.eval_windows, p.batch_size, p.generate_tokens,
-                           p.repeats, p.compile)
+                           p.repeats, p.compile, token_byte_lengths(tokenizer))
     metrics = {"source": p.source, "method": p.method,
                **compare_to_fp32(fp32, int8, bench, source_dir / "model.safetensors",
                                  layout.QUANTIZED_MODEL / WEIGHTS_FILE)}
@@ -59,8 +59,9 @@ def main() -> None:
     print(f"{p.method} (measured on {device}): {metrics['fp32_size_mb']:.2f} MB -> "
           f"{metrics['int8_size_mb']:.2f} MB, "
           f"perplexity {metrics['fp32_val_perplexity']:.2f} -> "
-          f"{metrics['int8_val_perplexity']:.2f}, generation vs fp32 eager: {speedups} "
-          f"-> {layout.QUANTIZED_MODEL}")
+          f"{metrics['int8_val_perplexity']:.2f} ({metrics['fp32_val_bits_per_byte']:.4f} -> "
+          f"{metrics['int8_val_bits_per_byte']:.4f} bits per byte), generation vs fp32 eager: "
+          f"{speedups} -> {layout.QUANTIZED_MODEL}")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,14 @@ pytestmark = pytest.mark.slow
 STAGES = ("download", "tokenize", "pretrain", "finetune", "lora", "quantize", "preferences",
           "reward_model", "grpo", "evaluate")
 MODELS = ("pretrain", "finetune", "lora", "quantized", "grpo")
-FIGURES = ("val_perplexity_pretrain", "val_perplexity_finetune", "reward_model_score",
-           "gold_score", "kl_to_finetune", "size_mb")
+FIGURES = ("val_perplexity_pretrain", "val_perplexity_finetune", "val_bits_per_byte_pretrain",
+           "val_bits_per_byte_finetune", "reward_model_score", "gold_score", "kl_to_finetune",
+           "size_mb")
+# Bits per byte beside every perplexity, in each stage's metrics.
+BITS_PER_BYTE = {"pretrain": ["val_bits_per_byte"],
+                 "finetune": ["base_val_bits_per_byte", "val_bits_per_byte"],
+                 "lora": ["base_val_bits_per_byte", "val_bits_per_byte"],
+                 "quantize": ["fp32_val_bits_per_byte", "int8_val_bits_per_byte"]}
 
 
 def write_toy_preferences(repo):
@@ -48,6 +54,9 @@ def test_the_experiment_workflow(project_copy):
         assert evaluate["perf"][model]["device"] == "cpu"  # where its figures come from
     assert json.loads((repo / "metrics/quantize.json").read_text())["perf"]["device"] == "cpu"
     assert evaluate["finetune"]["kl_to_finetune"] == 0
+    for stage, keys in BITS_PER_BYTE.items():
+        figures = json.loads((repo / f"metrics/{stage}.json").read_text())
+        assert all(0 < figures[key] < 8 for key in keys), (stage, figures)
     assert evaluate["grpo"]["kl_to_finetune"] > 0
     assert evaluate["quantized"]["size_mb"] < 0.5 * evaluate["finetune"]["size_mb"]
     report = (repo / "data/evaluate/report.md").read_text()

@@ -20,7 +20,7 @@ import torch
 
 from llmpipe.data import TokenBin
 from llmpipe.errors import DataError, ParamsError
-from llmpipe.evaluation import perplexity, window_loss
+from llmpipe.evaluation import WindowScore, perplexity, token_byte_lengths, window_scores
 from llmpipe.loading import load_causal_lm
 from llmpipe.params import CausalLMTrainingParams
 from llmpipe.runtime import (
@@ -159,25 +159,40 @@ def train(model, p: CausalLMTrainingParams, seed: int, train_bin: TokenBin, val_
 
 
 def val_perplexity(model, val_bin: TokenBin, p: CausalLMTrainingParams) -> float:
-    return perplexity(window_loss(model, val_bin, p.block_size, p.eval_windows, p.batch_size))
+    return perplexity(val_score(model, val_bin, p).loss)
+
+
+def val_score(model, val_bin: TokenBin, p: CausalLMTrainingParams,
+              token_bytes: torch.Tensor | None = None) -> WindowScore:
+    return window_scores(model, val_bin, p.block_size, p.eval_windows, p.batch_size, token_bytes)
 
 
 @dataclass
 class StageRun:
     """One finetune-like stage: the base, its data, the training and the before/after (the
-    perplexities are measured by the main process only, None on the others)."""
+    scores are measured by the main process only, None on the others)."""
 
     result: TrainResult
     tokenizer: object
-    base_perplexity: float | None
-    perplexity: float | None
+    base_score: WindowScore | None
+    score: WindowScore | None
     started: float
+
+    @property
+    def base_perplexity(self) -> float:
+        return perplexity(self.base_score.loss)
+
+    @property
+    def perplexity(self) -> float:
+        return perplexity(self.score.loss)
 
     def metrics(self, base_spec: str) -> dict:
         return {
             "base": base_spec,
             "base_val_perplexity": self.base_perplexity,
             "val_perplexity": self.perplexity,
+            "base_val_bits_per_byte": self.base_score.bits_per_byte,
+            "val_bits_per_byte": self.score.bits_per_byte,
             "train_loss": self.result.train_loss,
             "steps": self.result.steps,
             "best_step": self.result.best_step,
@@ -202,7 +217,8 @@ def run_stage(stage: str, p: CausalLMTrainingParams, seed: int, tokens_dir: Path
     check_block_size(model, p.block_size, f"{stage}.block_size")
     train_bin, val_bin = open_token_data(tokens_dir, model, p.base)
     main = is_main_process()
-    base_ppl = val_perplexity(model, val_bin, p) if main else None
+    token_bytes = token_byte_lengths(tokenizer)
+    base_score = val_score(model, val_bin, p, token_bytes) if main else None
     adapt = adapt or (lambda base: base)
 
     def rebuild():
@@ -210,6 +226,6 @@ def run_stage(stage: str, p: CausalLMTrainingParams, seed: int, tokens_dir: Path
 
     result = train(adapt(model), p, seed, train_bin, val_bin, work_dir, live_dir, accumulation,
                    rebuild)
-    return StageRun(result, tokenizer, base_ppl,
-                    val_perplexity(result.model, val_bin, p) if main else None, started)
+    return StageRun(result, tokenizer, base_score,
+                    val_score(result.model, val_bin, p, token_bytes) if main else None, started)
 

@@ -19,23 +19,61 @@ from torch.nn import functional as F
 from llmpipe.data import TokenBin
 
 
+def token_byte_lengths(tokenizer) -> torch.Tensor:
+    """The UTF-8 bytes of each token id's text, 0 for special tokens: end of text is no text, so
+    its loss is left out of bits per byte too (as nanochat does). Byte-level BPE tokens (GPT-2's,
+    the pipeline's own) map back to their bytes exactly; other vocabularies go through the
+    tokenizer's text of the single token (SentencePiece's leading space is then not counted)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_level = set(bytes_to_unicode().values())
+    special = set(tokenizer.all_special_ids)
+    lengths = torch.zeros(len(tokenizer), dtype=torch.long)
+    for token, token_id in tokenizer.get_vocab().items():
+        if token_id in special:
+            continue
+        lengths[token_id] = (len(token) if byte_level.issuperset(token) else
+                             len(tokenizer.convert_tokens_to_string([token]).encode()))
+    return lengths
+
+
+@dataclass(frozen=True)
+class WindowScore:
+    loss: float  # mean cross-entropy, nats per token, over every prediction
+    bits_per_byte: float | None  # summed loss / (UTF-8 bytes of the targets' text x ln 2)
+
+
 @torch.no_grad()
-def window_loss(model: torch.nn.Module, bins: TokenBin, block_size: int, windows: int,
-                batch_size: int, autocast=contextlib.nullcontext) -> float:
-    """Mean cross-entropy (nats per token) over `windows` fixed windows of `bins`; every
-    position of a window is scored (block_size predictions per window)."""
+def window_scores(model: torch.nn.Module, bins: TokenBin, block_size: int, windows: int,
+                  batch_size: int, token_bytes: torch.Tensor | None = None,
+                  autocast=contextlib.nullcontext) -> WindowScore:
+    """Loss over `windows` fixed windows of `bins`, every position of a window scored
+    (block_size predictions per window); with `token_bytes` (token_byte_lengths), also bits per
+    byte, which does not depend on the tokenizer: models with different vocabularies compare."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    total, count, text_loss, text_bytes = 0.0, 0, 0.0, 0
     for x, y in bins.eval_batches(block_size, windows, batch_size):
         with autocast():
-            logits = model(x.to(device))[0]
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(),
-                                 reduction="sum").item()
-        count += y.numel()
+            logits = model(x.to(device))[0].float().flatten(0, 1)
+        targets = y.to(device).flatten()
+        total += F.cross_entropy(logits, targets, reduction="sum").item()
+        count += targets.numel()
+        if token_bytes is not None:
+            nbytes = token_bytes.to(device)[targets]
+            losses = F.cross_entropy(logits, targets, reduction="none")
+            text_loss += (losses * (nbytes > 0)).sum().item()
+            text_bytes += int(nbytes.sum().item())
     model.train(was_training)
-    return total / count
+    bits_per_byte = text_loss / (math.log(2) * text_bytes) if token_bytes is not None else None
+    return WindowScore(total / count, bits_per_byte)
+
+
+def window_loss(model: torch.nn.Module, bins: TokenBin, block_size: int, windows: int,
+                batch_size: int, autocast=contextlib.nullcontext) -> float:
+    """Mean cross-entropy (nats per token) over the fixed windows (window_scores)."""
+    return window_scores(model, bins, block_size, windows, batch_size, autocast=autocast).loss
 
 
 def perplexity(loss: float) -> float:
@@ -115,6 +153,7 @@ class InferenceBench:
     new_tokens: int  # per timed generation
     repeats: int  # timed runs after a warm-up; the median counts
     compiled: bool  # also time the compiled static-cache decoder
+    token_bytes: torch.Tensor  # token_byte_lengths of the models' tokenizer (bits per byte)
     prompt_tokens: int = 16
 
     @cached_property
@@ -128,11 +167,14 @@ class InferenceBench:
 
 
 def inference_figures(model, bench: InferenceBench) -> dict:
-    """Validation perplexity, forward latency (ms) and generation tokens/s of one model
+    """Validation perplexity and bits per byte, forward latency (ms) and generation tokens/s of
+    one model
     (`generate`, eager; with `bench.compiled`, also the compiled static-cache decoder)."""
+    score = window_scores(model, bench.val, bench.block_size, bench.windows, bench.batch_size,
+                          bench.token_bytes)
     figures = {
-        "val_perplexity": perplexity(window_loss(model, bench.val, bench.block_size,
-                                                 bench.windows, bench.batch_size)),
+        "val_perplexity": perplexity(score.loss),
+        "val_bits_per_byte": score.bits_per_byte,
         "forward_ms": 1e3 * forward_latency_s(model, bench.batch, bench.repeats),
         "generate_tokens_per_s": generation_tokens_per_s(model, bench.prompt, bench.new_tokens,
                                                          bench.repeats),

@@ -31,6 +31,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -38,7 +39,7 @@ import torch.distributed as dist
 
 from llmpipe.data import TokenBin, read_meta, unigram_perplexity
 from llmpipe.errors import DataError, LlmpipeError, ParamsError
-from llmpipe.evaluation import perplexity, window_loss
+from llmpipe.evaluation import perplexity, token_byte_lengths, window_scores
 from llmpipe.io import atomic_dir, atomic_path, remove_stale_temporaries, write_json
 from llmpipe.model import GPT, GPTConfig, export_hf_gpt2, load_hf_gpt2, measure_matmul_peak_flops
 from llmpipe.params import PretrainParams, SampleParams
@@ -257,6 +258,12 @@ class PretrainRun:
     history: list[dict] = field(default_factory=list)
     tokens_seen: int = 0
     val_loss: float | None = None
+    val_bits_per_byte: float | None = None
+
+    @cached_property
+    def token_bytes(self) -> torch.Tensor:
+        """Each token's UTF-8 bytes, for bits per byte (evaluation.token_byte_lengths)."""
+        return token_byte_lengths(self.tokenizer)
 
     @property
     def micro_steps(self) -> int:
@@ -396,8 +403,9 @@ def evaluate(run: PretrainRun, step: int) -> float:
     from tqdm import tqdm
 
     p = run.p
-    run.val_loss = window_loss(run.raw_model, run.val_bin, p.model.block_size, p.eval_windows,
-                               p.batch_size, run.autocast)
+    score = window_scores(run.raw_model, run.val_bin, p.model.block_size, p.eval_windows,
+                          p.batch_size, run.token_bytes, run.autocast)
+    run.val_loss, run.val_bits_per_byte = score.loss, score.bits_per_byte
     if p.sample is not None:
         first = sample(run.raw_model, run.tokenizer, p.sample, run.seed, run.rt.device)[0]
         tqdm.write(f"step {step + 1}: {first['prompt']!r} -> {first['completion']!r}")
@@ -431,6 +439,7 @@ def finish(run: PretrainRun, tokens_per_s: float, started: float) -> dict:
         "train_loss": sum(interval) / len(interval),
         "val_loss": run.val_loss,
         "val_perplexity": perplexity(run.val_loss),
+        "val_bits_per_byte": run.val_bits_per_byte,
         "unigram_val_perplexity": unigram_perplexity(run.train_bin, val_targets),
         "perf": {
             "tokens_per_s": tokens_per_s,

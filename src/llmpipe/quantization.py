@@ -332,6 +332,7 @@ def compare_to_fp32(fp32: nn.Module, int8: nn.Module, bench: InferenceBench, fp3
                                                                          ("int8", int8))}
     fp32_mb, int8_mb = fp32_file.stat().st_size / 1e6, int8_file.stat().st_size / 1e6
     ppl32, ppl8 = figures["fp32"]["val_perplexity"], figures["int8"]["val_perplexity"]
+    bpb32, bpb8 = figures["fp32"]["val_bits_per_byte"], figures["int8"]["val_bits_per_byte"]
     tokens_per_s = {f"{name}_eager": f["generate_tokens_per_s"] for name, f in figures.items()}
     if bench.compiled:
         tokens_per_s.update({f"{name}_compiled": f["compiled_generate_tokens_per_s"]
@@ -344,6 +345,8 @@ def compare_to_fp32(fp32: nn.Module, int8: nn.Module, bench: InferenceBench, fp3
         "fp32_val_perplexity": ppl32,
         "int8_val_perplexity": ppl8,
         "perplexity_change_percent": 100 * (ppl8 / ppl32 - 1),
+        "fp32_val_bits_per_byte": bpb32,
+        "int8_val_bits_per_byte": bpb8,
         "top1_agreement": top1_agreement(int8, fp32, bench.val, bench.block_size, bench.windows,
                                          bench.batch_size),
         "perf": {

@@ -202,9 +202,12 @@ def write_report(out_dir: Path, models: list[dict], samples: dict[str, list[dict
              "## Params", "", _table(["", ""], [list(r) for r in params_digest()]), "",
              "## Every model, same data and prompts", "",
              _table(["model", "val ppl (pretrain corpus)", "val ppl (finetune corpus)",
+                     "bits per byte (pretrain / finetune)",
                      "reward-model score", "gold score", "KL to finetune", "size MB",
                      "generation tokens/s", "device"],
                     [[r["model"], r["val_perplexity_pretrain"], r["val_perplexity_finetune"],
+                      f"{r['val_bits_per_byte_pretrain']:.4f} / "
+                      f"{r['val_bits_per_byte_finetune']:.4f}",
                       r["reward_model_score"], r["gold_score"], r["kl_to_finetune"],
                       r["size_mb"], r["generate_tokens_per_s"], r["device"]] for r in models]),
              ""]

@@ -1,0 +1,56 @@
+"""Bits per byte: the loss summed over the targets' text, over its UTF-8 bytes, in bits, so that
+models with different tokenizers compare (evaluation.window_scores)."""
+
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from llmpipe import layout
+from llmpipe.evaluation import token_byte_lengths, window_scores
+from llmpipe.loading import load_causal_lm
+
+TEXT = "Return the naïve 🐍 sum."  # a micro model has 32 positions
+
+
+class OneWindow:
+    """A token source with one evaluation window (what window_scores reads of a TokenBin)."""
+
+    def __init__(self, ids: list[int]):
+        self.x, self.y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
+
+    def eval_batches(self, block_size, count, batch_size):
+        yield self.x, self.y
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(micro_pretrained):
+    model, tokenizer = load_causal_lm(micro_pretrained / layout.PRETRAIN_MODEL, device="cpu")
+    return model.eval(), tokenizer
+
+
+def test_token_bytes_are_the_tokens_utf8_bytes_and_none_for_end_of_text(model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    lengths = token_byte_lengths(tokenizer)
+    assert lengths[tokenizer.eos_token_id] == 0
+    ids = tokenizer(TEXT, add_special_tokens=False).input_ids
+    assert sum(lengths[i].item() for i in ids) == len(TEXT.encode()) > len(TEXT)  # multibyte
+
+
+def test_bits_per_byte_is_the_summed_loss_over_the_texts_bytes(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    ids = tokenizer(TEXT, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    assert len(ids) <= model.config.n_positions + 1
+    window = OneWindow(ids)
+    score = window_scores(model, window, len(ids) - 1, 1, 1, token_byte_lengths(tokenizer))
+
+    with torch.no_grad():
+        losses = F.cross_entropy(model(window.x).logits[0].float(), window.y[0],
+                                 reduction="none")
+    text_targets = ids[1:-1]  # the end of text is no text: neither its loss nor bytes count
+    target_bytes = len(tokenizer.decode(text_targets).encode())
+    assert target_bytes == len(TEXT.encode()) - len(tokenizer.decode(ids[:1]).encode())
+    expected = losses[:-1].sum().item() / (target_bytes * math.log(2))
+    assert score.bits_per_byte == pytest.approx(expected, rel=1e-6)
+    assert score.loss == pytest.approx(losses.mean().item(), rel=1e-6)  # every target
