@@ -54,3 +54,23 @@ def test_bits_per_byte_is_the_summed_loss_over_the_texts_bytes(model_and_tokeniz
     expected = losses[:-1].sum().item() / (target_bytes * math.log(2))
     assert score.bits_per_byte == pytest.approx(expected, rel=1e-6)
     assert score.loss == pytest.approx(losses.mean().item(), rel=1e-6)  # every target
+
+
+class SentencePieceLike:
+    """What token_byte_lengths reads of a tokenizer whose decoder is not byte-level (Llama-2,
+    Mistral, Gemma: `▁` for a space, byte-fallback tokens for bytes outside the vocabulary)."""
+
+    all_special_ids = [0]
+    backend_tokenizer = type("Backend", (), {"decoder": object()})()
+    vocab = {"<s>": 0, "▁the": 1, "▁": 2, "é": 3, "<0x0A>": 4, "ing": 5}
+
+    def get_vocab(self):
+        return self.vocab
+
+    def __len__(self):
+        return len(self.vocab)
+
+
+def test_token_bytes_of_a_sentencepiece_vocabulary():
+    lengths = token_byte_lengths(SentencePieceLike()).tolist()
+    assert lengths == [0, 4, 1, 2, 1, 3]  # special; " the"; " "; é is 2 bytes; one byte; "ing"

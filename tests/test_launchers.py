@@ -276,8 +276,9 @@ class ShardedTrainer:
     is_fsdp_enabled, is_deepspeed_enabled = True, False
 
     def __init__(self, state: dict):
-        self.model = None  # the sharded module, which the main process must not use
-        self.accelerator = type("Accelerator", (), {"get_state_dict": lambda _, m: state})()
+        self.model = self.model_wrapped = object()  # sharded: the main process must not use it
+        self.accelerator = type("Accelerator", (), {
+            "get_state_dict": lambda _, m: state if m is self.model_wrapped else None})()
 
 
 def test_a_sharded_runs_weights_are_gathered_into_a_rebuilt_model(monkeypatch, capsys):

@@ -193,6 +193,10 @@ def test_the_measurement_device_and_methods_that_cannot_run_on_a_gpu(base, tmp_p
         measurement_device("cuda", "weight_only_int8")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert measurement_device("auto", "dynamic_int8") == "cpu"
+    # torchao is not importable in the test process (it sits beside the venv)
+    assert measurement_device("auto", "weight_only_int8") == "cpu"
+    with pytest.raises(ParamsError, match=r"^quantize\.device: 'cuda' needs torchao"):
+        measurement_device("cuda", "weight_only_int8")
     with pytest.raises(ParamsError, match=r"^quantize\.method: dynamic_int8 runs on the CPU "
                                           r"only; on cuda use weight_only_int8"):
         on_device(quantize(model, "dynamic_int8"), "cuda")

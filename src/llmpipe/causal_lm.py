@@ -28,6 +28,7 @@ from llmpipe.runtime import (
     is_main_process,
     per_process,
     runtime_args,
+    sharded_launch,
     trained_model,
     wait_for_everyone,
     world_size,
@@ -122,7 +123,9 @@ def train(model, p: CausalLMTrainingParams, seed: int, train_bin: TokenBin, val_
         eval_steps=p.eval_interval,
         save_strategy="steps",
         save_steps=p.eval_interval,
-        save_only_model=True,
+        # The weights alone, except for a sharded model: its best checkpoint is reloaded at the
+        # end through FSDP's or DeepSpeed's own state (transformers refuses weights alone then).
+        save_only_model=not sharded_launch(),
         save_total_limit=2,  # the best is always kept on top of the latest
         load_best_model_at_end=True,
         metric_for_best_model="eval_loss",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -21,19 +22,24 @@ from llmpipe.data import TokenBin
 
 def token_byte_lengths(tokenizer) -> torch.Tensor:
     """The UTF-8 bytes of each token id's text, 0 for special tokens: end of text is no text, so
-    its loss is left out of bits per byte too (as nanochat does). Byte-level BPE tokens (GPT-2's,
-    the pipeline's own) map back to their bytes exactly; other vocabularies go through the
-    tokenizer's text of the single token (SentencePiece's leading space is then not counted)."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    byte_level = set(bytes_to_unicode().values())
+    its loss is left out of bits per byte too (as nanochat does). A byte-level BPE (GPT-2's,
+    Llama-3's, the pipeline's own) writes each byte as one character, so a token's length is
+    its byte count. Otherwise (SentencePiece, WordPiece) the token's text is counted: `▁` is a
+    space, a byte-fallback token `<0xNN>` one byte, a `##` continuation has no space."""
+    vocab = tokenizer.get_vocab()
     special = set(tokenizer.all_special_ids)
-    lengths = torch.zeros(len(tokenizer), dtype=torch.long)
-    for token, token_id in tokenizer.get_vocab().items():
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    byte_level = type(decoder).__name__ == "ByteLevel"
+    lengths = torch.zeros(max(len(tokenizer), max(vocab.values()) + 1), dtype=torch.long)
+    for token, token_id in vocab.items():
         if token_id in special:
             continue
-        lengths[token_id] = (len(token) if byte_level.issuperset(token) else
-                             len(tokenizer.convert_tokens_to_string([token]).encode()))
+        if byte_level:
+            lengths[token_id] = len(token)
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+            lengths[token_id] = 1
+        else:
+            lengths[token_id] = len(token.replace("\u2581", " ").removeprefix("##").encode())
     return lengths
 
 
@@ -54,6 +60,8 @@ def window_scores(model: torch.nn.Module, bins: TokenBin, block_size: int, windo
     model.eval()
     device = next(model.parameters()).device
     total, count, text_loss, text_bytes = 0.0, 0, 0.0, 0
+    if token_bytes is not None:
+        token_bytes = token_bytes.to(device)
     for x, y in bins.eval_batches(block_size, windows, batch_size):
         with autocast():
             logits = model(x.to(device))[0].float().flatten(0, 1)
@@ -61,7 +69,7 @@ def window_scores(model: torch.nn.Module, bins: TokenBin, block_size: int, windo
         total += F.cross_entropy(logits, targets, reduction="sum").item()
         count += targets.numel()
         if token_bytes is not None:
-            nbytes = token_bytes.to(device)[targets]
+            nbytes = token_bytes[targets]
             losses = F.cross_entropy(logits, targets, reduction="none")
             text_loss += (losses * (nbytes > 0)).sum().item()
             text_bytes += int(nbytes.sum().item())
@@ -81,11 +89,15 @@ def perplexity(loss: float) -> float:
 
 
 def _median_seconds(fn, repeats: int) -> float:
+    # GPU kernels run asynchronously: without a synchronisation the clock would time launches.
+    synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     fn()  # warm-up: allocation, kernel selection, lazy initialisation
     times = []
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         fn()
+        synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

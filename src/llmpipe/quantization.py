@@ -271,12 +271,14 @@ def measurement_device(requested: str, method: str) -> str:
     int8) and torchao is installed for it; else the CPU. The metrics name the one taken."""
     import importlib.util
 
-    cuda = torch.cuda.is_available()
+    cuda, torchao = torch.cuda.is_available(), importlib.util.find_spec("torchao") is not None
     if requested == "cuda" and not cuda:
         raise ParamsError("quantize.device: 'cuda' but no CUDA device is available")
+    if requested == "cuda" and not torchao:
+        raise ParamsError("quantize.device: 'cuda' needs torchao for its int8 kernels "
+                          "(pip install -e '.[gpu]')")
     if requested == "auto":
-        runs_there = method == "weight_only_int8" and importlib.util.find_spec("torchao")
-        return "cuda" if cuda and runs_there else "cpu"
+        return "cuda" if cuda and torchao and method == "weight_only_int8" else "cpu"
     return requested
 
 

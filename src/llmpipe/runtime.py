@@ -34,6 +34,12 @@ def default_device() -> str:
     return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
 
 
+def sharded_launch() -> bool:
+    """Launched by accelerate with an FSDP or DeepSpeed config: the model is sharded."""
+    return any(os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() == "true"
+               for engine in ("FSDP", "DEEPSPEED"))
+
+
 def trained_model(trainer, rebuild):
     """The trained model, whole, in the main process (None in the others). Under FSDP or
     DeepSpeed (an accelerate config) each process holds a shard: every process joins the
@@ -41,7 +47,8 @@ def trained_model(trainer, rebuild):
     was before training. Otherwise the trainer's model is already whole."""
     if not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
         return trainer.model if is_main_process() else None
-    state = trainer.accelerator.get_state_dict(trainer.model)  # a collective: every process
+    # A collective, every process; on the wrapped model (DeepSpeed's engine gathers ZeRO-3).
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
     if not is_main_process():
         return None
     engine = "FSDP" if trainer.is_fsdp_enabled else "DeepSpeed"

@@ -23,18 +23,19 @@ def run_cache_entries(repo) -> list[tuple[str, str]]:
     return [(entry.parent.name, entry.name) for entry in sorted(runs.glob("*/*/*"))]
 
 
-def push(remote: str | None = None) -> int:
+def push(remote: str | None = None) -> tuple[int, int]:
     """The data of the workspace's commit, the run-cache's records and the outputs they name;
-    returns how many objects the records added."""
+    returns (objects the records added, objects that could not be pushed)."""
     from dvc.repo import Repo
 
     with Repo() as repo:
         repo.push(run_cache=True, remote=remote)
         used = repo.stage_cache.get_used_objs(run_cache_entries(repo))
-        pushed = 0
+        pushed = failed = 0
         for odb, objects in used.items():
-            pushed += len(repo.cloud.push(objects, remote=remote, odb=odb).transferred)
-    return pushed
+            result = repo.cloud.push(objects, remote=remote, odb=odb)
+            pushed, failed = pushed + len(result.transferred), failed + len(result.failed)
+    return pushed, failed
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,7 +43,11 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--remote", help="a DVC remote (default: the one .dvc/config names)")
     args = parser.parse_args(argv)
-    print(f"pushed the data, the run-cache and {push(args.remote)} objects its runs name")
+    pushed, failed = push(args.remote)
+    if failed:
+        raise SystemExit(f"error: {failed} objects that the run-cache names could not be "
+                         "pushed (missing from the local cache, e.g. after dvc gc?)")
+    print(f"pushed the data, the run-cache and {pushed} objects its runs name")
 
 
 if __name__ == "__main__":
