@@ -63,6 +63,9 @@ def main() -> None:
                         "gold_score": report["gold_score"],
                         "kl_to_finetune": report["kl_to_reference"],
                         "completion_length": report["completion_length"],
+                        "distinct_2": report["distinct_2"],
+                        "repeated_3gram_share": report["repeated_3gram_share"],
+                        "completion_loss_under_finetune": report["reference_loss"],  # fluency
                         "size_mb": weights_file(name).stat().st_size / 1e6})
         prompt = tokenizer(p.sample.prompts[0], return_tensors="pt").input_ids
         tokens_per_s = generation_tokens_per_s(model, prompt, p.generate_tokens, p.repeats)

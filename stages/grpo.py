@@ -42,14 +42,20 @@ def main() -> None:
         policy.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "samples.json", {"before": before["samples"], "after": after["samples"]})
-    metrics = {**before_after_metrics(before, after), "steps": steps,
-               "heldout_prompts": len(heldout)}
+    metrics = {**before_after_metrics(before, after, p.degeneration_distinct_drop,
+                                      p.degeneration_fluency_rise),
+               "steps": steps, "heldout_prompts": len(heldout)}
     write_metrics("grpo", metrics)
     print(f"held-out gold score {before['gold_score']:.3f} -> {after['gold_score']:.3f}, reward "
           f"model {before['reward_model_score']:.3f} -> {after['reward_model_score']:.3f}, KL "
           f"{after['kl_to_reference']:.3f} -> {layout.GRPO_MODEL}")
     if metrics["reward_hacking_suspected"]:
         print("warning: the reward model's score rose but the gold score did not: reward hacking")
+    if metrics["degeneration_suspected"]:
+        print(f"warning: the gold score rose while the text degenerated: distinct bigrams "
+              f"{metrics['distinct_2_change']:+.0%}, the SFT model's loss on the completions "
+              f"{metrics['reference_loss_change']:+.2f} nats/token (the judges like what is no "
+              "longer text; see the samples)")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ def test_reward_trainer_learns_a_separable_preference(policy_dir, tmp_path):
 
 
 def grpo_params(**changes) -> GrpoParams:
-    values = dict(launcher="python", use_vllm=False, use_lora=False, lora_r=8, lora_alpha=16,
+    values = dict(launcher="python", use_vllm=False, degeneration_distinct_drop=0.3,
+                  degeneration_fluency_rise=1.0, use_lora=False, lora_r=8, lora_alpha=16,
                   lora_target_modules=["c_attn", "c_proj"], num_generations=4,
                   prompts_per_step=4, beta=0.0, length_penalty=0.0, eval_samples=1,
                   loss_type="dapo", scale_rewards="group", learning_rate=1e-2,
@@ -185,3 +186,49 @@ def test_the_preference_directory_round_trips(tmp_path):
     assert not list(tmp_path.glob(".prefs*"))  # written as a whole, no temporary left
     with pytest.raises(DataError, match=r"gold\.json: not found"):
         read_gold_spec(tmp_path)
+
+
+VARIED = ["The function returns a sorted copy of the list.",
+          "Raise an error when the file cannot be opened for reading.",
+          "Each module keeps its own namespace and attributes."]
+LOOPING = ["the value of the value of the value of the value of the value",
+           "the value of the value of the value of the first value of the value",
+           "value of the value of the value of the value"]
+
+
+def test_degeneration_metrics_tell_a_loop_from_text():
+    from llmpipe.degeneration import distinct_n, repeated_ngram_share
+
+    assert distinct_n(VARIED, 1) > 0.9 and distinct_n(VARIED, 2) == 1.0
+    assert distinct_n(LOOPING, 2) < 0.2
+    assert repeated_ngram_share(VARIED, 3) == 0.0
+    assert repeated_ngram_share(LOOPING, 3) > 0.6
+    assert repeated_ngram_share(["a b a b a b"], 3) == pytest.approx(2 / 4)  # aba bab aba bab
+    assert distinct_n([""], 2) == 1.0 and repeated_ngram_share([""], 3) == 0.0
+
+
+def report_of(texts: list[str], gold: float, reference_loss: float) -> dict:
+    from llmpipe.degeneration import distinct_n, repeated_ngram_share
+
+    return {"reward_model_score": gold, "gold_score": gold, "kl_to_reference": 0.0,
+            "completion_length": 12.0, "distinct_1": distinct_n(texts, 1),
+            "distinct_2": distinct_n(texts, 2),
+            "repeated_3gram_share": repeated_ngram_share(texts, 3),
+            "reference_loss": reference_loss}
+
+
+def test_the_degeneration_flag_fires_when_gold_rises_on_a_loop():
+    from llmpipe.rlhf import before_after_metrics
+
+    before = report_of(VARIED, gold=0.05, reference_loss=4.0)
+    looped = before_after_metrics(before, report_of(LOOPING, 0.4, 4.2), 0.3, 1.0)
+    assert looped["gold_gain"] > 0 and looped["distinct_2_change"] < -0.3
+    assert looped["degeneration_suspected"] and not looped["reward_hacking_suspected"]
+    # Fluent but improbable to the SFT model counts too; unchanged text does not; nor a loop
+    # that the gold scorer did not reward.
+    assert before_after_metrics(before, report_of(VARIED, 0.4, 5.5), 0.3, 1.0)[
+        "degeneration_suspected"]
+    assert not before_after_metrics(before, report_of(VARIED, 0.4, 4.1), 0.3, 1.0)[
+        "degeneration_suspected"]
+    assert not before_after_metrics(before, report_of(LOOPING, 0.01, 6.0), 0.3, 1.0)[
+        "degeneration_suspected"]

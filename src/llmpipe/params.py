@@ -307,6 +307,10 @@ class GrpoParams:
     max_steps: int = param(POSITIVE_INT)
     length_penalty: float = param(NON_NEGATIVE_NUMBER)  # weight, per token
     eval_samples: int = param(POSITIVE_INT)  # completions per held-out prompt
+    # The degeneration flag: gold rose while distinct bigrams fell by more than this share...
+    degeneration_distinct_drop: float = param(OPEN_UNIT_INTERVAL)
+    # ...or the reference's loss on the completions rose by more than this (nats per token).
+    degeneration_fluency_rise: float = param(POSITIVE_NUMBER)
 
 
 @dataclass(frozen=True, kw_only=True)

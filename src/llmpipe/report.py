@@ -186,12 +186,20 @@ def stage_sections() -> list[str]:
               r["chance_accuracy"], r["gold_agreement_fresh"]]]))
     if m := read_metrics("grpo"):
         sections.append("### grpo (held-out prompts, same sampling seed)\n" + _table(
-            ["", "gold score", "reward-model score", "KL to reference", "length"],
+            ["", "gold score", "reward-model score", "KL to reference", "length",
+             "distinct bigrams", "repeated trigrams", "SFT loss (nats/token)"],
             [[when, m[f"{when}_gold_score"], m[f"{when}_reward_model_score"],
-              m[f"{when}_kl_to_reference"], m[f"{when}_completion_length"]]
+              m[f"{when}_kl_to_reference"], m[f"{when}_completion_length"],
+              m[f"{when}_distinct_2"], m[f"{when}_repeated_3gram_share"],
+              m[f"{when}_reference_loss"]]
              for when in ("before", "after")])
             + ("\n\n**Reward hacking suspected**: the reward model's score rose, the gold score "
-               "did not." if m.get("reward_hacking_suspected") else ""))
+               "did not." if m.get("reward_hacking_suspected") else "")
+            + (f"\n\n**Degeneration suspected**: the gold score rose "
+               f"({m['gold_gain']:+.3f}) while distinct bigrams changed by "
+               f"{m['distinct_2_change']:+.0%} and the SFT model's loss on the completions by "
+               f"{m['reference_loss_change']:+.2f} nats/token: read the samples below."
+               if m.get("degeneration_suspected") else ""))
     return sections
 
 

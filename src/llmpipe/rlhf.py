@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from llmpipe.degeneration import distinct_n, repeated_ngram_share
 from llmpipe.errors import ParamsError
 from llmpipe.gold import GoldScorer
 from llmpipe.loading import load_reward_model, load_tokenizer
@@ -253,25 +254,36 @@ def policy_report(policy, tokenizer, prompts: Sequence[str], sampling: Sampling,
     reference_lp = completion_logprobs(judges.reference, prompt_ids, completion_ids,
                                        sampling.temperature)
     n, every = len(completions), sampling.n
+    texts = [c.text for c in completions]
     rm_scores = score_texts(judges.reward_model, judges.reward_tokenizer,
                             [q + c.text for q, c in zip(flat_prompts, completions, strict=True)])
     return {
         "reward_model_score": sum(rm_scores) / n,
-        "gold_score": sum(judges.gold([c.text for c in completions])) / n,
+        "gold_score": sum(judges.gold(texts)) / n,
         "kl_to_reference": sum(a - b for a, b in zip(policy_lp, reference_lp, strict=True)) / n,
         "completion_length": sum(len(c.ids) for c in completions) / n,
+        "distinct_1": distinct_n(texts, 1),
+        "distinct_2": distinct_n(texts, 2),
+        "repeated_3gram_share": repeated_ngram_share(texts, 3),
+        # fluency: nats per token of the completions under the reference (SFT) policy
+        "reference_loss": -sum(reference_lp) / max(sum(len(ids) for ids in completion_ids), 1),
         "samples": [{"prompt": q, "completion": c.text}  # one per prompt, of the first four
                     for q, c in zip(flat_prompts[:every * 4:every],
                                     completions[:every * 4:every], strict=True)],
     }
 
 
-REPORT_FIGURES = ("reward_model_score", "gold_score", "kl_to_reference", "completion_length")
+REPORT_FIGURES = ("reward_model_score", "gold_score", "kl_to_reference", "completion_length",
+                  "distinct_1", "distinct_2", "repeated_3gram_share", "reference_loss")
 
 
-def before_after_metrics(before: dict, after: dict) -> dict:
-    """An RL stage's figures before and after training (policy_report's), the gains, and the
-    reward-hacking flag: the proxy rose while the gold score did not follow."""
+def before_after_metrics(before: dict, after: dict, max_distinct_drop: float,
+                         max_fluency_rise: float) -> dict:
+    """An RL stage's figures before and after training (policy_report's), the gains, and two
+    flags. Reward hacking: the proxy rose while the gold score did not follow. Degeneration: the
+    gold score rose while diversity (distinct bigrams fell by more than `max_distinct_drop`, a
+    share) or fluency (the reference's loss rose by more than `max_fluency_rise` nats per
+    token) collapsed: the judges like what is no longer text."""
     metrics = {f"{when}_{key}": report[key]
                for when, report in (("before", before), ("after", after))
                for key in REPORT_FIGURES}
@@ -280,4 +292,9 @@ def before_after_metrics(before: dict, after: dict) -> dict:
     metrics["gold_gain"] = after["gold_score"] - before["gold_score"]
     metrics["reward_model_gain"] = after["reward_model_score"] - before["reward_model_score"]
     metrics["reward_hacking_suspected"] = metrics["reward_model_gain"] > 0 >= metrics["gold_gain"]
+    metrics["distinct_2_change"] = after["distinct_2"] / max(before["distinct_2"], 1e-9) - 1
+    metrics["reference_loss_change"] = after["reference_loss"] - before["reference_loss"]
+    metrics["degeneration_suspected"] = metrics["gold_gain"] > 0 and (
+        metrics["distinct_2_change"] < -max_distinct_drop
+        or metrics["reference_loss_change"] > max_fluency_rise)
     return metrics
