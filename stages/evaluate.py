@@ -9,6 +9,7 @@ from llmpipe.evaluation import (
     token_byte_lengths,
     window_scores,
 )
+from llmpipe.harness import check_harness, run_harness
 from llmpipe.io import atomic_dir, rounded, write_json, write_metrics
 from llmpipe.loading import load_causal_lm, load_tokenizer
 from llmpipe.params import EvaluateParams, load_stage_params
@@ -37,6 +38,7 @@ def weights_file(name: str):
 
 def main() -> None:
     shared, p = load_stage_params(EvaluateParams)
+    check_harness(p.harness_tasks)  # before minutes of measuring
     heldout = read_prompts(layout.PREFERENCES, "heldout")
     reference, _ = load_model(REFERENCE)
     judges = load_judges(layout.PREFERENCES, layout.REWARD_MODEL, reference)
@@ -67,6 +69,10 @@ def main() -> None:
                         "repeated_3gram_share": report["repeated_3gram_share"],
                         "completion_loss_under_finetune": report["reference_loss"],  # fluency
                         "size_mb": weights_file(name).stat().st_size / 1e6})
+        harness = run_harness(model, tokenizer, p.harness_tasks, p.harness_limit, p.batch_size,
+                              shared.seed)
+        figures.update({f"{task}_{key}": value for task, results in harness.items()
+                        for key, value in results.items()})
         prompt = tokenizer(p.sample.prompts[0], return_tensors="pt").input_ids
         tokens_per_s = generation_tokens_per_s(model, prompt, p.generate_tokens, p.repeats)
         # The int8 model may run on the CPU while the others use the GPU: every row says where

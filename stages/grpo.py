@@ -33,8 +33,13 @@ def main() -> None:
         reference, tokenizer = load_causal_lm(layout.FINETUNE_MODEL)
         judges = load_judges(layout.PREFERENCES, layout.REWARD_MODEL, reference)
         before = policy_report(reference, tokenizer, heldout, sampling, judges)
+        curve_prompts = heldout[:p.curve_prompts]
+
+        def heldout_report(model):
+            return policy_report(model, tokenizer, curve_prompts, sampling, judges)
     policy, steps = run_grpo(layout.FINETUNE_MODEL, reward_functions(layout.REWARD_MODEL, p),
-                             train_prompts, p, shared.seed, layout.live_dir("grpo"))
+                             train_prompts, p, shared.seed, layout.live_dir("grpo"),
+                             heldout_report if main_process else None)
     if not main_process:
         return
     after = policy_report(policy, tokenizer, heldout, sampling, judges)

@@ -121,6 +121,8 @@ MICRO_PARAMS = {
     "grpo.prompts_per_step": 2,
     "grpo.max_completion_length": 8,
     "grpo.eval_samples": 1,
+    "grpo.curve_interval": 1,
+    "grpo.curve_prompts": 2,
     "evaluate.block_size": 32,
     "evaluate.eval_windows": 8,
     "evaluate.batch_size": 8,
@@ -129,6 +131,7 @@ MICRO_PARAMS = {
     "evaluate.generate_tokens": 4,
     "evaluate.repeats": 1,
     "evaluate.sample.max_new_tokens": 8,
+    "evaluate.harness_limit": 8,
 }
 
 

@@ -1,6 +1,8 @@
 """Bits per byte: the loss summed over the targets' text, over its UTF-8 bytes, in bits, so that
-models with different tokenizers compare (evaluation.window_scores)."""
+models with different tokenizers compare (evaluation.window_scores); and lm-evaluation-harness
+on the shipped offline task (llmpipe.harness)."""
 
+import json
 import math
 
 import pytest
@@ -74,3 +76,30 @@ class SentencePieceLike:
 def test_token_bytes_of_a_sentencepiece_vocabulary():
     lengths = token_byte_lengths(SentencePieceLike()).tolist()
     assert lengths == [0, 4, 1, 2, 1, 3]  # special; " the"; " "; é is 2 bytes; one byte; "ing"
+
+
+def test_the_harness_runs_the_shipped_offline_task_on_a_micro_model(model_and_tokenizer,
+                                                                     monkeypatch):
+    from llmpipe.harness import CLOZE_FILE, run_harness
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, tokenizer = model_and_tokenizer
+    items = [json.loads(line) for line in CLOZE_FILE.read_text().splitlines()]
+    assert len(items) == 200 and all(len(i["choices"]) == 4 and
+                                     i["choices"][i["label"]] for i in items)
+    figures = run_harness(model, tokenizer, ["llmpipe_cloze"], limit=8, batch_size=8, seed=0)
+    acc = figures["llmpipe_cloze"]["acc"]
+    assert acc * 8 == round(acc * 8) and 0 <= acc <= 1  # a share of the 8 items
+    assert figures["llmpipe_cloze"]["acc_stderr"] > 0
+
+
+def test_harness_params_are_checked_before_any_work():
+    from llmpipe.errors import ParamsError
+    from llmpipe.harness import check_harness
+
+    check_harness([])
+    check_harness(["llmpipe_cloze"])
+    with pytest.raises(ParamsError, match=r"^evaluate.harness_tasks: unknown task\(s\) "
+                                          r"\['hellaswagg'\]"):
+        check_harness(["llmpipe_cloze", "hellaswagg"])

@@ -3,11 +3,11 @@
 import csv
 import io
 import json
-import time
 
 import pytest
 
 from conftest import MICRO_PARAMS, git_commit_all, run, set_params
+from llmpipe import seeds
 
 pytestmark = pytest.mark.slow
 
@@ -63,6 +63,15 @@ def test_the_experiment_workflow(project_copy):
     table = report.split("## Every model")[1].split("\n\n")[1]
     assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == list(MODELS)
     assert (repo / "data/evaluate/curve_pretrain.png").exists()
+    # The harness's shipped offline task on every model, beside chance in the report.
+    assert all(0 <= evaluate[model]["llmpipe_cloze_acc"] <= 1 for model in MODELS)
+    assert "## lm-evaluation-harness" in report and "baseline: chance | 0.25" in report
+    # GRPO's over-optimisation curve: steps 0, 1 and 2 (curve_interval 1), and its plot.
+    for key in ("gold_score", "reward_model_score", "kl_to_reference"):
+        curve = (repo / f"dvclive/grpo/plots/metrics/heldout/{key}.tsv").read_text()
+        assert [line.split("\t")[0] for line in curve.splitlines()[1:]] == ["0", "1", "2"]
+    assert (repo / "data/evaluate/overoptimisation_grpo.png").exists()
+    assert "Over-optimisation curve (3 points" in report
     assert not (repo / "data/pretrain/checkpoint/checkpoint.pt").exists()
 
     # A second repro does nothing.
@@ -80,18 +89,22 @@ def test_the_experiment_workflow(project_copy):
     assert "### Metrics" in markdown and "trainable_parameters" in markdown
     assert "lora.r" in markdown  # the params diff
 
-    # Queued variants, run one at a time.
-    for r in (2, 6):
-        run(["dvc", "exp", "run", "--queue", "-S", f"lora.r={r}"], repo)
-    run(["dvc", "queue", "start", "-j", "1"], repo)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        status = run(["dvc", "queue", "status"], repo).stdout
-        if "Queued" not in status and "Running" not in status:
-            break
-        time.sleep(5)
-    assert "Failed" not in status, status
-    assert {"2", "6"} <= {row["lora.r"] for row in exp_rows(repo)}
+    # Noise bars: two seeds of a variant queued from lora on, run one at a time, aggregated.
+    table = run(["python", "-m", "llmpipe.seeds", "--seeds", "2", "--from", "lora",
+                 "--variant", "lora.r=2"], repo).stdout
+    experiments = dict(seeds._experiments(json.loads(run(["dvc", "exp", "show", "--json"],
+                                                          repo).stdout)))
+    names = [f"seeds-lora-r-2-s{seed}" for seed in (0, 1)]
+    assert [experiments[name]["params"]["params.yaml"]["data"]["seed"] for name in names] == [0, 1]
+    lora_row = next(line for line in table.splitlines() if line.startswith("| lora val perplexity"))
+    assert "± " in lora_row and "(2 seeds)" in lora_row, table
+    values = [seeds.headline_figures(experiments[name])["lora val perplexity"] for name in names]
+    assert values[0] != values[1]
+    assert lora_row.split("|")[2].strip().startswith(f"{sum(values) / 2:.4g} ± ")
+    # ...and read again without running anything.
+    again = run(["python", "-m", "llmpipe.seeds", "--seeds", "2", "--from", "lora",
+                 "--variant", "lora.r=2", "--report"], repo).stdout
+    assert again == table
 
     # A change of tokenizer reruns tokenize and everything after it, never download.
     run(["git", "checkout", "--", "."], repo)

@@ -232,3 +232,51 @@ def test_the_degeneration_flag_fires_when_gold_rises_on_a_loop():
         "degeneration_suspected"]
     assert not before_after_metrics(before, report_of(LOOPING, 0.01, 6.0), 0.3, 1.0)[
         "degeneration_suspected"]
+
+
+def test_the_gold_score_of_a_loop_loses_its_repeated_share():
+    from llmpipe.degeneration import repeated_ngram_share
+    from llmpipe.gold import load_gold_scorer
+
+    plain, penalised = load_gold_scorer("vader"), load_gold_scorer("vader", repetition_penalty=1.0)
+    # VADER likes "value" once per use: the loop scores above the varied text unpenalised...
+    assert plain(LOOPING[1:2])[0] > plain(VARIED[:1])[0]
+    # ...and exactly its repeated-trigram share lower with the penalty; varied text is unchanged.
+    for text in LOOPING + VARIED:
+        assert penalised([text])[0] == pytest.approx(
+            plain([text])[0] - repeated_ngram_share([text], 3))
+    assert penalised(VARIED) == plain(VARIED)
+    assert penalised(LOOPING[1:2])[0] < plain(LOOPING[1:2])[0] - 0.5
+
+
+def test_the_overoptimisation_curve_logs_its_points_and_leaves_training_randomness_alone(
+        tmp_path):
+    from types import SimpleNamespace
+
+    from llmpipe.rlhf import CURVE_FIGURES, OveroptimisationCurve
+    from llmpipe.tracking import TrainerCurves, curves_live
+
+    model = torch.nn.Linear(2, 2)
+    model.train()
+
+    def report(m):  # draws random numbers, as sampling completions does, and sets eval mode
+        m.eval()
+        torch.manual_seed(0)
+        return {key: float(torch.rand(1)) for key in CURVE_FIGURES}
+
+    curves = TrainerCurves(tmp_path)
+    curves.live = curves_live(tmp_path)
+    callback = OveroptimisationCurve(curves, report, interval=2)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    callback.on_train_begin(None, SimpleNamespace(global_step=0), None, model=model)
+    for step in (1, 2, 3, 4):
+        callback.on_step_end(None, SimpleNamespace(global_step=step), None, model=model)
+    assert torch.equal(torch.rand(3), expected) and model.training
+    for key in CURVE_FIGURES:
+        rows = (tmp_path / "plots/metrics/heldout" / f"{key}.tsv").read_text().splitlines()[1:]
+        assert [row.split("\t")[0] for row in rows] == ["0", "2", "4"]
+    # Outside the main process (no Live): nothing is measured.
+    OveroptimisationCurve(TrainerCurves(tmp_path / "other"), None, 1).on_train_begin(
+        None, SimpleNamespace(global_step=0), None, model=model)

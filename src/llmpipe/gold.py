@@ -4,18 +4,34 @@ A gold scorer maps texts to floats, higher is better. `vader` is VADER's compoun
 score in [-1, 1] ("write more positive text", the classic RLHF toy task); `hf:<name>` or a
 directory is a transformers text-classification model, scored by the probability of
 `label` (e.g. POSITIVE for an SST-2 model).
+
+Either can be gamed by saying a liked word over and over ("the value of the value of ...":
+VADER counts "value" as positive once per use). `repetition_penalty` subtracts that weight
+times the share of the text's word trigrams that repeat an earlier one (0 for varied text,
+near 1 for a loop). At weight 1 a text that only loops scores no better than neutral text
+(VADER's compound and a classifier's probability are at most 1).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from llmpipe.degeneration import repeated_ngram_share
 from llmpipe.errors import DataError, ParamsError
 
 GoldScorer = Callable[[Sequence[str]], list[float]]
 
 
-def load_gold_scorer(spec: str, label: str | None = None, batch_size: int = 32) -> GoldScorer:
+def load_gold_scorer(spec: str, label: str | None = None, repetition_penalty: float = 0.0,
+                     batch_size: int = 32) -> GoldScorer:
+    score = _scorer(spec, label, batch_size)
+    if repetition_penalty == 0:
+        return score
+    return lambda texts: [s - repetition_penalty * repeated_ngram_share([t], 3)
+                          for s, t in zip(score(texts), texts, strict=True)]
+
+
+def _scorer(spec: str, label: str | None, batch_size: int) -> GoldScorer:
     if spec == "vader":
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 

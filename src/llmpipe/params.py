@@ -260,6 +260,8 @@ class PreferencesParams:
     source: str = param(PREFERENCE_SOURCE)
     gold_scorer: str = param(GOLD_SCORER)
     gold_label: str | None  # the label to reward, for a classifier gold scorer
+    # minus this weight x the share of repeated word trigrams (llmpipe.gold): loops don't pay
+    gold_repetition_penalty: float = param(NON_NEGATIVE_NUMBER)
     split: str  # hf:/file: sets
     heldout_fraction: float = param(OPEN_UNIT_INTERVAL)  # hf:/file: sets
     prompt_tokens: int = param(POSITIVE_INT)
@@ -307,6 +309,10 @@ class GrpoParams:
     max_steps: int = param(POSITIVE_INT)
     length_penalty: float = param(NON_NEGATIVE_NUMBER)  # weight, per token
     eval_samples: int = param(POSITIVE_INT)  # completions per held-out prompt
+    # The over-optimisation curve: gold, reward model and KL on the first curve_prompts held-out
+    # prompts every curve_interval steps (0: no curve; under FSDP/ZeRO-3 sharding, 0)
+    curve_interval: int = param(NON_NEGATIVE_INT)
+    curve_prompts: int = param(POSITIVE_INT)
     # The degeneration flag: gold rose while distinct bigrams fell by more than this share...
     degeneration_distinct_drop: float = param(OPEN_UNIT_INTERVAL)
     # ...or the reference's loss on the completions rose by more than this (nats per token).
@@ -324,6 +330,10 @@ class EvaluateParams:
     generate_tokens: int = param(POSITIVE_INT)  # timed greedy generation
     repeats: int = param(POSITIVE_INT)
     sample: SampleParams  # fixed prompts whose generations go into the report
+    # lm-evaluation-harness tasks run on every model (llmpipe.harness; [] for none), each on at
+    # most harness_limit items (null: all)
+    harness_tasks: list[str]
+    harness_limit: int | None = param(POSITIVE_INT)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -13,7 +13,7 @@ readers):
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from llmpipe.errors import DataError
@@ -38,9 +38,10 @@ def _prompts_file(directory: Path, split: str) -> Path:
 class GoldSpec:
     scorer: str  # vader, hf:<name> or a directory
     label: str | None  # the label rewarded, for a classifier
+    repetition_penalty: float = 0.0  # weight of the repeated-trigram share (llmpipe.gold)
 
     def load(self) -> GoldScorer:
-        return load_gold_scorer(self.scorer, self.label)
+        return load_gold_scorer(self.scorer, self.label, self.repetition_penalty)
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class PreferenceSet:
                 write_jsonl(_prompts_file(tmp, split),
                             ({"prompt": q} for q in self.prompts[split]))
             write_jsonl(tmp / FRESH_FILE, self.fresh)
-            write_json(tmp / GOLD_FILE, {"scorer": self.gold.scorer, "label": self.gold.label})
+            write_json(tmp / GOLD_FILE, asdict(self.gold))
 
 
 def read_pairs(directory: Path, split: str) -> list[dict]:
@@ -80,4 +81,4 @@ def read_gold_spec(directory: Path) -> GoldSpec:
     if not path.exists():
         raise DataError(f"{path}: not found (run the preferences stage first)")
     spec = json.loads(path.read_text())
-    return GoldSpec(spec["scorer"], spec["label"])
+    return GoldSpec(**spec)

@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 from llmpipe import layout
-from llmpipe.params import PARAMS_FILE
+from llmpipe.params import PARAMS_FILE, read_params_file
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "tokenizers", "dvc", "dvclive")
 
@@ -65,7 +65,6 @@ KEY_PARAMS = (
 def params_digest(path: Path = PARAMS_FILE) -> list[tuple[str, str]]:
     """The sha256 of params.yaml (a run with the same digest used the same params) and the
     values that shape the models."""
-    from llmpipe.params import read_params_file
     from llmpipe.preset import flatten
 
     values = dict(flatten(read_params_file(path)))
@@ -116,6 +115,42 @@ def plot_curves(out_dir: Path) -> list[tuple[str, str]]:
         ax.set_xlabel("step")
         ax.legend()
         images.append((title, _save(fig, out_dir, f"curve_{stage}.png")))
+    return images
+
+
+def overoptimisation(stage: str) -> dict | None:
+    """An RL stage's over-optimisation curve (rlhf.OveroptimisationCurve), when it has one:
+    steps, KL and the gold and reward-model scores, and where the gold score peaked."""
+    from llmpipe.rlhf import CURVE_FIGURES
+
+    paths = {key: layout.curves_dir(stage) / "heldout" / f"{key}.tsv" for key in CURVE_FIGURES}
+    if not all(path.exists() for path in paths.values()):
+        return None
+    curve = {key: _read_curve(path) for key, path in paths.items()}
+    steps = curve["gold_score"][0]
+    gold = curve["gold_score"][1]
+    peak = max(range(len(gold)), key=gold.__getitem__)
+    return {"steps": steps, "kl": curve["kl_to_reference"][1], "gold": gold,
+            "proxy": curve["reward_model_score"][1], "peak": peak}
+
+
+def plot_overoptimisation(out_dir: Path) -> list[tuple[str, str]]:
+    """Gold and proxy gains against KL to the reference, one plot per RL stage."""
+    plt = _pyplot()
+    images = []
+    for stage in layout.STAGES:
+        if (c := overoptimisation(stage)) is None:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3))
+        for key, label in (("gold", "gold score"), ("proxy", "reward-model score")):
+            ax.plot(c["kl"], [v - c[key][0] for v in c[key]], marker="o", label=label)
+        ax.axvline(c["kl"][c["peak"]], color="grey", linestyle=":", label="gold's peak")
+        ax.set_xlabel("KL to the reference (nats per completion)")
+        ax.set_ylabel("gain since step 0")
+        ax.set_title(f"{stage}: over-optimisation")
+        ax.legend()
+        images.append((f"{stage}: gold and proxy against KL",
+                       _save(fig, out_dir, f"overoptimisation_{stage}.png")))
     return images
 
 
@@ -199,8 +234,36 @@ def stage_sections() -> list[str]:
                f"({m['gold_gain']:+.3f}) while distinct bigrams changed by "
                f"{m['distinct_2_change']:+.0%} and the SFT model's loss on the completions by "
                f"{m['reference_loss_change']:+.2f} nats/token: read the samples below."
-               if m.get("degeneration_suspected") else ""))
+               if m.get("degeneration_suspected") else "")
+            + _overoptimisation_text("grpo"))
     return sections
+
+
+def _overoptimisation_text(stage: str) -> str:
+    if (c := overoptimisation(stage)) is None:
+        return ""
+    peak, last = c["peak"], len(c["steps"]) - 1
+    where = ("at the last point: gold still follows the proxy" if peak == last else
+             f"at step {c['steps'][peak]:.0f} (KL {c['kl'][peak]:.3g}); after it the reward "
+             f"model's score went {c['proxy'][last] - c['proxy'][peak]:+.3g} and gold "
+             f"{c['gold'][last] - c['gold'][peak]:+.3g}")
+    return (f"\n\nOver-optimisation curve ({len(c['steps'])} points, the first held-out "
+            f"prompts): the gold score peaked {where}.")
+
+
+def harness_section(models: list[dict]) -> str:
+    """lm-evaluation-harness accuracies per model, beside chance."""
+    from llmpipe.harness import CHANCE
+
+    tasks = sorted({k.removesuffix("_acc") for r in models for k in r
+                    if k.endswith("_acc") and f"{k}_stderr" in r})
+    if not tasks:
+        return ""
+    return ("## lm-evaluation-harness (zero-shot accuracy ± standard error)\n\n" + _table(
+        ["model", *tasks],
+        [["baseline: chance", *(CHANCE.get(t, "") for t in tasks)]]
+        + [[r["model"], *(f"{r[f'{t}_acc']:.3f} ± {r[f'{t}_acc_stderr']:.3f}" for t in tasks)]
+           for r in models]) + "\n")
 
 
 def write_report(out_dir: Path, models: list[dict], samples: dict[str, list[dict]]) -> Path:
@@ -208,6 +271,9 @@ def write_report(out_dir: Path, models: list[dict], samples: dict[str, list[dict
     lines = ["# llmpipe report card", "", "## Environment", "",
              _table(["", ""], [list(r) for r in environment()]), "",
              "## Params", "", _table(["", ""], [list(r) for r in params_digest()]), "",
+             f"Every figure below comes from one run (seed {read_params_file(PARAMS_FILE)['seed']}"
+             "): read a difference between two runs against the noise bars of "
+             "`python -m llmpipe.seeds` (README, \"Noise bars\").", "",
              "## Every model, same data and prompts", "",
              _table(["model", "val ppl (pretrain corpus)", "val ppl (finetune corpus)",
                      "bits per byte (pretrain / finetune)",
@@ -220,11 +286,13 @@ def write_report(out_dir: Path, models: list[dict], samples: dict[str, list[dict
                       r["size_mb"], r["generate_tokens_per_s"], r["device"]] for r in models]),
              ""]
     lines += [f"![{title}]({name})" for title, name in plot_models(models, out_dir)]
+    lines += ["", harness_section(models)]
     lines += ["", "## Stages", ""]
     for section in stage_sections():
         lines += [section, ""]
     lines += ["## Training curves", ""]
     lines += [f"![{title}]({name})" for title, name in plot_curves(out_dir)]
+    lines += [f"![{title}]({name})" for title, name in plot_overoptimisation(out_dir)]
     lines += ["", "## Samples", ""]
     for model, rows in samples.items():
         lines += [f"### {model}", ""]

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
+from transformers import TrainerCallback
 
 from llmpipe.degeneration import distinct_n, repeated_ngram_share
 from llmpipe.errors import ParamsError
@@ -130,11 +131,50 @@ def reward_functions(reward_dir: Path, p: GrpoParams) -> list[tuple[object, obje
     return rewards
 
 
+# What the over-optimisation curve follows over an RL run (curves_dir(stage)/heldout/<key>.tsv).
+CURVE_FIGURES = ("gold_score", "reward_model_score", "kl_to_reference")
+
+
+class OveroptimisationCurve(TrainerCallback):
+    """The over-optimisation curve (Gao, Schulman and Hilton 2022): the policy's gold score,
+    reward-model score and KL to the reference on a few held-out prompts, at the start and
+    every `interval` steps, logged beside the training curves. Where gold stops following the
+    proxy as KL grows is the number to read. The main process measures (the others wait in
+    their next collective); the random state is restored afterwards, so training draws what it
+    would draw without the curve."""
+
+    def __init__(self, curves: TrainerCurves, report: Callable[[torch.nn.Module], dict],
+                 interval: int):
+        self.curves, self.report, self.interval = curves, report, interval
+
+    def _point(self, model, step: int) -> None:
+        live = self.curves.live
+        if live is None:  # not the main process
+            return
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            was_training = model.training
+            figures = self.report(model)
+            model.train(was_training)
+        live.step = step
+        for key in CURVE_FIGURES:
+            live.log_metric(f"heldout/{key}", figures[key])
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._point(model, 0)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.interval == 0:
+            self._point(model, state.global_step)
+
+
 def run_grpo(policy_dir: Path, rewards: Sequence[tuple[object, object, float]],
-             prompts: Sequence[str], p: GrpoParams, seed: int, live_dir: Path):
+             prompts: Sequence[str], p: GrpoParams, seed: int, live_dir: Path,
+             heldout_report: Callable[[torch.nn.Module], dict] | None = None):
     """GRPO on the policy against weighted rewards (TRL reward functions, or sequence
     classifiers with their tokenizers); returns (policy (merged if LoRA; None outside the main
-    process), steps done)."""
+    process), steps done). `heldout_report` (main process), every `p.curve_interval` steps: the
+    over-optimisation curve."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, set_seed
     from trl import GRPOConfig, GRPOTrainer
@@ -169,12 +209,15 @@ def run_grpo(policy_dir: Path, rewards: Sequence[tuple[object, object, float]],
     )
     peft_config = (adapter_config(policy, p.lora_r, p.lora_alpha, 0.0, p.lora_target_modules,
                                   "grpo.lora_target_modules") if p.use_lora else None)
+    callbacks = [curves := TrainerCurves(live_dir)]
+    if heldout_report is not None and p.curve_interval:
+        callbacks.append(OveroptimisationCurve(curves, heldout_report, p.curve_interval))
     try:
         trainer = GRPOTrainer(model=policy, reward_funcs=reward_funcs, args=args,
                               train_dataset=Dataset.from_list([{"prompt": q} for q in prompts]),
                               processing_class=tokenizer,
                               reward_processing_classes=reward_tokenizers,
-                              peft_config=peft_config, callbacks=[TrainerCurves(live_dir)])
+                              peft_config=peft_config, callbacks=callbacks)
         trainer.train()
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
