@@ -27,6 +27,8 @@ from llmpipe.params import STAGE_SCHEMAS, read_params_file
 
 SRC = ROOT / "src"
 CODE_ROOTS = ("src/", "stages/")
+# Files that ship beside a module and that it reads: a stage importing the module depends on them.
+READS_BESIDE = {"src/llmpipe/harness.py": ("src/llmpipe/harness_tasks",)}
 
 
 def read_dvc_yaml() -> dict:
@@ -99,6 +101,7 @@ def code_dep_problems(dvc: dict) -> list[str]:
             problems.append(f"{stage}: its cmd does not run stages/{stage}.py")
         deps = [d for d in _paths(spec.get("deps")) if d.startswith(CODE_ROOTS)]
         closure = import_closure(stage)
+        closure |= {data for file in closure for data in READS_BESIDE.get(file, ())}
         problems += [f"{stage}: imports {file}, which dvc.yaml does not list in its deps"
                      for file in sorted(closure) if not any(_covers(d, file) for d in deps)]
         problems += [f"{stage}: dvc.yaml lists {dep}, which the stage never imports"
@@ -279,3 +282,10 @@ def test_a_params_key_left_to_a_code_default_is_named():
     del raw["pretrain"]["beta2"]
     del raw["evaluate"]["sample"]["top_p"]
     assert params_problems(raw) == ["pretrain.beta2", "evaluate.sample.top_p"]
+
+
+def test_the_files_a_module_reads_beside_it_are_where_it_reads_them():
+    from llmpipe.harness import TASKS_DIR
+
+    assert READS_BESIDE == {"src/llmpipe/harness.py": (
+        TASKS_DIR.resolve().relative_to(ROOT.resolve()).as_posix(),)}

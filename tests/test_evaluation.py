@@ -80,7 +80,8 @@ def test_token_bytes_of_a_sentencepiece_vocabulary():
 
 def test_the_harness_runs_the_shipped_offline_task_on_a_micro_model(model_and_tokenizer,
                                                                      monkeypatch):
-    from llmpipe.harness import CLOZE_FILE, run_harness
+    from llmpipe.cloze import CLOZE_FILE
+    from llmpipe.harness import run_harness
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -5,24 +5,22 @@ ships here, through the harness's own local-task support (`include_path`).
 The shipped task, `llmpipe_cloze`, is multiple-choice cloze: the opening of a sentence from a
 held-out document of the embedded finetune corpus (the Python reference, its validation split),
 and four endings, one of them true, three taken from other held-out sentences. Chance is 25%.
-It is built once by `python -m llmpipe.harness build-cloze` and kept in git, so that every
-machine scores the same items (the corpus follows the Python version that built it).
+It is built once by `python -m llmpipe.cloze` and kept in git, so that every machine scores
+the same items (the corpus follows the Python version that built it).
 
 lm-eval is an optional extra (`pip install -e '.[eval]'`, part of `.[dev]`).
 """
 
 from __future__ import annotations
 
-import argparse
+import functools
 import importlib.util
-import random
 from collections.abc import Sequence
 from pathlib import Path
 
 from llmpipe.errors import ParamsError
 
 TASKS_DIR = Path(__file__).parent / "harness_tasks"  # the harness's include_path
-CLOZE_FILE = TASKS_DIR / "llmpipe_cloze.jsonl"
 # What goes into the metrics: the harness's accuracy and, for tasks that define it, accuracy
 # with the log-likelihood normalised by the ending's length in bytes (HellaSwag reports that).
 METRICS = ("acc", "acc_norm")
@@ -37,16 +35,25 @@ def check_harness(tasks: Sequence[str], param: str = "evaluate.harness_tasks") -
     if importlib.util.find_spec("lm_eval") is None:
         raise ParamsError(f"{param}: {list(tasks)} needs lm-evaluation-harness, which is not "
                           "installed (pip install -e '.[eval]'), or set it to []")
-    unknown = [t for t in tasks if t not in _task_manager().all_tasks]
+    unknown = [t for t in tasks if t not in _task_manager_for(tasks).all_tasks]
     if unknown:
         raise ParamsError(f"{param}: unknown task(s) {unknown} (lm-eval's task names, e.g. "
                           f"hellaswag, arc_easy, lambada_openai, piqa; offline: llmpipe_cloze)")
 
 
-def _task_manager():
+@functools.cache
+def _task_manager(shipped_only: bool):
+    """The harness's task index. Indexing its own thousands of tasks takes about 10 s, skipped
+    when every task asked for ships here."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(verbosity="ERROR", include_path=str(TASKS_DIR))
+    return TaskManager(verbosity="ERROR", include_path=str(TASKS_DIR),
+                       include_defaults=not shipped_only)
+
+
+def _task_manager_for(tasks: Sequence[str]):
+    shipped = {path.stem for path in TASKS_DIR.glob("*.yaml")}  # file name = task name
+    return _task_manager(all(task in shipped for task in tasks))
 
 
 def run_harness(model, tokenizer, tasks: Sequence[str], limit: int | None, batch_size: int,
@@ -63,7 +70,7 @@ def run_harness(model, tokenizer, tasks: Sequence[str], limit: int | None, batch
     device = next(model.parameters()).device
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device),
               max_length=model.config.max_position_embeddings)
-    out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=_task_manager(),
+    out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=_task_manager_for(tasks),
                           limit=limit, log_samples=False, bootstrap_iters=1000,
                           random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                           fewshot_random_seed=seed, verbosity="ERROR")
@@ -74,60 +81,3 @@ def run_harness(model, tokenizer, tasks: Sequence[str], limit: int | None, batch
                          for name in METRICS for suffix in ("", "_stderr")
                          if f"{name}{suffix},none" in result}
     return figures
-
-
-# --- building the shipped task ---------------------------------------------------------------
-
-
-def cloze_items(documents: Sequence[str], count: int, seed: int, ending_words: int = 4,
-                context_words: int = 40) -> list[dict]:
-    """Multiple-choice cloze items from held-out documents: a sentence's last `ending_words`
-    words against the endings of three other sentences, the context the words before it."""
-    rng = random.Random(seed)
-    sentences = []  # (document index, words before the ending, ending)
-    for index, doc in enumerate(documents):
-        words = doc.split()
-        start = 0
-        for end, word in enumerate(words, 1):
-            if word.endswith(".") and end - start >= ending_words + 6:
-                before = words[max(0, end - ending_words - context_words):end - ending_words]
-                sentences.append((index, " ".join(before), " ".join(words[end - ending_words:end])))
-                start = end
-            elif word.endswith("."):
-                start = end
-    rng.shuffle(sentences)
-    items = []
-    for doc, context, ending in sentences:
-        others = [e for d, _, e in rng.sample(sentences, 12) if d != doc and e != ending]
-        if len(set(others)) < 3:
-            continue
-        choices = [ending, *list(dict.fromkeys(others))[:3]]
-        rng.shuffle(choices)
-        items.append({"context": context, "choices": choices, "label": choices.index(ending)})
-        if len(items) == count:
-            break
-    return items
-
-
-def build_cloze(count: int = 200) -> Path:
-    """The shipped task's items from the embedded default's held-out finetune documents."""
-    from llmpipe import layout
-    from llmpipe.corpus import read_texts
-    from llmpipe.io import write_jsonl
-    from llmpipe.params import PARAMS_FILE, read_params_file
-    from llmpipe.tokenization import split_by_document
-
-    raw = read_params_file(PARAMS_FILE)
-    docs = list(read_texts(layout.raw_corpus("finetune")))
-    held_out = split_by_document(docs, raw["tokenize"]["val_fraction"], raw["seed"],
-                                 "finetune")["val"]
-    write_jsonl(CLOZE_FILE, cloze_items(held_out, count, raw["seed"]))
-    return CLOZE_FILE
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["build-cloze"])
-    parser.add_argument("--count", type=int, default=200)
-    args = parser.parse_args()
-    print(f"wrote {build_cloze(args.count)}")

@@ -1,0 +1,255 @@
+"""A task whose answers a program can check: the pipeline's branch for RL with verifiable rewards.
+
+Problems are generated from a seed: `add` (two numbers of `digits` digits, e.g. "7 5 + 4 8 =" ->
+" 1 2 3") or `reverse` (a digit string, e.g. "reverse 3 1 4 =" -> " 4 1 3"). Digits are
+written with spaces so that every tokenizer sees one token per digit. Train and test problems
+are disjoint: each possible problem falls on one side by a hash of its text, before any is
+drawn. A completion is right when its text up to the end of text (or a newline) is the answer,
+spaces aside (`exact_match`).
+
+Measured on held-out problems: teacher-forced token accuracy (the answer's tokens and the
+end-of-text token predicted from the true prefix), free-running exact match (greedy decoding,
+the model feeding itself) and pass@k (k samples at temperature 1: the share of problems with at
+least one right answer). Teacher-forced accuracy is high long before free-running answers are
+right: an error early in an answer changes every token after it (exposure bias).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import random
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmpipe.io import atomic_dir, read_jsonl, write_json, write_jsonl
+
+KINDS = ("add", "reverse")
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt: str
+    answer: str  # digits separated by spaces, with a leading space: " 1 2 3"
+
+    def as_dict(self) -> dict:
+        return {"prompt": self.prompt, "answer": self.answer}
+
+
+def _spaced(digits: str) -> str:
+    return " ".join(digits)
+
+
+def all_problems(kind: str, digits: int) -> list[Problem]:
+    if kind == "add":
+        numbers = range(10 ** (digits - 1) if digits > 1 else 0, 10 ** digits)
+        return [Problem(f"{_spaced(str(a))} + {_spaced(str(b))} =", " " + _spaced(str(a + b)))
+                for a, b in itertools.product(numbers, numbers)]
+    if kind == "reverse":
+        strings = ("".join(p) for p in itertools.product("0123456789", repeat=digits))
+        return [Problem(f"reverse {_spaced(s)} =", " " + _spaced(s[::-1])) for s in strings]
+    raise ValueError(f"unknown task kind {kind!r} (one of {', '.join(KINDS)})")
+
+
+def _is_test(problem: Problem, seed: int, test_fraction: float) -> bool:
+    digest = hashlib.sha256(f"{seed}:{problem.prompt}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64 < test_fraction
+
+
+def make_problems(kind: str, digits: int, train: int, test: int, seed: int,
+                  test_fraction: float = 0.2) -> dict[str, list[Problem]]:
+    """`train` and `test` problems, disjoint, the same for the same arguments."""
+    pool = all_problems(kind, digits)
+    sides: dict[str, list[Problem]] = {"train": [], "test": []}
+    for problem in pool:
+        sides["test" if _is_test(problem, seed, test_fraction) else "train"].append(problem)
+    rng = random.Random(seed)
+    out = {}
+    for split, count in (("train", train), ("test", test)):
+        if count > len(sides[split]):
+            raise ValueError(f"{split}: {count} problems asked, {len(sides[split])} possible "
+                             f"({kind}, {digits} digits)")
+        out[split] = rng.sample(sides[split], count)
+    return out
+
+
+def parse_answer(completion: str) -> str | None:
+    """The digits a completion answers with, or None when it is no answer (empty, or anything
+    but digits and spaces before the end of text or a newline)."""
+    line = completion.split("\n", 1)[0]
+    if not re.fullmatch(r"[ \d]*\d[ \d]*", line):
+        return None
+    return line.replace(" ", "")
+
+
+def exact_match(completion: str, answer: str) -> bool:
+    return parse_answer(completion) == answer.replace(" ", "")
+
+
+def exact_match_reward(prompts, completions, answer, **kwargs) -> list[float]:
+    """The checker as a reward function (TRL's signature; `answer` is the dataset's column):
+    1 for the exact answer, else 0."""
+    return [float(exact_match(c, a)) for c, a in zip(completions, answer, strict=True)]
+
+
+# --- measuring a model on problems -----------------------------------------------------------
+
+
+def _encode(tokenizer, problems: Sequence[Problem]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids + end of text) per problem."""
+    return [(tokenizer(p.prompt, add_special_tokens=False).input_ids,
+             tokenizer(p.answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id])
+            for p in problems]
+
+
+@torch.no_grad()
+def teacher_forced_accuracy(model, tokenizer, problems: Sequence[Problem]
+                            ) -> tuple[float, float]:
+    """(the share of answer tokens, end of text included, that are the model's top prediction
+    given the true prefix; the share of answers with every token so). The second equals greedy
+    decoding's exact match by construction: greedy decoding follows the top prediction."""
+    model.eval()
+    device = next(model.parameters()).device
+    right = total = whole = 0
+    for prompt, answer in _encode(tokenizer, problems):
+        ids = torch.tensor([prompt + answer], device=device)
+        correct = model(ids).logits[0, len(prompt) - 1:-1].argmax(-1) == ids[0, len(prompt):]
+        right += correct.sum().item()
+        total += len(answer)
+        whole += bool(correct.all())
+    return right / total, whole / len(problems)
+
+
+@torch.no_grad()
+def completions(model, tokenizer, problems: Sequence[Problem], n: int, temperature: float,
+                max_new_tokens: int, seed: int) -> list[list[str]]:
+    """`n` completions per problem: greedy when temperature is 0, else sampled."""
+    from llmpipe.sampling import Sampling, sample_completions
+
+    groups = sample_completions(model, tokenizer, [p.prompt for p in problems],
+                                Sampling(n, max_new_tokens, temperature, seed))
+    return [[c.text for c in group] for group in groups]
+
+
+def answer_tokens(tokenizer, problems: Sequence[Problem]) -> int:
+    """Room for the longest answer and its end of text, plus one token."""
+    return max(len(answer) for _, answer in _encode(tokenizer, problems)) + 1
+
+
+def task_report(model, tokenizer, problems: Sequence[Problem], k: int, seed: int) -> dict:
+    """Teacher-forced token accuracy, free-running exact match (greedy), pass@1 and pass@k
+    (k samples at temperature 1), and a few greedy answers to read."""
+    room = answer_tokens(tokenizer, problems)
+    greedy = [g[0] for g in completions(model, tokenizer, problems, 1, 0.0, room, seed)]
+    sampled = completions(model, tokenizer, problems, k, 1.0, room, seed)
+    right = [[exact_match(c, p.answer) for c in group] for group, p in zip(sampled, problems,
+                                                                            strict=True)]
+    token_accuracy, sequence_accuracy = teacher_forced_accuracy(model, tokenizer, problems)
+    return {
+        "teacher_forced_token_accuracy": token_accuracy,
+        "teacher_forced_sequence_accuracy": sequence_accuracy,
+        "exact_match": sum(exact_match(c, p.answer) for c, p in zip(greedy, problems,
+                                                                    strict=True)) / len(problems),
+        "pass_at_1": sum(sum(r) for r in right) / (k * len(problems)),
+        f"pass_at_{k}": sum(any(r) for r in right) / len(problems),
+        "malformed_share": sum(parse_answer(c) is None for c in greedy) / len(problems),
+        "samples": [{"prompt": p.prompt, "answer": p.answer, "completion": c}
+                    for p, c in zip(problems[:4], greedy[:4], strict=True)],
+    }
+
+
+def chance_exact_match(kind: str, digits: int) -> float:
+    """A uniform guess among the possible answers: the floor beside exact match."""
+    if kind == "reverse":
+        return 1 / 10 ** digits
+    smallest = 10 ** (digits - 1) if digits > 1 else 0
+    return 1 / (2 * (10 ** digits - 1) - 2 * smallest + 1)  # the possible sums
+
+
+# --- the branch's files and training -----------------------------------------------------------
+
+REPORT_FILE = "task_report.json"  # beside a task model: its test figures (the RL stages' before)
+
+
+def write_problems(directory: Path, problems: dict[str, list[Problem]], kind: str,
+                   digits: int) -> None:
+    with atomic_dir(directory) as tmp:
+        for split, rows in problems.items():
+            write_jsonl(tmp / f"{split}.jsonl", (p.as_dict() for p in rows))
+        write_json(tmp / "task.json", {"kind": kind, "digits": digits})
+
+
+def read_problems(directory: Path) -> dict[str, list[Problem]]:
+    return {split: [Problem(**row) for row in read_jsonl(directory / f"{split}.jsonl")]
+            for split in ("train", "test")}
+
+
+def run_sft(p, problems: Sequence[Problem], seed: int, live_dir: Path):
+    """TRL's SFTTrainer on prompt -> answer pairs (the loss on the answer and its end of text
+    only), from `p.base`; returns (model, wall seconds)."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from llmpipe.loading import load_causal_lm
+    from llmpipe.runtime import runtime_args
+    from llmpipe.tracking import TrainerCurves
+
+    started = time.perf_counter()
+    model, tokenizer = load_causal_lm(p.base)
+    work_dir = tempfile.mkdtemp(prefix="llmpipe-task-sft-")
+    args = SFTConfig(output_dir=work_dir, max_steps=p.max_steps,
+                     per_device_train_batch_size=p.batch_size, learning_rate=p.learning_rate,
+                     warmup_steps=p.warmup_steps, lr_scheduler_type="cosine", weight_decay=0.0,
+                     completion_only_loss=True, packing=False, gradient_checkpointing=False,
+                     logging_steps=10, save_strategy="no", **runtime_args(seed))
+    dataset = Dataset.from_list([{"prompt": q.prompt, "completion": q.answer} for q in problems])
+    try:
+        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset,
+                             processing_class=tokenizer, callbacks=[TrainerCurves(live_dir)])
+        trainer.train()
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return trainer.model.eval(), time.perf_counter() - started
+
+
+def save_task_model(directory: Path, model, tokenizer, report: dict) -> None:
+    with atomic_dir(directory) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / REPORT_FILE, report)
+
+
+def read_task_report(directory: Path) -> dict:
+    import json
+
+    return json.loads((directory / REPORT_FILE).read_text())
+
+
+def finish_task_rl(stage: str, directory: Path, policy, tokenizer,
+                   problems: dict[str, list[Problem]], before: dict, steps: int, p, seed: int,
+                   wall_s: float) -> None:
+    """An RL stage of the task branch: measure the policy on the test problems, save it, write
+    the before/after metrics and say what changed."""
+    from llmpipe.io import write_metrics
+
+    pass_k = next(key for key in before if key.startswith("pass_at_") and key != "pass_at_1")
+    k = int(pass_k.removeprefix("pass_at_"))
+    after = task_report(policy, tokenizer, problems["test"], k, seed)
+    save_task_model(directory, policy, tokenizer, after)
+    figures = [key for key in after if key != "samples"]
+    metrics = {**{f"before_{key}": before[key] for key in figures},
+               **{f"after_{key}": after[key] for key in figures},
+               "exact_match_gain": after["exact_match"] - before["exact_match"],
+               "steps": steps,
+               "completions_sampled": steps * p.prompts_per_step * p.num_generations,
+               "perf": {"wall_s": wall_s}}
+    write_metrics(stage, metrics)
+    print(f"test exact match {before['exact_match']:.3f} -> {after['exact_match']:.3f}, "
+          f"{pass_k} {before[pass_k]:.3f} -> {after[pass_k]:.3f} -> {directory}")
