@@ -269,8 +269,9 @@ def test_bad_input_is_a_clear_4xx_and_the_server_goes_on(server, path, body, sta
 
 
 def test_max_tokens_beyond_the_context_is_cut_to_what_fits(client):
-    out = client.completions.create(model="finetune", prompt=[1 + i % 300 for i in range(CONTEXT - 3)],
-                                    max_tokens=100, temperature=0)
+    prompt = [1 + i % 300 for i in range(CONTEXT - 3)]  # token ids
+    out = client.completions.create(model="finetune", prompt=prompt, max_tokens=100,
+                                    temperature=0)
     assert out.usage.prompt_tokens + out.usage.completion_tokens <= CONTEXT
     assert out.choices[0].finish_reason == "length"  # greedy: no end-of-text in 3 tokens
 

@@ -277,6 +277,7 @@ class Job:
     n: int
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
+    arrived: float = field(default_factory=time.perf_counter)
 
     def generate_kwargs(self) -> dict:
         """model.generate's arguments besides the prompt (the module docstring's equivalence)."""
@@ -381,6 +382,11 @@ class StopText:
     def flush(self) -> str:
         text, self.held = self.held, ""
         return "" if self.stopped else text
+
+
+@dataclass(frozen=True)
+class Started:
+    """The request's turn has come: generation begins."""
 
 
 @dataclass(frozen=True)
@@ -566,12 +572,13 @@ class Engine:
         ids = served.tokenizer(text, add_special_tokens=False).input_ids
         return self.job(request, ids, served, default_max_tokens=None)  # to the context
 
-    async def run(self, job: Job, turn: Turn) -> AsyncIterator[Delta | Finished]:
+    async def run(self, job: Job, turn: Turn) -> AsyncIterator[Started | Delta | Finished]:
         """Waits for the turn, then generates; the turn is released however this ends."""
         run = Run(job, turn)
         try:
             await turn.wait()
             self.started.append(job.id)
+            yield Started()
             async for event in run.events():
                 yield event
         finally:
@@ -616,18 +623,27 @@ def response_head(job: Job, chat: bool, chunk: bool) -> dict:
             "created": job.created, "model": job.model.name}
 
 
+def timing(job: Job, started: float) -> dict:
+    """Beyond OpenAI's fields (clients ignore them): the seconds a request waited for the
+    worker and the seconds it generated, so that tokens/s is the server's, not the network's."""
+    return {"queued_s": round(started - job.arrived, 4),
+            "generation_s": round(time.perf_counter() - started, 4)}
+
+
 async def whole_response(engine: Engine, job: Job, turn: Turn, chat: bool) -> dict:
     texts, reasons = [""] * job.n, [None] * job.n
-    tokens = 0
+    tokens, started = 0, 0.0
     async for event in engine.run(job, turn):
-        if isinstance(event, Delta):
+        if isinstance(event, Started):
+            started = time.perf_counter()
+        elif isinstance(event, Delta):
             texts[event.index] += event.text
-        else:
+        elif isinstance(event, Finished):
             reasons[event.index] = event.reason
             tokens += event.completion_tokens
     return {**response_head(job, chat, chunk=False),
             "choices": [completion_choice(i, texts[i], reasons[i], chat) for i in range(job.n)],
-            "usage": usage(job, tokens)}
+            "usage": usage(job, tokens), "timing": timing(job, started)}
 
 
 async def event_stream(engine: Engine, job: Job, turn: Turn, chat: bool,
@@ -640,23 +656,22 @@ async def event_stream(engine: Engine, job: Job, turn: Turn, chat: bool,
     def chunk(choices: list[dict], **more) -> dict:
         return {"data": json.dumps({**head, "choices": choices, **more})}
 
-    tokens = 0
-    started = False
+    tokens, started = 0, 0.0
     try:
         async for event in engine.run(job, turn):
-            if not started:
-                started = True
+            if isinstance(event, Started):
+                started = time.perf_counter()
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                               "logprobs": None, "finish_reason": None} if chat
                              else completion_choice(i, "", None, chat=False)
                              for i in range(job.n)])
-            if isinstance(event, Delta):
+            elif isinstance(event, Delta):
                 yield chunk([completion_choice(event.index, event.text, None, chat, True)])
             else:
                 tokens += event.completion_tokens
                 yield chunk([completion_choice(event.index, "", event.reason, chat, True)])
         if include_usage:
-            yield chunk([], usage=usage(job, tokens))
+            yield chunk([], usage=usage(job, tokens), timing=timing(job, started))
     except ApiError as e:  # the status line is sent: the error goes in the stream
         yield {"data": json.dumps(error_body(e))}
     yield {"data": "[DONE]"}
