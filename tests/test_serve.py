@@ -336,6 +336,30 @@ def test_requests_wait_in_order_of_arrival_and_a_full_queue_is_429(server):
     assert server.call(lambda: engine.queue.waiting) == 0
 
 
+def test_a_client_gone_while_waiting_gives_back_its_place(server):
+    engine = server.engine
+
+    async def hold():
+        turn = engine.enter()
+        await turn.wait()
+        return turn
+
+    turn = server.call(hold)
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        body = {"model": "finetune", "prompt": PROMPT, "max_tokens": 2, "stream": True}
+        with http.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200  # the stream has begun; its generation waits
+            assert server.call(lambda: engine.queue.waiting) == 1
+        deadline = time.monotonic() + 10
+        while server.call(lambda: engine.queue.waiting):
+            assert time.monotonic() < deadline, "the gone client still holds its place"
+            time.sleep(0.02)
+        server.call(turn.close)
+        ok = http.post("/v1/completions", json={"model": "finetune", "prompt": "x",
+                                                "max_tokens": 2})
+        assert ok.status_code == 200
+
+
 def test_scores_come_from_the_reward_model_and_the_gold_scorer(server):
     with httpx.Client(base_url=server.url, timeout=30) as http:
         assert http.get("/llmpipe/scorers").json() == {"reward_model": True, "gold": "vader"}
@@ -371,6 +395,16 @@ def browser_path() -> str:
         pytest.fail("no Chromium on PATH: the browser test must run in CI (.ci/run installs "
                     "Debian's chromium)")
     pytest.skip("no Chromium on PATH (apt-get install -y chromium)")
+
+
+def test_without_a_browser_ci_fails_and_a_laptop_skips(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="no Chromium on PATH"):
+        browser_path()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="apt-get install -y chromium"):
+        browser_path()
 
 
 def test_the_page_streams_two_models_side_by_side(server, tmp_path):

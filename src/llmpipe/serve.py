@@ -17,10 +17,12 @@ missing field is a 400 naming the field without code of ours; uvicorn and sse-st
 knows the pipeline's model list, its int8 model (`llmpipe.quantization`), its LoRA adapter on
 its base, its reward model and gold scorer, or runs GPT-2 from the pipeline on a laptop CPU.
 
-Generation is transformers' `model.generate` in a worker thread with a `TextIteratorStreamer`,
-not a decoding loop of ours. One generation runs at a time per process (two would share the same
-cores and each go slower), in order of arrival: `GenerationQueue` is an asyncio.Lock (FIFO)
-with at most `max_waiting` requests waiting; one more is answered 429 at once.
+Generation is transformers' `model.generate` in a worker thread, streamed through its
+`AsyncTextIteratorStreamer` (the asyncio form of `TextIteratorStreamer`), not a decoding loop of
+ours. One generation runs at a time per process (two would share the same cores and each go
+slower), in order of arrival: `GenerationQueue` is an asyncio.Lock (FIFO) with at most
+`max_waiting` requests waiting; one more is answered 429 at once. Scoring for the page takes
+the same queue.
 
 Seeds: a request with `seed` s, prompt ids p (the tokenizer's encoding of the prompt, or of the
 chat template applied to the messages) and `n` 1 gives the tokens of
@@ -29,8 +31,11 @@ chat template applied to the messages) and `n` 1 gives the tokens of
     model.generate(p, do_sample=True, temperature=t, top_p=top_p, top_k=top_k, max_new_tokens=m)
 
 (temperature 0: `do_sample=False`, greedy; `top_k` 0 is no cut), the model's own generation
-config applying to both; `stop` cuts the text, not the draw. With `n` > 1 the choices are
-drawn one after another after that one `torch.manual_seed(s)`, so choice i is the (i+1)-th of n
+config applying to both. The text is `tokenizer.decode(new_ids, skip_special_tokens=True)`,
+streamed or not (tests/test_serve.py checks both through the openai client). `stop` ends the
+draw at the token that completes a stop string (transformers' `stop_strings`) and cuts the
+text before it; the tokens drawn until then are the same. With `n` > 1 the choices are drawn
+one after another after that one `torch.manual_seed(s)`, so choice i is the (i+1)-th of n
 successive `generate` calls, and choice 0 is the call above. Equal on one device and machine:
 another CPU or a GPU may draw other tokens from the same seed. Without a seed, the process's
 random stream goes on.
@@ -63,16 +68,16 @@ from typing import Annotated, Any, Literal
 import anyio
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import AsyncTextIteratorStreamer, StoppingCriteria, StoppingCriteriaList
 
 from llmpipe import layout
 from llmpipe.errors import DataError, LlmpipeError
 from llmpipe.loading import load_causal_lm, load_reward_model, load_tokenizer
+from llmpipe.lora import ADAPTER_CONFIG
 from llmpipe.preferences import GOLD_FILE, read_gold_spec
 from llmpipe.quantization import RECIPE_FILE, load_for_inference
 from llmpipe.rlhf import score_texts
 
-ADAPTER_CONFIG = "adapter_config.json"  # peft's file (llmpipe.lora writes it)
 # Where the model of MODEL_OUTPUTS is missing but another form of it is there: a clone that
 # pulled only the LoRA adapter still serves `lora`, on its base.
 FALLBACKS = {"lora": layout.LORA_ADAPTER}
@@ -414,7 +419,9 @@ class Record:
 
 
 class Run:
-    """One job's generation threads, run one choice after another."""
+    """One job's generations, one choice after another, in a worker thread: streamed, each
+    piece of text as it comes; whole, the text decoded once at the end (no streamer and no
+    wake-up of the event loop per token: that path is as fast as `generate` itself)."""
 
     def __init__(self, job: Job, turn: Turn):
         self.job, self.turn = job, turn
@@ -436,54 +443,70 @@ class Run:
                 await anyio.to_thread.run_sync(self.thread.join)
         self.turn.close()
 
-    def _start(self, index: int, streamer, result: dict) -> None:
-        job = self.job
-        model = job.model
+    def _generate(self, index: int, streamer=None) -> list[int]:
+        """Choice `index`'s new token ids (the end-of-text included); runs in a worker thread."""
+        job, model = self.job, self.job.model
         ids = torch.tensor([job.prompt_ids], device=model.device)
+        if index == 0 and job.seed is not None:  # safe: one generation at a time
+            torch.manual_seed(job.seed)
+        with torch.no_grad():
+            out = model.model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                stopping_criteria=StoppingCriteriaList([Cancelled(self.cancel)]),
+                **job.generate_kwargs())
+        return out[0, ids.shape[1]:].tolist()
+
+    def _finished(self, index: int, ids: list[int], stopped: bool) -> Finished:
+        self.completion_tokens += len(ids)
+        eos = self.job.model.tokenizer.eos_token_id
+        ended = stopped or (eos is not None and eos in ids)
+        return Finished(index, "stop" if ended or len(ids) < self.job.max_new_tokens
+                        else "length", len(ids))
+
+    async def events(self, stream: bool) -> AsyncIterator[Delta | Finished]:
+        for index in range(self.job.n):
+            stop = StopText(self.job.stop)
+            if stream:
+                async for event in self._streamed(index, stop):
+                    yield event
+                continue
+            try:  # anyio waits for the thread even if this task is cancelled
+                ids = await anyio.to_thread.run_sync(self._generate, index)
+            except Exception as e:  # reported to the client; the server goes on
+                raise ApiError(500, f"generation failed: {e}", kind="server_error") from e
+            text = self.job.model.tokenizer.decode(ids, skip_special_tokens=True)
+            yield Delta(index, stop.feed(text) + stop.flush())
+            yield self._finished(index, ids, stop.stopped)
+        self.completed = True
+
+    async def _streamed(self, index: int, stop: StopText) -> AsyncIterator[Delta | Finished]:
+        # transformers' streamer hands its text to this event loop through an asyncio queue.
+        streamer = AsyncTextIteratorStreamer(self.job.model.tokenizer, skip_prompt=True,
+                                             skip_special_tokens=True)
+        result: dict = {}
 
         def generate():
             try:
-                if index == 0 and job.seed is not None:  # safe: one generation at a time
-                    torch.manual_seed(job.seed)
-                with torch.no_grad():
-                    out = model.model.generate(
-                        input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                        stopping_criteria=StoppingCriteriaList([Cancelled(self.cancel)]),
-                        **job.generate_kwargs())
-                result["ids"] = out[0, ids.shape[1]:].tolist()
-            except Exception as e:  # reported to the client; the server goes on
+                result["ids"] = self._generate(index, streamer)
+            except Exception as e:
                 result["error"] = e
                 streamer.end()  # the consumer waits for the end of the stream
 
-        self.thread = threading.Thread(target=generate, name=f"generate-{job.id}", daemon=True)
+        self.thread = threading.Thread(target=generate, name=f"generate-{self.job.id}",
+                                       daemon=True)
         self.thread.start()
-
-    async def events(self) -> AsyncIterator[Delta | Finished]:
-        job = self.job
-        for index in range(job.n):
-            streamer = TextIteratorStreamer(job.model.tokenizer, skip_prompt=True,
-                                            skip_special_tokens=True)
-            result: dict = {}
-            stop = StopText(job.stop)
-            self._start(index, streamer, result)
-            while (piece := await anyio.to_thread.run_sync(next, streamer, None)) is not None:
-                if text := stop.feed(piece):
-                    yield Delta(index, text)
-                if stop.stopped:  # the stop string is in: no need for more tokens
-                    self.cancel.set()
-            await anyio.to_thread.run_sync(self.thread.join)
-            self.cancel.clear()
-            if "error" in result:
-                raise ApiError(500, f"generation failed: {result['error']}", kind="server_error")
-            if text := stop.flush():
+        async for piece in streamer:
+            if text := stop.feed(piece):
                 yield Delta(index, text)
-            ids = result["ids"]
-            self.completion_tokens += len(ids)
-            eos = job.model.tokenizer.eos_token_id
-            ended = stop.stopped or (eos is not None and eos in ids)
-            yield Finished(index, "stop" if ended or len(ids) < job.max_new_tokens else "length",
-                           len(ids))
-        self.completed = True
+            if stop.stopped:  # the stop string is in: no need for more tokens
+                self.cancel.set()
+        await anyio.to_thread.run_sync(self.thread.join)
+        self.cancel.clear()
+        if "error" in result:
+            raise ApiError(500, f"generation failed: {result['error']}", kind="server_error")
+        if text := stop.flush():
+            yield Delta(index, text)
+        yield self._finished(index, result["ids"], stop.stopped)
 
 
 class Engine:
@@ -495,18 +518,13 @@ class Engine:
             raise DataError("no models to serve: run `dvc repro` (or its stages up to "
                             "pretrain), or give --model name=directory")
         self.models, self.scorers, self.limits = models, scorers or Scorers(), limits
-        self.queue: GenerationQueue | None = None  # made in the server's event loop
+        self.queue = GenerationQueue(limits.max_waiting)
         self.records: deque[Record] = deque(maxlen=1000)
         self.started: deque[str] = deque(maxlen=1000)  # job ids in the order they ran
 
-    def _queue(self) -> GenerationQueue:
-        if self.queue is None:
-            self.queue = GenerationQueue(self.limits.max_waiting)
-        return self.queue
-
     def enter(self) -> Turn:
         try:
-            return self._queue().enter()
+            return self.queue.enter()
         except Busy:
             raise ApiError(429, f"server busy: {self.queue.waiting} requests are waiting "
                                 f"(at most {self.queue.max_waiting}); retry later",
@@ -572,14 +590,15 @@ class Engine:
         ids = served.tokenizer(text, add_special_tokens=False).input_ids
         return self.job(request, ids, served, default_max_tokens=None)  # to the context
 
-    async def run(self, job: Job, turn: Turn) -> AsyncIterator[Started | Delta | Finished]:
+    async def run(self, job: Job, turn: Turn, stream: bool
+                  ) -> AsyncIterator[Started | Delta | Finished]:
         """Waits for the turn, then generates; the turn is released however this ends."""
         run = Run(job, turn)
         try:
             await turn.wait()
             self.started.append(job.id)
             yield Started()
-            async for event in run.events():
+            async for event in run.events(stream):
                 yield event
         finally:
             with anyio.CancelScope(shield=True):
@@ -633,7 +652,7 @@ def timing(job: Job, started: float) -> dict:
 async def whole_response(engine: Engine, job: Job, turn: Turn, chat: bool) -> dict:
     texts, reasons = [""] * job.n, [None] * job.n
     tokens, started = 0, 0.0
-    async for event in engine.run(job, turn):
+    async for event in engine.run(job, turn, stream=False):
         if isinstance(event, Started):
             started = time.perf_counter()
         elif isinstance(event, Delta):
@@ -658,7 +677,7 @@ async def event_stream(engine: Engine, job: Job, turn: Turn, chat: bool,
 
     tokens, started = 0, 0.0
     try:
-        async for event in engine.run(job, turn):
+        async for event in engine.run(job, turn, stream=True):
             if isinstance(event, Started):
                 started = time.perf_counter()
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
