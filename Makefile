@@ -10,7 +10,7 @@ MACHINE_PATH := $(PATH)
 # DVC runs each stage's cmd (`python -m stages.x`) with this PATH: the venv's python first.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup pipeline test lint bench compare push pull gpu-smoke smoke-wheels
+.PHONY: setup pipeline test lint bench serve compare push pull gpu-smoke smoke-wheels
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,12 @@ lint: setup
 bench: setup
 	python bench/tokenize_throughput.py
 	python bench/train_step.py
+
+# Every model the pipeline made over the OpenAI API, and the page that compares them
+# (README, "Talk to the models"): http://127.0.0.1:8000/. E.g. SERVE_ARGS="--port 8001".
+SERVE_ARGS ?=
+serve: setup
+	python -m llmpipe.serve $(SERVE_ARGS)
 
 # The DVC remote (.dvc/config: a folder beside the repository unless switched, README) with the
 # run-cache and the outputs its runs name, so that another clone restores, with

@@ -166,3 +166,31 @@ def toy_pairs(seed: int, n: int) -> list[dict]:
         filler = " " + " ".join(rng.choice(TOY_WORDS) for _ in range(rng.randint(1, 5)))
         pairs.append({"prompt": prompt, "chosen": filler + " yes", "rejected": filler + " no"})
     return pairs
+
+
+# A chat template in the style of ChatML, for a micro model that speaks /v1/chat/completions.
+MICRO_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n"
+                       "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def save_micro_model(directory: Path, seed: int = 0, n_positions: int = 512,
+                     chat_template: str | None = None):
+    """A random-init GPT-2 (2 x 32) with a byte-level BPE trained on SAMPLE_DOCS, saved as a
+    Hugging Face model directory (safetensors): seconds, no pipeline run. Returns the model."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from llmpipe.tokenization import train_bpe
+
+    tokenizer = train_bpe(SAMPLE_DOCS, vocab_size=400, min_frequency=1)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    eot = tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=32,
+                        n_layer=2, n_head=2, bos_token_id=eot, eos_token_id=eot,
+                        pad_token_id=eot)
+    model = GPT2LMHeadModel(config).eval()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return model

@@ -1,0 +1,445 @@
+"""llmpipe.serve: the OpenAI API through the official client, the limits, the queue, and the
+comparison page in a real browser, on micro models (random-init GPT-2 with a BPE trained on
+SAMPLE_DOCS) laid out as the pipeline lays its models out."""
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from conftest import MICRO_CHAT_TEMPLATE, save_micro_model
+from llmpipe import layout
+from llmpipe.serve import (
+    Limits,
+    StopText,
+    build_engine,
+    create_app,
+    main,
+    pipeline_models,
+)
+
+torch.set_num_threads(1)  # two cores, shared: one thread for the server, none for the rest
+CONTEXT = 512
+LIMITS = Limits(max_tokens_cap=600, max_n=4, max_waiting=3)
+PROMPT = "Return the sum of"
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """Every model output of the pipeline (the LoRA adapter without its merged model), a reward
+    model and the preferences' gold.json, as micro models."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, GPT2ForSequenceClassification
+
+    from llmpipe.lora import save_adapter
+    from llmpipe.quantization import quantize, save_quantized
+    from llmpipe.tokenization import load_pretrained
+
+    root = tmp_path_factory.mktemp("pipeline")
+    for seed, name in enumerate(("pretrain", "finetune", "grpo")):
+        save_micro_model(root / layout.MODEL_OUTPUTS[name], seed=seed, n_positions=CONTEXT)
+    base_dir = root / layout.PRETRAIN_MODEL
+    tokenizer = load_pretrained(str(base_dir))
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                          LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True,
+                                     init_lora_weights=False, task_type="CAUSAL_LM"))
+    save_adapter(lora, root / layout.LORA_ADAPTER)
+    config_file = root / layout.LORA_ADAPTER / "adapter_config.json"
+    config = json.loads(config_file.read_text())  # the base as the lora stage records it
+    config_file.write_text(json.dumps({**config,
+                                       "base_model_name_or_path": str(layout.PRETRAIN_MODEL)}))
+    finetuned = AutoModelForCausalLM.from_pretrained(root / layout.FINETUNE_MODEL)
+    save_quantized(quantize(finetuned, "dynamic_int8"), root / layout.QUANTIZED_MODEL, tokenizer)
+    reward = GPT2ForSequenceClassification(finetuned.config.__class__(
+        **{**finetuned.config.to_dict(), "num_labels": 1}))
+    reward.save_pretrained(root / layout.REWARD_MODEL)
+    tokenizer.save_pretrained(root / layout.REWARD_MODEL)
+    (root / layout.PREFERENCES).mkdir(parents=True)
+    (root / layout.PREFERENCES / "gold.json").write_text('{"scorer": "vader", "label": null}')
+    save_micro_model(root / "chat", seed=3, n_positions=CONTEXT,
+                     chat_template=MICRO_CHAT_TEMPLATE)
+    return root
+
+
+class LiveServer:
+    """uvicorn on a free port in a thread of this process, on an event loop the tests can
+    reach (to hold the generation queue)."""
+
+    def __init__(self, engine):
+        import uvicorn
+
+        self.engine = engine
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1",
+                                                    port=self.port, log_level="warning"))
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_until_complete,
+                                       args=(self.server.serve(),), daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+
+    def call(self, fn):
+        """Run fn() on the server's loop (what touches the queue must)."""
+        async def run():
+            result = fn()
+            return await result if asyncio.iscoroutine(result) else result
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout=30)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        pending = asyncio.all_tasks(self.loop)  # sse-starlette's shutdown watcher
+        for task in pending:
+            task.cancel()
+        self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def server(root):
+    engine = build_engine(root, {"chat": root / "chat"}, limits=LIMITS)
+    live = LiveServer(engine)
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def reference_generate(model_dir: Path, prompt_ids: list[int], seed: int, calls: int = 1,
+                       **kwargs) -> list[list[int]]:
+    """What the module docstring promises a seeded request equals: torch.manual_seed(seed), then
+    `calls` successive model.generate calls; the new token ids of each."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = torch.tensor([prompt_ids])
+    torch.manual_seed(seed)
+    return [model.generate(ids, pad_token_id=model.config.eos_token_id, **kwargs)[0,
+                                                                                   ids.shape[1]:]
+            .tolist() for _ in range(calls)]
+
+
+def test_models_lists_every_pipeline_model_and_the_extra_one(client, root):
+    names = [m.id for m in client.models.list().data]
+    # layout.MODEL_OUTPUTS's order, the LoRA adapter standing in for the missing merged model
+    assert names == [*layout.MODEL_OUTPUTS, "chat"]
+    assert pipeline_models(root)["lora"] == root / layout.LORA_ADAPTER
+    for name in names:  # each form loads and generates: HF, int8, adapter on its base
+        out = client.completions.create(model=name, prompt=PROMPT, max_tokens=3, seed=0)
+        assert out.model == name and out.usage.completion_tokens >= 1
+
+
+SAMPLING = {"temperature": 0.9, "top_p": 0.95}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_seeded_completion_is_model_generate_after_manual_seed(client, root, stream):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(root / layout.FINETUNE_MODEL)
+    prompt_ids = tokenizer(PROMPT).input_ids
+    expected = reference_generate(root / layout.FINETUNE_MODEL, prompt_ids, seed=7, calls=2,
+                                  do_sample=True, top_k=50, max_new_tokens=24, **SAMPLING)
+    request = dict(model="finetune", prompt=PROMPT, max_tokens=24, seed=7, n=2,
+                   extra_body={"top_k": 50}, **SAMPLING)
+    if stream:
+        texts, usage = ["", ""], None
+        for chunk in client.completions.create(stream=True,
+                                               stream_options={"include_usage": True},
+                                               **request):
+            for choice in chunk.choices:
+                texts[choice.index] += choice.text
+            usage = chunk.usage or usage
+    else:
+        out = client.completions.create(**request)
+        texts, usage = [c.text for c in out.choices], out.usage
+    assert texts == [tokenizer.decode(ids, skip_special_tokens=True) for ids in expected]
+    assert usage.completion_tokens == sum(len(ids) for ids in expected)
+    assert usage.prompt_tokens == len(prompt_ids)
+    other = client.completions.create(**{**request, "seed": 8, "n": 1})
+    assert other.choices[0].text != texts[0]  # the seed decides
+
+
+def test_stop_strings_cut_the_text_streamed_or_not(client, root):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(root / layout.GRPO_MODEL)
+    [ids] = reference_generate(root / layout.GRPO_MODEL, tokenizer(PROMPT).input_ids, seed=3,
+                               do_sample=False, max_new_tokens=30)
+    full = tokenizer.decode(ids, skip_special_tokens=True)
+    stop = full[12:15]
+    request = dict(model="grpo", prompt=PROMPT, max_tokens=30, temperature=0, stop=[stop, "@@"])
+    out = client.completions.create(**request)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True,
+                                                                             **request))
+    assert out.choices[0].text == streamed == full[:full.index(stop)]
+    assert out.choices[0].finish_reason == "stop"
+    assert client.completions.create(**{**request, "stop": None}).choices[0].text == full
+
+
+def test_chat_applies_the_template_and_a_model_without_one_is_a_400(client, root):
+    from openai import BadRequestError
+    from transformers import AutoTokenizer
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    tokenizer = AutoTokenizer.from_pretrained(root / "chat")
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    [ids] = reference_generate(root / "chat", tokenizer(text, add_special_tokens=False).input_ids,
+                               seed=5, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                               max_new_tokens=12)
+    out = client.chat.completions.create(model="chat", messages=messages, seed=5, max_tokens=12)
+    assert out.choices[0].message.content == tokenizer.decode(ids, skip_special_tokens=True)
+    assert out.object == "chat.completion" and out.choices[0].message.role == "assistant"
+    chunks = list(client.chat.completions.create(model="chat", messages=messages, seed=5,
+                                                 max_tokens=12, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == \
+        out.choices[0].message.content
+    with pytest.raises(BadRequestError, match="'finetune' has no chat template"):
+        client.chat.completions.create(model="finetune", messages=messages)
+
+
+LONG = list(range(1, 400)) * 2  # token ids: 798 > CONTEXT
+BAD_REQUESTS = [
+    ("/v1/completions", {"model": "nope", "prompt": "x"}, 404,
+     "model: 'nope' is not served here (models: pretrain, finetune, lora, quantized, grpo, chat)"),
+    ("/v1/completions", b'{"model": "finetune", "prompt": ', 400, "request body: not valid JSON"),
+    ("/v1/completions", b"[1, 2]", 400, "request body: expected a JSON object"),
+    ("/v1/completions", {"prompt": "x"}, 400, "model: missing (required)"),
+    ("/v1/completions", {"model": "finetune", "prompt": "x", "max_tokens": "ten"}, 400,
+     "max_tokens: Input should be a valid integer (got 'ten')"),
+    ("/v1/completions", {"model": "finetune", "prompt": "x", "temperature": 3}, 400,
+     "temperature: Input should be less than or equal to 2 (got 3)"),
+    ("/v1/completions", {"model": "finetune", "prompt": 5}, 400,
+     "prompt: expected a string or a list of token ids (got 5)"),
+    ("/v1/completions", {"model": "finetune", "prompt": "x", "stop": ["a"] * 5}, 400,
+     "stop: expected a string or a list of at most 4 strings"),
+    ("/v1/completions", {"model": "finetune", "prompt": "x", "stream": "yes"}, 400,
+     "stream: Input should be a valid boolean (got 'yes')"),
+    ("/v1/chat/completions", {"model": "chat", "messages": "hi"}, 400,
+     "messages: Input should be a valid list (got 'hi')"),
+    ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user"}]}, 400,
+     "messages.0.content: missing (required)"),
+    ("/v1/completions", {"model": "finetune", "prompt": LONG}, 400,
+     "prompt: 798 tokens leave no room in the context of 'finetune' (512 tokens)"),
+    ("/v1/completions", {"model": "finetune", "prompt": [5, 4000]}, 400,
+     "prompt: token id 4000 is outside the vocabulary of 'finetune' (0..399)"),
+    ("/v1/completions", {"model": "finetune", "prompt": "", "max_tokens": 2}, 400,
+     "prompt: empty"),
+    ("/v1/completions", {"model": "finetune", "prompt": "x", "max_tokens": 10**6}, 400,
+     "max_tokens: 1000000 is above this server's cap of 600 (--max-tokens-cap)"),
+    ("/v1/completions", {"model": "finetune", "prompt": "x", "n": 9}, 400,
+     "n: 9 is above this server's cap of 4 (--max-n)"),
+    ("/v1/completions", {"model": "finetune", "prompt": "x", "stop": ""}, 400,
+     "stop: an empty string would stop at once"),
+    ("/v1/nothing", {}, 404, "Not Found"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "message"), BAD_REQUESTS,
+                         ids=[m.split(":")[0] + f"-{i}" for i, (*_, m) in
+                              enumerate(BAD_REQUESTS)])
+def test_bad_input_is_a_clear_4xx_and_the_server_goes_on(server, path, body, status, message):
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        r = http.post(path, content=content, headers={"Content-Type": "application/json"})
+        assert r.status_code == status, r.text
+        assert message in r.json()["error"]["message"], r.json()
+        ok = http.post("/v1/completions", json={"model": "finetune", "prompt": "x",
+                                                "max_tokens": 2})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_max_tokens_beyond_the_context_is_cut_to_what_fits(client):
+    prompt = [1 + i % 300 for i in range(CONTEXT - 3)]  # token ids
+    out = client.completions.create(model="finetune", prompt=prompt, max_tokens=100,
+                                    temperature=0)
+    assert out.usage.prompt_tokens + out.usage.completion_tokens <= CONTEXT
+    assert out.choices[0].finish_reason == "length"  # greedy: no end-of-text in 3 tokens
+
+
+def test_a_client_gone_mid_stream_stops_its_generation(server):
+    records = len(server.engine.records)
+    body = {"model": "pretrain", "prompt": PROMPT, "max_tokens": 500, "temperature": 0,
+            "stream": True}
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        with http.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            texts = 0
+            for line in r.iter_lines():
+                texts += line.startswith("data:") and '"text": ""' not in line
+                if texts == 2:
+                    break  # leaves the block: the connection closes mid-stream
+        deadline = time.monotonic() + 10
+        while len(server.engine.records) == records:
+            assert time.monotonic() < deadline, "the generation did not end"
+            time.sleep(0.05)
+        record = server.engine.records[-1]
+        assert record.cancelled and record.completion_tokens < 500
+        ok = http.post("/v1/completions", json={"model": "pretrain", "prompt": "x",
+                                                "max_tokens": 2})
+        assert ok.status_code == 200
+
+
+def test_requests_wait_in_order_of_arrival_and_a_full_queue_is_429(server):
+    engine = server.engine
+
+    async def hold():
+        turn = engine.enter()
+        await turn.wait()
+        return turn
+
+    turn = server.call(hold)  # the worker is busy until the test lets go
+    answers: dict[int, dict] = {}
+
+    def ask(i: int) -> None:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            answers[i] = http.post("/v1/completions", json={"model": "finetune", "prompt": PROMPT,
+                                                            "max_tokens": 2}).json()
+
+    threads = []
+    for i in range(LIMITS.max_waiting):
+        threads.append(threading.Thread(target=ask, args=(i,)))
+        threads[-1].start()
+        deadline = time.monotonic() + 10
+        while server.call(lambda: engine.queue.waiting) < i + 1:  # arrived, in this order
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        busy = http.post("/v1/completions", json={"model": "finetune", "prompt": "x"})
+    assert busy.status_code == 429
+    assert busy.json()["error"]["message"] == ("server busy: 3 requests are waiting (at most 3); "
+                                               "retry later")
+    server.call(turn.close)
+    for t in threads:
+        t.join(timeout=60)
+    ids = [answers[i]["id"].removeprefix("cmpl-") for i in range(LIMITS.max_waiting)]
+    assert list(engine.started)[-LIMITS.max_waiting:] == ids
+    assert server.call(lambda: engine.queue.waiting) == 0
+
+
+def test_a_client_gone_while_waiting_gives_back_its_place(server):
+    engine = server.engine
+
+    async def hold():
+        turn = engine.enter()
+        await turn.wait()
+        return turn
+
+    turn = server.call(hold)
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        body = {"model": "finetune", "prompt": PROMPT, "max_tokens": 2, "stream": True}
+        with http.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200  # the stream has begun; its generation waits
+            assert server.call(lambda: engine.queue.waiting) == 1
+        deadline = time.monotonic() + 10
+        while server.call(lambda: engine.queue.waiting):
+            assert time.monotonic() < deadline, "the gone client still holds its place"
+            time.sleep(0.02)
+        server.call(turn.close)
+        ok = http.post("/v1/completions", json={"model": "finetune", "prompt": "x",
+                                                "max_tokens": 2})
+        assert ok.status_code == 200
+
+
+def test_scores_come_from_the_reward_model_and_the_gold_scorer(server):
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        assert http.get("/llmpipe/scorers").json() == {"reward_model": True, "gold": "vader"}
+        scores = http.post("/llmpipe/score", json={"prompt": "It is", "completion": " great"})
+    assert isinstance(scores.json()["reward_model"], float)
+    assert scores.json()["gold"] > 0.5  # VADER: "great" is positive
+
+
+def test_stop_text_holds_back_what_may_begin_a_stop_string():
+    stop = StopText(["END", "\n\n"])
+    assert [stop.feed(p) for p in ["abc E", "N", "x\n", "\nmore"]] == ["abc ", "", "ENx", ""]
+    assert stop.stopped and stop.flush() == ""
+    open_ended = StopText(["END"])
+    assert open_ended.feed("abcEN") == "abc" and open_ended.flush() == "EN"
+
+
+def test_the_command_says_what_is_wrong_in_one_line(capsys, tmp_path):
+    for argv, message in ((["--model", "nodir"], "--model: 'nodir' is not name=directory"),
+                          (["--no-pipeline"], "no models to serve"),
+                          (["--root", str(tmp_path), "--model", f"x={tmp_path / 'none'}"],
+                           f"model 'x': no directory {tmp_path / 'none'}")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+def browser_path() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    if os.environ.get("CI") == "true":
+        pytest.fail("no Chromium on PATH: the browser test must run in CI (.ci/run installs "
+                    "Debian's chromium)")
+    pytest.skip("no Chromium on PATH (apt-get install -y chromium)")
+
+
+def test_without_a_browser_ci_fails_and_a_laptop_skips(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="no Chromium on PATH"):
+        browser_path()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="apt-get install -y chromium"):
+        browser_path()
+
+
+def test_the_page_streams_two_models_side_by_side(server, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    executable = browser_path()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, headless=True,
+                                    args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(server.url)
+        expect(page.locator("#server")).to_contain_text("6 models")
+        for box in page.locator("#models input").all():
+            box.set_checked(box.get_attribute("value") in ("finetune", "grpo"))
+        page.fill("#prompt", PROMPT)
+        page.fill("#max_tokens", "200")
+        # Count the text's changes in each card: a stream shows its text piece by piece.
+        page.evaluate("""() => { window.updates = {};
+            new MutationObserver((changes) => { for (const c of changes) {
+                const card = c.target.parentElement && c.target.parentElement.closest('.card');
+                if (card) window.updates[card.dataset.model] =
+                    (window.updates[card.dataset.model] || 0) + 1; } })
+            .observe(document.getElementById('results'),
+                     {subtree: true, childList: true, characterData: true}); }""")
+        page.click("#run")
+        cards = page.locator(".card")
+        expect(cards).to_have_count(2)
+        for name in ("finetune", "grpo"):
+            card = page.locator(f".card[data-model={name}]")
+            expect(card.locator(".state")).to_have_text("done", timeout=30_000)
+            expect(card.locator("[data-stat=gold] b")).not_to_have_text("—")
+            assert card.locator(".text .caret").inner_text().strip()
+            assert float(card.locator("[data-stat=tps] b").inner_text()) > 0
+            assert card.locator("[data-stat=rm] b").inner_text() != "—"
+        updates = page.evaluate("window.updates")
+        assert updates["finetune"] > 3 and updates["grpo"] > 3, updates
+        page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        browser.close()
