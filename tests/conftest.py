@@ -123,6 +123,16 @@ MICRO_PARAMS = {
     "grpo.eval_samples": 1,
     "grpo.curve_interval": 1,
     "grpo.curve_prompts": 2,
+    **{f"reinforce.{key}": value for key, value in {
+        "max_steps": 2, "prompts_per_step": 2, "max_completion_length": 8, "eval_samples": 1,
+        "curve_interval": 1, "curve_prompts": 2}.items()},
+    "task_sft.train_problems": 64,
+    "task_sft.test_problems": 16,
+    "task_sft.pass_k": 2,
+    "task_sft.max_steps": 10,
+    "task_sft.batch_size": 8,
+    **{f"{stage}.{key}": value for stage in ("task_reinforce", "task_grpo") for key, value in {
+        "max_steps": 2, "prompts_per_step": 2, "num_generations": 2}.items()},
     "evaluate.block_size": 32,
     "evaluate.eval_windows": 8,
     "evaluate.batch_size": 8,

@@ -135,3 +135,32 @@ def test_unknown_target_module_is_a_clear_error(micro_pretrained):
     with pytest.raises(ParamsError, match=r"lora\.target_modules: \['q_proj'\] not in the base "
                                           r"model \(its linear layers: .*c_attn"):
         lora_config(model, p)
+
+
+def test_all_linear_adapts_every_linear_layer_but_the_head_of_any_architecture():
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    from llmpipe.lora import adapter_config
+
+    small = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+    llama_like = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    for model, expected, transposed in (
+            (LlamaForCausalLM(LlamaConfig(**small)), llama_like, False),
+            (Qwen2ForCausalLM(Qwen2Config(**small)), llama_like, False),
+            (GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4)),
+             ["c_attn", "c_fc", "c_proj"], True)):
+        config = adapter_config(model, 4, 8, 0.0, ["all-linear"], "lora.target_modules")
+        assert sorted(config.target_modules) == expected, type(model).__name__
+        assert config.fan_in_fan_out is transposed  # GPT-2's Conv1D stores (in, out)
+    with pytest.raises(ParamsError, match=r"lora.target_modules: \['c_attn'\] not in the base "
+                                          r"model \(its linear layers: down_proj, gate_proj"):
+        adapter_config(LlamaForCausalLM(LlamaConfig(**small)), 4, 8, 0.0, ["c_attn"],
+                       "lora.target_modules")

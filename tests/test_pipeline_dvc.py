@@ -12,8 +12,9 @@ from llmpipe import seeds
 pytestmark = pytest.mark.slow
 
 STAGES = ("download", "tokenize", "pretrain", "finetune", "lora", "quantize", "preferences",
-          "reward_model", "grpo", "evaluate")
-MODELS = ("pretrain", "finetune", "lora", "quantized", "grpo")
+          "reward_model", "grpo", "reinforce", "task_sft", "task_reinforce", "task_grpo",
+          "evaluate")
+MODELS = ("pretrain", "finetune", "lora", "quantized", "grpo", "reinforce")
 FIGURES = ("val_perplexity_pretrain", "val_perplexity_finetune", "val_bits_per_byte_pretrain",
            "val_bits_per_byte_finetune", "reward_model_score", "gold_score", "kl_to_finetune",
            "size_mb")
@@ -72,6 +73,18 @@ def test_the_experiment_workflow(project_copy):
         assert [line.split("\t")[0] for line in curve.splitlines()[1:]] == ["0", "1", "2"]
     assert (repo / "data/evaluate/overoptimisation_grpo.png").exists()
     assert "Over-optimisation curve (3 points" in report
+    # REINFORCE beside GRPO at the same budget, and the checkable task's branch.
+    grpo, reinforce = (json.loads((repo / f"metrics/{s}.json").read_text())
+                       for s in ("grpo", "reinforce"))
+    assert reinforce["completions_sampled"] == grpo["completions_sampled"] == 2 * 2 * 4
+    assert "### REINFORCE against GRPO" in report
+    task = json.loads((repo / "metrics/task_sft.json").read_text())
+    assert task["test_problems"] == 16 and 0 <= task["exact_match"] <= 1
+    for stage in ("task_reinforce", "task_grpo"):
+        rl = json.loads((repo / f"metrics/{stage}.json").read_text())
+        assert rl["before_exact_match"] == task["exact_match"]
+        assert rl["completions_sampled"] == 2 * 2 * 2 and "after_pass_at_2" in rl
+    assert "### the checkable task: add, 2 digits" in report
     assert not (repo / "data/pretrain/checkpoint/checkpoint.pt").exists()
 
     # A second repro does nothing.
@@ -79,10 +92,16 @@ def test_the_experiment_workflow(project_copy):
     assert not ran(second) and "up to date" in second
     git_commit_all(repo, "micro pipeline")
 
+    # An experiment on REINFORCE reruns it and evaluate only.
+    exp = run(["dvc", "exp", "run", "-S", "reinforce.beta=0.2"], repo).stdout
+    assert ran(exp) == {"reinforce", "evaluate"}
+    run(["git", "checkout", "--", "."], repo)
+    run(["dvc", "checkout"], repo)
+
     # An experiment on lora reruns lora and what depends on it, nothing upstream.
     exp = run(["dvc", "exp", "run", "-S", "lora.r=4"], repo).stdout
     assert ran(exp) == {"lora", "quantize", "evaluate"}
-    assert {"8", "4"} <= {row["lora.r"] for row in exp_rows(repo)}
+    assert {"16", "4"} <= {row["lora.r"] for row in exp_rows(repo)}
     diff = json.loads(run(["dvc", "metrics", "diff", "HEAD", "--json"], repo).stdout)
     assert diff["metrics/lora.json"]["trainable_parameters"]["diff"] < 0
     markdown = run(["python", "-m", "llmpipe.compare", "HEAD"], repo).stdout

@@ -239,9 +239,8 @@ def test_the_gold_score_of_a_loop_loses_its_repeated_share():
     from llmpipe.gold import load_gold_scorer
 
     plain, penalised = load_gold_scorer("vader"), load_gold_scorer("vader", repetition_penalty=1.0)
-    # VADER likes "value" once per use: the loop scores above the varied text unpenalised...
-    assert plain(LOOPING[1:2])[0] > plain(VARIED[:1])[0]
-    # ...and exactly its repeated-trigram share lower with the penalty; varied text is unchanged.
+    # The loop scores exactly its repeated-trigram share lower with the penalty; varied text is
+    # unchanged.
     for text in LOOPING + VARIED:
         assert penalised([text])[0] == pytest.approx(
             plain([text])[0] - repeated_ngram_share([text], 3))
@@ -249,12 +248,33 @@ def test_the_gold_score_of_a_loop_loses_its_repeated_share():
     assert penalised(LOOPING[1:2])[0] < plain(LOOPING[1:2])[0] - 0.5
 
 
+def test_vader_counts_a_liked_word_once_however_often_it_is_said():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    from llmpipe.gold import each_word_once, load_gold_scorer
+
+    raw = SentimentIntensityAnalyzer().polarity_scores
+    gold = load_gold_scorer("vader")
+    spam = "the values are the value as the number list values, in the length of values,"
+    # VADER itself pays for each use of a liked word; the gold score does not.
+    assert raw("a value value value value")["compound"] > raw("a value")["compound"]
+    assert gold(["a value value value value"]) == gold(["a value"])
+    lexicon = SentimentIntensityAnalyzer().lexicon
+    assert each_word_once(spam, lexicon) == \
+        "the values are the value as the number list in the length of"
+    # only the lexicon's words go: a negation stays where VADER reads it
+    assert each_word_once("Good, good GOOD! not bad but not good", lexicon) == \
+        "Good, not bad but not"
+    assert gold(VARIED) == [raw(t)["compound"] for t in VARIED]  # no word repeats there
+
+
 def test_the_overoptimisation_curve_logs_its_points_and_leaves_training_randomness_alone(
         tmp_path):
     from types import SimpleNamespace
 
-    from llmpipe.rlhf import CURVE_FIGURES, OveroptimisationCurve
-    from llmpipe.tracking import TrainerCurves, curves_live
+    from llmpipe.rlhf import CURVE_FIGURES, HeldoutCurve
+    from llmpipe.tracking import curves_live
+    from llmpipe.trainer_callbacks import OveroptimisationCurve, TrainerCurves
 
     model = torch.nn.Linear(2, 2)
     model.train()
@@ -266,7 +286,7 @@ def test_the_overoptimisation_curve_logs_its_points_and_leaves_training_randomne
 
     curves = TrainerCurves(tmp_path)
     curves.live = curves_live(tmp_path)
-    callback = OveroptimisationCurve(curves, report, interval=2)
+    callback = OveroptimisationCurve(curves, HeldoutCurve(report, interval=2))
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
@@ -278,5 +298,5 @@ def test_the_overoptimisation_curve_logs_its_points_and_leaves_training_randomne
         rows = (tmp_path / "plots/metrics/heldout" / f"{key}.tsv").read_text().splitlines()[1:]
         assert [row.split("\t")[0] for row in rows] == ["0", "2", "4"]
     # Outside the main process (no Live): nothing is measured.
-    OveroptimisationCurve(TrainerCurves(tmp_path / "other"), None, 1).on_train_begin(
+    OveroptimisationCurve(TrainerCurves(tmp_path / "other"), HeldoutCurve(None, 1)).on_train_begin(
         None, SimpleNamespace(global_step=0), None, model=model)

@@ -33,7 +33,7 @@ from llmpipe.runtime import (
     wait_for_everyone,
     world_size,
 )
-from llmpipe.tracking import TrainerCurves
+from llmpipe.trainer_callbacks import TrainerCurves
 
 
 def open_token_data(tokens_dir: Path, model, base_spec: str) -> tuple[TokenBin, TokenBin]:

@@ -36,7 +36,8 @@ def cloze_items(documents: Sequence[str], count: int, seed: int, ending_words: i
     rng.shuffle(sentences)
     items = []
     for doc, context, ending in sentences:
-        others = [e for d, _, e in rng.sample(sentences, 12) if d != doc and e != ending]
+        drawn = rng.sample(sentences, min(12, len(sentences)))
+        others = [e for d, _, e in drawn if d != doc and e != ending]
         if len(set(others)) < 3:
             continue
         choices = [ending, *list(dict.fromkeys(others))[:3]]

@@ -1,12 +1,14 @@
 """Gold scorers: the ground truth that preference labels come from and that RLHF is judged by.
 
 A gold scorer maps texts to floats, higher is better. `vader` is VADER's compound sentiment
-score in [-1, 1] ("write more positive text", the classic RLHF toy task); `hf:<name>` or a
+score in [-1, 1] ("write more positive text", the classic RLHF toy task), with each word of a
+text counted once; `hf:<name>` or a
 directory is a transformers text-classification model, scored by the probability of
 `label` (e.g. POSITIVE for an SST-2 model).
 
 Either can be gamed by saying a liked word over and over ("the value of the value of ...":
-VADER counts "value" as positive once per use). `repetition_penalty` subtracts that weight
+VADER counts "value" as positive once per use). So VADER reads each word of its lexicon once
+(its first use), and `repetition_penalty`, for any scorer, subtracts that weight
 times the share of the text's word trigrams that repeat an earlier one (0 for varied text,
 near 1 for a loop). At weight 1 a text that only loops scores no better than neutral text
 (VADER's compound and a classifier's probability are at most 1).
@@ -14,7 +16,8 @@ near 1 for a loop). At weight 1 a text that only loops scores no better than neu
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import string
+from collections.abc import Callable, Container, Sequence
 
 from llmpipe.degeneration import repeated_ngram_share
 from llmpipe.errors import DataError, ParamsError
@@ -36,8 +39,24 @@ def _scorer(spec: str, label: str | None, batch_size: int) -> GoldScorer:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
         analyzer = SentimentIntensityAnalyzer()
-        return lambda texts: [analyzer.polarity_scores(t)["compound"] for t in texts]
+        return lambda texts: [
+            analyzer.polarity_scores(each_word_once(t, analyzer.lexicon))["compound"]
+            for t in texts]
     return _classifier_scorer(spec, label, batch_size)
+
+
+def each_word_once(text: str, lexicon: Container[str]) -> str:
+    """The text without the second and later uses of each word of `lexicon` (case and
+    punctuation aside): a lexicon scorer then counts a liked word once, however often it is
+    said. Other words (negations, boosters, "but") stay where they are, as VADER reads them."""
+    seen: set[str] = set()
+    kept = []
+    for word in text.split():
+        key = word.strip(string.punctuation).lower()
+        if key not in lexicon or key not in seen:
+            kept.append(word)
+        seen.add(key)
+    return " ".join(kept)
 
 
 def _classifier_scorer(spec: str, label: str | None, batch_size: int) -> GoldScorer:

@@ -69,7 +69,7 @@ def run_harness(model, tokenizer, tasks: Sequence[str], limit: int | None, batch
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     device = next(model.parameters()).device
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device),
-              max_length=model.config.max_position_embeddings)
+              max_length=getattr(model.config, "max_position_embeddings", None))
     out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=_task_manager_for(tasks),
                           limit=limit, log_samples=False, bootstrap_iters=1000,
                           random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,

@@ -31,6 +31,12 @@ QUANTIZED_MODEL = DATA / "quantize/model"
 PREFERENCES = DATA / "preferences"
 REWARD_MODEL = DATA / "reward_model/model"
 GRPO_MODEL = DATA / "grpo/model"
+REINFORCE_MODEL = DATA / "reinforce/model"
+# The checkable task's branch: problems, then SFT, then RL from the SFT model two ways.
+TASK_PROBLEMS = DATA / "task/problems"
+TASK_SFT_MODEL = DATA / "task/sft/model"
+TASK_REINFORCE_MODEL = DATA / "task/reinforce/model"
+TASK_GRPO_MODEL = DATA / "task/grpo/model"
 REPORT = DATA / "evaluate"  # report.md with its images, samples.json
 EVALUATE_MODELS = METRICS / "evaluate_models.json"  # one row per model: dvc.yaml's bar plots
 
@@ -85,6 +91,7 @@ MODEL_OUTPUTS = {  # the models evaluate compares, by the name the report gives 
     "lora": LORA_MERGED,
     "quantized": QUANTIZED_MODEL,
     "grpo": GRPO_MODEL,
+    "reinforce": REINFORCE_MODEL,
 }
 STAGES: dict[str, StageFiles] = {
     "download": StageFiles(reads=(), writes=(RAW,)),
@@ -103,6 +110,14 @@ STAGES: dict[str, StageFiles] = {
                                curves=True),
     "grpo": StageFiles(reads=(PREFERENCES, REWARD_MODEL, FINETUNE_MODEL), writes=(GRPO_MODEL,),
                        curves=True),
+    "reinforce": StageFiles(reads=(PREFERENCES, REWARD_MODEL, FINETUNE_MODEL),
+                            writes=(REINFORCE_MODEL,), curves=True),
+    "task_sft": StageFiles(reads=(PRETRAIN_MODEL,), writes=(TASK_PROBLEMS, TASK_SFT_MODEL),
+                           curves=True),
+    "task_reinforce": StageFiles(reads=(TASK_PROBLEMS, TASK_SFT_MODEL),
+                                 writes=(TASK_REINFORCE_MODEL,), curves=True),
+    "task_grpo": StageFiles(reads=(TASK_PROBLEMS, TASK_SFT_MODEL), writes=(TASK_GRPO_MODEL,),
+                            curves=True),
 }
 # The report card gathers every model, every stage's metrics and the training curves.
 STAGES["evaluate"] = StageFiles(

@@ -18,6 +18,20 @@ def lora_config(model: torch.nn.Module, p: LoraParams):
                           "lora.target_modules")
 
 
+ALL_LINEAR = "all-linear"  # every linear layer but the output head, whatever the architecture
+
+
+def linear_layers(model: torch.nn.Module) -> list[str]:
+    """The names of the model's linear layers (GPT-2's Conv1D included) but its output head:
+    what `all-linear` adapts (GPT-2: c_attn, c_fc, c_proj; Llama and Qwen: q/k/v/o_proj,
+    gate/up/down_proj)."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear | Conv1D) and module is not head})
+
+
 def adapter_config(model: torch.nn.Module, r: int, alpha: int, dropout: float,
                    target_modules: list[str], key: str):
     """A causal-LM LoraConfig whose targets are checked against the model."""
@@ -25,6 +39,8 @@ def adapter_config(model: torch.nn.Module, r: int, alpha: int, dropout: float,
     from transformers.pytorch_utils import Conv1D
 
     targets = {name.rsplit(".", 1)[-1]: module for name, module in model.named_modules()}
+    if list(target_modules) == [ALL_LINEAR]:
+        target_modules = linear_layers(model)
     missing = [t for t in target_modules if t not in targets]
     if missing:
         linear = sorted({n for n, m in targets.items()

@@ -290,15 +290,20 @@ class RewardModelParams:
     max_length: int = param(POSITIVE_INT)  # tokens of prompt + completion
 
 
+AT_LEAST_TWO = Check("an integer of at least 2 (a group)", lambda v: v >= 2)
+
+
 @dataclass(frozen=True, kw_only=True)
-class GrpoParams:
+class GrpoTrainingParams:
+    """How TRL's GRPO trains (grpo, task_grpo)."""
+
     launcher: str = param(LAUNCHER)
     use_vllm: bool  # generation in vLLM (TRL's colocate mode; CUDA, the [gpu] extra)
     use_lora: bool
     lora_r: int = param(POSITIVE_INT)
     lora_alpha: int = param(POSITIVE_INT)
     lora_target_modules: list[str]
-    num_generations: int = param(Check("an integer of at least 2 (a group)", lambda v: v >= 2))
+    num_generations: int = param(AT_LEAST_TWO)
     prompts_per_step: int = param(POSITIVE_INT)  # over all processes
     beta: float = param(NON_NEGATIVE_NUMBER)
     loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"]
@@ -307,7 +312,12 @@ class GrpoParams:
     max_completion_length: int = param(POSITIVE_INT)
     temperature: float = param(POSITIVE_NUMBER)
     max_steps: int = param(POSITIVE_INT)
-    length_penalty: float = param(NON_NEGATIVE_NUMBER)  # weight, per token
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeldoutReportParams:
+    """How an RLHF stage is measured on the held-out prompts (grpo, reinforce)."""
+
     eval_samples: int = param(POSITIVE_INT)  # completions per held-out prompt
     # The over-optimisation curve: gold, reward model and KL on the first curve_prompts held-out
     # prompts every curve_interval steps (0: no curve; under FSDP/ZeRO-3 sharding, 0)
@@ -317,6 +327,62 @@ class GrpoParams:
     degeneration_distinct_drop: float = param(OPEN_UNIT_INTERVAL)
     # ...or the reference's loss on the completions rose by more than this (nats per token).
     degeneration_fluency_rise: float = param(POSITIVE_NUMBER)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GrpoParams(GrpoTrainingParams, HeldoutReportParams):
+    length_penalty: float = param(NON_NEGATIVE_NUMBER)  # weight, per token
+
+
+@dataclass(frozen=True, kw_only=True)
+class PolicyGradientParams:
+    """llmpipe.reinforce's loop (reinforce, task_reinforce)."""
+
+    num_generations: int = param(AT_LEAST_TWO)  # k completions per prompt
+    prompts_per_step: int = param(POSITIVE_INT)
+    max_steps: int = param(POSITIVE_INT)
+    learning_rate: float = param(POSITIVE_NUMBER)
+    max_completion_length: int = param(POSITIVE_INT)
+    temperature: float = param(POSITIVE_NUMBER)
+    baseline: Literal["rloo", "group_mean"]
+    loss_normalisation: Literal["token", "sequence"]
+    beta: float = param(NON_NEGATIVE_NUMBER)  # x the completion's KL, subtracted from its reward
+    grad_clip: float = param(POSITIVE_NUMBER)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReinforceParams(PolicyGradientParams, HeldoutReportParams):
+    reward: Literal["reward_model", "gold"]
+    length_penalty: float = param(NON_NEGATIVE_NUMBER)  # weight, per token
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskSftParams:
+    base: str  # pretrain, hf:<name> or a model directory
+    kind: Literal["add", "reverse"]
+    digits: int = param(Check("an integer from 1 to 4", lambda v: 1 <= v <= 4))
+    train_problems: int = param(POSITIVE_INT)
+    test_problems: int = param(POSITIVE_INT)
+    pass_k: int = param(Check("an integer of at least 2", lambda v: v >= 2))
+    max_steps: int = param(POSITIVE_INT)
+    batch_size: int = param(POSITIVE_INT)
+    learning_rate: float = param(POSITIVE_NUMBER)
+    warmup_steps: int = param(NON_NEGATIVE_INT)
+
+    def cross_field_problems(self) -> list[tuple[str, str]]:
+        if self.kind == "add" and self.digits > 3:  # 81M pairs to enumerate and hash
+            return [("digits", f"{self.digits} is more than add's 3")]
+        return []
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskReinforceParams(PolicyGradientParams):
+    pass
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskGrpoParams(GrpoTrainingParams):
+    pass
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -351,6 +417,10 @@ STAGE_SCHEMAS: dict[str, type] = {
     "preferences": PreferencesParams,
     "reward_model": RewardModelParams,
     "grpo": GrpoParams,
+    "reinforce": ReinforceParams,
+    "task_sft": TaskSftParams,
+    "task_reinforce": TaskReinforceParams,
+    "task_grpo": TaskGrpoParams,
     "evaluate": EvaluateParams,
 }
 # Stages whose dvc.yaml command is `${<stage>.launcher} -m stages.<stage>`.

@@ -23,7 +23,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch.nn import functional as F
@@ -45,6 +45,11 @@ class ReinforceConfig:
     loss_normalisation: str  # token | sequence
     beta: float  # weight of the KL to the reference, subtracted from the reward
     grad_clip: float
+
+
+def config_from(p) -> ReinforceConfig:
+    """The loop's settings from a params section that has them (ReinforceParams)."""
+    return ReinforceConfig(**{f.name: getattr(p, f.name) for f in fields(ReinforceConfig)})
 
 
 def rloo_baseline(rewards: torch.Tensor) -> torch.Tensor:
@@ -143,6 +148,8 @@ def reinforce(policy, reference, tokenizer, prompts: Sequence[dict],
     """Train `policy` in place on `prompts` (dicts with a "prompt" and any columns the reward
     functions take, e.g. "answer"); `reference` is frozen. Returns the steps done."""
     baseline_of = BASELINES[cfg.baseline]
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     device = next(policy.parameters()).device
     reference.eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
@@ -151,7 +158,7 @@ def reinforce(policy, reference, tokenizer, prompts: Sequence[dict],
     order: list[int] = []
     for step in range(1, cfg.max_steps + 1):
         started = time.perf_counter()
-        if len(order) < cfg.prompts_per_step:
+        while len(order) < cfg.prompts_per_step:
             order += order_rng.sample(range(len(prompts)), len(prompts))
         batch = [prompts[i] for i in order[:cfg.prompts_per_step]]
         del order[:cfg.prompts_per_step]

@@ -26,6 +26,12 @@ CURVES = (
     ("lora", ("train/loss.tsv", "eval/loss.tsv"), "lora: loss"),
     ("reward_model", ("train/loss.tsv", "eval/loss.tsv"), "reward model: loss"),
     ("grpo", ("train/reward.tsv", "train/kl.tsv"), "grpo: reward and KL"),
+    ("reinforce", ("train/reward.tsv", "train/kl.tsv"), "reinforce: reward and KL"),
+    ("task_sft", ("train/loss.tsv",), "task SFT: loss"),
+    ("task_reinforce", ("train/reward.tsv", "train/entropy.tsv"),
+     "task REINFORCE: exact-match reward and entropy"),
+    ("task_grpo", ("train/reward.tsv", "train/entropy.tsv"),
+     "task GRPO: exact-match reward and entropy"),
 )
 
 
@@ -119,7 +125,7 @@ def plot_curves(out_dir: Path) -> list[tuple[str, str]]:
 
 
 def overoptimisation(stage: str) -> dict | None:
-    """An RL stage's over-optimisation curve (rlhf.OveroptimisationCurve), when it has one:
+    """An RL stage's over-optimisation curve (rlhf.HeldoutCurve), when it has one:
     steps, KL and the gold and reward-model scores, and where the gold score peaked."""
     from llmpipe.rlhf import CURVE_FIGURES
 
@@ -219,24 +225,71 @@ def stage_sections() -> list[str]:
              "baseline: chance", "gold agreement (fresh pairs)"],
             [[m["train_pairs"], m["heldout_pairs"], m["tie_rate"], r["heldout_accuracy"],
               r["chance_accuracy"], r["gold_agreement_fresh"]]]))
-    if m := read_metrics("grpo"):
-        sections.append("### grpo (held-out prompts, same sampling seed)\n" + _table(
-            ["", "gold score", "reward-model score", "KL to reference", "length",
-             "distinct bigrams", "repeated trigrams", "SFT loss (nats/token)"],
-            [[when, m[f"{when}_gold_score"], m[f"{when}_reward_model_score"],
-              m[f"{when}_kl_to_reference"], m[f"{when}_completion_length"],
-              m[f"{when}_distinct_2"], m[f"{when}_repeated_3gram_share"],
-              m[f"{when}_reference_loss"]]
-             for when in ("before", "after")])
-            + ("\n\n**Reward hacking suspected**: the reward model's score rose, the gold score "
-               "did not." if m.get("reward_hacking_suspected") else "")
-            + (f"\n\n**Degeneration suspected**: the gold score rose "
-               f"({m['gold_gain']:+.3f}) while distinct bigrams changed by "
-               f"{m['distinct_2_change']:+.0%} and the SFT model's loss on the completions by "
-               f"{m['reference_loss_change']:+.2f} nats/token: read the samples below."
-               if m.get("degeneration_suspected") else "")
-            + _overoptimisation_text("grpo"))
+    for stage in RL_STAGES:
+        if m := read_metrics(stage):
+            sections.append(rl_section(stage, m))
+    if rows := [[stage, m["completions_sampled"], m["gold_gain"], m["reward_model_gain"],
+                 m["after_kl_per_token"], m["distinct_2_change"], m["perf"]["wall_s"]]
+                for stage in RL_STAGES if (m := read_metrics(stage))]:
+        sections.append("### REINFORCE against GRPO (same prompts, sampling and budget)\n"
+                        + _table(["stage", "completions sampled", "gold gain",
+                                  "reward-model gain", "KL per token", "distinct bigrams",
+                                  "wall s (with the curve)"], rows))
+    if task := task_section():
+        sections.append(task)
     return sections
+
+
+RL_STAGES = ("grpo", "reinforce")  # RLHF on the preference prompts, judged the same way
+
+
+def rl_section(stage: str, m: dict) -> str:
+    return (f"### {stage} (held-out prompts, same sampling seed)\n" + _table(
+        ["", "gold score", "reward-model score", "KL to reference", "length",
+         "distinct bigrams", "repeated trigrams", "SFT loss (nats/token)"],
+        [[when, m[f"{when}_gold_score"], m[f"{when}_reward_model_score"],
+          m[f"{when}_kl_to_reference"], m[f"{when}_completion_length"],
+          m[f"{when}_distinct_2"], m[f"{when}_repeated_3gram_share"],
+          m[f"{when}_reference_loss"]]
+         for when in ("before", "after")])
+        + ("\n\n**Reward hacking suspected**: the reward model's score rose, the gold score "
+           "did not." if m.get("reward_hacking_suspected") else "")
+        + (f"\n\n**Degeneration suspected**: the gold score rose "
+           f"({m['gold_gain']:+.3f}) while distinct bigrams changed by "
+           f"{m['distinct_2_change']:+.0%} and the SFT model's loss on the completions by "
+           f"{m['reference_loss_change']:+.2f} nats/token: read the samples below."
+           if m.get("degeneration_suspected") else "")
+        + _overoptimisation_text(stage))
+
+
+TASK_FIGURES = ("teacher_forced_token_accuracy", "teacher_forced_sequence_accuracy",
+                "exact_match", "pass_at_1")
+
+
+def task_section() -> str:
+    """The checkable task: every model of the branch on the test problems."""
+    if not (sft := read_metrics("task_sft")):
+        return ""
+    k = next(key for key in sft if key.startswith("pass_at_") and key != "pass_at_1")
+    figures = (*TASK_FIGURES, k, "malformed_share")
+    rows = [["pretrained (base)", *(sft[f"base_{f}"] for f in figures)],
+            ["SFT (teacher forcing)", *(sft[f] for f in figures)]]
+    rows += [[f"SFT + {stage.removeprefix('task_')}", *(m[f"after_{f}"] for f in figures)]
+             for stage in ("task_reinforce", "task_grpo") if (m := read_metrics(stage))]
+    budget = [f"{stage.removeprefix('task_')}: {m['completions_sampled']:,} completions, "
+              f"{m['perf']['wall_s']:.0f} s"
+              for stage in ("task_reinforce", "task_grpo") if (m := read_metrics(stage))]
+    return (f"### the checkable task: {sft['kind']}, {sft['digits']} digits "
+            f"({sft['test_problems']} test problems, disjoint from {sft['train_problems']} "
+            "train problems)\n"
+            + _table(["model", "teacher-forced token accuracy",
+                      "teacher-forced whole answers", "free-running exact match (greedy)",
+                      "pass@1 (sampled)", k.replace("pass_at_", "pass@"), "malformed"], rows)
+            + f"\n\nBaseline: chance exact match {sft['chance_exact_match']:.4f}. The gap "
+            "between teacher-forced token accuracy and free-running exact match is the "
+            "exposure-bias gap (greedy decoding follows the top prediction, so whole answers "
+            "right under teacher forcing equal greedy exact match by construction). RL: "
+            + "; ".join(budget) + ".")
 
 
 def _overoptimisation_text(stage: str) -> str:

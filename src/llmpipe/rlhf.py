@@ -14,18 +14,17 @@ from pathlib import Path
 
 import torch
 from torch.nn import functional as F
-from transformers import TrainerCallback
 
 from llmpipe.degeneration import distinct_n, repeated_ngram_share
 from llmpipe.errors import ParamsError
 from llmpipe.gold import GoldScorer
 from llmpipe.loading import load_reward_model, load_tokenizer
 from llmpipe.lora import adapter_config
-from llmpipe.params import GrpoParams, RewardModelParams
+from llmpipe.params import STAGE_OF_SCHEMA, GrpoParams, GrpoTrainingParams, RewardModelParams
 from llmpipe.preferences import PAIR_COLUMNS, read_gold_spec
 from llmpipe.runtime import per_process, runtime_args, trained_model
 from llmpipe.sampling import Sampling, sample_completions
-from llmpipe.tracking import TrainerCurves
+from llmpipe.tracking import log_step
 
 
 @dataclass(frozen=True)
@@ -85,6 +84,8 @@ def train_reward_model(policy_dir: Path, train_pairs: Sequence[dict], eval_pairs
     from transformers import set_seed
     from trl import RewardConfig, RewardTrainer
 
+    from llmpipe.trainer_callbacks import TrainerCurves
+
     set_seed(seed)  # the new score head is initialised from the seed
     tokenizer = load_tokenizer(policy_dir)
     model = load_reward_model(policy_dir, tokenizer)
@@ -122,6 +123,53 @@ def length_penalty(prompts, completions, completion_ids, **kwargs) -> list[float
     return [-float(len(ids)) for ids in completion_ids]
 
 
+def rlhf_rewards(reward: str, judges: Judges, length_penalty_weight: float
+                 ) -> list[tuple[Callable[..., list[float]], float]]:
+    """(reward function with TRL's signature, weight) for llmpipe.reinforce: the reward model
+    on prompt + completion (as TRL scores it) or the gold scorer on the completion, and the
+    length penalty."""
+    if reward == "reward_model":
+        def score(prompts, completions, **kwargs):
+            return score_texts(judges.reward_model, judges.reward_tokenizer,
+                               [q + c for q, c in zip(prompts, completions, strict=True)])
+    else:
+        def score(prompts, completions, **kwargs):
+            return judges.gold(completions)
+    rewards = [(score, 1.0)]
+    if length_penalty_weight > 0:
+        rewards.append((length_penalty, length_penalty_weight))
+    return rewards
+
+
+def finish_rl_stage(stage: str, directory: Path, policy, tokenizer, before: dict, after: dict,
+                    p, steps: int, heldout_prompts: int, wall_s: float) -> dict:
+    """The end of an RLHF stage (grpo, reinforce): save the policy with its samples before and
+    after, write the before/after metrics with the flags, and say what changed."""
+    from llmpipe.io import atomic_dir, write_json, write_metrics
+
+    with atomic_dir(directory) as tmp:
+        policy.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "samples.json", {"before": before["samples"], "after": after["samples"]})
+    metrics = {**before_after_metrics(before, after, p.degeneration_distinct_drop,
+                                      p.degeneration_fluency_rise),
+               "steps": steps, "heldout_prompts": heldout_prompts,
+               "completions_sampled": steps * p.prompts_per_step * p.num_generations,
+               "perf": {"wall_s": wall_s}}
+    write_metrics(stage, metrics)
+    print(f"held-out gold score {before['gold_score']:.3f} -> {after['gold_score']:.3f}, reward "
+          f"model {before['reward_model_score']:.3f} -> {after['reward_model_score']:.3f}, KL "
+          f"{after['kl_to_reference']:.3f} -> {directory}")
+    if metrics["reward_hacking_suspected"]:
+        print("warning: the reward model's score rose but the gold score did not: reward hacking")
+    if metrics["degeneration_suspected"]:
+        print(f"warning: the gold score rose while the text degenerated: distinct bigrams "
+              f"{metrics['distinct_2_change']:+.0%}, the SFT model's loss on the completions "
+              f"{metrics['reference_loss_change']:+.2f} nats/token (the judges like what is no "
+              "longer text; see the samples)")
+    return metrics
+
+
 def reward_functions(reward_dir: Path, p: GrpoParams) -> list[tuple[object, object, float]]:
     """(reward function or model, its tokenizer, weight): the reward model plus shaping."""
     reward_tokenizer = load_tokenizer(reward_dir)
@@ -135,49 +183,43 @@ def reward_functions(reward_dir: Path, p: GrpoParams) -> list[tuple[object, obje
 CURVE_FIGURES = ("gold_score", "reward_model_score", "kl_to_reference")
 
 
-class OveroptimisationCurve(TrainerCallback):
+class HeldoutCurve:
     """The over-optimisation curve (Gao, Schulman and Hilton 2022): the policy's gold score,
-    reward-model score and KL to the reference on a few held-out prompts, at the start and
-    every `interval` steps, logged beside the training curves. Where gold stops following the
-    proxy as KL grows is the number to read. The main process measures (the others wait in
-    their next collective); the random state is restored afterwards, so training draws what it
-    would draw without the curve."""
+    reward-model score and KL to the reference on a few held-out prompts, at step 0 and every
+    `interval` steps (0: never), logged beside the training curves as heldout/<figure>. Where
+    gold stops following the proxy as KL grows is the number to read. The random state is
+    restored afterwards, so training draws what it would draw without the curve."""
 
-    def __init__(self, curves: TrainerCurves, report: Callable[[torch.nn.Module], dict],
-                 interval: int):
-        self.curves, self.report, self.interval = curves, report, interval
+    def __init__(self, report: Callable[[torch.nn.Module], dict], interval: int, live=None):
+        self.report, self.interval, self.live = report, interval, live
 
-    def _point(self, model, step: int) -> None:
-        live = self.curves.live
-        if live is None:  # not the main process
+    def measure(self, model, step: int) -> None:
+        if self.live is None or not self.interval or step % self.interval:
             return
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
             was_training = model.training
             figures = self.report(model)
             model.train(was_training)
-        live.step = step
-        for key in CURVE_FIGURES:
-            live.log_metric(f"heldout/{key}", figures[key])
+        log_step(self.live, step, {key: figures[key] for key in CURVE_FIGURES}, "heldout/")
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._point(model, 0)
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % self.interval == 0:
-            self._point(model, state.global_step)
+    def log_training(self, step: int, figures: dict[str, float]) -> None:
+        log_step(self.live, step, figures)
 
 
 def run_grpo(policy_dir: Path, rewards: Sequence[tuple[object, object, float]],
-             prompts: Sequence[str], p: GrpoParams, seed: int, live_dir: Path,
-             heldout_report: Callable[[torch.nn.Module], dict] | None = None):
+             prompts: Sequence[str | dict], p: GrpoTrainingParams, seed: int, live_dir: Path,
+             heldout_report: Callable[[torch.nn.Module], dict] | None = None,
+             curve_interval: int = 0):
     """GRPO on the policy against weighted rewards (TRL reward functions, or sequence
     classifiers with their tokenizers); returns (policy (merged if LoRA; None outside the main
-    process), steps done). `heldout_report` (main process), every `p.curve_interval` steps: the
+    process), steps done). `heldout_report` (main process), every `curve_interval` steps: the
     over-optimisation curve."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, set_seed
     from trl import GRPOConfig, GRPOTrainer
+
+    from llmpipe.trainer_callbacks import OveroptimisationCurve, TrainerCurves
 
     completions_per_process = check_grpo_launch(p)
     set_seed(seed)  # LoRA's initial weights come before the Trainer seeds anything
@@ -208,13 +250,15 @@ def run_grpo(policy_dir: Path, rewards: Sequence[tuple[object, object, float]],
         **runtime_args(seed),
     )
     peft_config = (adapter_config(policy, p.lora_r, p.lora_alpha, 0.0, p.lora_target_modules,
-                                  "grpo.lora_target_modules") if p.use_lora else None)
+                                  f"{_section(p)}.lora_target_modules") if p.use_lora else None)
     callbacks = [curves := TrainerCurves(live_dir)]
-    if heldout_report is not None and p.curve_interval:
-        callbacks.append(OveroptimisationCurve(curves, heldout_report, p.curve_interval))
+    if heldout_report is not None and curve_interval:
+        callbacks.append(OveroptimisationCurve(curves, HeldoutCurve(heldout_report,
+                                                                    curve_interval)))
     try:
+        rows = [q if isinstance(q, dict) else {"prompt": q} for q in prompts]
         trainer = GRPOTrainer(model=policy, reward_funcs=reward_funcs, args=args,
-                              train_dataset=Dataset.from_list([{"prompt": q} for q in prompts]),
+                              train_dataset=Dataset.from_list(rows),
                               processing_class=tokenizer,
                               reward_processing_classes=reward_tokenizers,
                               peft_config=peft_config, callbacks=callbacks)
@@ -237,27 +281,43 @@ def run_grpo(policy_dir: Path, rewards: Sequence[tuple[object, object, float]],
     return model, trainer.state.global_step
 
 
-def check_grpo_launch(p: GrpoParams) -> int:
+def check_curve(p: GrpoParams) -> None:
+    """The curve generates in the main process alone: a sharded model (FSDP, ZeRO-3) needs every
+    process for that, and would wait until the Trainer's ddp_timeout."""
+    from llmpipe.runtime import sharded_launch
+
+    if p.curve_interval and sharded_launch():
+        raise ParamsError(f"{_section(p)}.curve_interval: {p.curve_interval} needs the whole "
+                          "model in the main process; under an FSDP/DeepSpeed launch set it to 0")
+
+
+def _section(p) -> str:
+    """The params section a GRPO run's settings come from (grpo, task_grpo), for messages."""
+    return STAGE_OF_SCHEMA[type(p)]
+
+
+def check_grpo_launch(p: GrpoTrainingParams) -> int:
     """What GRPO needs of the machine and the launcher; returns the completions per process.
     Cheap: the stage calls it before its first measurement."""
     check_vllm(p)
     completions = p.prompts_per_step * p.num_generations
-    return per_process(completions, "grpo.prompts_per_step",
+    return per_process(completions, f"{_section(p)}.prompts_per_step",
                        f"{p.prompts_per_step} prompts x {p.num_generations} generations = "
                        f"{completions} completions")
 
 
-def check_vllm(p: GrpoParams) -> None:
+def check_vllm(p: GrpoTrainingParams) -> None:
     """vLLM generates on CUDA only, and is an optional install."""
     import importlib.util
 
     if not p.use_vllm:
         return
     if not torch.cuda.is_available():
-        raise ParamsError("grpo.use_vllm: true needs a CUDA GPU (vLLM generates on CUDA only; "
+        raise ParamsError(f"{_section(p)}.use_vllm: true needs a CUDA GPU (vLLM generates on "
+                          "CUDA only; "
                           "set it to false to generate with transformers)")
     if importlib.util.find_spec("vllm") is None:
-        raise ParamsError("grpo.use_vllm: true needs vLLM, which is not installed "
+        raise ParamsError(f"{_section(p)}.use_vllm: true needs vLLM, which is not installed "
                           "(pip install -e '.[gpu]')")
 
 

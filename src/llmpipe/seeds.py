@@ -31,6 +31,11 @@ HEADLINE = (
     ("metrics/reward_model.json", "heldout_accuracy", "reward model held-out accuracy"),
     ("metrics/grpo.json", "gold_gain", "grpo gold gain"),
     ("metrics/grpo.json", "after_kl_per_token", "grpo KL per token"),
+    ("metrics/reinforce.json", "gold_gain", "reinforce gold gain"),
+    ("metrics/reinforce.json", "after_kl_per_token", "reinforce KL per token"),
+    ("metrics/task_sft.json", "exact_match", "task SFT exact match"),
+    ("metrics/task_reinforce.json", "after_exact_match", "task REINFORCE exact match"),
+    ("metrics/task_grpo.json", "after_exact_match", "task GRPO exact match"),
 )
 
 

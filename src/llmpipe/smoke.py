@@ -31,12 +31,12 @@ import time
 import tomllib
 from pathlib import Path
 
+from llmpipe import layout
 from llmpipe.errors import LlmpipeError
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: stages/ and src/
 # In dvc.yaml's order (tests/test_smoke.py checks it against layout.STAGES).
-STAGES = ("download", "tokenize", "pretrain", "finetune", "lora", "quantize", "preferences",
-          "reward_model", "grpo", "evaluate")
+STAGES = tuple(layout.STAGES)  # dvc.yaml's order (tests/test_smoke.py)
 
 
 class SmokeError(LlmpipeError):

@@ -2,16 +2,18 @@
 
 Problems are generated from a seed: `add` (two numbers of `digits` digits, e.g. "7 5 + 4 8 =" ->
 " 1 2 3") or `reverse` (a digit string, e.g. "reverse 3 1 4 =" -> " 4 1 3"). Digits are
-written with spaces so that every tokenizer sees one token per digit. Train and test problems
-are disjoint: each possible problem falls on one side by a hash of its text, before any is
-drawn. A completion is right when its text up to the end of text (or a newline) is the answer,
-spaces aside (`exact_match`).
+written with spaces so that a tokenizer that splits digits (byte-level BPEs: GPT-2's, the
+embedded one) sees one token per digit. Train and test problems are disjoint: each possible
+problem falls on one side by a hash of its text (for `add`, of the unordered pair: a + b and
+b + a fall on the same side), before any is drawn. A completion is right when its text up to
+the end of text (or a newline) is the answer, spaces aside (`exact_match`).
 
 Measured on held-out problems: teacher-forced token accuracy (the answer's tokens and the
 end-of-text token predicted from the true prefix), free-running exact match (greedy decoding,
 the model feeding itself) and pass@k (k samples at temperature 1: the share of problems with at
 least one right answer). Teacher-forced accuracy is high long before free-running answers are
-right: an error early in an answer changes every token after it (exposure bias).
+right: an error early in an answer changes every token after it (exposure bias). The report
+card shows what the embedded default measured, whatever it is.
 """
 
 from __future__ import annotations
@@ -58,8 +60,16 @@ def all_problems(kind: str, digits: int) -> list[Problem]:
     raise ValueError(f"unknown task kind {kind!r} (one of {', '.join(KINDS)})")
 
 
+def _side_key(problem: Problem) -> str:
+    """What decides a problem's side: its text, but for `add` the unordered pair, so that
+    a + b and b + a are both train or both test."""
+    if " + " in problem.prompt:
+        return " + ".join(sorted(problem.prompt.removesuffix(" =").split(" + ")))
+    return problem.prompt
+
+
 def _is_test(problem: Problem, seed: int, test_fraction: float) -> bool:
-    digest = hashlib.sha256(f"{seed}:{problem.prompt}".encode()).digest()
+    digest = hashlib.sha256(f"{seed}:{_side_key(problem)}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2 ** 64 < test_fraction
 
 
@@ -113,8 +123,9 @@ def _encode(tokenizer, problems: Sequence[Problem]) -> list[tuple[list[int], lis
 def teacher_forced_accuracy(model, tokenizer, problems: Sequence[Problem]
                             ) -> tuple[float, float]:
     """(the share of answer tokens, end of text included, that are the model's top prediction
-    given the true prefix; the share of answers with every token so). The second equals greedy
-    decoding's exact match by construction: greedy decoding follows the top prediction."""
+    given the true prefix; the share of answers with every token so). Greedy decoding follows
+    the top prediction, so the second is greedy decoding's exact match, give or take the
+    checker's leniency (spaces, a newline ending the answer)."""
     model.eval()
     device = next(model.parameters()).device
     right = total = whole = 0
@@ -199,7 +210,7 @@ def run_sft(p, problems: Sequence[Problem], seed: int, live_dir: Path):
 
     from llmpipe.loading import load_causal_lm
     from llmpipe.runtime import runtime_args
-    from llmpipe.tracking import TrainerCurves
+    from llmpipe.trainer_callbacks import TrainerCurves
 
     started = time.perf_counter()
     model, tokenizer = load_causal_lm(p.base)

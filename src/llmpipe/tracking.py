@@ -1,4 +1,6 @@
-"""Training curves through dvclive, as DVC plots that dvc.yaml declares.
+"""Training curves through dvclive, as DVC plots that dvc.yaml declares (Trainer stages log
+through llmpipe.trainer_callbacks, which imports the Trainer: seconds a stage without one
+does not spend).
 
 dvclive runs here with dvcyaml=False and save_dvc_exp=False: it must neither rewrite dvc.yaml nor
 save experiments of its own from inside a DVC stage. Curves use the trainer's global step as x.
@@ -6,10 +8,7 @@ save experiments of its own from inside a DVC stage. Curves use the trainer's gl
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-
-from transformers import TrainerCallback
 
 
 def curves_live(live_dir: str | Path):
@@ -26,41 +25,14 @@ def curves_live(live_dir: str | Path):
     return CurvesOnlyLive(dir=str(live_dir), dvcyaml=False, save_dvc_exp=False)
 
 
+def log_step(live, step: int, figures: dict[str, float], prefix: str = "train/") -> None:
+    """A training loop's figures at `step` as curves (llmpipe.reinforce's loop; Trainer stages
+    log through TrainerCurves)."""
+    live.step = step
+    for key, value in figures.items():
+        if not any(word in key for word in _NOT_CURVES):
+            live.log_metric(f"{prefix}{key}", value)
+
+
 # Bookkeeping the Trainer logs that makes no curve worth plotting.
 _NOT_CURVES = ("runtime", "per_second", "flos", "epoch", "train_loss", "step_time", "num_tokens")
-
-
-class TrainerCurves(TrainerCallback):
-    """Logs what transformers' Trainer logs at its global step, and times the training steps
-    alone (evaluation and checkpointing excluded) for an honest tokens/s."""
-
-    def __init__(self, live_dir: str | Path):
-        self.live_dir = live_dir
-        self.live = None
-        self.step_seconds = 0.0
-        self._step_started = 0.0
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            self.live = curves_live(self.live_dir)
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._step_started = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.step_seconds += time.perf_counter() - self._step_started
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.live is None or not logs:
-            return
-        self.live.step = state.global_step
-        for key, value in logs.items():
-            if (isinstance(value, int | float) and not isinstance(value, bool)
-                    and not any(word in key for word in _NOT_CURVES)):
-                name = key.replace("eval_", "eval/") if key.startswith("eval_") else f"train/{key}"
-                self.live.log_metric(name, value)
-        self.live.next_step()
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.live is not None:
-            self.live.end()

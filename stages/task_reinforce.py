@@ -1,0 +1,32 @@
+"""task_reinforce: REINFORCE (llmpipe.reinforce) from the task's SFT model with the exact-match
+checker as the reward; exact match and pass@k on the test problems before and after."""
+
+import time
+
+from llmpipe import layout
+from llmpipe.loading import load_causal_lm
+from llmpipe.params import TaskReinforceParams, load_stage_params
+from llmpipe.reinforce import config_from, reinforce
+from llmpipe.stage import run_main
+from llmpipe.task import exact_match_reward, finish_task_rl, read_problems, read_task_report
+from llmpipe.tracking import curves_live, log_step
+
+
+def main() -> None:
+    shared, p = load_stage_params(TaskReinforceParams)
+    problems = read_problems(layout.TASK_PROBLEMS)
+    policy, tokenizer = load_causal_lm(layout.TASK_SFT_MODEL)
+    reference, _ = load_causal_lm(layout.TASK_SFT_MODEL)
+    live = curves_live(layout.live_dir("task_reinforce"))
+    started = time.perf_counter()
+    steps = reinforce(policy, reference, tokenizer, [q.as_dict() for q in problems["train"]],
+                      [(exact_match_reward, 1.0)], config_from(p), shared.seed,
+                      log=lambda step, stats: log_step(live, step, stats))
+    wall_s = time.perf_counter() - started
+    live.end()
+    finish_task_rl("task_reinforce", layout.TASK_REINFORCE_MODEL, policy, tokenizer, problems,
+                   read_task_report(layout.TASK_SFT_MODEL), steps, p, shared.seed, wall_s)
+
+
+if __name__ == "__main__":
+    run_main(main)
