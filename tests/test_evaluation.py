@@ -100,6 +100,7 @@ def test_harness_params_are_checked_before_any_work():
     from llmpipe.harness import check_harness
 
     check_harness([])
+    check_harness(None)
     check_harness(["llmpipe_cloze"])
     with pytest.raises(ParamsError, match=r"^evaluate.harness_tasks: unknown task\(s\) "
                                           r"\['hellaswagg'\]"):

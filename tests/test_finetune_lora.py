@@ -120,7 +120,9 @@ def test_adapter_reload_and_merge_give_the_same_logits(trained_lora, tmp_path):
     save_adapter(model, tmp_path / "adapter")
     assert (tmp_path / "adapter/adapter_model.safetensors").exists()
     config = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
-    assert config["target_modules"] == sorted(p.target_modules)  # not a set's hash order
+    # all-linear on GPT-2, sorted: not a set's hash order
+    assert p.target_modules == ["all-linear"]
+    assert config["target_modules"] == ["c_attn", "c_fc", "c_proj"]
     fresh, _ = load_causal_lm(workspace / layout.PRETRAIN_MODEL)
     reloaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
     with torch.no_grad():

@@ -46,7 +46,8 @@ def grpo_params(**changes) -> GrpoParams:
                   lora_target_modules=["c_attn", "c_proj"], num_generations=4,
                   prompts_per_step=4, beta=0.0, length_penalty=0.0, eval_samples=1,
                   loss_type="dapo", scale_rewards="group", learning_rate=1e-2,
-                  max_completion_length=8, temperature=1.0, max_steps=15)
+                  max_completion_length=8, temperature=1.0, max_steps=15, curve_interval=0,
+                  curve_prompts=1)
     return GrpoParams(**{**values, **changes})
 
 

@@ -44,7 +44,7 @@ def root(tmp_path_factory) -> Path:
     from llmpipe.tokenization import load_pretrained
 
     root = tmp_path_factory.mktemp("pipeline")
-    for seed, name in enumerate(("pretrain", "finetune", "grpo")):
+    for seed, name in enumerate(("pretrain", "finetune", "grpo", "reinforce")):
         save_micro_model(root / layout.MODEL_OUTPUTS[name], seed=seed, n_positions=CONTEXT)
     base_dir = root / layout.PRETRAIN_MODEL
     tokenizer = load_pretrained(str(base_dir))
@@ -105,7 +105,11 @@ class LiveServer:
         pending = asyncio.all_tasks(self.loop)  # sse-starlette's shutdown watcher
         for task in pending:
             task.cancel()
-        self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+
+        async def drained():  # gathered on the server's loop, also when nothing is pending
+            await asyncio.gather(*pending, return_exceptions=True)
+
+        self.loop.run_until_complete(drained())
         self.loop.close()
 
 
@@ -220,7 +224,8 @@ def test_chat_applies_the_template_and_a_model_without_one_is_a_400(client, root
 LONG = list(range(1, 400)) * 2  # token ids: 798 > CONTEXT
 BAD_REQUESTS = [
     ("/v1/completions", {"model": "nope", "prompt": "x"}, 404,
-     "model: 'nope' is not served here (models: pretrain, finetune, lora, quantized, grpo, chat)"),
+     "model: 'nope' is not served here (models: pretrain, finetune, lora, quantized, grpo, "
+     "reinforce, chat)"),
     ("/v1/completions", b'{"model": "finetune", "prompt": ', 400, "request body: not valid JSON"),
     ("/v1/completions", b"[1, 2]", 400, "request body: expected a JSON object"),
     ("/v1/completions", {"prompt": "x"}, 400, "model: missing (required)"),
@@ -416,7 +421,7 @@ def test_the_page_streams_two_models_side_by_side(server, tmp_path):
                                     args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1280, "height": 800})
         page.goto(server.url)
-        expect(page.locator("#server")).to_contain_text("6 models")
+        expect(page.locator("#server")).to_contain_text("7 models")
         for box in page.locator("#models input").all():
             box.set_checked(box.get_attribute("value") in ("finetune", "grpo"))
         page.fill("#prompt", PROMPT)

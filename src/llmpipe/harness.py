@@ -28,13 +28,13 @@ METRICS = ("acc", "acc_norm")
 CHANCE = {"llmpipe_cloze": 0.25, "hellaswag": 0.25, "arc_easy": 0.25, "piqa": 0.5}
 
 
-def check_harness(tasks: Sequence[str], param: str = "evaluate.harness_tasks") -> None:
+def check_harness(tasks: Sequence[str] | None, param: str = "evaluate.harness_tasks") -> None:
     """Before minutes of work: the harness is installed and knows every task."""
     if not tasks:
         return
     if importlib.util.find_spec("lm_eval") is None:
         raise ParamsError(f"{param}: {list(tasks)} needs lm-evaluation-harness, which is not "
-                          "installed (pip install -e '.[eval]'), or set it to []")
+                          "installed (pip install -e '.[eval]'), or set it to null")
     unknown = [t for t in tasks if t not in _task_manager_for(tasks).all_tasks]
     if unknown:
         raise ParamsError(f"{param}: unknown task(s) {unknown} (lm-eval's task names, e.g. "
@@ -56,9 +56,12 @@ def _task_manager_for(tasks: Sequence[str]):
     return _task_manager(all(task in shipped for task in tasks))
 
 
-def run_harness(model, tokenizer, tasks: Sequence[str], limit: int | None, batch_size: int,
+def run_harness(model, tokenizer, tasks: Sequence[str] | None, limit: int | None, batch_size: int,
                 seed: int) -> dict[str, dict[str, float]]:
-    """{task: {acc, acc_stderr, (acc_norm, acc_norm_stderr)}} for a loaded model, zero-shot."""
+    """{task: {acc, acc_stderr, (acc_norm, acc_norm_stderr)}} for a loaded model, zero-shot;
+    nothing for no tasks."""
+    if not tasks:
+        return {}
     import os
 
     from lm_eval import simple_evaluate

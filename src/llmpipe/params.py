@@ -396,9 +396,9 @@ class EvaluateParams:
     generate_tokens: int = param(POSITIVE_INT)  # timed greedy generation
     repeats: int = param(POSITIVE_INT)
     sample: SampleParams  # fixed prompts whose generations go into the report
-    # lm-evaluation-harness tasks run on every model (llmpipe.harness; [] for none), each on at
+    # lm-evaluation-harness tasks run on every model (llmpipe.harness; null: none), each on at
     # most harness_limit items (null: all)
-    harness_tasks: list[str]
+    harness_tasks: list[str] | None
     harness_limit: int | None = param(POSITIVE_INT)
 
 

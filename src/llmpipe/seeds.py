@@ -52,11 +52,14 @@ def experiment_name(variant: Sequence[str], seed: int) -> str:
 
 
 def _experiments(show: list) -> Iterator[tuple[str, dict]]:
-    """(name, data) of every experiment in `dvc exp show --json`'s nested answer."""
+    """(name, data) of every experiment that finished in `dvc exp show --json`'s nested answer
+    (a failed one shows its baseline's metrics: left out)."""
     for entry in show:
         for experiment in entry.get("experiments") or ():
             for rev in experiment.get("revs") or ():
-                if rev.get("name") and rev.get("data"):
+                failed = (rev.get("data") or {}).get("error") or \
+                    (rev.get("executor") or {}).get("state") == "failed"
+                if rev.get("name") and rev.get("data") and not failed:
                     yield rev["name"], rev["data"]
 
 
@@ -113,7 +116,9 @@ def queue(variants: Sequence[Sequence[str]], seeds: Sequence[int], start: str | 
             if name in existing:
                 continue
             sets = [arg for s in (f"seed={seed}", *variant) for arg in ("-S", s)]
-            target = ["--downstream", start] if start else []
+            # The queue runs each experiment in a fresh copy of the repository, where only the
+            # stages it runs get their inputs: the earlier stages' outputs are copied in.
+            target = ["--downstream", start, "--copy-paths", "data"] if start else []
             _dvc("exp", "run", "--queue", "--name", name, *sets, *target)
             queued += 1
     return queued
@@ -136,8 +141,9 @@ def main(argv: list[str] | None = None) -> None:
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     if not args.report and queue(variants, seeds, args.start):
         # One at a time: two torch jobs on the same cores slow each other many times over.
+        # DVC follows the runs' logs: on stderr, so that stdout is the table alone.
         subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "--run-all", "-j", "1"],
-                       check=True)
+                       check=True, stdout=sys.stderr)
     print(format_table(aggregate(json.loads(_dvc("exp", "show", "--json")), variants, seeds)))
 
 
