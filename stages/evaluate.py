@@ -82,7 +82,8 @@ def main() -> None:
         metrics["perf"][name] = {"generate_tokens_per_s": tokens_per_s, "device": device}
         rows.append(rounded({"model": name, **figures, "generate_tokens_per_s": tokens_per_s,
                              "device": device}))
-        groups = sample_completions(model, tokenizer, p.sample.prompts, shown)
+        groups = sample_completions(model, tokenizer, p.sample.prompts, shown,
+                                    judges.prompt_format)
         samples[name] = [{"prompt": q, "completion": g[0].text}
                          for q, g in zip(p.sample.prompts, groups, strict=True)]
         print(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()))

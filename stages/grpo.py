@@ -4,6 +4,7 @@ measured before and after on held-out prompts with the same sampling seed."""
 import time
 
 from llmpipe import layout
+from llmpipe.chat import PromptFormat
 from llmpipe.loading import load_causal_lm
 from llmpipe.params import GrpoParams, load_stage_params
 from llmpipe.preferences import read_prompts
@@ -41,8 +42,10 @@ def main() -> None:
         def heldout_report(model):
             return policy_report(model, tokenizer, curve_prompts, sampling, judges)
     started = time.perf_counter()
-    policy, steps = run_grpo(layout.FINETUNE_MODEL, reward_functions(layout.REWARD_MODEL, p),
-                             train_prompts, p, shared.seed, layout.live_dir("grpo"),
+    prompt_format = PromptFormat.read(layout.PREFERENCES)
+    policy, steps = run_grpo(layout.FINETUNE_MODEL,
+                             reward_functions(layout.REWARD_MODEL, prompt_format, p),
+                             train_prompts, prompt_format, p, shared.seed, layout.live_dir("grpo"),
                              heldout_report if main_process else None, p.curve_interval)
     wall_s = time.perf_counter() - started
     if not main_process:

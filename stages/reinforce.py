@@ -38,6 +38,7 @@ def main() -> None:
     started = time.perf_counter()
     steps = reinforce(policy, reference, tokenizer, [{"prompt": q} for q in train_prompts],
                       rlhf_rewards(p.reward, judges, p.length_penalty), config_from(p), shared.seed,
+                      judges.prompt_format,
                       log=curve.log_training, on_step=lambda step: curve.measure(policy, step))
     wall_s = time.perf_counter() - started
     live.end()

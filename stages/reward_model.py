@@ -2,6 +2,7 @@
 the preference pairs with TRL's RewardTrainer."""
 
 from llmpipe import layout
+from llmpipe.chat import PromptFormat
 from llmpipe.io import atomic_dir, write_metrics
 from llmpipe.params import RewardModelParams, load_stage_params
 from llmpipe.preferences import read_fresh, read_pairs
@@ -15,13 +16,14 @@ def main() -> None:
     train = read_pairs(layout.PREFERENCES, "train")
     heldout = read_pairs(layout.PREFERENCES, "heldout")
     fresh = read_fresh(layout.PREFERENCES)
-    model, tokenizer, trained_pairs = train_reward_model(layout.FINETUNE_MODEL, train, heldout, p,
-                                                         shared.seed,
-                                                         layout.live_dir("reward_model"))
+    prompt_format = PromptFormat.read(layout.PREFERENCES)
+    model, tokenizer, trained_pairs = train_reward_model(
+        layout.FINETUNE_MODEL, train, heldout, prompt_format, p, shared.seed,
+        layout.live_dir("reward_model"))
     if not is_main_process():  # under a launcher, one process measures and writes
         return
-    held = pairwise_report(model, tokenizer, heldout)
-    agreement, counted = gold_agreement(model, tokenizer, fresh)
+    held = pairwise_report(model, tokenizer, prompt_format, heldout)
+    agreement, counted = gold_agreement(model, tokenizer, prompt_format, fresh)
     with atomic_dir(layout.REWARD_MODEL) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)  # TRL loads a reward model's tokenizer from its folder
@@ -30,7 +32,7 @@ def main() -> None:
         "dropped_pairs": len(train) - trained_pairs,
         "heldout_accuracy": held["accuracy"],
         "heldout_mean_margin": held["mean_margin"],
-        "train_accuracy": pairwise_report(model, tokenizer, train)["accuracy"],
+        "train_accuracy": pairwise_report(model, tokenizer, prompt_format, train)["accuracy"],
         "chance_accuracy": 0.5,
         "gold_agreement_fresh": agreement,
         "fresh_pairs": counted,

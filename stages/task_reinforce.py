@@ -8,23 +8,23 @@ from llmpipe.loading import load_causal_lm
 from llmpipe.params import TaskReinforceParams, load_stage_params
 from llmpipe.reinforce import config_from, reinforce
 from llmpipe.stage import run_main
-from llmpipe.task import exact_match_reward, finish_task_rl, read_problems, read_task_report
+from llmpipe.task import TaskSet, exact_match_reward, finish_task_rl, read_task_report
 from llmpipe.tracking import curves_live, log_step
 
 
 def main() -> None:
     shared, p = load_stage_params(TaskReinforceParams)
-    problems = read_problems(layout.TASK_PROBLEMS)
+    task = TaskSet.read(layout.TASK_PROBLEMS)
     policy, tokenizer = load_causal_lm(layout.TASK_SFT_MODEL)
     reference, _ = load_causal_lm(layout.TASK_SFT_MODEL)
     live = curves_live(layout.live_dir("task_reinforce"))
     started = time.perf_counter()
-    steps = reinforce(policy, reference, tokenizer, [q.as_dict() for q in problems["train"]],
-                      [(exact_match_reward, 1.0)], config_from(p), shared.seed,
+    steps = reinforce(policy, reference, tokenizer, task.rl_rows(),
+                      [(exact_match_reward, 1.0)], config_from(p), shared.seed, task.prompt_format,
                       log=lambda step, stats: log_step(live, step, stats))
     wall_s = time.perf_counter() - started
     live.end()
-    finish_task_rl("task_reinforce", layout.TASK_REINFORCE_MODEL, policy, tokenizer, problems,
+    finish_task_rl("task_reinforce", layout.TASK_REINFORCE_MODEL, policy, tokenizer, task,
                    read_task_report(layout.TASK_SFT_MODEL), steps, p, shared.seed, wall_s)
 
 

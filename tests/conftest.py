@@ -204,3 +204,48 @@ def save_micro_model(directory: Path, seed: int = 0, n_positions: int = 512,
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return model
+
+
+# A Llama-3-style template: the template writes the BOS, each turn ends with <|eot|> (the
+# tokenizer's EOS, as an instruct model's end of turn is).
+INSTRUCT_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start|>{{ m['role'] }}\n{{ m['content'] }}<|eot|>"
+    "{% endfor %}{% if add_generation_prompt %}<|start|>assistant\n{% endif %}")
+
+
+def save_micro_instruct(directory: Path, architecture: str = "llama", seed: int = 0):
+    """A random-init Llama or Qwen2 (2 x 32) with a tokenizer like an instruct model's: a
+    byte-level BPE trained on SAMPLE_DOCS that adds a BOS to every text, <|eot|> as EOS, a
+    chat template, and as pad token none (Llama) or <|endoftext|> (Qwen, whose tokenizer class
+    AutoTokenizer picks from the config adds it). Returns (model, tokenizer)."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer, processors
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(SAMPLE_DOCS, vocab_size=400, min_frequency=1,
+                            special_tokens=["<s>", "<|eot|>", "<|start|>", "<|endoftext|>"],
+                            show_progress=False)
+    backend = bpe._tokenizer
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)])
+    pad = {"pad_token": "<|endoftext|>"} if architecture == "qwen2" else {}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>",
+                                        eos_token="<|eot|>",
+                                        chat_template=INSTRUCT_CHAT_TEMPLATE, **pad)
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    small = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                 num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                 max_position_embeddings=256, **ids)
+    torch.manual_seed(seed)
+    model = (LlamaForCausalLM(LlamaConfig(**small)) if architecture == "llama"
+             else Qwen2ForCausalLM(Qwen2Config(**small))).eval()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return model, tokenizer

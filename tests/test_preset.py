@@ -20,6 +20,19 @@ def test_gpu_preset_is_valid_params():
     assert validated["download"].finetune.sha256.startswith("86c4e6aa")
 
 
+def test_instruct_preset_is_valid_params():
+    validated = validate_mapping(compose(read_params_file(ROOT / "params.yaml"),
+                                         load_preset("instruct")))
+    base = "hf:meta-llama/Llama-3.2-1B-Instruct"
+    assert validated["finetune"].base == validated["task_sft"].base == base
+    assert validated["tokenize"].tokenizer == base
+    assert validated["preferences"].chat and validated["task_sft"].chat
+    assert validated["preferences"].chosen_column == "full_chosen"
+    grpo = validated["grpo"]
+    assert (grpo.num_generations, grpo.beta, grpo.use_lora) == (4, 0.1, True)
+    assert validated["task_sft"].kind == "gsm8k"
+
+
 def test_dvc_applies_the_set_arguments_to_params_yaml(tmp_path):
     # What `dvc exp run -S ...` does with them (Hydra overrides, struct mode: new keys too).
     from dvc.utils.hydra import apply_overrides

@@ -9,6 +9,7 @@ import torch
 from conftest import TOY_WORDS as WORDS
 from conftest import toy_pairs
 from llmpipe import layout
+from llmpipe.chat import PLAIN
 from llmpipe.errors import DataError
 from llmpipe.loading import load_reward_model, load_tokenizer
 from llmpipe.params import GrpoParams, RewardModelParams
@@ -17,8 +18,8 @@ from llmpipe.rlhf import (
     completion_logprobs,
     length_penalty,
     pairwise_report,
+    reward_scores,
     run_grpo,
-    score_texts,
     train_reward_model,
 )
 from llmpipe.sampling import Completion, Sampling, sample_completions
@@ -33,10 +34,10 @@ def test_reward_trainer_learns_a_separable_preference(policy_dir, tmp_path):
     train, heldout = toy_pairs(0, 256), toy_pairs(1, 64)
     p = RewardModelParams(launcher="python", learning_rate=1e-3, warmup_steps=0, epochs=3,
                           batch_size=16, max_length=64)
-    model, tokenizer, trained = train_reward_model(policy_dir, train, heldout, p, 0,
+    model, tokenizer, trained = train_reward_model(policy_dir, train, heldout, PLAIN, p, 0,
                                                    tmp_path / "live")
     assert trained == len(train)  # none longer than max_length
-    assert pairwise_report(model, tokenizer, heldout)["accuracy"] >= 0.9
+    assert pairwise_report(model, tokenizer, PLAIN, heldout)["accuracy"] >= 0.9
     assert (tmp_path / "live/plots/metrics/train/loss.tsv").exists()
 
 
@@ -77,7 +78,7 @@ def test_grpo_raises_a_simple_reward_and_calls_it_as_trl_documents(policy_dir, t
     def mean_frequency(ids: list[list[int]]) -> float:
         return sum(target_frequency(ids, ids, ids)) / len(ids)
 
-    model, steps = run_grpo(policy_dir, [(target_frequency, None, 1.0)], prompts,
+    model, steps = run_grpo(policy_dir, [(target_frequency, 1.0)], prompts, PLAIN,
                             grpo_params(), 0, tmp_path / "live")
     assert steps == 15
     before, after = mean_frequency(base_ids), mean_frequency(sampled_ids(model))
@@ -92,8 +93,8 @@ def test_grpo_with_lora_trains_and_returns_a_merged_plain_model(policy_dir, tmp_
     def varied(prompts, completions, completion_ids, **kwargs):  # rewards that differ
         return [float(sum(ids) % 7) for ids in completion_ids]
 
-    model, _ = run_grpo(policy_dir, [(varied, None, 1.0), (length_penalty, None, 0.1)],
-                        ["a b", "c d"], grpo_params(use_lora=True, max_steps=3,
+    model, _ = run_grpo(policy_dir, [(varied, 1.0), (length_penalty, 0.1)],
+                        ["a b", "c d"], PLAIN, grpo_params(use_lora=True, max_steps=3,
                                                     prompts_per_step=2), 0, tmp_path / "live")
     assert not isinstance(model, PeftModel)
     assert not any("lora" in name for name, _ in model.named_parameters())
@@ -130,9 +131,10 @@ def test_kl_of_a_policy_to_itself_is_zero_and_positive_to_another(policy_dir):
 def test_reward_scores_do_not_depend_on_padding(policy_dir):
     tokenizer = load_tokenizer(policy_dir)
     model = load_reward_model(policy_dir, tokenizer)
-    texts = ["a short one", "a longer text, never padded"]  # within 32 positions
-    together = score_texts(model, tokenizer, texts)
-    alone = [score_texts(model, tokenizer, [t])[0] for t in texts]
+    prompts, completions = ["a short", "a longer text,"], [" one", " never padded"]
+    together = reward_scores(model, tokenizer, PLAIN, prompts, completions)
+    alone = [reward_scores(model, tokenizer, PLAIN, [q], [c])[0]
+             for q, c in zip(prompts, completions, strict=True)]
     assert together == pytest.approx(alone, abs=1e-5)
 
 

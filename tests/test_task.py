@@ -1,8 +1,20 @@
 """The checkable task (llmpipe.task): its problems and its checker."""
 
+import json
+
 import pytest
 
-from llmpipe.task import exact_match, exact_match_reward, make_problems, parse_answer
+from conftest import save_micro_instruct
+from llmpipe.chat import PromptFormat
+from llmpipe.errors import DataError
+from llmpipe.task import (
+    exact_match,
+    exact_match_reward,
+    final_number,
+    load_problems,
+    make_problems,
+    parse_answer,
+)
 
 
 def test_train_and_test_problems_are_disjoint_and_the_same_for_the_same_seed():
@@ -41,5 +53,70 @@ def test_the_checker_parses_right_wrong_and_malformed_answers():
     assert not exact_match(" 1 2 3 4", " 1 2 3")
     for malformed in ("", " ", " 1 2 x", "the answer is 123", " -1 2 3", "1.23"):
         assert parse_answer(malformed) is None and not exact_match(malformed, " 1 2 3")
-    assert exact_match_reward(["q"] * 3, [" 4 2", " 4 3", "x"], answer=[" 4 2"] * 3) == \
+    assert exact_match_reward(["q"] * 3, [" 4 2", " 4 3", "x"], answer=[" 4 2"] * 3,
+                              kind=["add"] * 3) == \
         [1.0, 0.0, 0.0]
+
+
+def test_gsm8k_answers_are_the_final_number():
+    assert final_number("3 + 4 = 7 apples.\n#### 7") == "7"
+    assert final_number("#### 1,200") == "1200"
+    assert final_number("Half of 10 is 5, so the answer is 5.00.") == "5"
+    assert final_number("She owes -3 dollars, not 4: #### -3") == "-3"
+    assert final_number("no number at all") is None and final_number("#### none") is None
+    assert exact_match("so it is 12 + 6 = 18\n#### 18", "18", "gsm8k")
+    assert not exact_match("so it is 12 + 6 = 19", "18", "gsm8k")
+    assert exact_match_reward(["q"] * 2, [[{"role": "assistant", "content": "#### 18"}], "17"],
+                              answer=["18"] * 2, kind=["gsm8k"] * 2) == [1.0, 0.0]
+
+
+def write_gsm8k(directory, train: int, test: int) -> str:
+    """A GSM8K stand-in: file:<dir> with train.jsonl and test.jsonl."""
+    directory.mkdir(exist_ok=True)
+    rows = {"train": [{"question": f"What is {i} + 1?",
+                       "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(train)],
+            "test": [{"question": f"What is {i} + 2?", "answer": f"#### {i + 2}"}
+                     for i in range(test)]}
+    rows["test"].insert(0, rows["train"][0])  # a test question the train split also has
+    for split, split_rows in rows.items():
+        (directory / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in split_rows))
+    return f"file:{directory}"
+
+
+def test_gsm8k_problems_from_a_source_are_disjoint_and_seeded(tmp_path):
+    source = write_gsm8k(tmp_path / "gsm8k", train=20, test=5)
+    problems = load_problems("gsm8k", source, 0, 8, 5, seed=3)
+    assert problems == load_problems("gsm8k", source, 0, 8, 5, seed=3)
+    assert problems != load_problems("gsm8k", source, 0, 8, 5, seed=4)
+    assert not {q.prompt for q in problems["train"]} & {q.prompt for q in problems["test"]}
+    first = problems["test"][0]
+    assert (first.prompt, first.answer) == ("What is 0 + 2?", "2")  # the duplicate left out
+    assert problems["train"][0].target.endswith(f"#### {problems['train'][0].answer}")
+    with pytest.raises(DataError, match=r"6 test problems asked \(task_sft\.test_problems\), 5"):
+        load_problems("gsm8k", source, 0, 8, 6, seed=3)
+    with pytest.raises(DataError, match=r"task_sft\.source: missing"):
+        load_problems("gsm8k", None, 0, 8, 5, seed=3)
+    (tmp_path / "gsm8k/test.jsonl").write_text('{"question": "q", "answer": "7"}\n')
+    with pytest.raises(DataError, match=r"test\.jsonl: row 0 has no \"####"):
+        load_problems("gsm8k", source, 0, 8, 1, seed=3)
+
+
+def test_the_task_on_an_instruct_model_through_its_chat_template(tmp_path):
+    from llmpipe.loading import load_causal_lm
+    from llmpipe.params import TaskSftParams
+    from llmpipe.task import _encode, run_sft, task_report
+
+    save_micro_instruct(tmp_path / "instruct", "llama")
+    model, tokenizer = load_causal_lm(tmp_path / "instruct")
+    chat = PromptFormat(chat=True)
+    problems = load_problems("gsm8k", write_gsm8k(tmp_path / "gsm8k", 20, 4), 0, 16, 4, seed=0)
+    prompt, target = _encode(tokenizer, problems["test"][:1], chat)[0]
+    assert tokenizer.decode(prompt).endswith("assistant\n")
+    assert target[-1] == tokenizer.eos_token_id  # the turn ends with the model's end of turn
+    p = TaskSftParams(base=str(tmp_path / "instruct"), kind="gsm8k", source=None, chat=True,
+                      digits=1, train_problems=16, test_problems=4, pass_k=2, max_steps=3,
+                      batch_size=4, learning_rate=1e-3, warmup_steps=0)
+    trained, _ = run_sft(p, problems["train"], chat, 0, tmp_path / "live")
+    report = task_report(trained, tokenizer, problems["test"], "gsm8k", 2, 0, chat)
+    assert 0 <= report["teacher_forced_token_accuracy"] <= 1
+    assert report["samples"][0]["prompt"] == problems["test"][0].prompt

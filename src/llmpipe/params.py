@@ -264,6 +264,13 @@ class PreferencesParams:
     gold_repetition_penalty: float = param(NON_NEGATIVE_NUMBER)
     split: str  # hf:/file: sets
     heldout_fraction: float = param(OPEN_UNIT_INTERVAL)  # hf:/file: sets
+    # hf:/file: sets: the columns holding the prompt and the two completions (plain text)
+    prompt_column: str
+    chosen_column: str
+    rejected_column: str
+    # prompts are a user turn of the tokenizer's chat template (an instruct model), for every
+    # stage that reads the preference set (llmpipe.chat)
+    chat: bool
     prompt_tokens: int = param(POSITIVE_INT)
     completion_tokens: int = param(POSITIVE_INT)
     samples_per_prompt: int = param(Check("an integer of at least 2", lambda v: v >= 2))
@@ -359,7 +366,11 @@ class ReinforceParams(PolicyGradientParams, HeldoutReportParams):
 @dataclass(frozen=True, kw_only=True)
 class TaskSftParams:
     base: str  # pretrain, hf:<name> or a model directory
-    kind: Literal["add", "reverse"]
+    kind: Literal["add", "reverse", "gsm8k"]
+    # gsm8k: hf:openai/gsm8k:main or file:<dir> with train.jsonl and test.jsonl (question,
+    # answer ending in "#### <number>"); the generated kinds ignore it
+    source: str | None
+    chat: bool  # prompts are a user turn of the tokenizer's chat template (llmpipe.chat)
     digits: int = param(Check("an integer from 1 to 4", lambda v: 1 <= v <= 4))
     train_problems: int = param(POSITIVE_INT)
     test_problems: int = param(POSITIVE_INT)

@@ -8,6 +8,7 @@ readers):
                                                and their gold scores (the reward model's
                                                agreement with the gold scorer)
     gold.json                                  the gold scorer that labelled them: scorer, label
+    prompt_format.json                         plain text or chat template (llmpipe.chat)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from llmpipe.chat import PLAIN, PromptFormat
 from llmpipe.errors import DataError
 from llmpipe.gold import GoldScorer, load_gold_scorer
 from llmpipe.io import atomic_dir, read_jsonl, write_json, write_jsonl
@@ -52,6 +54,7 @@ class PreferenceSet:
     prompts: dict[str, list[str]]  # split -> distinct prompts
     fresh: list[dict]
     gold: GoldSpec
+    prompt_format: PromptFormat = PLAIN
 
     def write(self, directory: Path) -> None:
         """The whole directory at once: a crash leaves the previous one intact."""
@@ -62,6 +65,7 @@ class PreferenceSet:
                             ({"prompt": q} for q in self.prompts[split]))
             write_jsonl(tmp / FRESH_FILE, self.fresh)
             write_json(tmp / GOLD_FILE, asdict(self.gold))
+            self.prompt_format.write(tmp)
 
 
 def read_pairs(directory: Path, split: str) -> list[dict]:

@@ -28,6 +28,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch.nn import functional as F
 
+from llmpipe.chat import PLAIN, PromptFormat, left_padded
+
 # A reward function, TRL's signature: prompts, completions (texts), completion ids and each
 # dataset column as keyword lists -> one float per completion.
 RewardFunction = Callable[..., list[float]]
@@ -80,15 +82,15 @@ class Rollout:
 
 @torch.no_grad()
 def sample(policy, tokenizer, prompts: Sequence[str], k: int, max_new_tokens: int,
-           temperature: float) -> Rollout:
+           temperature: float, prompt_format: PromptFormat = PLAIN) -> Rollout:
     device = next(policy.parameters()).device
-    batch = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left",
-                      add_special_tokens=False).to(device)
+    batch = left_padded([prompt_format.prompt_ids(tokenizer, q) for q in prompts],
+                        tokenizer.pad_token_id, device)
     policy.eval()
     ids = policy.generate(**batch, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                           max_new_tokens=max_new_tokens, num_return_sequences=k,
                           pad_token_id=tokenizer.pad_token_id)
-    prompt_length = batch.input_ids.size(1)
+    prompt_length = batch["input_ids"].size(1)
     completion = ids[:, prompt_length:]
     is_eos = completion == tokenizer.eos_token_id
     # Tokens after the first end-of-text are padding (generate pads finished rows with it).
@@ -98,7 +100,7 @@ def sample(policy, tokenizer, prompts: Sequence[str], k: int, max_new_tokens: in
     completion_ids = [row[:n] for row, n in zip(completion.tolist(), lengths, strict=True)]
     texts = tokenizer.batch_decode([[t for t in row if t != tokenizer.eos_token_id]
                                     for row in completion_ids], skip_special_tokens=True)
-    attention_mask = torch.cat([batch.attention_mask.repeat_interleave(k, dim=0),
+    attention_mask = torch.cat([batch["attention_mask"].repeat_interleave(k, dim=0),
                                 completion_mask.long()], dim=1)
     return Rollout(ids, attention_mask, prompt_length, completion_mask, texts, completion_ids)
 
@@ -143,6 +145,7 @@ def total_reward(rewards: Sequence[tuple[RewardFunction, float]], prompts: list[
 
 def reinforce(policy, reference, tokenizer, prompts: Sequence[dict],
               rewards: Sequence[tuple[RewardFunction, float]], cfg: ReinforceConfig, seed: int,
+              prompt_format: PromptFormat = PLAIN,
               log: Callable[[int, dict], None] = lambda step, stats: None,
               on_step: Callable[[int], None] = lambda step: None) -> int:
     """Train `policy` in place on `prompts` (dicts with a "prompt" and any columns the reward
@@ -164,7 +167,7 @@ def reinforce(policy, reference, tokenizer, prompts: Sequence[dict],
         del order[:cfg.prompts_per_step]
 
         rollout = sample(policy, tokenizer, [b["prompt"] for b in batch], cfg.num_generations,
-                         cfg.max_completion_length, cfg.temperature)
+                         cfg.max_completion_length, cfg.temperature, prompt_format)
         repeated = [b for b in batch for _ in range(cfg.num_generations)]
         columns = {key: [b[key] for b in repeated] for key in repeated[0] if key != "prompt"}
         reward = total_reward(rewards, [b["prompt"] for b in repeated], rollout, columns)

@@ -279,13 +279,18 @@ def task_section() -> str:
     budget = [f"{stage.removeprefix('task_')}: {m['completions_sampled']:,} completions, "
               f"{m['perf']['wall_s']:.0f} s"
               for stage in ("task_reinforce", "task_grpo") if (m := read_metrics(stage))]
-    return (f"### the checkable task: {sft['kind']}, {sft['digits']} digits "
+    what = sft["kind"] if sft["kind"] == "gsm8k" else f"{sft['kind']}, {sft['digits']} digits"
+    return (f"### the checkable task: {what} "
             f"({sft['test_problems']} test problems, disjoint from {sft['train_problems']} "
             "train problems)\n"
             + _table(["model", "teacher-forced token accuracy",
                       "teacher-forced whole answers", "free-running exact match (greedy)",
                       "pass@1 (sampled)", k.replace("pass_at_", "pass@"), "malformed"], rows)
-            + f"\n\nBaseline: chance exact match {sft['chance_exact_match']:.4f}. The gap "
+            + "\n\nBaseline: " + (f"chance exact match {sft['chance_exact_match']:.4f}"
+                                    if sft["chance_exact_match"] is not None else
+                                    "the base model's row (no chance level: any number is an "
+                                    "answer)")
+            + ". The gap "
             "between teacher-forced token accuracy and free-running exact match is the "
             "exposure-bias gap (greedy decoding follows the top prediction, so whole answers "
             "right under teacher forcing equal greedy exact match by construction). RL: "

@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from llmpipe.chat import PromptFormat, message_text, right_padded
 from llmpipe.degeneration import distinct_n, repeated_ngram_share
 from llmpipe.errors import ParamsError
 from llmpipe.gold import GoldScorer
 from llmpipe.loading import load_reward_model, load_tokenizer
 from llmpipe.lora import adapter_config
 from llmpipe.params import STAGE_OF_SCHEMA, GrpoParams, GrpoTrainingParams, RewardModelParams
-from llmpipe.preferences import PAIR_COLUMNS, read_gold_spec
+from llmpipe.preferences import read_gold_spec
 from llmpipe.runtime import per_process, runtime_args, trained_model
 from llmpipe.sampling import Sampling, sample_completions
 from llmpipe.tracking import log_step
@@ -36,50 +37,67 @@ class Judges:
     reward_model: torch.nn.Module
     reward_tokenizer: object
     reference: torch.nn.Module
+    prompt_format: PromptFormat  # the preference set's: how prompts are sampled and scored
+
+    def reward_scores(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        return reward_scores(self.reward_model, self.reward_tokenizer, self.prompt_format,
+                             prompts, completions)
 
 
 def load_judges(preferences_dir: Path, reward_dir: Path, reference) -> Judges:
     reward_tokenizer = load_tokenizer(reward_dir)
     return Judges(read_gold_spec(preferences_dir).load(),
-                  load_reward_model(reward_dir, reward_tokenizer), reward_tokenizer, reference)
+                  load_reward_model(reward_dir, reward_tokenizer), reward_tokenizer, reference,
+                  PromptFormat.read(preferences_dir))
 
 
 @torch.no_grad()
-def score_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 64) -> list[float]:
+def reward_scores(model, tokenizer, prompt_format: PromptFormat, prompts: Sequence[str],
+                  completions: Sequence[str], batch_size: int = 64) -> list[float]:
+    """The reward model's score of each prompt + completion, read from the tokens it was
+    trained on (`PromptFormat.scored_ids`)."""
     model.eval()
     device = next(model.parameters()).device
+    rows = [prompt_format.scored_ids(tokenizer, q, c)
+            for q, c in zip(prompts, completions, strict=True)]
     scores: list[float] = []
-    for i in range(0, len(texts), batch_size):
-        inputs = tokenizer(list(texts[i:i + batch_size]), return_tensors="pt", padding=True,
-                           padding_side="right", add_special_tokens=False).to(device)
+    for i in range(0, len(rows), batch_size):
+        inputs = right_padded(rows[i:i + batch_size], tokenizer.pad_token_id, device)
         scores += model(**inputs).logits[:, 0].float().tolist()
     return scores
 
 
-def pairwise_report(model, tokenizer, pairs: Sequence[dict]) -> dict:
+def pairwise_report(model, tokenizer, prompt_format: PromptFormat, pairs: Sequence[dict]
+                    ) -> dict:
     """Accuracy (chosen scored above rejected) and mean margin on preference pairs."""
-    chosen = score_texts(model, tokenizer, [p["prompt"] + p["chosen"] for p in pairs])
-    rejected = score_texts(model, tokenizer, [p["prompt"] + p["rejected"] for p in pairs])
+    prompts = [p["prompt"] for p in pairs]
+    chosen = reward_scores(model, tokenizer, prompt_format, prompts, [p["chosen"] for p in pairs])
+    rejected = reward_scores(model, tokenizer, prompt_format, prompts,
+                             [p["rejected"] for p in pairs])
     margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
     return {"accuracy": sum(m > 0 for m in margins) / len(margins),
             "mean_margin": sum(margins) / len(margins)}
 
 
-def gold_agreement(model, tokenizer, fresh: Sequence[dict]) -> tuple[float, int]:
+def gold_agreement(model, tokenizer, prompt_format: PromptFormat, fresh: Sequence[dict]
+                   ) -> tuple[float, int]:
     """How often the reward model orders two fresh completions as the gold scorer does
     (pairs the gold scorer ties are left out); returns (agreement, pairs counted)."""
     rows = [r for r in fresh if r["gold"][0] != r["gold"][1]]
-    a = score_texts(model, tokenizer, [r["prompt"] + r["completions"][0] for r in rows])
-    b = score_texts(model, tokenizer, [r["prompt"] + r["completions"][1] for r in rows])
+    prompts = [r["prompt"] for r in rows]
+    a, b = (reward_scores(model, tokenizer, prompt_format, prompts,
+                          [r["completions"][i] for r in rows]) for i in (0, 1))
     agree = sum((x > y) == (r["gold"][0] > r["gold"][1]) for x, y, r in zip(a, b, rows,
                                                                            strict=True))
     return agree / max(len(rows), 1), len(rows)
 
 
 def train_reward_model(policy_dir: Path, train_pairs: Sequence[dict], eval_pairs: Sequence[dict],
-                       p: RewardModelParams, seed: int, live_dir: Path):
+                       prompt_format: PromptFormat, p: RewardModelParams, seed: int,
+                       live_dir: Path):
     """Returns (model (None outside the main process), tokenizer, pairs trained on:
-    RewardTrainer drops pairs over max_length)."""
+    RewardTrainer drops pairs over max_length). The pairs go in tokenized as `reward_scores`
+    reads them (`PromptFormat.scored_ids`), not as RewardTrainer would tokenize them."""
     from datasets import Dataset
     from transformers import set_seed
     from trl import RewardConfig, RewardTrainer
@@ -105,10 +123,14 @@ def train_reward_model(policy_dir: Path, train_pairs: Sequence[dict], eval_pairs
         logging_steps=5,
         **runtime_args(seed),
     )
-    columns = lambda pairs: Dataset.from_list([{c: q[c] for c in PAIR_COLUMNS} for q in pairs])  # noqa: E731
+    def tokenized(pairs):
+        return Dataset.from_list([
+            {f"{side}_ids": prompt_format.scored_ids(tokenizer, q["prompt"], q[side])
+             for side in ("chosen", "rejected")} for q in pairs])
+
     try:
-        trainer = RewardTrainer(model=model, args=args, train_dataset=columns(train_pairs),
-                                eval_dataset=columns(eval_pairs), processing_class=tokenizer,
+        trainer = RewardTrainer(model=model, args=args, train_dataset=tokenized(train_pairs),
+                                eval_dataset=tokenized(eval_pairs), processing_class=tokenizer,
                                 callbacks=[TrainerCurves(live_dir)])
         trainer.train()
     finally:
@@ -130,8 +152,7 @@ def rlhf_rewards(reward: str, judges: Judges, length_penalty_weight: float
     length penalty."""
     if reward == "reward_model":
         def score(prompts, completions, **kwargs):
-            return score_texts(judges.reward_model, judges.reward_tokenizer,
-                               [q + c for q, c in zip(prompts, completions, strict=True)])
+            return judges.reward_scores(prompts, completions)
     else:
         def score(prompts, completions, **kwargs):
             return judges.gold(completions)
@@ -170,12 +191,21 @@ def finish_rl_stage(stage: str, directory: Path, policy, tokenizer, before: dict
     return metrics
 
 
-def reward_functions(reward_dir: Path, p: GrpoParams) -> list[tuple[object, object, float]]:
-    """(reward function or model, its tokenizer, weight): the reward model plus shaping."""
+def reward_functions(reward_dir: Path, prompt_format: PromptFormat, p: GrpoParams
+                     ) -> list[tuple[Callable[..., list[float]], float]]:
+    """(reward function, weight) for GRPO: the reward model, scoring what it was trained on
+    (TRL's own scoring of a reward model drops the BOS its trainer added), plus shaping."""
     reward_tokenizer = load_tokenizer(reward_dir)
-    rewards = [(load_reward_model(reward_dir, reward_tokenizer), reward_tokenizer, 1.0)]
+    model = load_reward_model(reward_dir, reward_tokenizer)
+
+    def reward_model(prompts, completions, **kwargs):
+        return reward_scores(model, reward_tokenizer, prompt_format,
+                             [message_text(q) for q in prompts],
+                             [message_text(c) for c in completions])
+
+    rewards = [(reward_model, 1.0)]
     if p.length_penalty > 0:
-        rewards.append((length_penalty, None, p.length_penalty))
+        rewards.append((length_penalty, p.length_penalty))
     return rewards
 
 
@@ -207,14 +237,15 @@ class HeldoutCurve:
         log_step(self.live, step, figures)
 
 
-def run_grpo(policy_dir: Path, rewards: Sequence[tuple[object, object, float]],
-             prompts: Sequence[str | dict], p: GrpoTrainingParams, seed: int, live_dir: Path,
+def run_grpo(policy_dir: Path, rewards: Sequence[tuple[Callable[..., list[float]], float]],
+             prompts: Sequence[str | dict], prompt_format: PromptFormat, p: GrpoTrainingParams,
+             seed: int, live_dir: Path,
              heldout_report: Callable[[torch.nn.Module], dict] | None = None,
              curve_interval: int = 0):
-    """GRPO on the policy against weighted rewards (TRL reward functions, or sequence
-    classifiers with their tokenizers); returns (policy (merged if LoRA; None outside the main
-    process), steps done). `heldout_report` (main process), every `curve_interval` steps: the
-    over-optimisation curve."""
+    """GRPO on the policy against weighted rewards (TRL reward functions: prompts and
+    completions are text, or messages under a chat format); returns (policy (merged if LoRA;
+    None outside the main process), steps done). `heldout_report` (main process), every
+    `curve_interval` steps: the over-optimisation curve."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, set_seed
     from trl import GRPOConfig, GRPOTrainer
@@ -226,7 +257,7 @@ def run_grpo(policy_dir: Path, rewards: Sequence[tuple[object, object, float]],
     tokenizer = load_tokenizer(policy_dir)
     tokenizer.padding_side = "left"
     policy = AutoModelForCausalLM.from_pretrained(policy_dir, use_safetensors=True)
-    reward_funcs, reward_tokenizers, weights = (list(x) for x in zip(*rewards, strict=True))
+    reward_funcs, weights = (list(x) for x in zip(*rewards, strict=True))
     work_dir = tempfile.mkdtemp(prefix="llmpipe-grpo-")
     args = GRPOConfig(
         output_dir=work_dir,
@@ -257,10 +288,10 @@ def run_grpo(policy_dir: Path, rewards: Sequence[tuple[object, object, float]],
                                                                     curve_interval)))
     try:
         rows = [q if isinstance(q, dict) else {"prompt": q} for q in prompts]
+        rows = [{**q, "prompt": prompt_format.trl_prompt(q["prompt"])} for q in rows]
         trainer = GRPOTrainer(model=policy, reward_funcs=reward_funcs, args=args,
                               train_dataset=Dataset.from_list(rows),
                               processing_class=tokenizer,
-                              reward_processing_classes=reward_tokenizers,
                               peft_config=peft_config, callbacks=callbacks)
         trainer.train()
     finally:
@@ -347,10 +378,10 @@ def policy_report(policy, tokenizer, prompts: Sequence[str], sampling: Sampling,
                   judges: Judges) -> dict:
     """Reward-model score, gold score, KL to the reference (a Monte-Carlo estimate on the
     policy's own samples) and mean length of completions sampled from `policy`."""
-    groups = sample_completions(policy, tokenizer, prompts, sampling)
+    groups = sample_completions(policy, tokenizer, prompts, sampling, judges.prompt_format)
     flat_prompts = [q for q, g in zip(prompts, groups, strict=True) for _ in g]
     completions = [c for g in groups for c in g]
-    prompt_ids = [tokenizer(q, add_special_tokens=False).input_ids for q in flat_prompts]
+    prompt_ids = [judges.prompt_format.prompt_ids(tokenizer, q) for q in flat_prompts]
     # Stopping is a choice too: a completion that ended includes its end-of-text token.
     completion_ids = [c.ids + [tokenizer.eos_token_id] * c.stopped for c in completions]
     policy_lp = completion_logprobs(policy, prompt_ids, completion_ids, sampling.temperature)
@@ -358,8 +389,7 @@ def policy_report(policy, tokenizer, prompts: Sequence[str], sampling: Sampling,
                                        sampling.temperature)
     n, every = len(completions), sampling.n
     texts = [c.text for c in completions]
-    rm_scores = score_texts(judges.reward_model, judges.reward_tokenizer,
-                            [q + c.text for q, c in zip(flat_prompts, completions, strict=True)])
+    rm_scores = judges.reward_scores(flat_prompts, texts)
     return {
         "reward_model_score": sum(rm_scores) / n,
         "gold_score": sum(judges.gold(texts)) / n,

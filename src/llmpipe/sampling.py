@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from llmpipe.chat import PLAIN, PromptFormat, left_padded
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -31,7 +33,8 @@ class Completion:
 
 @torch.no_grad()
 def sample_completions(model, tokenizer, prompts: Sequence[str], sampling: Sampling,
-                       batch_size: int = 64) -> list[list[Completion]]:
+                       prompt_format: PromptFormat = PLAIN, batch_size: int = 64
+                       ) -> list[list[Completion]]:
     """`sampling.n` completions per prompt."""
     model.eval()
     if tokenizer.pad_token is None:
@@ -44,12 +47,11 @@ def sample_completions(model, tokenizer, prompts: Sequence[str], sampling: Sampl
                      if sampling.temperature > 0 else {"do_sample": False})
     out: list[list[Completion]] = []
     for i in range(0, len(prompts), batch_size):
-        # Left padding: generation continues the last token of every row.
-        batch = tokenizer(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True,
-                          padding_side="left", add_special_tokens=False).to(device)
+        batch = left_padded([prompt_format.prompt_ids(tokenizer, q)
+                             for q in prompts[i:i + batch_size]], tokenizer.pad_token_id, device)
         generated = model.generate(**batch, **generate_args, max_new_tokens=max_new_tokens,
                                    num_return_sequences=n, pad_token_id=tokenizer.pad_token_id)
-        new = generated[:, batch.input_ids.size(1):].tolist()
+        new = generated[:, batch["input_ids"].size(1):].tolist()
         for row in range(0, len(new), n):
             group = []
             for ids in new[row:row + n]:

@@ -71,12 +71,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import AsyncTextIteratorStreamer, StoppingCriteria, StoppingCriteriaList
 
 from llmpipe import layout
+from llmpipe.chat import PLAIN, PromptFormat
 from llmpipe.errors import DataError, LlmpipeError
 from llmpipe.loading import load_causal_lm, load_reward_model, load_tokenizer
 from llmpipe.lora import ADAPTER_CONFIG
 from llmpipe.preferences import GOLD_FILE, read_gold_spec
 from llmpipe.quantization import RECIPE_FILE, load_for_inference
-from llmpipe.rlhf import score_texts
+from llmpipe.rlhf import reward_scores
 
 # Where the model of MODEL_OUTPUTS is missing but another form of it is there: a clone that
 # pulled only the LoRA adapter still serves `lora`, on its base.
@@ -163,6 +164,7 @@ class Scorers:
 
     reward_model: torch.nn.Module | None = None
     reward_tokenizer: Any = None
+    prompt_format: PromptFormat = PLAIN  # the preference set's, which the reward model read
     gold: Callable[[Sequence[str]], list[float]] | None = None
     gold_name: str | None = None
 
@@ -176,10 +178,11 @@ class Scorers:
         reward = None
         if self.reward_model is not None:
             context = getattr(self.reward_model.config, "n_positions", None)
-            length = len(self.reward_tokenizer(prompt + completion).input_ids)
+            length = len(self.prompt_format.scored_ids(self.reward_tokenizer, prompt,
+                                                       completion))
             if context is None or length <= context:
-                reward = score_texts(self.reward_model, self.reward_tokenizer,
-                                     [prompt + completion])[0]
+                reward = reward_scores(self.reward_model, self.reward_tokenizer,
+                                       self.prompt_format, [prompt], [completion])[0]
         gold = self.gold([completion])[0] if self.gold is not None else None
         return {"reward_model": reward, "gold": gold}
 
@@ -190,6 +193,7 @@ def load_scorers(root: Path) -> Scorers:
     if reward_dir.is_dir():
         scorers.reward_tokenizer = load_tokenizer(reward_dir)
         scorers.reward_model = load_reward_model(reward_dir, scorers.reward_tokenizer).eval()
+        scorers.prompt_format = PromptFormat.read(preferences)
     if (preferences / GOLD_FILE).exists():  # the scorer preferences.gold_scorer named
         spec = read_gold_spec(preferences)
         scorers.gold, scorers.gold_name = spec.load(), spec.scorer

@@ -14,6 +14,11 @@ the model feeding itself) and pass@k (k samples at temperature 1: the share of p
 least one right answer). Teacher-forced accuracy is high long before free-running answers are
 right: an error early in an answer changes every token after it (exposure bias). The report
 card shows what the embedded default measured, whatever it is.
+
+At the GPU scale the same branch runs on GSM8K (`gsm8k`: grade-school word problems from a
+source, the dataset's own train and test splits; the model learns the worked solution, and a
+completion is right when its final number, after "####" or else the last one it writes, is
+the answer), usually with an instruct model and its chat template (`chat`, llmpipe.chat).
 """
 
 from __future__ import annotations
@@ -31,18 +36,28 @@ from pathlib import Path
 
 import torch
 
+from llmpipe.chat import PLAIN, PromptFormat, message_text
+from llmpipe.errors import DataError
 from llmpipe.io import atomic_dir, read_jsonl, write_json, write_jsonl
 
-KINDS = ("add", "reverse")
+GENERATED_KINDS = ("add", "reverse")  # all_problems; gsm8k comes from a source
 
 
 @dataclass(frozen=True)
 class Problem:
     prompt: str
-    answer: str  # digits separated by spaces, with a leading space: " 1 2 3"
+    # what the checker compares: digits separated by spaces, with a leading space (" 1 2 3"),
+    # or gsm8k's final number
+    answer: str
+    solution: str | None = None  # what SFT teaches when it is more than the answer (gsm8k)
+
+    @property
+    def target(self) -> str:
+        return self.answer if self.solution is None else self.solution
 
     def as_dict(self) -> dict:
-        return {"prompt": self.prompt, "answer": self.answer}
+        row = {"prompt": self.prompt, "answer": self.answer}
+        return row if self.solution is None else {**row, "solution": self.solution}
 
 
 def _spaced(digits: str) -> str:
@@ -57,7 +72,7 @@ def all_problems(kind: str, digits: int) -> list[Problem]:
     if kind == "reverse":
         strings = ("".join(p) for p in itertools.product("0123456789", repeat=digits))
         return [Problem(f"reverse {_spaced(s)} =", " " + _spaced(s[::-1])) for s in strings]
-    raise ValueError(f"unknown task kind {kind!r} (one of {', '.join(KINDS)})")
+    raise ValueError(f"unknown task kind {kind!r} (one of {', '.join(GENERATED_KINDS)})")
 
 
 def _side_key(problem: Problem) -> str:
@@ -90,6 +105,68 @@ def make_problems(kind: str, digits: int, train: int, test: int, seed: int,
     return out
 
 
+# --- GSM8K ---------------------------------------------------------------------------------
+
+GSM8K_MARK = "####"  # GSM8K's solutions end "#### <final number>"
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def final_number(text: str) -> str | None:
+    """The number after the last "####", else the last number of the text; commas and a
+    zero fraction dropped ("1,200.00" -> "1200"); None when there is none."""
+    marked = text.rsplit(GSM8K_MARK, 1)
+    numbers = _NUMBER.findall(marked[1] if len(marked) == 2 else text)
+    if not numbers:
+        return None
+    number = (numbers[0] if len(marked) == 2 else numbers[-1]).replace(",", "")
+    return re.sub(r"\.0+$", "", number)
+
+
+def _gsm8k_split(source: str, split: str) -> list[Problem]:
+    from llmpipe.corpus import load_records, require_columns
+
+    where = (f"file:{Path(source.removeprefix('file:')) / f'{split}.jsonl'}"
+             if source.startswith("file:") else source)
+    records, columns = load_records(where, split)
+    require_columns(columns, ("question", "answer"), where,
+                    'GSM8K rows have a question and an answer ending "#### <number>"')
+    problems = []
+    for i, r in enumerate(records):
+        answer = final_number(r["answer"]) if GSM8K_MARK in r["answer"] else None
+        if answer is None:
+            raise DataError(f'{where}: row {i} has no "{GSM8K_MARK} <number>" in its answer')
+        problems.append(Problem(r["question"], answer, r["answer"]))
+    return problems
+
+
+def gsm8k_problems(source: str, train: int, test: int, seed: int) -> dict[str, list[Problem]]:
+    """`train` problems drawn (seeded) from the source's train split, the first `test` of its
+    test split; a test question also in the train split is left out."""
+    pool = {split: _gsm8k_split(source, split) for split in ("train", "test")}
+    trained = {q.prompt for q in pool["train"]}
+    pool["test"] = [q for q in pool["test"] if q.prompt not in trained]
+    for split, count in (("train", train), ("test", test)):
+        if count > len(pool[split]):
+            raise DataError(f"{source}: {count} {split} problems asked "
+                            f"(task_sft.{split}_problems), {len(pool[split])} there")
+    return {"train": random.Random(seed).sample(pool["train"], train),
+            "test": pool["test"][:test]}
+
+
+def load_problems(kind: str, source: str | None, digits: int, train: int, test: int,
+                  seed: int) -> dict[str, list[Problem]]:
+    """The branch's problems, whatever their kind."""
+    if kind == "gsm8k":
+        if source is None:
+            raise DataError("task_sft.source: missing: gsm8k reads its problems from a source "
+                            "(hf:openai/gsm8k:main, or file:<dir> with train.jsonl, test.jsonl)")
+        return gsm8k_problems(source, train, test, seed)
+    return make_problems(kind, digits, train, test, seed)
+
+
+# --- checking answers --------------------------------------------------------------------------
+
+
 def parse_answer(completion: str) -> str | None:
     """The digits a completion answers with, or None when it is no answer (empty, or anything
     but digits and spaces before the end of text or a newline)."""
@@ -99,29 +176,48 @@ def parse_answer(completion: str) -> str | None:
     return line.replace(" ", "")
 
 
-def exact_match(completion: str, answer: str) -> bool:
-    return parse_answer(completion) == answer.replace(" ", "")
+def parsed(completion: str, kind: str) -> str | None:
+    return final_number(completion) if kind == "gsm8k" else parse_answer(completion)
 
 
-def exact_match_reward(prompts, completions, answer, **kwargs) -> list[float]:
-    """The checker as a reward function (TRL's signature; `answer` is the dataset's column):
-    1 for the exact answer, else 0."""
-    return [float(exact_match(c, a)) for c, a in zip(completions, answer, strict=True)]
+def exact_match(completion: str, answer: str, kind: str = "add") -> bool:
+    return parsed(completion, kind) == answer.replace(" ", "")
+
+
+def exact_match_reward(prompts, completions, answer, kind, **kwargs) -> list[float]:
+    """The checker as a reward function (TRL's signature; `answer` and `kind` are the
+    dataset's columns, completions text or, under a chat format, messages): 1 for the exact
+    answer, else 0."""
+    return [float(exact_match(message_text(c), a, k))
+            for c, a, k in zip(completions, answer, kind, strict=True)]
 
 
 # --- measuring a model on problems -----------------------------------------------------------
 
 
-def _encode(tokenizer, problems: Sequence[Problem]) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, answer ids + end of text) per problem."""
-    return [(tokenizer(p.prompt, add_special_tokens=False).input_ids,
-             tokenizer(p.answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id])
-            for p in problems]
+def _encode(tokenizer, problems: Sequence[Problem], prompt_format: PromptFormat
+            ) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, target ids + end of text) per problem; under a chat format the target is
+    the assistant turn, up to the end of the template's rendering."""
+    encoded = []
+    for p in problems:
+        prompt = prompt_format.prompt_ids(tokenizer, p.prompt)
+        if prompt_format.chat:
+            whole = prompt_format.scored_ids(tokenizer, p.prompt, p.target)
+            if whole[:len(prompt)] != prompt:
+                raise DataError(f"{tokenizer.name_or_path}: its chat template renders a prompt "
+                                "differently alone and before an answer: set task_sft.chat "
+                                "false")
+            encoded.append((prompt, whole[len(prompt):]))
+        else:
+            encoded.append((prompt, tokenizer(p.target, add_special_tokens=False).input_ids
+                            + [tokenizer.eos_token_id]))
+    return encoded
 
 
 @torch.no_grad()
-def teacher_forced_accuracy(model, tokenizer, problems: Sequence[Problem]
-                            ) -> tuple[float, float]:
+def teacher_forced_accuracy(model, tokenizer, problems: Sequence[Problem],
+                            prompt_format: PromptFormat = PLAIN) -> tuple[float, float]:
     """(the share of answer tokens, end of text included, that are the model's top prediction
     given the true prefix; the share of answers with every token so). Greedy decoding follows
     the top prediction, so the second is greedy decoding's exact match, give or take the
@@ -129,7 +225,7 @@ def teacher_forced_accuracy(model, tokenizer, problems: Sequence[Problem]
     model.eval()
     device = next(model.parameters()).device
     right = total = whole = 0
-    for prompt, answer in _encode(tokenizer, problems):
+    for prompt, answer in _encode(tokenizer, problems, prompt_format):
         ids = torch.tensor([prompt + answer], device=device)
         correct = model(ids).logits[0, len(prompt) - 1:-1].argmax(-1) == ids[0, len(prompt):]
         right += correct.sum().item()
@@ -140,44 +236,51 @@ def teacher_forced_accuracy(model, tokenizer, problems: Sequence[Problem]
 
 @torch.no_grad()
 def completions(model, tokenizer, problems: Sequence[Problem], n: int, temperature: float,
-                max_new_tokens: int, seed: int) -> list[list[str]]:
+                max_new_tokens: int, seed: int, prompt_format: PromptFormat = PLAIN
+                ) -> list[list[str]]:
     """`n` completions per problem: greedy when temperature is 0, else sampled."""
     from llmpipe.sampling import Sampling, sample_completions
 
     groups = sample_completions(model, tokenizer, [p.prompt for p in problems],
-                                Sampling(n, max_new_tokens, temperature, seed))
+                                Sampling(n, max_new_tokens, temperature, seed), prompt_format)
     return [[c.text for c in group] for group in groups]
 
 
-def answer_tokens(tokenizer, problems: Sequence[Problem]) -> int:
-    """Room for the longest answer and its end of text, plus one token."""
-    return max(len(answer) for _, answer in _encode(tokenizer, problems)) + 1
+def answer_tokens(tokenizer, problems: Sequence[Problem], prompt_format: PromptFormat) -> int:
+    """Room for the longest target and its end of text, plus one token."""
+    return max(len(answer) for _, answer in _encode(tokenizer, problems, prompt_format)) + 1
 
 
-def task_report(model, tokenizer, problems: Sequence[Problem], k: int, seed: int) -> dict:
+def task_report(model, tokenizer, problems: Sequence[Problem], kind: str, k: int, seed: int,
+                prompt_format: PromptFormat = PLAIN) -> dict:
     """Teacher-forced token accuracy, free-running exact match (greedy), pass@1 and pass@k
     (k samples at temperature 1), and a few greedy answers to read."""
-    room = answer_tokens(tokenizer, problems)
-    greedy = [g[0] for g in completions(model, tokenizer, problems, 1, 0.0, room, seed)]
-    sampled = completions(model, tokenizer, problems, k, 1.0, room, seed)
-    right = [[exact_match(c, p.answer) for c in group] for group, p in zip(sampled, problems,
-                                                                            strict=True)]
-    token_accuracy, sequence_accuracy = teacher_forced_accuracy(model, tokenizer, problems)
+    room = answer_tokens(tokenizer, problems, prompt_format)
+    greedy = [g[0] for g in completions(model, tokenizer, problems, 1, 0.0, room, seed,
+                                        prompt_format)]
+    sampled = completions(model, tokenizer, problems, k, 1.0, room, seed, prompt_format)
+    right = [[exact_match(c, p.answer, kind) for c in group]
+             for group, p in zip(sampled, problems, strict=True)]
+    token_accuracy, sequence_accuracy = teacher_forced_accuracy(model, tokenizer, problems,
+                                                                prompt_format)
     return {
         "teacher_forced_token_accuracy": token_accuracy,
         "teacher_forced_sequence_accuracy": sequence_accuracy,
-        "exact_match": sum(exact_match(c, p.answer) for c, p in zip(greedy, problems,
-                                                                    strict=True)) / len(problems),
+        "exact_match": sum(exact_match(c, p.answer, kind)
+                           for c, p in zip(greedy, problems, strict=True)) / len(problems),
         "pass_at_1": sum(sum(r) for r in right) / (k * len(problems)),
         f"pass_at_{k}": sum(any(r) for r in right) / len(problems),
-        "malformed_share": sum(parse_answer(c) is None for c in greedy) / len(problems),
+        "malformed_share": sum(parsed(c, kind) is None for c in greedy) / len(problems),
         "samples": [{"prompt": p.prompt, "answer": p.answer, "completion": c}
                     for p, c in zip(problems[:4], greedy[:4], strict=True)],
     }
 
 
-def chance_exact_match(kind: str, digits: int) -> float:
-    """A uniform guess among the possible answers: the floor beside exact match."""
+def chance_exact_match(kind: str, digits: int) -> float | None:
+    """A uniform guess among the possible answers: the floor beside exact match (None for
+    gsm8k, whose answers are any number)."""
+    if kind == "gsm8k":
+        return None
     if kind == "reverse":
         return 1 / 10 ** digits
     smallest = 10 ** (digits - 1) if digits > 1 else 0
@@ -189,20 +292,40 @@ def chance_exact_match(kind: str, digits: int) -> float:
 REPORT_FILE = "task_report.json"  # beside a task model: its test figures (the RL stages' before)
 
 
-def write_problems(directory: Path, problems: dict[str, list[Problem]], kind: str,
-                   digits: int) -> None:
-    with atomic_dir(directory) as tmp:
-        for split, rows in problems.items():
-            write_jsonl(tmp / f"{split}.jsonl", (p.as_dict() for p in rows))
-        write_json(tmp / "task.json", {"kind": kind, "digits": digits})
+@dataclass(frozen=True)
+class TaskSet:
+    """The task directory: problems per split, their kind (which checker) and the prompt
+    format the task stages all use."""
+
+    problems: dict[str, list[Problem]]
+    kind: str
+    digits: int
+    prompt_format: PromptFormat
+
+    def write(self, directory: Path) -> None:
+        with atomic_dir(directory) as tmp:
+            for split, rows in self.problems.items():
+                write_jsonl(tmp / f"{split}.jsonl", (p.as_dict() for p in rows))
+            write_json(tmp / "task.json", {"kind": self.kind, "digits": self.digits})
+            self.prompt_format.write(tmp)
+
+    @classmethod
+    def read(cls, directory: Path) -> TaskSet:
+        import json
+
+        task = json.loads((directory / "task.json").read_text())
+        problems = {split: [Problem(**row) for row in read_jsonl(directory / f"{split}.jsonl")]
+                    for split in ("train", "test")}
+        return cls(problems, task["kind"], task["digits"], PromptFormat.read(directory))
+
+    def rl_rows(self) -> list[dict]:
+        """The train problems as RL prompts, with the columns the reward reads."""
+        return [{"prompt": q.prompt, "answer": q.answer, "kind": self.kind}
+                for q in self.problems["train"]]
 
 
-def read_problems(directory: Path) -> dict[str, list[Problem]]:
-    return {split: [Problem(**row) for row in read_jsonl(directory / f"{split}.jsonl")]
-            for split in ("train", "test")}
-
-
-def run_sft(p, problems: Sequence[Problem], seed: int, live_dir: Path):
+def run_sft(p, problems: Sequence[Problem], prompt_format: PromptFormat, seed: int,
+            live_dir: Path):
     """TRL's SFTTrainer on prompt -> answer pairs (the loss on the answer and its end of text
     only), from `p.base`; returns (model, wall seconds)."""
     from datasets import Dataset
@@ -220,7 +343,9 @@ def run_sft(p, problems: Sequence[Problem], seed: int, live_dir: Path):
                      warmup_steps=p.warmup_steps, lr_scheduler_type="cosine", weight_decay=0.0,
                      completion_only_loss=True, packing=False, gradient_checkpointing=False,
                      logging_steps=10, save_strategy="no", **runtime_args(seed))
-    dataset = Dataset.from_list([{"prompt": q.prompt, "completion": q.answer} for q in problems])
+    dataset = Dataset.from_list([{"prompt": prompt_format.trl_prompt(q.prompt),
+                                  "completion": prompt_format.trl_completion(q.target)}
+                                 for q in problems])
     try:
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset,
                              processing_class=tokenizer, callbacks=[TrainerCurves(live_dir)])
@@ -243,16 +368,16 @@ def read_task_report(directory: Path) -> dict:
     return json.loads((directory / REPORT_FILE).read_text())
 
 
-def finish_task_rl(stage: str, directory: Path, policy, tokenizer,
-                   problems: dict[str, list[Problem]], before: dict, steps: int, p, seed: int,
-                   wall_s: float) -> None:
+def finish_task_rl(stage: str, directory: Path, policy, tokenizer, task: TaskSet,
+                   before: dict, steps: int, p, seed: int, wall_s: float) -> None:
     """An RL stage of the task branch: measure the policy on the test problems, save it, write
     the before/after metrics and say what changed."""
     from llmpipe.io import write_metrics
 
     pass_k = next(key for key in before if key.startswith("pass_at_") and key != "pass_at_1")
     k = int(pass_k.removeprefix("pass_at_"))
-    after = task_report(policy, tokenizer, problems["test"], k, seed)
+    after = task_report(policy, tokenizer, task.problems["test"], task.kind, k, seed,
+                        task.prompt_format)
     save_task_model(directory, policy, tokenizer, after)
     figures = [key for key in after if key != "samples"]
     metrics = {**{f"before_{key}": before[key] for key in figures},
