@@ -11,7 +11,7 @@ from llmpipe.evaluation import (
 )
 from llmpipe.harness import check_harness, run_harness
 from llmpipe.io import atomic_dir, rounded, write_json, write_metrics
-from llmpipe.loading import load_causal_lm, load_tokenizer
+from llmpipe.loading import load_causal_lm, load_tokenizer, token_vocab_size
 from llmpipe.params import EvaluateParams, load_stage_params
 from llmpipe.preferences import read_prompts
 from llmpipe.quantization import WEIGHTS_FILE, load_for_inference
@@ -40,9 +40,9 @@ def main() -> None:
     shared, p = load_stage_params(EvaluateParams)
     check_harness(p.harness_tasks)  # before minutes of measuring
     heldout = read_prompts(layout.PREFERENCES, "heldout")
-    reference, _ = load_model(REFERENCE)
+    reference, reference_tokenizer = load_model(REFERENCE)
     judges = load_judges(layout.PREFERENCES, layout.REWARD_MODEL, reference)
-    vocab = reference.config.vocab_size
+    vocab = token_vocab_size(reference, reference_tokenizer)
     val = {corpus: TokenBin.open(layout.tokens(corpus), "val", expected_vocab_size=vocab)
            for corpus in layout.CORPORA}
     scored = Sampling(p.samples_per_prompt, p.completion_tokens, p.temperature, shared.seed)

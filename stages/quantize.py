@@ -9,7 +9,7 @@ from llmpipe import layout
 from llmpipe.data import TokenBin
 from llmpipe.evaluation import InferenceBench, token_byte_lengths
 from llmpipe.io import atomic_dir, write_metrics
-from llmpipe.loading import load_causal_lm
+from llmpipe.loading import load_causal_lm, token_vocab_size
 from llmpipe.params import QuantizeParams, load_stage_params
 from llmpipe.quantization import (
     WEIGHTS_FILE,
@@ -36,10 +36,11 @@ def main() -> None:
     fp32, tokenizer = load_causal_lm(source_dir, device=device)
     fp32.eval()
     tokens_dir = layout.tokens("finetune")
-    val = TokenBin.open(tokens_dir, "val", expected_vocab_size=fp32.config.vocab_size)
+    vocab = token_vocab_size(fp32, tokenizer)
+    val = TokenBin.open(tokens_dir, "val", expected_vocab_size=vocab)
     calibration = None
     if p.method == "static_int8":
-        train = TokenBin.open(tokens_dir, "train", expected_vocab_size=fp32.config.vocab_size)
+        train = TokenBin.open(tokens_dir, "train", expected_vocab_size=vocab)
         calibration = calibration_inputs(train, p.block_size, p.calibration_windows,
                                          p.batch_size)
     with atomic_dir(layout.QUANTIZED_MODEL) as tmp:

@@ -26,7 +26,7 @@ def main() -> None:
     agreement, counted = gold_agreement(model, tokenizer, prompt_format, fresh)
     with atomic_dir(layout.REWARD_MODEL) as tmp:
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)  # TRL loads a reward model's tokenizer from its folder
+        tokenizer.save_pretrained(tmp)  # what grpo, reinforce and evaluate score with
     write_metrics("reward_model", {
         "train_pairs": trained_pairs,  # RewardTrainer drops pairs longer than max_length
         "dropped_pairs": len(train) - trained_pairs,

@@ -206,10 +206,13 @@ def save_micro_model(directory: Path, seed: int = 0, n_positions: int = 512,
     return model
 
 
-# A Llama-3-style template: the template writes the BOS, each turn ends with <|eot|> (the
-# tokenizer's EOS, as an instruct model's end of turn is).
+# A template in the style of Llama 3's and Qwen's: it writes the BOS, a system header with
+# today's date unless given one (as Llama 3's does), and ends each turn with <|eot|> (the
+# tokenizer's EOS, as an instruct model's end of turn is) and a newline (as Qwen's does).
 INSTRUCT_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|start|>{{ m['role'] }}\n{{ m['content'] }}<|eot|>"
+    "{{ bos_token }}<|start|>system\nToday: {{ date_string if date_string is defined else "
+    "strftime_now('%H:%M:%S.%f') }}<|eot|>\n"
+    "{% for m in messages %}<|start|>{{ m['role'] }}\n{{ m['content'] }}<|eot|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|start|>assistant\n{% endif %}")
 
 

@@ -32,7 +32,10 @@ def test_one_bos_and_the_template_in_every_format(instruct_dir):
     assert prompt[0] == bos and prompt.count(bos) == 1  # the template's BOS, not a second one
     assert tokenizer.decode(prompt).endswith("<|start|>assistant\n")  # the generation prompt
     scored = CHAT.scored_ids(tokenizer, "the value of", " a list")
-    assert scored[:len(prompt)] == prompt and scored[-1] == eot  # the answer, then end of turn
+    assert scored[:len(prompt)] == prompt  # the answer, then its end of turn
+    assert tokenizer.decode(scored[len(prompt):]).startswith(" a list<|eot|>")
+    # The template would write the time of day; the pinned date makes every rendering the same.
+    assert CHAT.prompt_ids(tokenizer, "the value of") == prompt
     assert PLAIN.scored_ids(tokenizer, "the value of", " a list")[-1] != eot  # no EOS added
     assert CHAT.trl_prompt("q") == [{"role": "user", "content": "q"}]
     assert message_text(CHAT.trl_completion("a")) == "a" and message_text("a") == "a"
@@ -65,7 +68,7 @@ def test_the_reward_model_trains_on_the_tokens_it_scores(instruct_dir, prompt_fo
     monkeypatch.setattr(trl, "RewardTrainer", Recording)
     train, heldout = toy_pairs(0, 128), toy_pairs(1, 32)
     p = RewardModelParams(launcher="python", learning_rate=3e-3, warmup_steps=0, epochs=3,
-                          batch_size=16, max_length=64)
+                          batch_size=16, max_length=128)
     model, tokenizer, trained = train_reward_model(instruct_dir, train, heldout, prompt_format,
                                                    p, 0, tmp_path / "live")
     assert trained == len(train)

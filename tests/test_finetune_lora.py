@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from conftest import SAMPLE_DOCS
 from llmpipe import layout
 from llmpipe.causal_lm import open_token_data, train, val_perplexity
 from llmpipe.errors import DataError, ParamsError
@@ -11,6 +12,7 @@ from llmpipe.loading import load_causal_lm
 from llmpipe.lora import lora_config, parameter_counts, save_adapter
 from llmpipe.model import GPT, GPTConfig, export_hf_gpt2
 from llmpipe.params import STAGE_SCHEMAS, load_stage_params
+from llmpipe.tokenization import train_bpe
 
 MICRO = {"block_size": 32, "batch_size": 8, "max_steps": 40, "eval_interval": 10,
          "eval_windows": 8, "warmup_steps": 2}
@@ -23,7 +25,8 @@ def stage_params(workspace, stage, **changes):
 
 def base_and_data(workspace, p):
     model, tokenizer = load_causal_lm(workspace / layout.PRETRAIN_MODEL)
-    train_bin, val_bin = open_token_data(workspace / layout.tokens("finetune"), model, p.base)
+    train_bin, val_bin = open_token_data(workspace / layout.tokens("finetune"), model, tokenizer,
+                                         p.base)
     return model, tokenizer, train_bin, val_bin
 
 
@@ -66,12 +69,23 @@ def test_early_stopping_keeps_the_best_checkpoint(micro_pretrained, tmp_path):
 
 
 def test_vocabulary_mismatch_names_both_sizes(micro_pretrained, tmp_path):
-    export_hf_gpt2(GPT(GPTConfig(vocab_size=600, block_size=32, n_layer=1, n_head=2, n_embd=16)),
-                   tmp_path / "other")
-    model, _ = load_causal_lm(tmp_path / "other")
-    with pytest.raises(DataError, match="vocabulary of 512, but the model has a vocabulary of "
-                                        "600"):
-        open_token_data(micro_pretrained / layout.tokens("finetune"), model, "other")
+    other_tokenizer = train_bpe(SAMPLE_DOCS, vocab_size=300, min_frequency=1)
+    size = len(other_tokenizer)
+    export_hf_gpt2(GPT(GPTConfig(vocab_size=size, block_size=32, n_layer=1, n_head=2,
+                                 n_embd=16)), tmp_path / "other", tokenizer=other_tokenizer)
+    model, tokenizer = load_causal_lm(tmp_path / "other")
+    with pytest.raises(DataError, match=f"vocabulary of 512, but the model has a vocabulary of "
+                                        f"{size}"):
+        open_token_data(micro_pretrained / layout.tokens("finetune"), model, tokenizer, "other")
+
+
+def test_an_embedding_padded_past_the_tokenizer_reads_its_token_data(micro_pretrained, tmp_path):
+    # Qwen2.5 pads its embedding matrix to a multiple of 128, past its tokenizer's tokens.
+    model, tokenizer = load_causal_lm(micro_pretrained / layout.PRETRAIN_MODEL)
+    model.resize_token_embeddings(len(tokenizer) + 128)
+    train_bin, _ = open_token_data(micro_pretrained / layout.tokens("finetune"), model,
+                                   tokenizer, "padded")
+    assert train_bin.vocab_size == len(tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -45,14 +45,14 @@ def test_too_many_problems_is_a_clear_error():
 
 
 def test_the_checker_parses_right_wrong_and_malformed_answers():
-    assert exact_match(" 1 2 3", " 1 2 3")
-    assert exact_match(" 1 2 3\nmore text", " 1 2 3")  # a newline ends the answer
-    assert exact_match("123", " 1 2 3")  # spaces aside
-    assert not exact_match(" 1 2 4", " 1 2 3")
-    assert not exact_match(" 1 2", " 1 2 3")
-    assert not exact_match(" 1 2 3 4", " 1 2 3")
+    assert exact_match(" 1 2 3", " 1 2 3", "add")
+    assert exact_match(" 1 2 3\nmore text", " 1 2 3", "add")  # a newline ends the answer
+    assert exact_match("123", " 1 2 3", "add")  # spaces aside
+    assert not exact_match(" 1 2 4", " 1 2 3", "add")
+    assert not exact_match(" 1 2", " 1 2 3", "add")
+    assert not exact_match(" 1 2 3 4", " 1 2 3", "add")
     for malformed in ("", " ", " 1 2 x", "the answer is 123", " -1 2 3", "1.23"):
-        assert parse_answer(malformed) is None and not exact_match(malformed, " 1 2 3")
+        assert parse_answer(malformed) is None and not exact_match(malformed, " 1 2 3", "add")
     assert exact_match_reward(["q"] * 3, [" 4 2", " 4 3", "x"], answer=[" 4 2"] * 3,
                               kind=["add"] * 3) == \
         [1.0, 0.0, 0.0]
@@ -64,6 +64,9 @@ def test_gsm8k_answers_are_the_final_number():
     assert final_number("Half of 10 is 5, so the answer is 5.00.") == "5"
     assert final_number("She owes -3 dollars, not 4: #### -3") == "-3"
     assert final_number("no number at all") is None and final_number("#### none") is None
+    assert final_number("children aged 3-4") == "4"  # a range, not minus four
+    assert final_number("1,2,3") == "3" and final_number("it costs .5") == "0.5"
+    assert final_number("#### 2.50") == "2.5" and final_number("#### 0.0") == "0"
     assert exact_match("so it is 12 + 6 = 18\n#### 18", "18", "gsm8k")
     assert not exact_match("so it is 12 + 6 = 19", "18", "gsm8k")
     assert exact_match_reward(["q"] * 2, [[{"role": "assistant", "content": "#### 18"}], "17"],
@@ -90,7 +93,8 @@ def test_gsm8k_problems_from_a_source_are_disjoint_and_seeded(tmp_path):
     assert problems != load_problems("gsm8k", source, 0, 8, 5, seed=4)
     assert not {q.prompt for q in problems["train"]} & {q.prompt for q in problems["test"]}
     first = problems["test"][0]
-    assert (first.prompt, first.answer) == ("What is 0 + 2?", "2")  # the duplicate left out
+    assert (first.prompt, first.answer) == ("Question: What is 0 + 2?\nAnswer:", "2")
+    assert first.target == " #### 2"  # the duplicate was left out
     assert problems["train"][0].target.endswith(f"#### {problems['train'][0].answer}")
     with pytest.raises(DataError, match=r"6 test problems asked \(task_sft\.test_problems\), 5"):
         load_problems("gsm8k", source, 0, 8, 6, seed=3)

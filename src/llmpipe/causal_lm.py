@@ -21,7 +21,7 @@ import torch
 from llmpipe.data import TokenBin
 from llmpipe.errors import DataError, ParamsError
 from llmpipe.evaluation import WindowScore, perplexity, token_byte_lengths, window_scores
-from llmpipe.loading import load_causal_lm
+from llmpipe.loading import load_causal_lm, token_vocab_size
 from llmpipe.params import CausalLMTrainingParams
 from llmpipe.runtime import (
     default_device,
@@ -36,9 +36,10 @@ from llmpipe.runtime import (
 from llmpipe.trainer_callbacks import TrainerCurves
 
 
-def open_token_data(tokens_dir: Path, model, base_spec: str) -> tuple[TokenBin, TokenBin]:
+def open_token_data(tokens_dir: Path, model, tokenizer, base_spec: str
+                    ) -> tuple[TokenBin, TokenBin]:
     """Train and val memmaps, checked against the model's vocabulary before any training."""
-    vocab = model.get_input_embeddings().num_embeddings
+    vocab = token_vocab_size(model, tokenizer)
     try:
         return (TokenBin.open(tokens_dir, "train", expected_vocab_size=vocab),
                 TokenBin.open(tokens_dir, "val", expected_vocab_size=vocab))
@@ -218,7 +219,7 @@ def run_stage(stage: str, p: CausalLMTrainingParams, seed: int, tokens_dir: Path
     set_seed(seed)  # an adapter's initial weights are drawn before the Trainer seeds anything
     model, tokenizer = load_causal_lm(p.base, p.trust_remote_code)
     check_block_size(model, p.block_size, f"{stage}.block_size")
-    train_bin, val_bin = open_token_data(tokens_dir, model, p.base)
+    train_bin, val_bin = open_token_data(tokens_dir, model, tokenizer, p.base)
     main = is_main_process()
     token_bytes = token_byte_lengths(tokenizer)
     base_score = val_score(model, val_bin, p, token_bytes) if main else None

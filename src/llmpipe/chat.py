@@ -27,6 +27,10 @@ from llmpipe.errors import ParamsError
 from llmpipe.io import write_json
 
 FORMAT_FILE = "prompt_format.json"  # in the preference and task directories
+# Passed to every rendering of a chat template, ours and TRL's. Llama 3's template writes
+# "Today Date: <today>" into its system header unless given a date: the same prompt would
+# have other token ids on another day, between stages and between a run and its rerun.
+TEMPLATE_KWARGS = {"date_string": "26 Jul 2024"}
 
 
 def _user(text: str) -> dict:
@@ -58,14 +62,16 @@ class PromptFormat:
         """What the policy continues."""
         if self.chat:
             return _ids(tokenizer.apply_chat_template([_user(prompt)], add_generation_prompt=True,
-                                                      tokenize=True, return_dict=True))
+                                                      tokenize=True, return_dict=True,
+                                                      **TEMPLATE_KWARGS))
         return tokenizer(prompt).input_ids
 
     def scored_ids(self, tokenizer, prompt: str, completion: str) -> list[int]:
         """What the reward model reads, when it is trained and when it scores."""
         if self.chat:
             return _ids(tokenizer.apply_chat_template([_user(prompt), _assistant(completion)],
-                                                      tokenize=True, return_dict=True))
+                                                      tokenize=True, return_dict=True,
+                                                      **TEMPLATE_KWARGS))
         return tokenizer(prompt + completion).input_ids
 
     def trl_prompt(self, prompt: str) -> str | list[dict]:

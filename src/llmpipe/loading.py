@@ -37,6 +37,13 @@ def load_causal_lm(spec: str | Path, trust_remote_code: bool = False, device: st
     return model.to(default_device() if device == "auto" else device), tokenizer
 
 
+def token_vocab_size(model, tokenizer) -> int:
+    """The token ids a model reads: its tokenizer's count where the embedding matrix has more
+    rows (Qwen2.5 pads it to a multiple of 128: 151,936 rows for 151,665 tokens), else the
+    matrix's rows. Token data from another vocabulary differs from it."""
+    return min(len(tokenizer), model.get_input_embeddings().num_embeddings)
+
+
 def load_tokenizer(model_dir: str | Path):
     """A model directory's tokenizer, padding with end-of-text where it has no pad token."""
     from transformers import AutoTokenizer
@@ -48,9 +55,8 @@ def load_tokenizer(model_dir: str | Path):
 
 
 def load_reward_model(model_dir: str | Path, tokenizer):
-    """A one-output sequence classifier. GPT-2 scores the last non-pad token; with pad = eos,
-    the EOS that RewardTrainer appends is skipped, so training and TRL's scoring of
-    prompt + completion (without EOS) read the same position."""
+    """A one-output sequence classifier; it reads the last token that is not padding, in
+    training and in scoring alike (the sequences themselves: llmpipe.chat)."""
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1,

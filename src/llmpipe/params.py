@@ -383,6 +383,10 @@ class TaskSftParams:
     def cross_field_problems(self) -> list[tuple[str, str]]:
         if self.kind == "add" and self.digits > 3:  # 81M pairs to enumerate and hash
             return [("digits", f"{self.digits} is more than add's 3")]
+        if self.kind == "gsm8k" and self.source is None:
+            return [("source", "missing: gsm8k reads its problems from a source "
+                               "(hf:openai/gsm8k:main, or file:<dir> with train.jsonl and "
+                               "test.jsonl)")]
         return []
 
 

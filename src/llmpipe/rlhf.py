@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from llmpipe.chat import PromptFormat, message_text, right_padded
+from llmpipe.chat import TEMPLATE_KWARGS, PromptFormat, message_text, right_padded
 from llmpipe.degeneration import distinct_n, repeated_ngram_share
 from llmpipe.errors import ParamsError
 from llmpipe.gold import GoldScorer
@@ -275,6 +275,7 @@ def run_grpo(policy_dir: Path, rewards: Sequence[tuple[Callable[..., list[float]
         top_k=0,  # plain temperature sampling, as the preference pairs were sampled
         disable_dropout=True,  # defaults off: dropout would make the log-ratios noise
         reward_weights=weights,
+        chat_template_kwargs=TEMPLATE_KWARGS,  # conversational prompts render as ours do
         gradient_checkpointing=False,  # defaults on
         logging_steps=1,
         save_strategy="no",

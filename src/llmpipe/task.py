@@ -32,11 +32,12 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 import torch
 
-from llmpipe.chat import PLAIN, PromptFormat, message_text
+from llmpipe.chat import PLAIN, TEMPLATE_KWARGS, PromptFormat, message_text
 from llmpipe.errors import DataError
 from llmpipe.io import atomic_dir, read_jsonl, write_json, write_jsonl
 
@@ -108,18 +109,21 @@ def make_problems(kind: str, digits: int, train: int, test: int, seed: int,
 # --- GSM8K ---------------------------------------------------------------------------------
 
 GSM8K_MARK = "####"  # GSM8K's solutions end "#### <final number>"
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+GSM8K_PROMPT = "Question: {question}\nAnswer:"  # the solution follows after a space
+# A number: a sign only where no word or number precedes it ("3-4" is not -4), thousands in
+# groups of three ("1,200"; "1,2,3" is three numbers), a fraction.
+_NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|(?<![\w.])-?\.\d+")
 
 
 def final_number(text: str) -> str | None:
-    """The number after the last "####", else the last number of the text; commas and a
-    zero fraction dropped ("1,200.00" -> "1200"); None when there is none."""
+    """The number after the last "####", else the last number of the text, written plainly
+    ("1,200.00" -> "1200", ".5" -> "0.5"); None when there is none."""
     marked = text.rsplit(GSM8K_MARK, 1)
     numbers = _NUMBER.findall(marked[1] if len(marked) == 2 else text)
     if not numbers:
         return None
-    number = (numbers[0] if len(marked) == 2 else numbers[-1]).replace(",", "")
-    return re.sub(r"\.0+$", "", number)
+    value = Decimal((numbers[0] if len(marked) == 2 else numbers[-1]).replace(",", ""))
+    return format(value.normalize(), "f") if value else "0"
 
 
 def _gsm8k_split(source: str, split: str) -> list[Problem]:
@@ -135,7 +139,8 @@ def _gsm8k_split(source: str, split: str) -> list[Problem]:
         answer = final_number(r["answer"]) if GSM8K_MARK in r["answer"] else None
         if answer is None:
             raise DataError(f'{where}: row {i} has no "{GSM8K_MARK} <number>" in its answer')
-        problems.append(Problem(r["question"], answer, r["answer"]))
+        problems.append(Problem(GSM8K_PROMPT.format(question=r["question"]), answer,
+                                " " + r["answer"]))
     return problems
 
 
@@ -180,7 +185,7 @@ def parsed(completion: str, kind: str) -> str | None:
     return final_number(completion) if kind == "gsm8k" else parse_answer(completion)
 
 
-def exact_match(completion: str, answer: str, kind: str = "add") -> bool:
+def exact_match(completion: str, answer: str, kind: str) -> bool:
     return parsed(completion, kind) == answer.replace(" ", "")
 
 
@@ -198,7 +203,7 @@ def exact_match_reward(prompts, completions, answer, kind, **kwargs) -> list[flo
 def _encode(tokenizer, problems: Sequence[Problem], prompt_format: PromptFormat
             ) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, target ids + end of text) per problem; under a chat format the target is
-    the assistant turn, up to the end of the template's rendering."""
+    the assistant turn, up to its end of turn (the tokenizer's EOS)."""
     encoded = []
     for p in problems:
         prompt = prompt_format.prompt_ids(tokenizer, p.prompt)
@@ -208,7 +213,10 @@ def _encode(tokenizer, problems: Sequence[Problem], prompt_format: PromptFormat
                 raise DataError(f"{tokenizer.name_or_path}: its chat template renders a prompt "
                                 "differently alone and before an answer: set task_sft.chat "
                                 "false")
-            encoded.append((prompt, whole[len(prompt):]))
+            target = whole[len(prompt):]
+            if tokenizer.eos_token_id in target:  # what greedy decoding stops at
+                target = target[:target.index(tokenizer.eos_token_id) + 1]
+            encoded.append((prompt, target))
         else:
             encoded.append((prompt, tokenizer(p.target, add_special_tokens=False).input_ids
                             + [tokenizer.eos_token_id]))
@@ -343,8 +351,9 @@ def run_sft(p, problems: Sequence[Problem], prompt_format: PromptFormat, seed: i
                      warmup_steps=p.warmup_steps, lr_scheduler_type="cosine", weight_decay=0.0,
                      completion_only_loss=True, packing=False, gradient_checkpointing=False,
                      logging_steps=10, save_strategy="no", **runtime_args(seed))
+    extra = {"chat_template_kwargs": TEMPLATE_KWARGS} if prompt_format.chat else {}
     dataset = Dataset.from_list([{"prompt": prompt_format.trl_prompt(q.prompt),
-                                  "completion": prompt_format.trl_completion(q.target)}
+                                  "completion": prompt_format.trl_completion(q.target), **extra}
                                  for q in problems])
     try:
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset,
