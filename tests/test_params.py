@@ -96,7 +96,7 @@ def test_bad_params_stop_the_stage_with_one_line(tmp_path):
         ("    n_head: 4\n", "    n_head: 3\n",
          "pretrain.model.n_embd: 128 is not divisible by n_head (3)"),
         ("    bias: true", "    bias: 1", "pretrain.model.bias: 1 is not a boolean (true/false)"),
-        ("  max_steps: 448", "  max_steps: 30",
+        ("  max_steps: 512", "  max_steps: 30",
          "pretrain.warmup_steps: 50 is not less than max_steps (30)"),
         ("  min_lr: 3.0e-4", "  min_lr: 1.0", "pretrain.min_lr: 1.0 is more than learning_rate"
                                               " (0.003)"),
