@@ -14,7 +14,7 @@ export PATH := $(BIN):$(PATH)
 
 setup: $(VENV)/.installed
 
-# uv installs into the venv: the same packages as pip, in about 30 s instead of 3.5 minutes on
+# uv installs into the venv: the same packages as pip, in about a minute instead of 3.5 on
 # a 2-core machine (README, "Quick start"). It reads pip's find-links from PIP_FIND_LINKS, where
 # a machine keeps local wheels (torch's, here). Bytecode is compiled at install, as pip does:
 # without it every stage's process compiles torch's and transformers' modules again (importing
