@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import random
 import re
 import shutil
@@ -319,8 +320,6 @@ class TaskSet:
 
     @classmethod
     def read(cls, directory: Path) -> TaskSet:
-        import json
-
         task = json.loads((directory / "task.json").read_text())
         problems = {split: [Problem(**row) for row in read_jsonl(directory / f"{split}.jsonl")]
                     for split in ("train", "test")}
@@ -372,8 +371,6 @@ def save_task_model(directory: Path, model, tokenizer, report: dict) -> None:
 
 
 def read_task_report(directory: Path) -> dict:
-    import json
-
     return json.loads((directory / REPORT_FILE).read_text())
 
 
