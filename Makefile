@@ -10,7 +10,8 @@ MACHINE_PATH := $(PATH)
 # DVC runs each stage's cmd (`python -m stages.x`) with this PATH: the venv's python first.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup pipeline test lint bench serve compare push pull gpu-smoke smoke-wheels
+.PHONY: setup pipeline test lint bench serve compare push pull gpu-smoke smoke-wheels \
+	gpu-rehearsal gpu-check
 
 setup: $(VENV)/.installed
 
@@ -28,9 +29,15 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet "uv>=0.13,<0.14"
 	$(BIN)/python -c "import torch" 2>/dev/null || $(UV) torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(UV) -e ".[dev]"
-	# torchao (the GPU int8 path) beside the venv, off its path: installed, transformers imports
-	# it in every process and it prints warnings; tests/test_quantize.py loads it on purpose.
-	$(UV) --no-deps --target $(VENV)/torchao "torchao>=0.18,<0.19"
+	# torchao (the GPU int8 path): in the venv on a machine whose torch sees a GPU, so that
+	# quantize and evaluate measure int8 there; elsewhere beside the venv, off its path
+	# (installed, transformers imports it in every process and it prints warnings;
+	# tests/test_quantize.py loads it on purpose).
+	if $(BIN)/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+		$(UV) "torchao>=0.18,<0.19"; \
+	else \
+		$(UV) --no-deps --target $(VENV)/torchao "torchao>=0.18,<0.19"; \
+	fi
 	touch $@
 
 pipeline: setup
@@ -76,13 +83,31 @@ gpu-smoke:
 		$(SMOKE_PYTHON) -m llmpipe.smoke gpu-smoke \
 		$(if $(wildcard $(WHEELS)),--wheels $(WHEELS)) $(SMOKE_ARGS)
 
-# On a connected machine: wheels of pyproject.toml's dependencies (torch aside) for the GPU
-# box's Python and platform. pip also fetches what the box may have already (transformers,
-# accelerate, ...); installing from the folder keeps the installed versions of those.
-SMOKE_PY_VERSION ?= 3.12
-SMOKE_PLATFORM ?= manylinux_2_28_x86_64
+# On a connected machine: the smoke kit, exactly what the GPU image lacks or has too old
+# (requirements/gpu-kit.txt), as wheels for its Python and platform, --no-deps, from a clean
+# pip cache, at most 48 MiB (scripts/gpu_kit.py checks). SMOKE_KIT_ARGS=--local: for this
+# machine's Python instead (the rehearsal).
+SMOKE_KIT_ARGS ?=
 smoke-wheels:
-	PYTHONPATH=src $(PYTHON) -m llmpipe.smoke --print-requirements | xargs $(PYTHON) -m pip \
-		download --dest $(WHEELS) --only-binary=:all: --python-version $(SMOKE_PY_VERSION) \
-		--platform $(SMOKE_PLATFORM) --platform manylinux2014_x86_64 \
-		--platform manylinux_2_17_x86_64
+	$(PYTHON) scripts/gpu_kit.py build --dest $(WHEELS) $(SMOKE_KIT_ARGS)
+
+# What a lent GPU machine runs (scripts/gpu_check.py): results in $$OUT or runs/gpu_check.
+gpu-check:
+	PATH="$(MACHINE_PATH)" bash scripts/gpu_check.sh $(if $(wildcard $(WHEELS)),--wheels $(WHEELS))
+
+# The GPU check rehearsed here: a virtualenv with the GPU image's packages where the registries
+# have them (requirements/gpu-image.txt; the pinned CPU torch stands in for its torch 2.11), the
+# kit built for this Python and installed into it offline exactly as the GPU check installs it,
+# then scripts/gpu_check.sh --dry-run there. What would fail on the image fails here first.
+REHEARSAL ?= .gpu-rehearsal
+gpu-rehearsal: setup
+	rm -rf $(REHEARSAL) && $(PYTHON) -m venv $(REHEARSAL)/venv
+	$(BIN)/uv pip install --quiet --python $(REHEARSAL)/venv/bin/python \
+		$(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) \
+		$(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==2.13.0
+	$(BIN)/uv pip install --quiet --python $(REHEARSAL)/venv/bin/python \
+		-r requirements/gpu-image.txt
+	$(REHEARSAL)/venv/bin/python -m ensurepip --upgrade >/dev/null
+	$(PYTHON) scripts/gpu_kit.py build --local --dest $(REHEARSAL)/wheels
+	PYTHON=$(abspath $(REHEARSAL))/venv/bin/python bash scripts/gpu_check.sh --dry-run \
+		--wheels $(REHEARSAL)/wheels --out $(REHEARSAL)/out --work $(REHEARSAL)/work

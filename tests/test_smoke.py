@@ -1,15 +1,17 @@
 """The GPU smoke run's runner (llmpipe.smoke): no DVC, the project on PYTHONPATH, missing
-dependencies from a folder of wheels. Rehearsed here on CPU with the same command line, the
-GPU-only settings of the preset (cuda, bf16, compile, GPT-2 124M) overridden by --set."""
+dependencies from a folder of wheels; and the GPU check around it (scripts/gpu_check.sh),
+rehearsed here on the CPU with --dry-run (the preset at micro shapes: smoke.CPU_REHEARSAL)."""
 
+import importlib.util
 import json
 import subprocess
 import sys
 
 import pytest
+import torch
 from ruamel.yaml import YAML
 
-from conftest import MICRO_PARAMS, ROOT, run
+from conftest import ROOT, run
 from llmpipe import layout, smoke
 from llmpipe.errors import ParamsError
 from llmpipe.params import STAGE_SCHEMAS
@@ -51,7 +53,9 @@ def test_the_gpu_smoke_preset_is_a_gpt2_124m_run_from_local_data():
     assert (model["n_layer"], model["n_head"], model["n_embd"], model["block_size"]) == (
         12, 12, 768, 1024)
     p = preset["pretrain"]
-    assert (p["device"], p["dtype"], p["compile"]) == ("cuda", "bfloat16", True)
+    # Not compiled: bench/gpt2_mfu.py measures the compiled model in the same GPU check.
+    assert (p["device"], p["dtype"], p["compile"], p["chunked_loss"]) == (
+        "cuda", "bfloat16", False, False)
 
 
 def test_bad_overrides_are_one_line_errors(tmp_path):
@@ -61,28 +65,47 @@ def test_bad_overrides_are_one_line_errors(tmp_path):
         smoke.compose_params("gpu-smoke", ["pretrain.max_steps=-1"], tmp_path)
 
 
-# The preset's GPU settings, scaled to the micro configuration for a 2-core CPU.
-CPU_REHEARSAL = {**MICRO_PARAMS, "pretrain.device": "cpu", "pretrain.dtype": "float32",
-                 "pretrain.compile": False, "pretrain.model.vocab_multiple": 1,
-                 "pretrain.grad_accum_steps": 1, "pretrain.sample.prompts": ["Return the"],
-                 "quantize.compile": False, "preferences.train_prompts": 32,
-                 "preferences.heldout_prompts": 8, "grpo.prompts_per_step": 2}
-
-
 @pytest.mark.slow
-def test_the_smoke_run_rehearsed_on_cpu_runs_every_stage_without_dvc(tmp_path):
-    overrides = [arg for key, value in CPU_REHEARSAL.items()
-                 for arg in ("--set", f"{key}={json.dumps(value)}")]
-    run_dir = tmp_path / "run"
-    # The project on PYTHONPATH only, as on a GPU box without `pip install -e .`.
-    result = run([sys.executable, "-m", "llmpipe.smoke", "gpu-smoke", "--run-dir", str(run_dir),
-                  *overrides], tmp_path, PYTHONPATH=str(ROOT / "src"))
-    summary = json.loads((run_dir / "smoke.json").read_text())
+def test_the_gpu_check_dry_run_runs_every_part_on_the_cpu(tmp_path):
+    """scripts/gpu_check.sh --dry-run: the GPU check's code at micro shapes (the environment,
+    GPT-2's MFU bench, the gpu-smoke preset through every stage, without DVC), each part
+    recorded in the JSON. The kit part is make gpu-rehearsal's and tests/test_gpu_kit.py's."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    result = run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run", "--out", str(out),
+                  "--work", str(work)], tmp_path, PYTHON=sys.executable)
+    check = json.loads((out / "gpu_check.json").read_text())
+    parts = check["parts"]
+    assert check["dry_run"] and check["failed_parts"] == []
+    assert list(parts) == ["environment", "kit", "mfu", "smoke"]
+    assert parts["environment"]["torch"] == torch.__version__
+    assert "make smoke-wheels" in parts["kit"]["skipped"]  # no wheels folder given
+    mfu = parts["mfu"]["figures"]
+    assert mfu["tokens_per_s"] > 0 and mfu["mfu"] is None  # no data-sheet peak for a CPU
+    assert mfu["time_to_target"]["hours"] == pytest.approx(
+        10e9 / (8 * mfu["tokens_per_s"]) / 3600, rel=0.01)
+    summary = parts["smoke"]["summary"]
+    assert summary["finished"] and summary["cpu_rehearsal"]
     assert [row["stage"] for row in summary["stages"]] == list(smoke.STAGES)
-    assert all(row["wall_s"] > 0 for row in summary["stages"])
-    assert summary["pretrain"]["tokens_per_s"] > 0 and summary["pretrain"]["mfu"] > 0
-    assert "| pretrain |" in result.stdout and "tokens/s, MFU" in result.stdout
+    assert all(row["wall_s"] > 0 and row["exit_code"] == 0 for row in summary["stages"])
+    assert summary["pretrain"]["tokens_per_s"] > 0
+    assert parts["smoke"]["quantize"]["method"] == "weight_only_int8"
+    assert "| pretrain |" in (out / "smoke.log").read_text()
     for stage in STAGE_SCHEMAS:
-        assert (run_dir / layout.metrics_file(stage)).exists(), stage
-    assert (run_dir / layout.REPORT / "report.md").exists()
-    assert not (tmp_path / ".dvc").exists() and not (run_dir / "dvc.lock").exists()
+        assert (work / "smoke" / layout.metrics_file(stage)).exists(), stage
+    assert (work / "smoke" / layout.REPORT / "report.md").exists()
+    assert not (tmp_path / ".dvc").exists() and not (work / "smoke" / "dvc.lock").exists()
+    assert "every part passed" in result.stdout
+
+
+def test_a_part_over_its_time_limit_is_killed_and_recorded(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts/gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    check = gpu_check.Check(tmp_path, dry_run=True)
+    monkeypatch.setitem(check.limits, "mfu", 1)
+    record = check.part("mfu", check.run("mfu", [sys.executable, "-c",
+                                                 "import time; print('started', flush=True); "
+                                                 "time.sleep(30)"], {}, tmp_path / "mfu.log"))
+    assert record["timed_out"] and record["exit_code"] is None and record["wall_s"] < 10
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["parts"]["mfu"] == record
+    assert record["log_tail"] == ["started"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib.util
 import json
 import platform
 from importlib import metadata
@@ -324,6 +325,18 @@ def harness_section(models: list[dict]) -> str:
            for r in models]) + "\n")
 
 
+NO_PLOTS = ("(No images: matplotlib is not installed here, as in the GPU smoke kit "
+            "(scripts/gpu_kit.py); `pip install matplotlib` draws them.)")
+
+
+def images(plot, *args) -> list[str]:
+    """Markdown image lines from a plot function, or one note where matplotlib is missing (the
+    GPU smoke kit leaves it out; every full install has it)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return [NO_PLOTS]
+    return [f"![{title}]({name})" for title, name in plot(*args)]
+
+
 def write_report(out_dir: Path, models: list[dict], samples: dict[str, list[dict]]) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = ["# llmpipe report card", "", "## Environment", "",
@@ -343,14 +356,14 @@ def write_report(out_dir: Path, models: list[dict], samples: dict[str, list[dict
                       r["reward_model_score"], r["gold_score"], r["kl_to_finetune"],
                       r["size_mb"], r["generate_tokens_per_s"], r["device"]] for r in models]),
              ""]
-    lines += [f"![{title}]({name})" for title, name in plot_models(models, out_dir)]
+    lines += images(plot_models, models, out_dir)
     lines += ["", harness_section(models)]
     lines += ["", "## Stages", ""]
     for section in stage_sections():
         lines += [section, ""]
     lines += ["## Training curves", ""]
-    lines += [f"![{title}]({name})" for title, name in plot_curves(out_dir)]
-    lines += [f"![{title}]({name})" for title, name in plot_overoptimisation(out_dir)]
+    lines += images(plot_curves, out_dir)
+    lines += images(plot_overoptimisation, out_dir)
     lines += ["", "## Samples", ""]
     for model, rows in samples.items():
         lines += [f"### {model}", ""]
