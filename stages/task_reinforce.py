@@ -16,7 +16,8 @@ def main() -> None:
     shared, p = load_stage_params(TaskReinforceParams)
     task = TaskSet.read(layout.TASK_PROBLEMS)
     policy, tokenizer = load_causal_lm(layout.TASK_SFT_MODEL)
-    reference, _ = load_causal_lm(layout.TASK_SFT_MODEL)
+    # The reference only prices the KL: with beta 0 there is none to load.
+    reference = load_causal_lm(layout.TASK_SFT_MODEL)[0] if p.beta > 0 else None
     live = curves_live(layout.live_dir("task_reinforce"))
     started = time.perf_counter()
     steps = reinforce(policy, reference, tokenizer, task.rl_rows(),

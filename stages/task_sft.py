@@ -7,6 +7,7 @@ from llmpipe.chat import PromptFormat
 from llmpipe.io import write_metrics
 from llmpipe.loading import load_causal_lm
 from llmpipe.params import TaskSftParams, load_stage_params
+from llmpipe.runtime import fp32_master_weights
 from llmpipe.stage import run_main
 from llmpipe.task import (
     TaskSet,
@@ -21,6 +22,7 @@ from llmpipe.task import (
 def main() -> None:
     shared, p = load_stage_params(TaskSftParams)
     base, tokenizer = load_causal_lm(p.base)
+    fp32_master_weights(base)  # measured in the precision of the weights SFT trains (run_sft)
     prompt_format = PromptFormat(p.chat)
     prompt_format.check(tokenizer, "task_sft.chat")
     task = TaskSet(load_problems(p.kind, p.source, p.digits, p.train_problems, p.test_problems,

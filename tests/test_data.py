@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from llmpipe.data import TokenBin
+from llmpipe.data import EpochSampler, TokenBin
 from llmpipe.errors import DataError
 from llmpipe.tokenization import write_corpus
 
@@ -52,8 +52,6 @@ def test_roundtrip_and_windows(tmp_path):
     # Document 1 has words of lengths 1, 2, ..., so its ids are 1, 2, ...
     assert x[0].tolist() == list(range(1, 9)) and y[0].tolist() == list(range(2, 10))
     assert x[1].tolist() == [6, 7, 8, 9, 1, 2, 3, 4]  # lengths cycle through 1..9
-    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    assert train.random_starts(16, 8, g1) == train.random_starts(16, 8, g2)
     val = TokenBin.open(corpus, "val")
     last = len(val) - 9
     assert val.eval_starts(8, 10) == [round(i * last / 9) for i in range(10)]
@@ -125,8 +123,30 @@ def test_training_windows_read_only_themselves(tmp_path):
     bins = TokenBin.open(tmp_path, "train")
     spy = ReadsRecorded(bins.tokens)
     bins = dataclasses.replace(bins, tokens=spy)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(5):
-        x, y = bins.batch(bins.random_starts(16, 1024, generator), 1024)
+    sampler = EpochSampler(bins, 1024, seed=0)
+    for step in range(5):
+        x, y = bins.batch(sampler.starts(16 * step, 16), 1024)
         assert x.shape == y.shape == (16, 1024)
     assert spy.reads == [1025] * 80  # each window and its next token, nothing else
+
+
+def test_the_epoch_sampler_draws_every_window_once_an_epoch_and_resumes_in_order(tmp_path):
+    corpus = make_corpus(tmp_path)
+    train = TokenBin.open(corpus, "train")
+    sampler = EpochSampler(train, 8, seed=3)
+    assert sampler.windows == (len(train) - 1) // 8 == 95
+    # Two and a half epochs drawn in uneven pieces, as steps of different sizes would.
+    drawn, position = [], 0
+    for count in [7, 40, 1, 95, 50, 44]:
+        drawn += sampler.starts(position, count)
+        position += count
+    grid = [i * 8 for i in range(95)]
+    first, second = drawn[:95], drawn[95:190]
+    assert sorted(first) == sorted(second) == grid  # each window exactly once an epoch
+    assert first != second and first != grid  # shuffled, and anew each epoch
+    assert all(s + 9 <= len(train) for s in drawn)  # every window has its last target
+    # A fresh sampler (a resumed run) continues mid-epoch in the same order; another seed
+    # draws another order.
+    assert EpochSampler(train, 8, seed=3).starts(150, 87) == drawn[150:237]
+    assert EpochSampler(train, 8, seed=4).starts(0, 95) != first
+    assert sampler.unique_windows(47) == 47 and sampler.unique_windows(237) == 95

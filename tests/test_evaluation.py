@@ -4,6 +4,7 @@ on the shipped offline task (llmpipe.harness)."""
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -105,3 +106,49 @@ def test_harness_params_are_checked_before_any_work():
     with pytest.raises(ParamsError, match=r"^evaluate.harness_tasks: unknown task\(s\) "
                                           r"\['hellaswagg'\]"):
         check_harness(["llmpipe_cloze", "hellaswagg"])
+
+
+SHARDED_EVAL = """
+import json, sys
+import numpy as np, torch, torch.distributed as dist
+from llmpipe.data import TokenBin
+from llmpipe.evaluation import window_scores
+from llmpipe.model import GPT, GPTConfig
+
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+torch.manual_seed(0)  # the same weights in every process
+model = GPT(GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=32))
+bins = TokenBin.open(sys.argv[1], "val")
+score = window_scores(model, bins, 16, 13, 4, torch.ones(256, dtype=torch.long), sharded=True)
+if dist.get_rank() == 0:
+    open(sys.argv[2], "w").write(json.dumps([score.loss, score.bits_per_byte]))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_evaluation_sharded_over_two_processes_equals_one_process(tmp_path):
+    """pretrain evaluates on every rank, each scoring its share of the batches; the gathered
+    figures equal a single process's bit for bit (13 windows in batches of 4: ranks get 2 and
+    2 batches, the last one short)."""
+    import numpy as np
+
+    from conftest import ROOT, run
+    from llmpipe.data import TokenBin, write_meta
+    from llmpipe.model import GPT, GPTConfig
+
+    tokens = np.random.default_rng(0).integers(0, 256, 2000, dtype=np.uint16)
+    tokens.tofile(tmp_path / "val.bin")
+    write_meta(tmp_path, {"dtype": "uint16", "vocab_size": 256, "eot_id": 0, "splits": {
+        "val": {"tokens": 2000, "documents": 1, "sha256": ""}}})
+    (tmp_path / "sharded.py").write_text(SHARDED_EVAL)
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(tmp_path / "sharded.py"), str(tmp_path), str(tmp_path / "out.json")], tmp_path,
+        PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    single = window_scores(model, TokenBin.open(tmp_path, "val"), 16, 13, 4,
+                           torch.ones(256, dtype=torch.long))
+    assert json.loads((tmp_path / "out.json").read_text()) == [single.loss,
+                                                                single.bits_per_byte]

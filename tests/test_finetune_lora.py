@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -180,3 +181,75 @@ def test_all_linear_adapts_every_linear_layer_but_the_head_of_any_architecture()
                                           r"model \(its linear layers: down_proj, gate_proj"):
         adapter_config(LlamaForCausalLM(LlamaConfig(**small)), 4, 8, 0.0, ["c_attn"],
                        "lora.target_modules")
+
+
+def checkpointed(model) -> bool:
+    """Whether the model's blocks recompute their activations (the flag transformers sets on
+    them, whatever its version calls the switch)."""
+    return any(getattr(module, "gradient_checkpointing", False) is True
+               for module in model.modules())
+
+
+@pytest.mark.parametrize("stage", ["finetune", "lora"])
+def test_gradient_checkpointing_trains_the_same_steps(micro_pretrained, tmp_path, stage):
+    """Activations recomputed in the backward pass (non-reentrant: a LoRA's frozen embeddings
+    need no input that requires grad, and dropout draws the same masks): the same losses."""
+    from peft import get_peft_model
+
+    results = []
+    for checkpointing in (False, True):
+        seed, p = stage_params(micro_pretrained, stage, max_steps=4, eval_interval=2,
+                               gradient_checkpointing=checkpointing)
+        model, _, train_bin, val_bin = base_and_data(micro_pretrained, p)
+        if stage == "lora":
+            torch.manual_seed(seed)  # the adapter's initial weights
+            model = get_peft_model(model, lora_config(model, p))
+        result = train(model, p, seed, train_bin, val_bin, tmp_path / f"work{checkpointing}",
+                       tmp_path / f"live{checkpointing}", p.grad_accum_steps)
+        assert checkpointed(result.model) is checkpointing
+        results.append(result)
+    off, on = results
+    assert on.train_loss == pytest.approx(off.train_loss, abs=1e-5)
+    assert [loss for _, loss in on.eval_losses] == pytest.approx(
+        [loss for _, loss in off.eval_losses], abs=1e-5)
+    assert on.eval_losses[-1][1] < on.eval_losses[0][1] + 1.0  # it trained, sanely
+    if stage == "lora":  # the adapters got gradients through the recomputed blocks
+        assert any(param.abs().sum() > 0 for name, param in on.model.named_parameters()
+                   if "lora_B" in name)
+
+
+@pytest.mark.parametrize("stage", ["finetune", "lora"])
+def test_a_bf16_base_trains_float32_weights(micro_pretrained, tmp_path, stage):
+    """transformers 5 loads a checkpoint saved in bf16 in bf16: the stage trains float32 master
+    weights all the same (a full finetune's every weight, a LoRA's adapters; its frozen base
+    keeps bf16)."""
+    from peft import get_peft_model
+
+    from llmpipe.causal_lm import run_stage
+
+    model, tokenizer = load_causal_lm(micro_pretrained / layout.PRETRAIN_MODEL)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    tokenizer.save_pretrained(tmp_path / "bf16")
+    assert next(load_causal_lm(tmp_path / "bf16")[0].parameters()).dtype == torch.bfloat16
+    seed, p = stage_params(micro_pretrained, stage, base=str(tmp_path / "bf16"), max_steps=4,
+                           eval_interval=2)
+    adapt = (lambda base: get_peft_model(base, lora_config(base, p))) if stage == "lora" else None
+    run = run_stage(stage, p, seed, micro_pretrained / layout.tokens("finetune"),
+                    tmp_path / "work", tmp_path / "live", adapt)
+    trained = {param.dtype for param in run.result.model.parameters() if param.requires_grad}
+    frozen = {param.dtype for param in run.result.model.parameters() if not param.requires_grad}
+    assert trained == {torch.float32}
+    assert frozen == ({torch.bfloat16} if stage == "lora" else set())
+    assert math.isfinite(run.perplexity) and math.isfinite(run.base_perplexity)
+
+
+@pytest.mark.parametrize("stage", ["finetune", "lora", "task_sft"])
+def test_gradient_checkpointing_is_a_boolean(stage):
+    from conftest import ROOT
+    from llmpipe.params import build, read_params_file
+
+    raw = read_params_file(ROOT / "params.yaml")[stage]
+    assert build(STAGE_SCHEMAS[stage], raw, stage).gradient_checkpointing is False
+    with pytest.raises(ParamsError, match=rf"^{stage}\.gradient_checkpointing: 'yes' is not a "
+                                          r"boolean \(true/false\)$"):
+        build(STAGE_SCHEMAS[stage], {**raw, "gradient_checkpointing": "yes"}, stage)

@@ -359,3 +359,46 @@ def test_generate_stops_when_every_row_has_emitted_eos(monkeypatch: pytest.Monke
     prompt = torch.zeros(2, prompt_length, dtype=torch.long)
     out = model.generate(prompt, max_new_tokens=10, temperature=0.0, eos_token_id=eos)
     assert out[:, prompt_length:].tolist() == [[eos, eos, eos], [other, other, eos]]
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_chunked_and_the_full_logits_loss_agree(bf16) -> None:
+    """pretrain.chunked_loss switches the path, not the result: loss and gradients agree."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=300, block_size=16, n_layer=2, n_head=2, n_embd=32,
+                       vocab_multiple=64)  # padded rows take part in both softmaxes
+    model = GPT(config)
+    idx = torch.randint(300, (4, 16))
+    targets = torch.randint(300, (4, 16))
+    targets[0, :5] = -100
+    results = []
+    for chunked in (True, False):
+        model.config.chunked_loss = chunked
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(idx, targets)[1]
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (chunked_loss, chunked_grads), (full_loss, full_grads) = results
+    tolerance = 1e-2 if bf16 else 1e-5  # bf16: the logits are rounded at different points
+    assert torch.allclose(chunked_loss, full_loss, atol=tolerance, rtol=0)
+    for a, b in zip(chunked_grads, full_grads, strict=True):
+        assert torch.allclose(a, b, atol=tolerance, rtol=0)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients() -> None:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=100, block_size=16, n_layer=3, n_head=2, n_embd=32,
+                          dropout=0.1))
+    idx, targets = torch.randint(100, (2, 16)), torch.randint(100, (2, 16))
+    results = []
+    for checkpointed in (False, True):
+        model.config.gradient_checkpointing = checkpointed
+        model.zero_grad()
+        torch.manual_seed(1)  # the same dropout masks: recomputation replays the RNG state
+        loss = model(idx, targets)[1]
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    assert results[0][0] == pytest.approx(results[1][0], abs=1e-6)
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        assert torch.allclose(a, b, atol=1e-6)

@@ -58,7 +58,9 @@ def test_the_experiment_workflow(project_copy):
     for stage, keys in BITS_PER_BYTE.items():
         figures = json.loads((repo / f"metrics/{stage}.json").read_text())
         assert all(0 < figures[key] < 8 for key in keys), (stage, figures)
-    assert evaluate["grpo"]["kl_to_finetune"] > 0
+    # A sample estimate (the mean log-ratio over sampled tokens): exactly 0 for the finetuned
+    # model itself, nonzero once GRPO moved the policy; after two micro steps its sign is noise.
+    assert evaluate["grpo"]["kl_to_finetune"] != 0
     assert evaluate["quantized"]["size_mb"] < 0.5 * evaluate["finetune"]["size_mb"]
     report = (repo / "data/evaluate/report.md").read_text()
     table = report.split("## Every model")[1].split("\n\n")[1]

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, run, set_params
 from llmpipe import layout
-from llmpipe.data import TokenBin
+from llmpipe.data import EpochSampler
 from llmpipe.errors import ParamsError
 from llmpipe.model import GPT
 from llmpipe.params import PretrainParams, load_stage_params
@@ -183,7 +183,7 @@ def test_one_host_device_synchronisation_per_optimizer_step(micro_workspace, tmp
 
     for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, counting_reads(name))
-    real_starts = TokenBin.random_starts
+    real_starts = EpochSampler.starts
 
     def starts_on_the_host(self, *args, **kwargs):  # the data position lives on the host
         counting[0] = False
@@ -192,7 +192,7 @@ def test_one_host_device_synchronisation_per_optimizer_step(micro_workspace, tmp
         finally:
             counting[0] = True
 
-    monkeypatch.setattr(TokenBin, "random_starts", starts_on_the_host)
+    monkeypatch.setattr(EpochSampler, "starts", starts_on_the_host)
     for step in range(3):
         optimizer_step(run, step)
     assert reads == ["tolist"] * 3
@@ -270,3 +270,40 @@ def test_the_peak_flops_of_a_gpu_come_from_its_name(name, flops):
     from llmpipe.pretrain import peak_flops_of_gpu
 
     assert peak_flops_of_gpu(name) == flops
+
+
+@pytest.fixture
+def unusable_gpu(monkeypatch):
+    """A machine with an NVIDIA GPU on driver 550 and torch built for CUDA 13 (needs >= 580):
+    torch.cuda.is_available() is then False, without an error."""
+    from llmpipe import runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(runtime, "nvidia_driver_version", lambda: "550.54.15")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(runtime, "nvidia_gpu_present", lambda: True)
+
+
+def test_cuda_asked_for_but_unusable_is_an_error_naming_the_driver_and_the_fix(unusable_gpu):
+    from llmpipe.errors import DeviceError
+    from llmpipe.pretrain import setup_runtime
+
+    for device in ("cuda", "auto"):  # auto with a GPU present: no quiet run on the CPU either
+        with pytest.raises(DeviceError) as error:
+            setup_runtime(device)
+        message = str(error.value)
+        assert message.startswith("pretrain.device: ")
+        assert "CUDA 13.0" in message and "driver >= 580.65" in message and "550.54.15" in message
+        assert "--index-url https://download.pytorch.org/whl/cu126" in message
+    assert setup_runtime("cpu").device == torch.device("cpu")  # asked for: fine
+
+
+def test_the_trainer_stages_do_not_fall_back_to_the_cpu_either(unusable_gpu, monkeypatch):
+    from llmpipe import runtime
+    from llmpipe.errors import DeviceError
+
+    with pytest.raises(DeviceError, match=r"CUDA_VISIBLE_DEVICES= \(empty\)"):
+        runtime.runtime_args(seed=0)
+    monkeypatch.setattr(runtime, "nvidia_gpu_present", lambda: False)  # e.g. GPUs hidden
+    assert runtime.runtime_args(seed=0)["use_cpu"] is True

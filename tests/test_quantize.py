@@ -11,7 +11,7 @@ from conftest import ROOT, run
 from llmpipe import layout
 from llmpipe.data import TokenBin
 from llmpipe.decoding import GreedyDecoder
-from llmpipe.errors import DataError, ParamsError
+from llmpipe.errors import DataError, DeviceError, ParamsError
 from llmpipe.evaluation import window_loss
 from llmpipe.loading import load_causal_lm
 from llmpipe.params import QuantizeParams, load_stage_params
@@ -189,7 +189,8 @@ def test_the_measurement_device_and_methods_that_cannot_run_on_a_gpu(base, tmp_p
     model, _, _ = base
     assert measurement_device("auto", "dynamic_int8") == "cpu"  # no GPU here, and a CPU method
     assert measurement_device("cpu", "weight_only_int8") == "cpu"
-    with pytest.raises(ParamsError, match=r"^quantize\.device: 'cuda' but no CUDA device"):
+    with pytest.raises(DeviceError, match=r"^quantize\.device: 'cuda', but CUDA is unusable: "
+                                          r"torch .* is a CPU-only build"):
         measurement_device("cuda", "weight_only_int8")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert measurement_device("auto", "dynamic_int8") == "cpu"

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from conftest import save_micro_instruct
 from llmpipe.chat import PromptFormat
@@ -110,8 +111,10 @@ def test_the_task_on_an_instruct_model_through_its_chat_template(tmp_path):
     from llmpipe.params import TaskSftParams
     from llmpipe.task import _encode, run_sft, task_report
 
-    save_micro_instruct(tmp_path / "instruct", "llama")
+    instruct, _ = save_micro_instruct(tmp_path / "instruct", "llama")
+    instruct.to(torch.bfloat16).save_pretrained(tmp_path / "instruct")  # as Llama 3.2 ships
     model, tokenizer = load_causal_lm(tmp_path / "instruct")
+    assert next(model.parameters()).dtype == torch.bfloat16
     chat = PromptFormat(chat=True)
     problems = load_problems("gsm8k", write_gsm8k(tmp_path / "gsm8k", 20, 4), 0, 16, 4, seed=0)
     prompt, target = _encode(tokenizer, problems["test"][:1], chat)[0]
@@ -119,8 +122,13 @@ def test_the_task_on_an_instruct_model_through_its_chat_template(tmp_path):
     assert target[-1] == tokenizer.eos_token_id  # the turn ends with the model's end of turn
     p = TaskSftParams(base=str(tmp_path / "instruct"), kind="gsm8k", source=None, chat=True,
                       digits=1, train_problems=16, test_problems=4, pass_k=2, max_steps=3,
-                      batch_size=4, learning_rate=1e-3, warmup_steps=0)
+                      batch_size=4, learning_rate=1e-3, warmup_steps=0,
+                      gradient_checkpointing=True)
     trained, _ = run_sft(p, problems["train"], chat, 0, tmp_path / "live")
+    # SFT recomputed the Llama blocks' activations (the flag transformers sets on them)
+    assert any(getattr(m, "gradient_checkpointing", False) is True for m in trained.modules())
+    # and trained float32 master weights of the bf16 checkpoint
+    assert {param.dtype for param in trained.parameters()} == {torch.float32}
     report = task_report(trained, tokenizer, problems["test"], "gsm8k", 2, 0, chat)
     assert 0 <= report["teacher_forced_token_accuracy"] <= 1
     assert report["samples"][0]["prompt"] == problems["test"][0].prompt

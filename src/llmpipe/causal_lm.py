@@ -24,7 +24,9 @@ from llmpipe.evaluation import WindowScore, perplexity, token_byte_lengths, wind
 from llmpipe.loading import load_causal_lm, token_vocab_size
 from llmpipe.params import CausalLMTrainingParams
 from llmpipe.runtime import (
+    checkpointing_args,
     default_device,
+    fp32_master_weights,
     is_main_process,
     per_process,
     runtime_args,
@@ -132,6 +134,7 @@ def train(model, p: CausalLMTrainingParams, seed: int, train_bin: TokenBin, val_
         metric_for_best_model="eval_loss",
         greater_is_better=False,
         logging_steps=max(1, p.eval_interval // 5),
+        **checkpointing_args(p.gradient_checkpointing),
         **runtime_args(seed, use_bf16(p)),
     )
     trainer = Trainer(
@@ -211,13 +214,20 @@ def run_stage(stage: str, p: CausalLMTrainingParams, seed: int, tokens_dir: Path
               work_dir: Path, live_dir: Path, adapt=None) -> StageRun:
     """Load the base (checked against the data before any work), score it, train it (through
     `adapt(model)` when given, e.g. a LoRA wrapper) and score the result on the same windows.
-    Under a launcher every process trains; the main one alone scores."""
+    Under a launcher every process trains; the main one alone scores.
+
+    Trained weights are float32 whatever the base's dtype (a hub model saved in bf16 loads in
+    bf16): bf16 is the Trainer's autocast (p.bf16), not the weights'. A full finetune casts
+    the base before scoring it, so that both scores use the same weights' precision; a LoRA's
+    frozen base keeps its dtype."""
     from transformers import set_seed
 
     started = time.perf_counter()
     accumulation = per_process(p.grad_accum_steps, f"{stage}.grad_accum_steps")
     set_seed(seed)  # an adapter's initial weights are drawn before the Trainer seeds anything
     model, tokenizer = load_causal_lm(p.base, p.trust_remote_code)
+    if adapt is None:  # every weight trains
+        fp32_master_weights(model)
     check_block_size(model, p.block_size, f"{stage}.block_size")
     train_bin, val_bin = open_token_data(tokens_dir, model, tokenizer, p.base)
     main = is_main_process()
@@ -226,10 +236,10 @@ def run_stage(stage: str, p: CausalLMTrainingParams, seed: int, tokens_dir: Path
     adapt = adapt or (lambda base: base)
 
     def rebuild():
-        return adapt(load_causal_lm(p.base, p.trust_remote_code)[0])
+        return fp32_master_weights(adapt(load_causal_lm(p.base, p.trust_remote_code)[0]))
 
-    result = train(adapt(model), p, seed, train_bin, val_bin, work_dir, live_dir, accumulation,
-                   rebuild)
+    result = train(fp32_master_weights(adapt(model)), p, seed, train_bin, val_bin, work_dir,
+                   live_dir, accumulation, rebuild)
     return StageRun(result, tokenizer, base_score,
                     val_score(result.model, val_bin, p, token_bytes) if main else None, started)
 

@@ -71,12 +71,6 @@ class TokenBin:
         chunk = torch.from_numpy(self.tokens[start:start + block_size + 1].astype(np.int64))
         return chunk[:-1], chunk[1:]
 
-    def random_starts(self, count: int, block_size: int,
-                      generator: torch.Generator) -> list[int]:
-        """nanoGPT-style random window starts; the generator's state is the data position."""
-        self.check_block(block_size)
-        return torch.randint(len(self) - block_size, (count,), generator=generator).tolist()
-
     def batch(self, starts: list[int], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and next-token targets, each (len(starts), block_size) int64."""
         xs, ys = zip(*(self.window(s, block_size) for s in starts), strict=True)
@@ -95,6 +89,45 @@ class TokenBin:
         starts = self.eval_starts(block_size, count)
         for i in range(0, len(starts), batch_size):
             yield self.batch(starts[i:i + batch_size], block_size)
+
+
+class EpochSampler:
+    """Training windows without replacement: the split cut into back-to-back windows of
+    block_size + 1 tokens (each overlapping the next by the one token that is only a target),
+    every window drawn once per epoch, in an order shuffled anew each epoch from (seed, epoch).
+
+    nanoGPT draws random starts with replacement: over N draws from M windows only about
+    1 - e^(-N/M) of them are ever seen (at the GPU preset's 0.77 passes, 54% of the tokens).
+    Here N draws see min(N, M) windows. The data position is one integer, the windows drawn
+    so far: a resumed run, on any number of processes, continues mid-epoch in the same order.
+    """
+
+    def __init__(self, bins: TokenBin, block_size: int, seed: int):
+        bins.check_block(block_size)
+        self.block_size, self.seed = block_size, seed
+        self.windows = (len(bins) - 1) // block_size  # window i: tokens [i*T, (i+1)*T + 1)
+        self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The window indices of one epoch, shuffled from (seed, epoch)."""
+        if epoch != self._epoch:  # one epoch's order in memory: 8 bytes a window
+            rng = np.random.default_rng([self.seed, epoch])
+            self._epoch, self._order = epoch, rng.permutation(self.windows)
+        return self._order
+
+    def starts(self, position: int, count: int) -> list[int]:
+        """The starts of the `count` windows drawn after the first `position`."""
+        starts: list[int] = []
+        while len(starts) < count:
+            epoch, index = divmod(position, self.windows)
+            take = min(count - len(starts), self.windows - index)
+            starts += (self.order(epoch)[index:index + take] * self.block_size).tolist()
+            position += take
+        return starts
+
+    def unique_windows(self, position: int) -> int:
+        """How many different windows the first `position` draws cover."""
+        return min(position, self.windows)
 
 
 META_FILE = "meta.json"

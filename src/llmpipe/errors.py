@@ -11,3 +11,7 @@ class ParamsError(LlmpipeError):
 
 class DataError(LlmpipeError):
     """An input file or source is missing, corrupt or inconsistent."""
+
+
+class DeviceError(LlmpipeError):
+    """The hardware a run asks for cannot be used as installed (e.g. a GPU torch cannot reach)."""

@@ -52,28 +52,49 @@ class WindowScore:
 @torch.no_grad()
 def window_scores(model: torch.nn.Module, bins: TokenBin, block_size: int, windows: int,
                   batch_size: int, token_bytes: torch.Tensor | None = None,
-                  autocast=contextlib.nullcontext) -> WindowScore:
+                  autocast=contextlib.nullcontext, sharded: bool = False) -> WindowScore:
     """Loss over `windows` fixed windows of `bins`, every position of a window scored
     (block_size predictions per window); with `token_bytes` (token_byte_lengths), also bits per
-    byte, which does not depend on the tokenizer: models with different vocabularies compare."""
+    byte, which does not depend on the tokenizer: models with different vocabularies compare.
+
+    `sharded`: called by every process of a distributed run, each scores every world_size-th
+    batch, and the per-batch sums are gathered and added in batch order, so the figures equal a
+    single process's bit for bit (the same batches, summed in the same order)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total, count, text_loss, text_bytes = 0.0, 0, 0.0, 0
+    rank, world = 0, 1
+    if sharded and torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if token_bytes is not None:
         token_bytes = token_bytes.to(device)
-    for x, y in bins.eval_batches(block_size, windows, batch_size):
+    sums = {}  # batch index -> (summed loss, targets, summed loss of text tokens, text bytes)
+    for index, (x, y) in enumerate(bins.eval_batches(block_size, windows, batch_size)):
+        if index % world != rank:
+            continue
         with autocast():
             logits = model(x.to(device))[0].float().flatten(0, 1)
         targets = y.to(device).flatten()
-        total += F.cross_entropy(logits, targets, reduction="sum").item()
-        count += targets.numel()
+        text_loss, text_bytes = 0.0, 0
         if token_bytes is not None:
             nbytes = token_bytes[targets]
             losses = F.cross_entropy(logits, targets, reduction="none")
-            text_loss += (losses * (nbytes > 0)).sum().item()
-            text_bytes += int(nbytes.sum().item())
+            text_loss = (losses * (nbytes > 0)).sum().item()
+            text_bytes = int(nbytes.sum().item())
+        sums[index] = (F.cross_entropy(logits, targets, reduction="sum").item(),
+                       targets.numel(), text_loss, text_bytes)
     model.train(was_training)
+    if world > 1:
+        shards = [None] * world
+        torch.distributed.all_gather_object(shards, sums)
+        sums = {i: s for shard in shards for i, s in shard.items()}
+    total, count, text_loss, text_bytes = 0.0, 0, 0.0, 0
+    for index in sorted(sums):
+        batch_total, batch_count, batch_text_loss, batch_text_bytes = sums[index]
+        total += batch_total
+        count += batch_count
+        text_loss += batch_text_loss
+        text_bytes += batch_text_bytes
     bits_per_byte = text_loss / (math.log(2) * text_bytes) if token_bytes is not None else None
     return WindowScore(total / count, bits_per_byte)
 

@@ -175,6 +175,8 @@ class PretrainParams:
     device: Literal["auto", "cpu", "cuda"]
     dtype: Literal["float32", "bfloat16", "float16"]
     compile: bool
+    chunked_loss: bool  # the loss without the full logits (model/loss.py); off where they fit
+    gradient_checkpointing: bool  # recompute activations in backward: memory for compute
     eval_interval: int = param(POSITIVE_INT)
     eval_windows: int = param(POSITIVE_INT)
     checkpoint_interval: int = param(POSITIVE_INT)
@@ -216,6 +218,8 @@ class CausalLMTrainingParams:
     eval_windows: int = param(POSITIVE_INT)
     early_stopping_patience: int = param(POSITIVE_INT)
     bf16: bool | Literal["auto"]  # auto: bf16 on CUDA only
+    # recompute each layer's activations in the backward pass: less memory, ~30% more compute
+    gradient_checkpointing: bool
     trust_remote_code: bool
 
     def cross_field_problems(self) -> list[tuple[str, str]]:
@@ -355,6 +359,21 @@ class PolicyGradientParams:
     loss_normalisation: Literal["token", "sequence"]
     beta: float = param(NON_NEGATIVE_NUMBER)  # x the completion's KL, subtracted from its reward
     grad_clip: float = param(POSITIVE_NUMBER)
+    # The compute dtype: bfloat16 is autocast over float32 master weights (sampling, log-probs
+    # and the reference alike)
+    dtype: Literal["float32", "bfloat16"]
+    # Completions sampled and scored per forward pass, whole prompt groups (a multiple of
+    # num_generations); null: all of a step's at once
+    generation_batch_size: int | None = param(POSITIVE_INT)
+    reference_device: Literal["same", "cpu"]  # the frozen reference beside the policy, or CPU
+
+    def cross_field_problems(self) -> list[tuple[str, str]]:
+        if (self.generation_batch_size is not None
+                and self.generation_batch_size % self.num_generations):
+            return [("generation_batch_size",
+                     f"{self.generation_batch_size} is not a multiple of num_generations "
+                     f"({self.num_generations}): a forward pass samples whole prompt groups")]
+        return []
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -379,6 +398,7 @@ class TaskSftParams:
     batch_size: int = param(POSITIVE_INT)
     learning_rate: float = param(POSITIVE_NUMBER)
     warmup_steps: int = param(NON_NEGATIVE_INT)
+    gradient_checkpointing: bool  # less activation memory, ~30% more compute
 
     def cross_field_problems(self) -> list[tuple[str, str]]:
         if self.kind == "add" and self.digits > 3:  # 81M pairs to enumerate and hash

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,7 +38,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from llmpipe.data import TokenBin, read_meta, unigram_perplexity
+from llmpipe import runtime
+from llmpipe.data import EpochSampler, TokenBin, read_meta, unigram_perplexity
 from llmpipe.errors import DataError, LlmpipeError, ParamsError
 from llmpipe.evaluation import perplexity, token_byte_lengths, window_scores
 from llmpipe.io import atomic_dir, atomic_path, remove_stale_temporaries, write_json
@@ -75,9 +77,8 @@ class Runtime:
 
 
 def setup_runtime(device_param: str) -> Runtime:
-    want_cuda = device_param == "cuda" or (device_param == "auto" and torch.cuda.is_available())
-    if device_param == "cuda" and not torch.cuda.is_available():
-        raise ParamsError("pretrain.device: 'cuda' but no CUDA device is available")
+    # A GPU that torch cannot use stops the run, naming the cause: never a silent CPU run.
+    want_cuda = runtime.use_cuda(device_param, "pretrain.device")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Runtime(0, 1, torch.device("cuda" if want_cuda else "cpu"))
@@ -249,14 +250,16 @@ class PretrainRun:
     model: torch.nn.Module | None  # what is called: raw_model, compiled and/or DDP-wrapped
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    data_rng: torch.Generator  # its state is the data position
+    sampler: EpochSampler
     autocast: Callable
     digest: str
     peak_flops: float
     curves: CurveLog | None  # rank 0 only
+    checkpoints: CheckpointWriter | None = None  # rank 0 only
     start_step: int = 0
     history: list[dict] = field(default_factory=list)
     tokens_seen: int = 0
+    data_position: int = 0  # training windows drawn so far, over all processes
     val_loss: float | None = None
     val_bits_per_byte: float | None = None
 
@@ -295,6 +298,8 @@ def prepare(p: PretrainParams, seed: int, paths: PretrainPaths, rt: Runtime) -> 
     # sampling uses its own generator), so rank 0's RNG state is every rank's.
     torch.manual_seed(seed)  # the same initial weights in every process
     raw_model = build_model(p, meta["vocab_size"]).to(rt.device)
+    raw_model.config.chunked_loss = p.chunked_loss
+    raw_model.config.gradient_checkpointing = p.gradient_checkpointing
     optimizer = raw_model.configure_optimizers(p.weight_decay, p.learning_rate,
                                                (p.beta1, p.beta2), rt.device.type)
     run = PretrainRun(
@@ -302,11 +307,13 @@ def prepare(p: PretrainParams, seed: int, paths: PretrainPaths, rt: Runtime) -> 
         tokenizer=AutoTokenizer.from_pretrained(paths.tokenizer_dir), raw_model=raw_model,
         model=None, optimizer=optimizer,
         scaler=torch.amp.GradScaler(enabled=p.dtype == "float16"),
-        data_rng=torch.Generator().manual_seed(seed), autocast=autocast_for(p, rt.device),
-        digest=run_digest(p, seed, meta), peak_flops=peak_flops, curves=None)
+        sampler=EpochSampler(train_bin, p.model.block_size, seed),
+        autocast=autocast_for(p, rt.device), digest=run_digest(p, seed, meta),
+        peak_flops=peak_flops, curves=None)
     resume(run)
     if rt.is_main:
         run.curves = CurveLog(paths.live_dir, run.history)
+        run.checkpoints = CheckpointWriter(paths.checkpoint_dir / CHECKPOINT_FILE)
     run.model = wrap_model(raw_model, p, rt)
     return run
 
@@ -339,7 +346,7 @@ def resume(run: PretrainRun) -> None:
     torch.set_rng_state(state["torch_rng"])
     if rt.device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda_rng"], rt.device)
-    run.data_rng.set_state(state["data_rng"])
+    run.data_position = state["data_position"]
     run.start_step, run.history, run.tokens_seen = state["step"], state["history"], state["tokens"]
     if rt.is_main:
         print(f"resuming from {paths.checkpoint_dir / CHECKPOINT_FILE} at step {run.start_step}")
@@ -366,7 +373,8 @@ def optimizer_step(run: PretrainRun, step: int) -> float:
     block, micro_steps = p.model.block_size, run.micro_steps
     # Every process draws the same starts and takes its share: the global batch is the
     # single-process run's.
-    starts = run.train_bin.random_starts(p.grad_accum_steps * p.batch_size, block, run.data_rng)
+    starts = run.sampler.starts(run.data_position, p.grad_accum_steps * p.batch_size)
+    run.data_position += len(starts)
     mine = starts[rt.rank * micro_steps * p.batch_size:(rt.rank + 1) * micro_steps * p.batch_size]
     step_loss = torch.zeros((), device=rt.device)
     for micro in range(micro_steps):
@@ -399,26 +407,28 @@ def optimizer_step(run: PretrainRun, step: int) -> float:
 
 
 def evaluate(run: PretrainRun, step: int) -> float:
-    """Validation loss on the fixed windows (and a sample generation, printed)."""
+    """Validation loss on the fixed windows, sharded over the processes (every process calls
+    it); and a sample generation, printed by rank 0."""
     from tqdm import tqdm
 
     p = run.p
     score = window_scores(run.raw_model, run.val_bin, p.model.block_size, p.eval_windows,
-                          p.batch_size, run.token_bytes, run.autocast)
+                          p.batch_size, run.token_bytes, run.autocast, sharded=True)
     run.val_loss, run.val_bits_per_byte = score.loss, score.bits_per_byte
-    if p.sample is not None:
+    if p.sample is not None and run.rt.is_main:
         first = sample(run.raw_model, run.tokenizer, p.sample, run.seed, run.rt.device)[0]
         tqdm.write(f"step {step + 1}: {first['prompt']!r} -> {first['completion']!r}")
     return run.val_loss
 
 
 def checkpoint(run: PretrainRun, next_step: int) -> None:
-    """Everything an exact resume at `next_step` needs, written atomically (rank 0)."""
+    """Everything an exact resume at `next_step` needs (rank 0): copied to the host now, written
+    atomically in the background while training goes on (CheckpointWriter)."""
     rt = run.rt
-    save_checkpoint(run.paths.checkpoint_dir, {
+    run.checkpoints.write({
         "digest": run.digest, "step": next_step, "model": run.raw_model.state_dict(),
         "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
-        "torch_rng": torch.get_rng_state(), "data_rng": run.data_rng.get_state(),
+        "torch_rng": torch.get_rng_state(), "data_position": run.data_position,
         **({"cuda_rng": torch.cuda.get_rng_state(rt.device)} if rt.device.type == "cuda"
            else {}),
         "history": run.history, "tokens": run.tokens_seen})
@@ -432,10 +442,16 @@ def finish(run: PretrainRun, tokens_per_s: float, started: float) -> dict:
     val_targets = [y for _, y in run.val_bin.eval_batches(p.model.block_size, p.eval_windows,
                                                           p.batch_size)]
     interval = [r["train/loss"] for r in run.history[-p.eval_interval:]]
+    windows = run.sampler.windows
     metrics = {
         "parameters": raw_model.num_params(),
         "steps": p.max_steps,
         "tokens_seen": run.tokens_seen,
+        # Different training tokens the model saw (each window's block_size inputs): the epoch
+        # sampler draws a window again only in the next epoch.
+        "unique_tokens_seen": run.sampler.unique_windows(run.data_position) * p.model.block_size,
+        "epochs": run.data_position / windows,
+        "train_windows": windows,
         "train_loss": sum(interval) / len(interval),
         "val_loss": run.val_loss,
         "val_perplexity": perplexity(run.val_loss),
@@ -454,6 +470,7 @@ def finish(run: PretrainRun, tokens_per_s: float, started: float) -> dict:
         export_hf_gpt2(raw_model.cpu(), tmp, tokenizer=run.tokenizer)
         write_json(tmp / "samples.json", samples)
     run.curves.close()
+    run.checkpoints.close()  # a checkpoint still being written lands before it is removed
     # A finished run leaves no checkpoint behind: a rerun with new params starts afresh.
     (run.paths.checkpoint_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     return metrics
@@ -483,7 +500,7 @@ def pretrain(p: PretrainParams, seed: int, paths: PretrainPaths) -> dict | None:
                       "lr": run.optimizer.param_groups[0]["lr"],
                       "perf/tokens_per_s": round(tokens_per_s, 1)}
             done = step + 1 == p.max_steps
-            if rt.is_main and ((step + 1) % p.eval_interval == 0 or done):
+            if (step + 1) % p.eval_interval == 0 or done:  # every process scores its share
                 record["val/loss"] = evaluate(run, step)
             if run.curves is not None:
                 run.curves.log(record)
@@ -495,6 +512,8 @@ def pretrain(p: PretrainParams, seed: int, paths: PretrainPaths) -> dict | None:
             return None
         return finish(run, tokens_per_s, started)
     finally:
+        if run is not None and run.checkpoints is not None:
+            run.checkpoints.close()  # on error paths too: the last good checkpoint lands
         if rt.world_size > 1 and dist.is_initialized():
             # DDP's reducer holds the process group. Were it the last holder, garbage-collecting
             # it later would run the gloo group's destructor with the GIL held, while a gloo
@@ -512,6 +531,49 @@ def last_good_checkpoint(paths: PretrainPaths) -> str:
     return f"; the last good checkpoint is kept in {last}" if last.exists() else ""
 
 
-def save_checkpoint(checkpoint_dir: Path, state: dict) -> None:
-    with atomic_path(checkpoint_dir / CHECKPOINT_FILE) as tmp:
-        torch.save(state, tmp)
+class CheckpointWriter:
+    """Writes checkpoints on a background thread, so that rank 0 does not hold up the other
+    ranks (they would wait at the next all-reduce) while a large state goes to disk: `write`
+    copies the state to the host, which is fast and must happen before training changes it, and
+    returns; the file is written atomically behind it. One write at a time: the next `write`,
+    and `close`, wait for the one before."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def write(self, state: dict) -> None:
+        self.close()
+        snapshot = _host_copy(state)
+        self._thread = threading.Thread(target=self._save, args=(snapshot,), daemon=False,
+                                        name="checkpoint-writer")
+        self._thread.start()
+
+    def _save(self, state: dict) -> None:
+        try:
+            with atomic_path(self.path) as tmp:
+                torch.save(state, tmp)
+        except BaseException as e:  # re-raised in the training thread by close()
+            self._error = e
+
+    def close(self) -> None:
+        """Wait for the write in flight; raise its error, if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise LlmpipeError(f"{self.path}: the checkpoint could not be written ({error})")
+
+
+def _host_copy(value):
+    """A copy of a state (nested dicts, lists, tensors) on the host that training cannot change:
+    tensors are cloned (on a CPU the state dict holds the live parameters themselves)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _host_copy(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_host_copy(v) for v in value)
+    return value

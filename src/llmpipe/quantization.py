@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from llmpipe import runtime
 from llmpipe.errors import DataError, ParamsError
 from llmpipe.evaluation import InferenceBench, inference_figures, top1_agreement
 
@@ -271,13 +272,16 @@ def measurement_device(requested: str, method: str) -> str:
     int8) and torchao is installed for it; else the CPU. The metrics name the one taken."""
     import importlib.util
 
-    cuda, torchao = torch.cuda.is_available(), importlib.util.find_spec("torchao") is not None
-    if requested == "cuda" and not cuda:
-        raise ParamsError("quantize.device: 'cuda' but no CUDA device is available")
+    # A GPU torch cannot use is an error, not a quiet measurement on the CPU (runtime.use_cuda).
+    cuda = runtime.use_cuda(requested, "quantize.device")
+    torchao = importlib.util.find_spec("torchao") is not None
     if requested == "cuda" and not torchao:
         raise ParamsError("quantize.device: 'cuda' needs torchao for its int8 kernels "
                           "(pip install -e '.[gpu]')")
     if requested == "auto":
+        if cuda and method == "weight_only_int8" and not torchao:
+            print("quantize.device: auto measures int8 on the CPU: torchao, for the GPU's int8 "
+                  "kernels, is not installed (pip install -e '.[gpu]')", flush=True)
         return "cuda" if cuda and torchao and method == "weight_only_int8" else "cpu"
     return requested
 

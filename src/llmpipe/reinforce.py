@@ -16,19 +16,26 @@ One step:
    its tokens, then the mean over completions); clip the gradient norm; an AdamW step.
 
 A completion's tokens run up to and including its end-of-text token: stopping is an action.
+
+On a GPU: the policy's trainable weights are kept in float32 (runtime.fp32_master_weights) and
+`dtype: bfloat16` computes under bf16 autocast (sampling, log-probs, the reference, which is held
+in bf16); `generation_batch_size` samples and scores a step in passes of that many completions,
+the gradient accumulating over them; `reference_device: cpu` keeps the reference off the GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch.nn import functional as F
 
 from llmpipe.chat import PLAIN, PromptFormat, left_padded
+from llmpipe.runtime import fp32_master_weights
 
 # A reward function, TRL's signature: prompts, completions (texts), completion ids and each
 # dataset column as keyword lists -> one float per completion.
@@ -47,6 +54,32 @@ class ReinforceConfig:
     loss_normalisation: str  # token | sequence
     beta: float  # weight of the KL to the reference, subtracted from the reward
     grad_clip: float
+    # Where and how it computes; the defaults are a one-process CPU run's.
+    dtype: str = "float32"  # float32 | bfloat16 (autocast over float32 master weights)
+    generation_batch_size: int | None = None  # completions per forward pass; None: the step's
+    reference_device: str = "same"  # same (as the policy) | cpu
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def compute_autocast(device: torch.device | str, dtype: str):
+    """The context a forward pass runs in: bf16 autocast on `device`'s type for bfloat16
+    (float32 weights, bf16 matmuls), nothing for float32."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=DTYPES[dtype])
+
+
+def frozen_reference(reference, dtype: str):
+    """The reference frozen (eval mode, no gradients), its parameters in the compute dtype
+    (bf16 halves its memory; it is never updated, so it needs no float32 copy). Buffers keep
+    theirs (a rotary embedding's frequencies stay float32). In place; returns `reference`."""
+    reference.eval().requires_grad_(False)
+    for parameter in reference.parameters():
+        if parameter.is_floating_point() and parameter.dtype != DTYPES[dtype]:
+            parameter.data = parameter.data.to(DTYPES[dtype])
+    return reference
 
 
 def config_from(p) -> ReinforceConfig:
@@ -78,6 +111,10 @@ class Rollout:
     completion_mask: torch.Tensor  # (n, completion)
     texts: list[str]
     completion_ids: list[list[int]]  # without padding, end-of-text included when generated
+
+    def to(self, device) -> Rollout:
+        return replace(self, ids=self.ids.to(device), attention_mask=self.attention_mask.to(device),
+                       completion_mask=self.completion_mask.to(device))
 
 
 @torch.no_grad()
@@ -133,14 +170,114 @@ def policy_gradient_loss(logprobs: torch.Tensor, advantages: torch.Tensor, mask:
 
 
 def total_reward(rewards: Sequence[tuple[RewardFunction, float]], prompts: list[str],
-                 rollout: Rollout, columns: dict[str, list]) -> torch.Tensor:
-    """The weighted sum of the reward functions, one value per completion."""
-    total = torch.zeros(len(rollout.texts))
+                 rollouts: Sequence[Rollout], columns: dict[str, list]) -> torch.Tensor:
+    """The weighted sum of the reward functions, one value per completion (the rollouts' in
+    order)."""
+    texts = [t for r in rollouts for t in r.texts]
+    completion_ids = [ids for r in rollouts for ids in r.completion_ids]
+    total = torch.zeros(len(texts))
     for function, weight in rewards:
-        total += weight * torch.tensor(function(prompts=prompts, completions=rollout.texts,
-                                                completion_ids=rollout.completion_ids,
-                                                **columns), dtype=torch.float32)
+        total += weight * torch.tensor(function(prompts=prompts, completions=texts,
+                                                completion_ids=completion_ids, **columns),
+                                       dtype=torch.float32)
     return total
+
+
+def sample_step(policy, tokenizer, prompts: Sequence[str], cfg: ReinforceConfig,
+                prompt_format: PromptFormat = PLAIN) -> list[Rollout]:
+    """A step's k completions per prompt, in passes of cfg.generation_batch_size completions
+    (whole prompt groups; one pass when None). Sampling draws from one random stream over the
+    passes, so the same seed samples other completions at another pass size: the figures of a
+    run depend on it through the sampling alone."""
+    k = cfg.num_generations
+    per_pass = (len(prompts) if cfg.generation_batch_size is None
+                else max(1, cfg.generation_batch_size // k))
+    device = next(policy.parameters()).device
+    with compute_autocast(device, cfg.dtype):
+        return [sample(policy, tokenizer, prompts[i:i + per_pass], k, cfg.max_completion_length,
+                       cfg.temperature, prompt_format)
+                for i in range(0, len(prompts), per_pass)]
+
+
+@torch.no_grad()
+def reference_kl(reference, rollout: Rollout, logprobs: torch.Tensor, cfg: ReinforceConfig
+                 ) -> torch.Tensor:
+    """Each completion's KL to the reference (sum over its tokens of log pi - log pi_ref), on
+    the CPU; the reference computes on its own device and its log-probs come over."""
+    device = next(reference.parameters()).device
+    with compute_autocast(device, cfg.dtype):
+        reference_logprobs, _ = token_logprobs(reference, rollout.to(device), cfg.temperature)
+    mask = rollout.completion_mask.float()
+    return ((logprobs.detach() - reference_logprobs.to(logprobs.device)) * mask).sum(dim=1).cpu()
+
+
+def backward_step(policy, reference, rollouts: Sequence[Rollout], reward: torch.Tensor,
+                  cfg: ReinforceConfig) -> dict[str, float]:
+    """Shape the rewards with the KL, subtract the baselines and backpropagate the loss of one
+    step's rollouts into the policy's gradients; returns the step's figures.
+
+    One rollout: one forward pass gives the log-probs of the KL and of the loss. Several: each
+    pass is backpropagated at once and its graph freed (the memory of one pass), the gradients
+    accumulating to the whole step's; the KL, which every advantage needs first, then comes from
+    a pass without gradients (when beta > 0; else from the passes themselves). The loss is
+    normalised over the whole step either way, so the pass size changes the gradient only by
+    rounding."""
+    device = next(policy.parameters()).device
+    masks = [r.completion_mask.float() for r in rollouts]
+    kept = None  # (log-probs, entropy) whose graph the loss backpropagates through
+    with compute_autocast(device, cfg.dtype):
+        if len(rollouts) == 1:
+            kept = token_logprobs(policy, rollouts[0], cfg.temperature)
+            kl_logprobs = [kept[0]]
+        elif cfg.beta > 0:
+            with torch.no_grad():
+                kl_logprobs = [token_logprobs(policy, r, cfg.temperature)[0] for r in rollouts]
+        else:
+            kl_logprobs = None  # the KL (a figure only) from each pass below
+    kl = (torch.cat([reference_kl(reference, r, lp, cfg)
+                     for r, lp in zip(rollouts, kl_logprobs, strict=True)])
+          if reference is not None and kl_logprobs is not None else None)
+    if cfg.beta > 0 and kl is None:
+        raise ValueError("beta > 0 needs a reference model")
+    shaped = reward - cfg.beta * kl if kl is not None else reward
+    groups = shaped.view(-1, cfg.num_generations)
+    baseline = BASELINES[cfg.baseline](groups)
+    advantages = (groups - baseline).reshape(-1).to(device)
+
+    if kept is not None:
+        logprobs, entropy = kept
+        loss = policy_gradient_loss(logprobs, advantages, masks[0], cfg.loss_normalisation)
+        loss.backward()
+        loss_value = loss.item()
+        entropy_sum = (entropy * masks[0]).sum()
+    else:
+        tokens = sum(m.sum() for m in masks)
+        # Each pass's share of the whole step's loss: its summed terms over the step's tokens
+        # (token) or its completions' means over the step's completions (sequence).
+        denominator = tokens.clamp(min=1) if cfg.loss_normalisation == "token" else len(reward)
+        loss_value, entropy_sum, kl_parts = 0.0, torch.zeros((), device=device), []
+        per_pass = advantages.split([len(r.texts) for r in rollouts])
+        for rollout, mask, adv in zip(rollouts, masks, per_pass, strict=True):
+            with compute_autocast(device, cfg.dtype):
+                logprobs, entropy = token_logprobs(policy, rollout, cfg.temperature)
+            per_token = -adv.unsqueeze(1) * logprobs * mask
+            part = (per_token.sum() if cfg.loss_normalisation == "token"
+                    else (per_token.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum())
+            part = part / denominator
+            part.backward()
+            loss_value += part.item()
+            entropy_sum += (entropy * mask).sum()
+            if kl is None and reference is not None:
+                kl_parts.append(reference_kl(reference, rollout, logprobs, cfg))
+        if kl_parts:
+            kl = torch.cat(kl_parts)
+    lengths = torch.cat([m.sum(dim=1) for m in masks])
+    figures = {"reward": reward.mean().item(), "baseline": baseline.mean().item(),
+               "advantage_std": advantages.std().item(),
+               "entropy": (entropy_sum / lengths.sum().clamp(min=1)).item()}
+    if kl is not None:  # no reference (beta 0): no KL to show
+        figures["kl"] = kl.mean().item()
+    return {**figures, "completion_length": lengths.mean().item(), "loss": loss_value}
 
 
 def reinforce(policy, reference, tokenizer, prompts: Sequence[dict],
@@ -149,12 +286,18 @@ def reinforce(policy, reference, tokenizer, prompts: Sequence[dict],
               log: Callable[[int, dict], None] = lambda step, stats: None,
               on_step: Callable[[int], None] = lambda step: None) -> int:
     """Train `policy` in place on `prompts` (dicts with a "prompt" and any columns the reward
-    functions take, e.g. "answer"); `reference` is frozen. Returns the steps done."""
-    baseline_of = BASELINES[cfg.baseline]
+    functions take, e.g. "answer"): its trainable weights become float32 where they were bf16
+    or fp16. `reference` is frozen and placed in place (cfg.dtype, cfg.reference_device); None
+    when beta is 0 (then no KL is logged). Returns the steps done."""
+    if cfg.beta > 0 and reference is None:
+        raise ValueError("beta > 0 needs a reference model")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    fp32_master_weights(policy)
     device = next(policy.parameters()).device
-    reference.eval().requires_grad_(False)
+    if reference is not None:
+        frozen_reference(reference, cfg.dtype).to("cpu" if cfg.reference_device == "cpu"
+                                                  else device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
     order_rng = random.Random(seed)  # which prompts each step sees: shuffled passes
     torch.manual_seed(seed)  # the sampling
@@ -166,35 +309,20 @@ def reinforce(policy, reference, tokenizer, prompts: Sequence[dict],
         batch = [prompts[i] for i in order[:cfg.prompts_per_step]]
         del order[:cfg.prompts_per_step]
 
-        rollout = sample(policy, tokenizer, [b["prompt"] for b in batch], cfg.num_generations,
-                         cfg.max_completion_length, cfg.temperature, prompt_format)
+        rollouts = sample_step(policy, tokenizer, [b["prompt"] for b in batch], cfg,
+                               prompt_format)
         repeated = [b for b in batch for _ in range(cfg.num_generations)]
         columns = {key: [b[key] for b in repeated] for key in repeated[0] if key != "prompt"}
-        reward = total_reward(rewards, [b["prompt"] for b in repeated], rollout, columns)
+        reward = total_reward(rewards, [b["prompt"] for b in repeated], rollouts, columns)
 
         # The policy stays in eval mode: dropout would make log pi noise (TRL turns it off
         # too); gradients flow all the same.
-        logprobs, entropy = token_logprobs(policy, rollout, cfg.temperature)
-        mask = rollout.completion_mask.float()
-        with torch.no_grad():
-            reference_logprobs, _ = token_logprobs(reference, rollout, cfg.temperature)
-            kl = ((logprobs - reference_logprobs) * mask).sum(dim=1).cpu()
-        shaped = reward - cfg.beta * kl
-        groups = shaped.view(-1, cfg.num_generations)
-        baseline = baseline_of(groups)
-        advantages = (groups - baseline).reshape(-1).to(device)
-        loss = policy_gradient_loss(logprobs, advantages, mask, cfg.loss_normalisation)
-
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        figures = backward_step(policy, reference, rollouts, reward, cfg)
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
         optimizer.step()
 
-        log(step, {"reward": reward.mean().item(), "baseline": baseline.mean().item(),
-                   "advantage_std": advantages.std().item(),
-                   "entropy": ((entropy * mask).sum() / mask.sum().clamp(min=1)).item(),
-                   "kl": kl.mean().item(), "completion_length": mask.sum(dim=1).mean().item(),
-                   "loss": loss.item(), "grad_norm": grad_norm.item(),
+        log(step, {**figures, "grad_norm": grad_norm.item(),
                    "step_time": time.perf_counter() - started})
         on_step(step)
     return cfg.max_steps

@@ -11,10 +11,13 @@ N processes takes the same optimizer steps on the same data as a run on one.
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+from pathlib import Path
 
 import torch
 
-from llmpipe.errors import ParamsError
+from llmpipe.errors import DeviceError, ParamsError
 
 
 def world_size() -> int:
@@ -28,10 +31,81 @@ def is_main_process() -> bool:
 
 def default_device() -> str:
     """This process's GPU when there is one: a launcher gives each process its own
-    (LOCAL_RANK); without one, the stage sees only the first (stage.one_gpu_unless_launched)."""
-    if not torch.cuda.is_available():
+    (LOCAL_RANK); without one, the stage sees only the first (stage.one_gpu_unless_launched).
+    A GPU that torch cannot use is an error (use_cuda), not a quiet run on the CPU."""
+    if not use_cuda("auto"):
         return "cpu"
     return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+
+
+# The oldest NVIDIA Linux driver each CUDA major version runs on (NVIDIA's CUDA toolkit release
+# notes, minor-version compatibility): torch built for CUDA 13 needs a driver >= 580.
+MIN_DRIVER = {11: (450, 80), 12: (525, 60), 13: (580, 65)}
+# A torch for older drivers: its wheels for CUDA 12.6 run on drivers >= 525.
+OLDER_DRIVER_FIX = ("pip install torch=={version} --index-url "
+                    "https://download.pytorch.org/whl/cu126")
+
+
+def nvidia_driver_version() -> str | None:
+    """The loaded NVIDIA kernel driver's version, or None when there is none."""
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+    except OSError:
+        text = ""
+    found = re.search(r"Kernel Module(?: for \S+)?\s+(\d+\.\d+(?:\.\d+)?)", text)
+    if found:
+        return found.group(1)
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = out.stdout.split()
+    return lines[0] if out.returncode == 0 and lines else None
+
+
+def nvidia_gpu_present() -> bool:
+    """An NVIDIA GPU on this machine, visible to this process (CUDA_VISIBLE_DEVICES set to
+    nothing, or to -1, hides them all on purpose)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return False
+    return (Path("/dev/nvidia0").exists() or Path("/proc/driver/nvidia/version").exists()
+            or nvidia_driver_version() is not None)
+
+
+def cuda_unusable_reason(driver: str | None = None) -> str:
+    """Why torch cannot use CUDA here, and what to install: for the error of use_cuda."""
+    driver = driver or nvidia_driver_version()
+    have = f"NVIDIA driver {driver}" if driver else "no NVIDIA driver found"
+    build = torch.version.cuda
+    if build is None:
+        version = torch.__version__.split("+")[0]
+        return (f"torch {torch.__version__} is a CPU-only build ({have}); install a CUDA build "
+                f"of torch (e.g. {OLDER_DRIVER_FIX.format(version=version)})")
+    need = MIN_DRIVER.get(int(build.split(".")[0]))
+    if driver and need and tuple(int(x) for x in driver.split(".")[:2]) < need:
+        return (f"torch {torch.__version__} is built for CUDA {build}, which needs an NVIDIA "
+                f"driver >= {need[0]}.{need[1]}, and this machine has {driver}; update the "
+                f"driver, or install a torch built for an older CUDA (e.g. "
+                f"{OLDER_DRIVER_FIX.format(version=torch.__version__.split('+')[0])})")
+    return (f"torch {torch.__version__} (CUDA {build}) cannot initialise CUDA with {have} "
+            "(see nvidia-smi; a driver and a torch whose CUDA it supports are needed)")
+
+
+def use_cuda(device_param: str, key: str | None = None) -> bool:
+    """Whether to run on CUDA for a device param ("auto", "cuda" or "cpu"). Asked for, or with
+    a GPU present under "auto", CUDA that torch cannot use stops the stage, naming the driver,
+    torch's CUDA build and what to install: never a quiet run on the CPU. `key` names the param
+    (None: the stage has no device param, and follows the GPUs it sees)."""
+    if device_param == "cpu" or torch.cuda.is_available():
+        return device_param != "cpu"
+    if device_param == "cuda":
+        raise DeviceError(f"{key}: 'cuda', but CUDA is unusable: {cuda_unusable_reason()}")
+    if nvidia_gpu_present():
+        escape = (f"set {key}: cpu" if key else "set CUDA_VISIBLE_DEVICES= (empty)")
+        raise DeviceError(f"{key or 'device'}: an NVIDIA GPU is here but CUDA is unusable: "
+                          f"{cuda_unusable_reason()} (to run on the CPU on purpose, {escape})")
+    return False
 
 
 def sharded_launch() -> bool:
@@ -72,7 +146,7 @@ def per_process(total: int, key: str, what: str | None = None) -> int:
 def runtime_args(seed: int, bf16: bool | None = None) -> dict:
     """Device, precision and seeding arguments. TRL's configs default bf16 on even on CPU, so it
     is always given: by default, on CUDA only. Several CPU processes talk over gloo."""
-    cuda = torch.cuda.is_available()
+    cuda = use_cuda("auto")
     return {"bf16": cuda if bf16 is None else bf16, "use_cpu": not cuda, "seed": seed,
             "data_seed": seed, "dataloader_num_workers": 0,
             **({"ddp_backend": "gloo"} if world_size() > 1 and not cuda else {}),
@@ -83,3 +157,33 @@ def wait_for_everyone() -> None:
     """A barrier between the launcher's processes (nothing without one)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def fp32_master_weights(model):
+    """Keep the weights an optimizer updates in float32: every trainable floating parameter
+    held in bfloat16 or float16 (a checkpoint saved in bf16 loads in bf16: transformers 5
+    loads a model in its config's dtype) is cast to float32, in place; frozen ones keep their
+    dtype. Lower precision belongs to the computation (bf16 autocast over these weights):
+    an update far smaller than a weight (lr 1e-5 on a weight near 1) rounds to no change in
+    bf16, whose 8-bit mantissa spaces the numbers near 1 by 2^-8 to 2^-7. Tied weights stay
+    tied (the one Parameter is cast). Returns `model`."""
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype in (torch.bfloat16, torch.float16):
+            parameter.data = parameter.data.float()
+    return model
+
+
+def checkpointing_args(enabled: bool) -> dict:
+    """TrainingArguments (and TRL configs) for activation checkpointing, the non-reentrant kind
+    (no input needs to require grad, as a LoRA's frozen embeddings would have to; dropout draws
+    the same masks), under the name this transformers takes: `activation_checkpointing` where
+    it exists (transformers 5.25; `gradient_checkpointing` is its deprecated alias there),
+    else `gradient_checkpointing`."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    name = ("activation_checkpointing" if "activation_checkpointing" in names
+            else "gradient_checkpointing")
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False}}

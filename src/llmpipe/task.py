@@ -334,21 +334,24 @@ class TaskSet:
 def run_sft(p, problems: Sequence[Problem], prompt_format: PromptFormat, seed: int,
             live_dir: Path):
     """TRL's SFTTrainer on prompt -> answer pairs (the loss on the answer and its end of text
-    only), from `p.base`; returns (model, wall seconds)."""
+    only), from `p.base`, its weights in float32 (bf16 on CUDA is the Trainer's autocast);
+    returns (model, wall seconds)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     from llmpipe.loading import load_causal_lm
-    from llmpipe.runtime import runtime_args
+    from llmpipe.runtime import checkpointing_args, fp32_master_weights, runtime_args
     from llmpipe.trainer_callbacks import TrainerCurves
 
     started = time.perf_counter()
     model, tokenizer = load_causal_lm(p.base)
+    fp32_master_weights(model)
     work_dir = tempfile.mkdtemp(prefix="llmpipe-task-sft-")
     args = SFTConfig(output_dir=work_dir, max_steps=p.max_steps,
                      per_device_train_batch_size=p.batch_size, learning_rate=p.learning_rate,
                      warmup_steps=p.warmup_steps, lr_scheduler_type="cosine", weight_decay=0.0,
-                     completion_only_loss=True, packing=False, gradient_checkpointing=False,
+                     completion_only_loss=True, packing=False,
+                     **checkpointing_args(p.gradient_checkpointing),
                      logging_steps=10, save_strategy="no", **runtime_args(seed))
     extra = {"chat_template_kwargs": TEMPLATE_KWARGS} if prompt_format.chat else {}
     dataset = Dataset.from_list([{"prompt": prompt_format.trl_prompt(q.prompt),

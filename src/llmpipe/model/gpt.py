@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
-from llmpipe.model.loss import linear_cross_entropy
+from llmpipe.model.loss import IGNORE_INDEX, linear_cross_entropy
 
 # Hugging Face GPT-2's layer_norm_epsilon; matching it keeps converted logits identical.
 LAYER_NORM_EPS = 1e-5
@@ -40,6 +41,14 @@ class GPTConfig:
     # nanoGPT they take part in the training softmax (and learn to be improbable), while
     # predictions, evaluation and the export use the real rows only.
     vocab_multiple: int = 1
+    # How training computes, not what the model is (neither is exported):
+    # the loss chunk by chunk without materialising the (B*T, V) logits (model/loss.py): faster
+    # on a CPU, where the logits leave the cache, and the memory of one chunk at a large
+    # vocabulary; on a GPU where the logits fit, the fused full-logits path is faster.
+    chunked_loss: bool = True
+    # Recompute each block's activations in the backward pass instead of keeping them: about a
+    # third more compute for activation memory of one block instead of n_layer.
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head != 0:
@@ -200,12 +209,20 @@ class GPT(nn.Module):
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
         pos_emb = self.transformer.wpe(pos)  # (T, C), broadcast over the batch
         x = self.transformer.drop(tok_emb + pos_emb)
+        checkpointed = (self.config.gradient_checkpointing and self.training
+                        and torch.is_grad_enabled())
         for block in self.transformer.h:
-            x = block(x)
+            # Non-reentrant: it restores the RNG state, so dropout draws the same masks again.
+            x = checkpoint(block, x, use_reentrant=False) if checkpointed else block(x)
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x)[..., :self.config.vocab_size], None  # (B, T, V)
-        loss = linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.view(-1))
+        if self.config.chunked_loss:
+            loss = linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1))
+        else:  # the padded rows take part in the softmax here too, as in the chunked path
+            logits = self.lm_head(x).float()  # (B, T, padded V)
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                                   ignore_index=IGNORE_INDEX)
         return None, loss
 
     def configure_optimizers(
