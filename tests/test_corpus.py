@@ -75,6 +75,31 @@ def test_text_file_paragraphs_and_checksums(tmp_path):
         load_documents(corpus(f"url:file://{path}"))
 
 
+def test_a_text_file_is_read_piece_by_piece_into_the_same_paragraphs(tmp_path, monkeypatch):
+    import llmpipe.corpus as corpus_module
+
+    path = tmp_path / "book.txt"
+    rng = random.Random(0)
+    pieces = ["a", "bé", " ", "\n", "\r", "\r\n", "\n\n", "\n\n\n", "\r\r", "€", "\t"]
+    text = "".join(rng.choice(pieces) for _ in range(3000))
+    path.write_bytes(text.encode("utf-8"))
+    # what the whole-file read gave: text mode's newlines, then split on blank lines
+    expected = corpus_module._split_paragraphs(path.read_text(encoding="utf-8"))
+    assert len(expected) > 50
+    for size in (1, 2, 3, 7, 1000):  # pieces that cut \r\n, blank lines and characters
+        monkeypatch.setattr(corpus_module, "TEXT_READ_BYTES", size)
+        assert load_documents(corpus(f"file:{path}")) == expected
+
+    # a byte that is not UTF-8 is named at its position in the file, as before
+    path.write_bytes(b"fine\n\n" * 10 + b"caf\xe9 au lait")
+    with pytest.raises(UnicodeDecodeError) as whole:
+        path.read_text(encoding="utf-8")
+    with pytest.raises(DataError) as streamed:
+        load_documents(corpus(f"file:{path}"))
+    assert str(streamed.value) == f"file:{path}: not UTF-8 text ({whole.value})"
+    assert "position 63" in str(streamed.value)
+
+
 def test_unreachable_sources_name_themselves(tmp_path):
     with pytest.raises(DataError, match=r"^url:file:///nonexistent/x\.txt: unreachable"):
         load_documents(corpus("url:file:///nonexistent/x.txt", sha256="0" * 64))
@@ -116,6 +141,46 @@ def test_a_sharded_corpus_streams_through_hf_patterns_and_file_globs(sharded):
     capped = load_documents(corpus(f"file:{directory}/*.parquet", max_bytes=10_000))
     assert capped == texts[:len(capped)] and 0 < sum(len(t) for t in capped) <= 10_000
     assert sum(len(t) for t in texts[:len(capped) + 1]) > 10_000
+
+
+def test_a_parquet_file_in_many_row_groups_reads_its_text_column_in_bounded_memory(
+        tmp_path, monkeypatch):
+    import llmpipe.corpus as corpus_module
+
+    rng = random.Random(1)
+    texts = ["".join(rng.choice("abcdefghij klmnopqrst\n") for _ in range(400)) + f" {i}"
+             for i in range(32_000)]
+    texts[5] = "   "  # blank: skipped, as before
+    table = pa.table({"id": range(len(texts)), "text": texts, "extra": [t[:50] for t in texts]})
+    many = tmp_path / "many.parquet"
+    pq.write_table(table, many, row_group_size=2000)  # 16 row groups of about 800 KB
+    one = tmp_path / "one.parquet"
+    pq.write_table(table, one)  # one row group of 13 MB
+    expected = [t for t in texts if t.strip()]
+    assert pq.ParquetFile(many).metadata.num_row_groups == 16
+
+    monkeypatch.setattr(corpus_module, "PARQUET_READ_BYTES", 64 << 10)
+    for path in (many, one):
+        before = peak = pa.total_allocated_bytes()
+        docs = []
+        for doc in corpus_module.open_documents(corpus(f"file:{path}")):
+            docs.append(doc)
+            if len(docs) % 500 == 0:
+                peak = max(peak, pa.total_allocated_bytes())
+        assert docs == expected
+        # Arrow's memory stays at a few pages (1 MB each). With pyarrow's defaults
+        # (pre-buffering, every column, column chunks read whole) it grew with the file:
+        # each row group read so far was kept, or the one row group was read whole.
+        assert peak - before < 4e6, (path.name, peak - before)
+
+    # the stage writes the same raw shards from either file
+    stats = [write_shards(tmp_path / name, load_documents(corpus(f"file:{path}")))
+             for name, path in (("a", many), ("b", one))]
+    assert stats[0] == stats[1] and list(read_texts(tmp_path / "a")) == expected
+    # a file without the column still names the columns it has
+    with pytest.raises(DataError, match=r"^file:.*many\.parquet: no column 'body' "
+                                        r"\(columns: id, text, extra\)"):
+        load_documents(corpus(f"file:{many}", text_column="body"))
 
 
 def test_shards_roll_over_and_read_back_with_the_digest_of_one_file(tmp_path, sharded):

@@ -107,6 +107,28 @@ def test_the_streamed_split_is_the_in_memory_one():
         assert [d for d in docs if split.is_val(d)] == val
 
 
+def test_the_split_threshold_is_the_n_th_distinct_rank(monkeypatch):
+    """The in-place fit picks what np.unique's sorted distinct ranks gave, duplicates and
+    the mask's blocks included."""
+    import llmpipe.tokenization as tok
+
+    mask = np.random.default_rng(0).random(10_000) < 0.3
+    trues = np.flatnonzero(mask)
+    for n in (1, 2, 777, len(trues)):
+        assert tok._nth_true(mask, n, block=64) == trues[n - 1]
+    with pytest.raises(IndexError):
+        tok._nth_true(mask, len(trues) + 1, block=64)
+
+    docs = [f"doc {i % 700}" for i in range(3000)]  # each text four or five times
+    ranks = np.unique(np.array([tok._rank(5, d) for d in docs], dtype=np.uint64))
+    real_nth_true = tok._nth_true
+    monkeypatch.setattr(tok, "_nth_true", lambda m, n: real_nth_true(m, n, block=100))
+    for fraction in (0.001, 0.1, 0.5, 0.999):
+        n_val = min(max(1, round(fraction * len(ranks))), len(ranks) - 1)
+        split = tok.DocumentSplit.fit(iter(docs), fraction, 5, "c")
+        assert split.threshold == int(ranks[n_val - 1])
+
+
 def test_two_worker_processes_write_the_bins_of_one(tokenizer, tmp_path):
     from llmpipe.corpus import stdlib_docstrings
     from llmpipe.tokenization import DocumentSplit, write_corpus

@@ -20,8 +20,10 @@ Nothing holds a whole corpus in memory.
 from __future__ import annotations
 
 import ast
+import codecs
 import glob
 import hashlib
+import io
 import itertools
 import json
 import sysconfig
@@ -37,6 +39,8 @@ from llmpipe.params import CorpusParams
 
 SHARD_BYTES = 1 << 28  # 256 MB of JSONL per shard
 RECORD_BATCH = 1024  # records per read from a dataset or parquet file
+PARQUET_READ_BYTES = 1 << 20  # a parquet column chunk is read this much at a time
+TEXT_READ_BYTES = 1 << 20  # a text file is read this much at a time
 SHARD_PATTERN = "part-*.jsonl"
 SCRIPT_ONLY = "Dataset scripts are no longer supported"
 DATA_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv",
@@ -80,6 +84,47 @@ def text_bytes(docs: Iterable[str]) -> int:
 
 def _split_paragraphs(text: str) -> list[str]:
     return [p.strip() for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
+
+
+def _file_paragraphs(path: Path, source: str) -> Iterator[str]:
+    """`_split_paragraphs` of a text file, read a piece at a time: one paragraph at most is
+    held, not the file."""
+    # \r\n and a lone \r become \n, across pieces too, as read_text's text mode did.
+    decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder("utf-8")(), True)
+    held: list[str] = []  # the text since the last blank line
+    tail = ""  # its last character
+    with open(path, "rb") as f:
+        offset = 0  # bytes read before this piece
+        while True:
+            data = f.read(TEXT_READ_BYTES)
+            try:
+                piece = decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:
+                raise DataError(f"{source}: not UTF-8 text ({_at(e, offset, len(data))})") from e
+            offset += len(data)
+            if "\n\n" not in tail + piece[:1] and "\n\n" not in piece:
+                held.append(piece)  # no paragraph ends here: joined once, when one does
+                tail = piece[-1:] or tail
+            else:
+                *paragraphs, rest = ("".join(held) + piece).split("\n\n")
+                yield from (p.strip() for p in paragraphs if p.strip())
+                held, tail = [rest], rest[-1:]
+            if not data:  # the decoder's last piece: a \r it held back, if any
+                break
+    if last := "".join(held).strip():
+        yield last
+
+
+def _at(error: UnicodeDecodeError, offset: int, size: int) -> str:
+    """The codec's message for a piece of `size` bytes read at `offset`, with the position in
+    the whole file, as read_text gave it. The decoder tried its held bytes (up to 3, of the
+    piece before) and the piece: its positions count from the first held byte."""
+    start = offset - (len(error.object) - size) + error.start
+    if error.end - error.start == 1:
+        return (f"'{error.encoding}' codec can't decode byte 0x{error.object[error.start]:02x} "
+                f"in position {start}: {error.reason}")
+    return (f"'{error.encoding}' codec can't decode bytes in position "
+            f"{start}-{start + error.end - error.start - 1}: {error.reason}")
 
 
 def require_columns(columns: Sequence[str], needed: Sequence[str], source: str,
@@ -221,8 +266,8 @@ def _record_batches(params: CorpusParams) -> Iterator[tuple[list, str]]:
         if not paths or not all(p.exists() for p in paths):
             raise DataError(f"{source}: file not found")
         _check_parquet_files(paths, source)
-        batches = _guarded((batch for path in paths for batch in _file_batches(path, source)),
-                           source)
+        batches = _guarded((batch for path in paths
+                            for batch in _file_batches(path, source, column)), source)
     first = next(batches, None)
     if first is None:
         return iter(())
@@ -250,14 +295,12 @@ def _guarded(batches: Iterator, source: str) -> Iterator:
         yield batch
 
 
-def _file_batches(path: Path, source: str) -> Iterator[tuple[dict, str]]:
-    """Column-wise batches of a .jsonl or .parquet file."""
+def _file_batches(path: Path, source: str, column: str) -> Iterator[tuple[dict, str]]:
+    """Column-wise batches of a .jsonl or .parquet file (of a parquet file, only `column`
+    when it has it)."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=RECORD_BATCH):
-            yield batch.to_pydict(), f"{source} ({path.name})"
+        yield from _parquet_batches(path, column, f"{source} ({path.name})")
     elif suffix == ".jsonl":
         rows: list[dict] = []
         with open(path, encoding="utf-8") as f:
@@ -279,6 +322,25 @@ def _file_batches(path: Path, source: str) -> Iterator[tuple[dict, str]]:
     else:
         raise DataError(f"{source}: unsupported file type {suffix!r} (use .txt, .jsonl or "
                         ".parquet)")
+
+
+def _parquet_batches(path: Path, column: str, origin: str) -> Iterator[tuple[dict, str]]:
+    """A parquet file batch by batch, in memory bounded whatever the file's size and row
+    groups."""
+    import pyarrow.parquet as pq
+
+    # pre_buffer=False: with pyarrow's default pre-buffering, iter_batches keeps the bytes of
+    # every row group it has read until the file is closed, so memory grew with the file
+    # (download of one 400 MB-of-text file: 350 MB, against 180 MB for 100 MB; bench/README.md).
+    # buffer_size: each column chunk is streamed in pieces instead of being read whole, so a
+    # file written as a few huge row groups (pyarrow writes 1Mi rows a group by default) is
+    # read in bounded memory too.
+    with pq.ParquetFile(path, pre_buffer=False, buffer_size=PARQUET_READ_BYTES) as parquet:
+        # Only the text column is read and decoded. A file without it is read whole, so that
+        # the missing-column error lists the columns it has.
+        columns = [column] if column in parquet.schema_arrow.names else None
+        for batch in parquet.iter_batches(batch_size=RECORD_BATCH, columns=columns):
+            yield batch.to_pydict(), origin
 
 
 def _columns(rows: list[dict]) -> dict[str, list]:
@@ -322,10 +384,7 @@ def open_documents(params: CorpusParams) -> Iterator[str]:
             raise DataError(f"{source}: file not found")
         if params.sha256 is not None:
             check_sha256(sha256_file(path), params.sha256, source)
-        try:
-            docs = _split_paragraphs(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as e:
-            raise DataError(f"{source}: not UTF-8 text ({e})") from e
+        docs = _file_paragraphs(path, source)
     elif scheme in ("hf", "file"):
         if scheme == "file" and params.sha256 is not None:
             if glob.has_magic(rest) or not Path(rest).is_file():

@@ -158,7 +158,8 @@ class DocumentSplit:
     Documents are ranked by a seeded hash of their text and the lowest ranked fraction of the
     distinct documents goes to val. Identical texts share a hash, so a duplicated document can
     never land on both sides. Fitting streams the corpus once and keeps 8 bytes per document
-    (the hash's leading bytes, which order the documents as the whole hash does).
+    (the hash's leading bytes, which order the documents as the whole hash does), and one
+    more while it counts the distinct ones.
     """
 
     seed: int
@@ -173,16 +174,36 @@ class DocumentSplit:
     @classmethod
     def fit(cls, docs: Iterable[str], val_fraction: float, seed: int,
             corpus: str) -> DocumentSplit:
-        ranks = np.unique(np.fromiter((_rank(seed, d) for d in docs), dtype=np.uint64))
-        if len(ranks) < 2:
-            raise DataError(f"corpus {corpus}: {len(ranks)} distinct document(s); a train/val "
+        ranks = np.fromiter((_rank(seed, d) for d in docs), dtype=np.uint64)
+        # Sorted in place, and the distinct ranks marked in a mask of a byte a document:
+        # np.unique held a sorted copy, the distinct ranks and its own temporaries beside
+        # them, 65 bytes a document at the peak (124 MB for 1.9M documents, against 18 MB).
+        ranks.sort()
+        starts = np.ones(len(ranks), dtype=bool)  # where each distinct rank starts
+        np.not_equal(ranks[1:], ranks[:-1], out=starts[1:])
+        n_distinct = int(np.count_nonzero(starts))
+        if n_distinct < 2:
+            raise DataError(f"corpus {corpus}: {n_distinct} distinct document(s); a train/val "
                             "split needs at least 2")
-        n_val = min(max(1, round(val_fraction * len(ranks))), len(ranks) - 1)
-        return cls(seed, int(ranks[n_val - 1]))
+        n_val = min(max(1, round(val_fraction * n_distinct)), n_distinct - 1)
+        return cls(seed, int(ranks[_nth_true(starts, n_val)]))
 
 
 def _rank(seed: int, text: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}\0{text}".encode()).digest()[:8], "big")
+
+
+def _nth_true(mask: np.ndarray, n: int, block: int = 1 << 20) -> int:
+    """The index of the n-th (from 1) True of `mask`, block by block (np.flatnonzero of the
+    whole mask would take 8 bytes per True)."""
+    left = n  # Trues still to pass
+    for start in range(0, len(mask), block):
+        part = mask[start:start + block]
+        count = int(np.count_nonzero(part))
+        if left <= count:
+            return start + int(np.flatnonzero(part)[left - 1])
+        left -= count
+    raise IndexError(f"the mask has fewer than {n} True values")
 
 
 def split_by_document(docs: Sequence[str], val_fraction: float, seed: int,
