@@ -86,8 +86,10 @@ def test_the_kit_installs_over_the_image_stack_and_imports(tmp_path):
          str(wheels)], tmp_path)
     assert not any(gpu_kit.FORBIDDEN.match(gpu_kit.distribution(w.name.split("-")[0]))
                    for w in wheels.glob("*.whl"))
-    run([str(python), "-m", "pip", "install", "--no-index", "--no-deps", "--quiet", "--target",
-         str(target), *map(str, wheels.glob("*.whl"))], tmp_path)
+    # As scripts/gpu_check.py installs it, less the bytecode (a minute here; the test imports
+    # a few modules only).
+    run([str(python), "-m", "pip", "install", "--no-index", "--no-deps", "--quiet", "--no-compile",
+         "--target", str(target), *map(str, wheels.glob("*.whl"))], tmp_path)
     # From an empty folder (no repository on the path), against the image venv's torch.
     result = run([str(python), "-c", "import llmpipe, trl, dvc, dvclive, torch; "
                   "from dvclive import Live; from trl import GRPOTrainer; "
