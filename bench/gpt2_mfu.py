@@ -94,8 +94,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--micro", action="store_true", help="CPU, micro shapes (dry run)")
-    parser.add_argument("--steps", type=int, help="timed steps (default 200; micro 3)")
-    parser.add_argument("--warmup", type=int, help="untimed steps first (default 10; micro 1)")
+    parser.add_argument("--steps", type=int, help="timed steps (default 100; micro 3)")
+    parser.add_argument("--warmup", type=int, help="untimed steps first (default 5; micro 1)")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--chunked-loss", action="store_true",
                         help="the chunked cross-entropy (default: the full logits, as on a GPU)")
@@ -105,8 +105,8 @@ def main() -> None:
         parser.error("no usable CUDA device (use --micro for the CPU dry run)")
     device = torch.device("cpu" if args.micro else "cuda")
     figures = measure(MICRO_SHAPE if args.micro else GPU_SHAPE, device,
-                      args.steps or (3 if args.micro else 200),
-                      args.warmup if args.warmup is not None else (1 if args.micro else 10),
+                      args.steps or (3 if args.micro else 100),
+                      args.warmup if args.warmup is not None else (1 if args.micro else 5),
                       compile_model=not (args.no_compile or args.micro),
                       chunked_loss=args.chunked_loss)
     text = json.dumps(figures, indent=2)

@@ -4,6 +4,7 @@ rehearsed here on the CPU with --dry-run (the preset at micro shapes: smoke.CPU_
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -37,13 +38,22 @@ def test_missing_dependencies_come_from_the_wheels_folder(tmp_path, monkeypatch)
     assert smoke.missing_distributions(["transformers", "no-such-distribution"]) == [
         "no-such-distribution"]
     with pytest.raises(smoke.SmokeError, match=r"--wheels .*/nowhere: no such directory"):
-        smoke.install_from_wheels(["trl"], tmp_path / "nowhere")
+        smoke.install_from_wheels(tmp_path / "nowhere", tmp_path / "kit")
+    for name in ("trl-1.16.0-py3-none-any.whl", "dvclive-3.49.1-py3-none-any.whl"):
+        (tmp_path / name).write_bytes(b"")
     commands = []
     monkeypatch.setattr(smoke.subprocess, "run", lambda command: commands.append(command)
                         or subprocess.CompletedProcess(command, 0))
-    smoke.install_from_wheels(["trl", "dvclive"], tmp_path)
-    assert commands == [[sys.executable, "-m", "pip", "install", "--no-index", "--find-links",
-                         str(tmp_path), "trl", "dvclive"]]
+    monkeypatch.setenv("PYTHONPATH", "elsewhere")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    smoke.install_from_wheels(tmp_path, tmp_path / "kit")
+    # The whole kit, --no-deps, into a folder of its own that the stages see first.
+    assert commands == [[sys.executable, "-m", "pip", "install", "--no-index", "--no-deps",
+                         "--quiet", "--target", str(tmp_path / "kit"),
+                         str(tmp_path / "dvclive-3.49.1-py3-none-any.whl"),
+                         str(tmp_path / "trl-1.16.0-py3-none-any.whl")]]
+    assert os.environ["PYTHONPATH"] == f"{tmp_path / 'kit'}{os.pathsep}elsewhere"
+    assert sys.path[0] == str(tmp_path / "kit")
 
 
 def test_the_gpu_smoke_preset_is_a_gpt2_124m_run_from_local_data():

@@ -24,11 +24,15 @@ from llmpipe import layout
 DECIMALS, LOSS_DECIMALS, PERF_DIGITS = 4, 6, 4
 
 
+# The process's umask, read once: reading it means setting it for a moment, which another thread
+# creating a file then would see (pretrain writes checkpoints on a background thread).
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def _chmod_default(path: Path, mode: int) -> None:
     """mkstemp/mkdtemp create private (0600/0700) entries; outputs get the usual umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, mode & ~umask)
+    os.chmod(path, mode & ~_UMASK)
 
 
 @contextlib.contextmanager

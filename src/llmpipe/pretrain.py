@@ -395,10 +395,10 @@ def optimizer_step(run: PretrainRun, step: int) -> float:
     train_loss, norm = torch.stack([step_loss.float(), grad_norm.float()]).tolist()
     if not math.isfinite(train_loss):
         raise TrainingError(f"pretrain: loss became {train_loss} at step {step}"
-                            f"{last_good_checkpoint(run.paths)}")
+                            f"{last_good_checkpoint(run)}")
     if not run.scaler.is_enabled() and not math.isfinite(norm):  # fp16: the scaler skips it
         raise TrainingError(f"pretrain: gradient norm became {norm} at step {step}"
-                            f"{last_good_checkpoint(run.paths)}")
+                            f"{last_good_checkpoint(run)}")
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
@@ -513,7 +513,9 @@ def pretrain(p: PretrainParams, seed: int, paths: PretrainPaths) -> dict | None:
         return finish(run, tokens_per_s, started)
     finally:
         if run is not None and run.checkpoints is not None:
-            run.checkpoints.close()  # on error paths too: the last good checkpoint lands
+            # On error paths too the last good checkpoint lands; a failed write was raised by
+            # finish()'s close() on the normal path, and must not hide the error in flight here.
+            run.checkpoints.wait()
         if rt.world_size > 1 and dist.is_initialized():
             # DDP's reducer holds the process group. Were it the last holder, garbage-collecting
             # it later would run the gloo group's destructor with the GIL held, while a gloo
@@ -526,8 +528,10 @@ def pretrain(p: PretrainParams, seed: int, paths: PretrainPaths) -> dict | None:
             dist.destroy_process_group()
 
 
-def last_good_checkpoint(paths: PretrainPaths) -> str:
-    last = paths.checkpoint_dir / CHECKPOINT_FILE
+def last_good_checkpoint(run: PretrainRun) -> str:
+    if run.checkpoints is not None:
+        run.checkpoints.wait()  # a checkpoint being written lands first, and is named
+    last = run.paths.checkpoint_dir / CHECKPOINT_FILE
     return f"; the last good checkpoint is kept in {last}" if last.exists() else ""
 
 
@@ -557,11 +561,15 @@ class CheckpointWriter:
         except BaseException as e:  # re-raised in the training thread by close()
             self._error = e
 
-    def close(self) -> None:
-        """Wait for the write in flight; raise its error, if it failed."""
+    def wait(self) -> None:
+        """Wait for the write in flight (its error, if any, is kept for close)."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+    def close(self) -> None:
+        """Wait for the write in flight; raise its error, if it failed."""
+        self.wait()
         if self._error is not None:
             error, self._error = self._error, None
             raise LlmpipeError(f"{self.path}: the checkpoint could not be written ({error})")

@@ -22,6 +22,7 @@ wheels are in.
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.metadata
 import json
 import os
@@ -79,17 +80,24 @@ def missing_distributions(names: list[str]) -> list[str]:
     return missing
 
 
-def install_from_wheels(missing: list[str], wheels: Path) -> None:
-    """pip, offline, from the folder only; what is installed already stays."""
+def install_from_wheels(wheels: Path, target: Path) -> None:
+    """The kit (`make smoke-wheels`) as scripts/gpu_check.py installs it: every wheel of the
+    folder, offline and --no-deps (the kit is exactly what the machine lacks), into `target`,
+    which goes on the path of this process and of the stages, before the machine's own
+    site-packages; the machine's installation is left as it is."""
     if not wheels.is_dir():
         raise SmokeError(f"--wheels {wheels}: no such directory (make it on a connected machine "
                          "with `make smoke-wheels`)")
-    command = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links",
-               str(wheels), *missing]
-    print(f"installing {', '.join(missing)} from {wheels}", flush=True)
+    command = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--quiet",
+               "--target", str(target), *map(str, sorted(wheels.glob("*.whl")))]
+    print(f"installing the kit in {wheels} into {target}", flush=True)
     if subprocess.run(command).returncode != 0:
-        raise SmokeError(f"pip could not install {', '.join(missing)} from {wheels}: the folder "
-                         "lacks them or a dependency of theirs (see pip's message above)")
+        raise SmokeError(f"pip could not install the wheels of {wheels} (see pip's message "
+                         "above)")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(target),
+                                                             os.environ.get("PYTHONPATH")]))
+    sys.path.insert(0, str(target))
+    importlib.invalidate_caches()
 
 
 # The gpu-smoke preset scaled down to a CPU: the same stages and code paths at micro shapes, in
@@ -232,14 +240,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.preset is None:
         parser.error("a preset is required (e.g. gpu-smoke)")
 
+    run_dir = (args.run_dir or ROOT / "runs" / args.preset).resolve()
     missing = missing_distributions(requirements())
     if missing and args.wheels is not None:
-        install_from_wheels(missing, args.wheels)
+        install_from_wheels(args.wheels, run_dir / "kit")
         missing = missing_distributions(missing)
     if missing:
         raise SmokeError(f"missing: {', '.join(missing)} (give --wheels <folder>, a folder made "
                          "on a connected machine with `make smoke-wheels`)")
-    run_dir = (args.run_dir or ROOT / "runs" / args.preset).resolve()
     params = compose_params(args.preset, args.set, run_dir, args.cpu_rehearsal)
     started = time.perf_counter()
 
