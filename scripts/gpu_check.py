@@ -4,10 +4,12 @@ set-up (scripts/gpu_check.sh runs this with the machine's python3).
     scripts/gpu_check.sh                    # on the GPU machine: results in $OUT/gpu_check.json
     scripts/gpu_check.sh --dry-run          # the same code on a CPU at micro shapes
     scripts/gpu_check.sh --wheels DIR       # the kit's folder (default: wheels/, if present)
+    scripts/gpu_check.sh --parts kit,smoke  # a rerun of what failed
 
 Four parts, in this order, each in its own processes under time limits (TIME_LIMITS_S:
-at most 5 minutes in all, so that a rerun fits in the machine's 15), and the JSON rewritten
-after each, so that a run cut short still returns what it measured:
+at most 10 minutes in all, one call of the device tool), and the JSON rewritten after each,
+so that a run cut short still returns what it measured; `--parts` reruns some of them (the kit
+is installed whenever the smoke run is asked for: it runs over it):
 1. environment: driver, CUDA, torch, the GPU;
 2. kit: installs the smoke kit (`make smoke-wheels`) with `pip install --no-index --no-deps
    --target` over the machine's own stack, and imports llmpipe, trl, dvc, dvclive from it;
@@ -33,10 +35,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Seconds per step on the GPU (sum 295: the script's 5 minutes; the MFU figure before the smoke
-# run, which may be cut short and still reports the stages it finished) and in the CPU dry run,
-# which runs on small machines (2 cores) at micro shapes.
-TIME_LIMITS_S = {"environment": 15, "kit": 45, "imports": 20, "mfu": 90, "smoke": 125}
+# Seconds per step on the GPU (sum 595: one call of the device tool; the MFU figure before the
+# smoke run, which may be cut short and still reports the stages it finished) and in the CPU dry
+# run, which runs on small machines (2 cores) at micro shapes. Measured on an H200 (bench/README):
+# the first import from the kit compiles its bytecode (over 20 s on a cold machine; the later
+# processes reuse it), the MFU part took 48-66 s, and the smoke chain 326 s for its first 12
+# stages (15-20 s of each stage is starting a process: imports, CUDA, compilation).
+TIME_LIMITS_S = {"environment": 15, "kit": 45, "imports": 45, "mfu": 90, "smoke": 400}
+PARTS = ("environment", "kit", "mfu", "smoke")
 DRY_RUN_TIME_LIMITS_S = {"environment": 60, "kit": 300, "imports": 120, "mfu": 120,
                          "smoke": 900}
 ENVIRONMENT = r"""
@@ -142,7 +148,12 @@ def main(argv: list[str] | None = None) -> int:
                         "else runs/gpu_check)")
     parser.add_argument("--work", type=Path, help="the kit's install and the smoke run's "
                         "outputs, large (default: a temporary folder, outside --out)")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"which parts, comma-separated (default: all of {','.join(PARTS)})")
     args = parser.parse_args(argv)
+    parts = set(args.parts.split(","))
+    if unknown := parts - set(PARTS):
+        parser.error(f"--parts: unknown {', '.join(sorted(unknown))} (known: {', '.join(PARTS)})")
     out = (args.out or Path(os.environ.get("OUT") or ROOT / "runs" / "gpu_check")).resolve()
     work = (args.work or Path(tempfile.mkdtemp(prefix="llmpipe-gpu-check-"))).resolve()
     wheels = args.wheels or (ROOT / "wheels" if (ROOT / "wheels").is_dir() else None)
@@ -150,47 +161,52 @@ def main(argv: list[str] | None = None) -> int:
     python = sys.executable
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), PYTHONUNBUFFERED="1")
 
-    environment = check.run("environment", [python, "-c", ENVIRONMENT], env,
-                            out / "environment.log")
-    environment.update(last_json_line(out / "environment.log") or {})
-    check.part("environment", environment)
+    if "environment" in parts:
+        environment = check.run("environment", [python, "-c", ENVIRONMENT], env,
+                                out / "environment.log")
+        environment.update(last_json_line(out / "environment.log") or {})
+        check.part("environment", environment)
 
-    if wheels is None:
-        check.part("kit", {"skipped": "no kit folder: build one with `make smoke-wheels` (the "
-                                      "machine's own packages are used as they are)"})
-    else:
-        kit = work / "kit"
-        # No bytecode at install (time): each module is compiled once, on its first import, into
-        # the kit's folder, and the later stage processes reuse it.
-        record = check.run("kit", [python, "-m", "pip", "install", "--no-index", "--no-deps",
-                                   "--quiet", "--no-compile", "--target", str(kit),
-                                   *map(str, sorted(Path(wheels).resolve().glob("*.whl")))],
-                           env, out / "kit.log")
-        # The tree's own llmpipe first, then the kit over the machine's site-packages.
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(kit)])
-        if record["exit_code"] == 0:
-            imports = check.run("imports", [python, "-c", KIT_IMPORTS], env,
-                                out / "imports.log")
-            record.update(imports=last_json_line(out / "imports.log"),
-                          imports_exit_code=("timed out" if imports["timed_out"]
-                                             else imports["exit_code"]))
-        check.part("kit", record)
+    if parts & {"kit", "smoke"}:  # the smoke run runs over the kit
+        if wheels is None:
+            check.part("kit", {"skipped": "no kit folder: build one with `make smoke-wheels` (the "
+                                          "machine's own packages are used as they are)"})
+        else:
+            kit = work / "kit"
+            # No bytecode at install (time): each module is compiled once, on its first import, into
+            # the kit's folder, and the later stage processes reuse it.
+            record = check.run("kit", [python, "-m", "pip", "install", "--no-index", "--no-deps",
+                                       "--quiet", "--no-compile", "--target", str(kit),
+                                       *map(str, sorted(Path(wheels).resolve().glob("*.whl")))],
+                               env, out / "kit.log")
+            # The tree's own llmpipe first, then the kit over the machine's site-packages.
+            env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(kit)])
+            if record["exit_code"] == 0:
+                imports = check.run("imports", [python, "-c", KIT_IMPORTS], env,
+                                    out / "imports.log")
+                record.update(imports=last_json_line(out / "imports.log"),
+                              imports_exit_code=("timed out" if imports["timed_out"]
+                                                 else imports["exit_code"]))
+            check.part("kit", record)
 
-    mfu_json = out / "mfu.json"
-    mfu_json.unlink(missing_ok=True)  # no figures of an earlier run read back as this one's
-    record = check.run("mfu", [python, "bench/gpt2_mfu.py", "--json", str(mfu_json),
-                               *(["--micro"] if args.dry_run else [])], env, out / "mfu.log")
-    if mfu_json.exists():
-        record["figures"] = json.loads(mfu_json.read_text())
-    check.part("mfu", record)
+    if "mfu" in parts:
+        mfu_json = out / "mfu.json"
+        mfu_json.unlink(missing_ok=True)  # no figures of an earlier run read back as this one's
+        record = check.run("mfu", [python, "bench/gpt2_mfu.py", "--json", str(mfu_json),
+                                   *(["--micro"] if args.dry_run else [])], env, out / "mfu.log")
+        if mfu_json.exists():
+            record["figures"] = json.loads(mfu_json.read_text())
+        check.part("mfu", record)
 
-    run_dir = work / "smoke"
-    shutil.rmtree(run_dir, ignore_errors=True)  # the same for the smoke run's summary
-    record = check.run("smoke", [python, "-m", "llmpipe.smoke", "gpu-smoke", "--run-dir",
-                                 str(run_dir), *(["--cpu-rehearsal"] if args.dry_run else [])],
-                       env, out / "smoke.log")
-    record.update(smoke_figures(run_dir))
-    check.part("smoke", record)
+    if "smoke" in parts:
+        run_dir = work / "smoke"
+        shutil.rmtree(run_dir, ignore_errors=True)  # the same for the smoke run's summary
+        record = check.run("smoke", [python, "-m", "llmpipe.smoke", "gpu-smoke", "--run-dir",
+                                     str(run_dir),
+                                     *(["--cpu-rehearsal"] if args.dry_run else [])],
+                           env, out / "smoke.log")
+        record.update(smoke_figures(run_dir))
+        check.part("smoke", record)
 
     failed = [name for name, r in check.results["parts"].items()
               if r.get("exit_code") not in (0, None) or r.get("timed_out")

@@ -253,3 +253,32 @@ def test_gradient_checkpointing_is_a_boolean(stage):
     with pytest.raises(ParamsError, match=rf"^{stage}\.gradient_checkpointing: 'yes' is not a "
                                           r"boolean \(true/false\)$"):
         build(STAGE_SCHEMAS[stage], {**raw, "gradient_checkpointing": "yes"}, stage)
+
+
+HUB_KERNELS_PROBE = """
+import sys
+import llmpipe  # sets the default before anything loads
+from transformers import AutoModelForCausalLM
+print(AutoModelForCausalLM.from_pretrained(sys.argv[1], use_safetensors=True).use_kernels)
+"""
+
+
+@pytest.mark.parametrize(("setting", "expected"), [(None, "False"), ("YES", "True")])
+def test_hub_kernels_are_off_unless_the_environment_asks(tmp_path, setting, expected):
+    """transformers turns hub kernels on by default when `kernels` is installed: on a GPU a
+    load then fetches code from the hub, and fails offline (the first GPU check: finetune's
+    model.eval()). Any load after importing llmpipe, TRL's reference model included, has them
+    off; USE_HUB_KERNELS=YES turns them back on."""
+    import subprocess
+    import sys
+
+    from conftest import save_micro_model, subprocess_env
+
+    save_micro_model(tmp_path / "model")
+    env = subprocess_env()
+    env.pop("USE_HUB_KERNELS", None)
+    if setting is not None:
+        env["USE_HUB_KERNELS"] = setting
+    result = subprocess.run([sys.executable, "-c", HUB_KERNELS_PROBE, str(tmp_path / "model")],
+                            env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == expected

@@ -107,10 +107,15 @@ def test_the_gpu_check_dry_run_runs_every_part_on_the_cpu(tmp_path):
     assert "every part passed" in result.stdout
 
 
-def test_a_part_over_its_time_limit_is_killed_and_recorded(tmp_path, monkeypatch):
+def load_gpu_check():
     spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts/gpu_check.py")
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
+    return gpu_check
+
+
+def test_a_part_over_its_time_limit_is_killed_and_recorded(tmp_path, monkeypatch):
+    gpu_check = load_gpu_check()
     check = gpu_check.Check(tmp_path, dry_run=True)
     monkeypatch.setitem(check.limits, "mfu", 1)
     record = check.part("mfu", check.run("mfu", [sys.executable, "-c",
@@ -119,3 +124,16 @@ def test_a_part_over_its_time_limit_is_killed_and_recorded(tmp_path, monkeypatch
     assert record["timed_out"] and record["exit_code"] is None and record["wall_s"] < 10
     assert json.loads((tmp_path / "gpu_check.json").read_text())["parts"]["mfu"] == record
     assert record["log_tail"] == ["started"]
+
+
+def test_the_gpu_check_reruns_only_the_parts_asked_for(tmp_path, capsys):
+    """A rerun on the GPU machine's last minutes: --parts environment runs that part alone."""
+    gpu_check = load_gpu_check()
+    code = gpu_check.main(["--dry-run", "--parts", "environment", "--out", str(tmp_path / "out"),
+                           "--work", str(tmp_path / "work")])
+    check = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert code == 0 and list(check["parts"]) == ["environment"]
+    assert check["parts"]["environment"]["python"]
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--parts", "environment,mfuu"])
+    assert "--parts: unknown mfuu" in capsys.readouterr().err
