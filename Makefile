@@ -51,22 +51,24 @@ test: setup
 test-fast: setup
 	pytest -m "not slow"
 
+# ruff's lint rules and its formatter (CI fails on either; `ruff format` fixes the second).
 lint: setup
 	ruff check src stages tests bench scripts
+	ruff format --check src stages tests bench scripts
 
 bench: setup
 	python bench/tokenize_throughput.py
 	python bench/train_step.py
 
 # Every model the pipeline made over the OpenAI API, and the page that compares them
-# (README, "Talk to the models"): http://127.0.0.1:8000/. E.g. SERVE_ARGS="--port 8001".
+# (docs/serving.md): http://127.0.0.1:8000/. E.g. SERVE_ARGS="--port 8001".
 SERVE_ARGS ?=
 serve: setup
 	python -m llmpipe.serve $(SERVE_ARGS)
 
-# The DVC remote (.dvc/config: a folder beside the repository unless switched, README) with the
-# run-cache and the outputs its runs name, so that another clone restores, with
-# `dvc repro --pull`, any stage run it has not computed itself.
+# The DVC remote (.dvc/config: a folder beside the repository unless switched;
+# docs/sharing-and-experiments.md) with the run-cache and the outputs its runs name, so that
+# another clone restores, with `dvc repro --pull`, any stage run it has not computed itself.
 push: setup
 	python -m llmpipe.share
 pull: setup
@@ -77,9 +79,9 @@ REV ?= main
 compare: setup
 	python -m llmpipe.compare $(REV)
 
-# The GPU smoke run (README): the whole chain on one GPU without DVC, on the machine's own
-# Python stack (no venv: an air-gapped GPU box brings its own torch). Missing dependencies are
-# installed from $(WHEELS) when that folder exists.
+# The GPU smoke run (docs/presets-and-gpu.md): the whole chain on one GPU without DVC, on the
+# machine's own Python stack (no venv: an air-gapped GPU box brings its own torch). Missing
+# dependencies are installed from $(WHEELS) when that folder exists.
 WHEELS ?= wheels
 SMOKE_PYTHON ?= python3
 SMOKE_ARGS ?=

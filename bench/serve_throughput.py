@@ -40,13 +40,31 @@ def free_port() -> int:
 
 def start_server(model_dir: Path, port: int, threads: int) -> subprocess.Popen:
     src = Path(__file__).resolve().parents[1] / "src"  # this checkout's llmpipe
-    env = {**os.environ,
-           "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")]),
+    }
     server = subprocess.Popen(
-        [sys.executable, "-m", "llmpipe.serve", "--no-pipeline", "--no-scores", "--model",
-         f"bench={model_dir}", "--port", str(port), "--threads", str(threads),
-         "--max-waiting", "64"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "llmpipe.serve",
+            "--no-pipeline",
+            "--no-scores",
+            "--model",
+            f"bench={model_dir}",
+            "--port",
+            str(port),
+            "--threads",
+            str(threads),
+            "--max-waiting",
+            "64",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if server.poll() is not None:
@@ -65,8 +83,15 @@ def direct(model, ids: torch.Tensor, tokens: int) -> tuple[float, int]:
     torch.manual_seed(SEED)
     start = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(ids, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-                             max_new_tokens=tokens, pad_token_id=model.config.eos_token_id)
+        out = model.generate(
+            ids,
+            do_sample=True,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            max_new_tokens=tokens,
+            pad_token_id=model.config.eos_token_id,
+        )
     return time.perf_counter() - start, out.shape[1] - ids.shape[1]
 
 
@@ -84,8 +109,11 @@ def whole(http: httpx.Client, tokens: int) -> tuple[float, int]:
 def streamed(http: httpx.Client, tokens: int) -> tuple[float, float, int]:
     """(seconds to the last event, seconds to the first text, tokens)."""
     start, first, used = time.perf_counter(), None, 0
-    with http.stream("POST", "/v1/completions",
-                     json=body(tokens, stream=True, stream_options={"include_usage": True})) as r:
+    with http.stream(
+        "POST",
+        "/v1/completions",
+        json=body(tokens, stream=True, stream_options={"include_usage": True}),
+    ) as r:
         for line in r.iter_lines():
             if not line.startswith("data: {"):
                 continue
@@ -99,6 +127,7 @@ def streamed(http: httpx.Client, tokens: int) -> tuple[float, float, int]:
 
 async def concurrent(url: str, clients: int, per_client: int, tokens: int) -> dict:
     async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+
         async def client() -> list[float]:
             latencies = []
             for _ in range(per_client):
@@ -109,11 +138,16 @@ async def concurrent(url: str, clients: int, per_client: int, tokens: int) -> di
             return latencies
 
         start = time.perf_counter()
-        latencies = [x for c in await asyncio.gather(*(client() for _ in range(clients)))
-                     for x in c]
+        latencies = [
+            x for c in await asyncio.gather(*(client() for _ in range(clients))) for x in c
+        ]
         wall = time.perf_counter() - start
-    return {"requests": len(latencies), "per_s": len(latencies) / wall,
-            "mean": statistics.mean(latencies), "max": max(latencies)}
+    return {
+        "requests": len(latencies),
+        "per_s": len(latencies) / wall,
+        "mean": statistics.mean(latencies),
+        "max": max(latencies),
+    }
 
 
 def main() -> None:
@@ -126,8 +160,10 @@ def main() -> None:
     parser.add_argument("--per-client", type=int, default=2, help="requests each client sends")
     args = parser.parse_args()
     if not args.model_dir.is_dir():
-        sys.exit(f"error: no model directory {args.model_dir} (run the pipeline up to "
-                 "finetune, or give a Hugging Face model directory)")
+        sys.exit(
+            f"error: no model directory {args.model_dir} (run the pipeline up to "
+            "finetune, or give a Hugging Face model directory)"
+        )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(args.threads)
@@ -147,30 +183,42 @@ def main() -> None:
                 seconds, first, used = streamed(http, args.tokens)
                 runs["streamed"].append((seconds, used))
                 runs["ttft"].append(first)
-        loads = {c: asyncio.run(concurrent(f"http://127.0.0.1:{port}", c, args.per_client,
-                                           args.tokens)) for c in args.clients}
+        loads = {
+            c: asyncio.run(concurrent(f"http://127.0.0.1:{port}", c, args.per_client, args.tokens))
+            for c in args.clients
+        }
     finally:
         server.terminate()
         server.wait()
 
     rate = {name: max(n / s for s, n in runs[name]) for name in ("direct", "whole", "streamed")}
     tokens = {name: {n for _, n in runs[name]} for name in rate}
-    print(f"model {args.model_dir}, {args.tokens} tokens asked ({tokens['direct']} drawn), "
-          f"{args.threads} torch thread(s), best of {args.repeats}\n")
+    print(
+        f"model {args.model_dir}, {args.tokens} tokens asked ({tokens['direct']} drawn), "
+        f"{args.threads} torch thread(s), best of {args.repeats}\n"
+    )
     print("| path | tokens/s | vs model.generate | time to first token |")
     print("|---|---:|---:|---:|")
-    print(f"| model.generate, this process | {rate['direct']:.1f} | 1.00x | "
-          f"{1000 * min(runs['ttft_direct']):.1f} ms (1 new token) |")
-    print(f"| server, whole response | {rate['whole']:.1f} | "
-          f"{rate['whole'] / rate['direct']:.2f}x | |")
-    print(f"| server, streamed (SSE) | {rate['streamed']:.1f} | "
-          f"{rate['streamed'] / rate['direct']:.2f}x | "
-          f"{1000 * min(t for t in runs['ttft'] if t is not None):.1f} ms (first text) |")
+    print(
+        f"| model.generate, this process | {rate['direct']:.1f} | 1.00x | "
+        f"{1000 * min(runs['ttft_direct']):.1f} ms (1 new token) |"
+    )
+    print(
+        f"| server, whole response | {rate['whole']:.1f} | "
+        f"{rate['whole'] / rate['direct']:.2f}x | |"
+    )
+    print(
+        f"| server, streamed (SSE) | {rate['streamed']:.1f} | "
+        f"{rate['streamed'] / rate['direct']:.2f}x | "
+        f"{1000 * min(t for t in runs['ttft'] if t is not None):.1f} ms (first text) |"
+    )
     print("\n| clients | requests | requests/s | mean latency | slowest |")
     print("|---:|---:|---:|---:|---:|")
     for clients, load in loads.items():
-        print(f"| {clients} | {load['requests']} | {load['per_s']:.2f} | {load['mean']:.2f} s | "
-              f"{load['max']:.2f} s |")
+        print(
+            f"| {clients} | {load['requests']} | {load['per_s']:.2f} | {load['mean']:.2f} s | "
+            f"{load['max']:.2f} s |"
+        )
 
 
 if __name__ == "__main__":

@@ -39,9 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
-from llmpipe.corpus import read_texts, stdlib_docstrings, write_shards
+from llmpipe.data.corpus import read_texts, stdlib_docstrings, write_shards
 
-# llmpipe.tokenization (which imports torch, 200 MB) is imported where it is used: --e2e's
+# llmpipe.data.tokenization (which imports torch, 200 MB) is imported where it is used: --e2e's
 # parent must stay small, as Linux carries a parent's peak RSS into the ru_maxrss of a child
 # it forks, across exec.
 
@@ -86,8 +86,10 @@ def build_parquet(path: Path, megabytes: int, row_group_rows: int) -> None:
     with pq.ParquetWriter(tmp, schema) as writer:
         row = 0
         while group := list(itertools.islice(docs, row_group_rows)):
-            writer.write_table(pa.table({"id": range(row, row + len(group)), "text": group},
-                                        schema=schema), row_group_size=row_group_rows)
+            writer.write_table(
+                pa.table({"id": range(row, row + len(group)), "text": group}, schema=schema),
+                row_group_size=row_group_rows,
+            )
             row += len(group)
     tmp.rename(path)
 
@@ -108,8 +110,9 @@ def tree_peak(command: list[str], cwd: Path, env: dict) -> dict:
     import psutil
 
     started = time.perf_counter()
-    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     peak, done = 0, threading.Event()
 
     def poll() -> None:
@@ -136,20 +139,34 @@ def tree_peak(command: list[str], cwd: Path, env: dict) -> dict:
     poller.join()
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({proc.returncode}):\n{output}")
-    return {"tree_peak_mb": peak / 2**20, "process_peak_mb": usage.ru_maxrss / 1024,
-            "seconds": time.perf_counter() - started, "output": output}
+    return {
+        "tree_peak_mb": peak / 2**20,
+        "process_peak_mb": usage.ru_maxrss / 1024,
+        "seconds": time.perf_counter() - started,
+        "output": output,
+    }
 
 
-def end_to_end(directory: Path, megabytes: int, row_group_rows: int,
-               train_bytes: int | None) -> dict:
+def end_to_end(
+    directory: Path, megabytes: int, row_group_rows: int, train_bytes: int | None
+) -> dict:
     """download then tokenize of one parquet file of `megabytes`: each stage's figures."""
     import yaml
 
     parquet = directory / f"corpus-{megabytes}mb-rg{row_group_rows}.parquet"
     # In a child: a stage forked from a parent that held the corpus would inherit its peak
     # (Linux keeps ru_maxrss across exec).
-    subprocess.run([sys.executable, __file__, "--build-parquet", str(parquet), str(megabytes),
-                    str(row_group_rows)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--build-parquet",
+            str(parquet),
+            str(megabytes),
+            str(row_group_rows),
+        ],
+        check=True,
+    )
     work = directory / f"e2e-{megabytes}mb"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -158,15 +175,20 @@ def end_to_end(directory: Path, megabytes: int, row_group_rows: int,
     params["tokenize"]["train_bytes"] = train_bytes
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO)}
-    stages = {stage: tree_peak([sys.executable, "-m", f"stages.{stage}"], work, env)
-              for stage in ("download", "tokenize")}
+    stages = {
+        stage: tree_peak([sys.executable, "-m", f"stages.{stage}"], work, env)
+        for stage in ("download", "tokenize")
+    }
     tokens = json.loads((work / "metrics" / "tokenize.json").read_text())
-    result = {"text_mb": json.loads((work / "metrics" / "download.json").read_text())
-              ["pretrain"]["bytes"] / 1e6,
-              "parquet_mb": parquet.stat().st_size / 1e6,
-              "tokens": tokens["pretrain_train_tokens"] + tokens["pretrain_val_tokens"],
-              "stages": {name: {k: v for k, v in r.items() if k != "output"}
-                         for name, r in stages.items()}}
+    result = {
+        "text_mb": json.loads((work / "metrics" / "download.json").read_text())["pretrain"]["bytes"]
+        / 1e6,
+        "parquet_mb": parquet.stat().st_size / 1e6,
+        "tokens": tokens["pretrain_train_tokens"] + tokens["pretrain_val_tokens"],
+        "stages": {
+            name: {k: v for k, v in r.items() if k != "output"} for name, r in stages.items()
+        },
+    }
     shutil.rmtree(work)
     return result
 
@@ -176,35 +198,45 @@ def main_e2e(args: argparse.Namespace) -> None:
     for megabytes in args.mb:
         rows.append(end_to_end(args.dir, megabytes, args.row_group_rows, args.train_bytes))
         print(json.dumps(rows[-1]), file=sys.stderr)
-    print(f"{os.cpu_count()} CPUs; one parquet file in row groups of {args.row_group_rows:,} "
-          f"rows; tokenize.train_bytes {args.train_bytes}; peak memory in MB: of each stage's "
-          "process tree (summed PSS) and of its largest process (ru_maxrss)")
-    print("| text MB | parquet MB | download tree | download largest | tokenize tree | tokenize "
-          "largest | end-to-end peak | vs first | download s | tokenize s |\n"
-          "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        f"{os.cpu_count()} CPUs; one parquet file in row groups of {args.row_group_rows:,} "
+        f"rows; tokenize.train_bytes {args.train_bytes}; peak memory in MB: of each stage's "
+        "process tree (summed PSS) and of its largest process (ru_maxrss)"
+    )
+    print(
+        "| text MB | parquet MB | download tree | download largest | tokenize tree | tokenize "
+        "largest | end-to-end peak | vs first | download s | tokenize s |\n"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )
     first = None
     for r in rows:
         d, t = r["stages"]["download"], r["stages"]["tokenize"]
         peak = max(d["tree_peak_mb"], t["tree_peak_mb"])
         first = first or peak
-        print(f"| {r['text_mb']:.0f} | {r['parquet_mb']:.0f} | {d['tree_peak_mb']:.0f} | "
-              f"{d['process_peak_mb']:.0f} | {t['tree_peak_mb']:.0f} | "
-              f"{t['process_peak_mb']:.0f} | {peak:.0f} | {peak / first:.2f}x | "
-              f"{d['seconds']:.0f} | {t['seconds']:.0f} |")
+        print(
+            f"| {r['text_mb']:.0f} | {r['parquet_mb']:.0f} | {d['tree_peak_mb']:.0f} | "
+            f"{d['process_peak_mb']:.0f} | {t['tree_peak_mb']:.0f} | "
+            f"{t['process_peak_mb']:.0f} | {peak:.0f} | {peak / first:.2f}x | "
+            f"{d['seconds']:.0f} | {t['seconds']:.0f} |"
+        )
     if len(rows) > 1:  # the target: flat in corpus size, stage by stage and end to end
-        ratios = {name: rows[-1]["stages"][name]["tree_peak_mb"]
-                  / rows[0]["stages"][name]["tree_peak_mb"] for name in ("download", "tokenize")}
+        ratios = {
+            name: rows[-1]["stages"][name]["tree_peak_mb"] / rows[0]["stages"][name]["tree_peak_mb"]
+            for name in ("download", "tokenize")
+        }
         peaks = [max(s["tree_peak_mb"] for s in r["stages"].values()) for r in rows]
-        print(f"\npeak at {rows[-1]['text_mb']:.0f} MB / at {rows[0]['text_mb']:.0f} MB: "
-              f"download {ratios['download']:.2f}x, tokenize {ratios['tokenize']:.2f}x, "
-              f"end to end {peaks[-1] / peaks[0]:.2f}x")
+        print(
+            f"\npeak at {rows[-1]['text_mb']:.0f} MB / at {rows[0]['text_mb']:.0f} MB: "
+            f"download {ratios['download']:.2f}x, tokenize {ratios['tokenize']:.2f}x, "
+            f"end to end {peaks[-1] / peaks[0]:.2f}x"
+        )
 
 
 def run(config: str, corpus: Path, tokenizer_dir: Path, out: Path) -> dict:
     """One configuration, in this process: its figures as a dict."""
     from transformers import AutoTokenizer
 
-    from llmpipe.tokenization import (
+    from llmpipe.data.tokenization import (
         DocumentSplit,
         FastEncoder,
         chunks,
@@ -229,26 +261,40 @@ def run(config: str, corpus: Path, tokenizer_dir: Path, out: Path) -> dict:
         workers = int(config.split()[0])
         split = DocumentSplit.fit(read_texts(corpus), 0.1, SEED, "bench")
         started = time.perf_counter()
-        meta = write_corpus(out, read_texts(corpus), split, encoder, len(tokenizer), "bpe",
-                            num_proc=workers)
+        meta = write_corpus(
+            out, read_texts(corpus), split, encoder, len(tokenizer), "bpe", num_proc=workers
+        )
         seconds = time.perf_counter() - started
         n_bytes = sum(s["bytes"] for s in meta["splits"].values())
-    return {"mb_per_s": n_bytes / seconds / 1e6, "mb": n_bytes / 1e6,
-            "parent_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "worker_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+    return {
+        "mb_per_s": n_bytes / seconds / 1e6,
+        "mb": n_bytes / 1e6,
+        "parent_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "worker_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mb", type=int, nargs="+",
-                        help="corpus sizes in MB of text (default: 250 500; --e2e: 100 400)")
+    parser.add_argument(
+        "--mb",
+        type=int,
+        nargs="+",
+        help="corpus sizes in MB of text (default: 250 500; --e2e: 100 400)",
+    )
     parser.add_argument("--dir", type=Path, default=Path("/tmp/llmpipe-bench"))
-    parser.add_argument("--e2e", action="store_true",
-                        help="download + tokenize of one parquet file, peak memory")
-    parser.add_argument("--row-group-rows", type=int, default=1 << 16,
-                        help="--e2e: rows per parquet row group")
-    parser.add_argument("--train-bytes", type=int, default=50_000_000,
-                        help="--e2e: tokenize.train_bytes (0: null, the whole corpus)")
+    parser.add_argument(
+        "--e2e", action="store_true", help="download + tokenize of one parquet file, peak memory"
+    )
+    parser.add_argument(
+        "--row-group-rows", type=int, default=1 << 16, help="--e2e: rows per parquet row group"
+    )
+    parser.add_argument(
+        "--train-bytes",
+        type=int,
+        default=50_000_000,
+        help="--e2e: tokenize.train_bytes (0: null, the whole corpus)",
+    )
     parser.add_argument("--run", nargs=4, help=argparse.SUPPRESS)  # config corpus tok out
     parser.add_argument("--build-parquet", nargs=3, help=argparse.SUPPRESS)  # path mb rows
     args = parser.parse_args()
@@ -268,7 +314,7 @@ def main() -> None:
         print(json.dumps(run(config, Path(corpus), Path(tokenizer_dir), Path(out))))
         return
 
-    from llmpipe.tokenization import train_bpe
+    from llmpipe.data.tokenization import train_bpe
 
     tokenizer_dir = args.dir / "tokenizer"
     if not tokenizer_dir.exists():
@@ -280,21 +326,37 @@ def main() -> None:
         build_corpus(corpus, megabytes)
         for config in configs:
             env = {**os.environ, "TQDM_DISABLE": "1"}
-            result = subprocess.run([sys.executable, __file__, "--run", config, str(corpus),
-                                     str(tokenizer_dir), str(args.dir / "out")],
-                                    capture_output=True, text=True, env=env, check=True)
+            result = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--run",
+                    config,
+                    str(corpus),
+                    str(tokenizer_dir),
+                    str(args.dir / "out"),
+                ],
+                capture_output=True,
+                text=True,
+                env=env,
+                check=True,
+            )
             rows.append((megabytes, config, json.loads(result.stdout.splitlines()[-1])))
             print(rows[-1], file=sys.stderr)
     print(f"{os.cpu_count()} CPUs; BPE 4096 (tiktoken); figures of one run each")
-    print("| corpus | configuration | MB/s | MB/s per worker | vs 1 worker | peak RSS parent "
-          "MB | peak RSS worker MB |\n|---|---|---:|---:|---:|---:|---:|")
+    print(
+        "| corpus | configuration | MB/s | MB/s per worker | vs 1 worker | peak RSS parent "
+        "MB | peak RSS worker MB |\n|---|---|---:|---:|---:|---:|---:|"
+    )
     for megabytes, config, r in rows:
         one = next(x for m, c, x in rows if m == megabytes and c == "1 worker")
         workers = int(config.split()[0]) if config[0].isdigit() else None
         per = f"{r['mb_per_s'] / workers:.1f}" if workers else ""
-        print(f"| {r['mb']:.0f} MB | {config} | {r['mb_per_s']:.1f} | {per} | "
-              f"{r['mb_per_s'] / one['mb_per_s']:.2f}x | {r['parent_peak_mb']:.0f} | "
-              f"{r['worker_peak_mb']:.0f} |")
+        print(
+            f"| {r['mb']:.0f} MB | {config} | {r['mb_per_s']:.1f} | {per} | "
+            f"{r['mb_per_s'] / one['mb_per_s']:.2f}x | {r['parent_peak_mb']:.0f} | "
+            f"{r['worker_peak_mb']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ import time
 
 import numpy as np
 
-from llmpipe.corpus import stdlib_docstrings, stdlib_reference, text_bytes
-from llmpipe.tokenization import FastEncoder, train_bpe
+from llmpipe.data.corpus import stdlib_docstrings, stdlib_reference, text_bytes
+from llmpipe.data.tokenization import FastEncoder, train_bpe
 
 ROUNDS = 3
 
@@ -27,8 +27,7 @@ def main() -> None:
 
     def plain() -> np.ndarray:
         encoded = backend.encode_batch(docs, add_special_tokens=False)
-        return np.concatenate([np.asarray(e.ids + [encoder.eot], dtype=np.uint16)
-                               for e in encoded])
+        return np.concatenate([np.asarray(e.ids + [encoder.eot], dtype=np.uint16) for e in encoded])
 
     def stage_encoder() -> np.ndarray:
         return encoder.encode_to_array(docs, np.dtype(np.uint16))
@@ -43,8 +42,10 @@ def main() -> None:
     a, b = outputs.values()
     assert np.array_equal(a, b), "the two encoders disagree"
     baseline = best["plain encode_batch"]
-    print(f"corpus: {len(docs)} documents, {n_bytes / 1e6:.2f} MB, {len(a):,} tokens; "
-          f"{os.cpu_count()} CPUs")
+    print(
+        f"corpus: {len(docs)} documents, {n_bytes / 1e6:.2f} MB, {len(a):,} tokens; "
+        f"{os.cpu_count()} CPUs"
+    )
     print("| encoder | MB/s | vs plain |\n|---|---:|---:|")
     for name, mbs in best.items():
         print(f"| {name} | {mbs:.1f} | {mbs / baseline:.2f}x |")

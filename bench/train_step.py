@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from llmpipe.model import GPT, GPTConfig, measure_matmul_peak_flops
-from llmpipe.model.gpt import gelu_tanh
+from llmpipe.model.gpt import GPT, GPTConfig, gelu_tanh, measure_matmul_peak_flops
 
 CONFIGS = [  # name, n_layer, n_head, n_embd, block_size, batch_size
     ("default 4x128, T=128, B=16", 4, 4, 128, 128, 16),
@@ -32,23 +31,38 @@ VOCAB = 4096
 def hf_step_fn(model):
     def step(x, y):
         return model(input_ids=x, labels=y).loss
+
     return step
 
 
 def ours_step_fn(model):
     def step(x, y):
         return model(x, y)[1]
+
     return step
 
 
 def make_models(n_layer, n_head, n_embd, block):
     torch.manual_seed(0)
-    ours = GPT(GPTConfig(vocab_size=VOCAB, block_size=block, n_layer=n_layer, n_head=n_head,
-                         n_embd=n_embd))
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=block, n_layer=n_layer,
-                                    n_head=n_head, n_embd=n_embd, activation_function="gelu_new",
-                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                    bos_token_id=0, eos_token_id=0, pad_token_id=0))
+    ours = GPT(
+        GPTConfig(vocab_size=VOCAB, block_size=block, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    )
+    hf = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=VOCAB,
+            n_positions=block,
+            n_layer=n_layer,
+            n_head=n_head,
+            n_embd=n_embd,
+            activation_function="gelu_new",
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
+    )
     return ours, hf
 
 
@@ -77,9 +91,11 @@ def gelu_table(dtypes: list[str], rounds: int) -> None:
     def aten_gelu(x: torch.Tensor) -> torch.Tensor:
         return F.gelu(x, approximate="tanh")
 
-    forms = [("ATen F.gelu(tanh), eager", aten_gelu),
-             ("ATen F.gelu(tanh), compiled", torch.compile(aten_gelu)),
-             ("gelu_tanh (sigmoid form), compiled", torch.compile(gelu_tanh))]
+    forms = [
+        ("ATen F.gelu(tanh), eager", aten_gelu),
+        ("ATen F.gelu(tanh), compiled", torch.compile(aten_gelu)),
+        ("gelu_tanh (sigmoid form), compiled", torch.compile(gelu_tanh)),
+    ]
     print("\n| GELU form | dtype | fwd+bwd ms |")
     print("|---|---|---:|")
     for dtype in dtypes:
@@ -98,8 +114,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--no-compile", action="store_true",
-                        help="eager rows only (compiling the models takes a few minutes)")
+    parser.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="eager rows only (compiling the models takes a few minutes)",
+    )
     args = parser.parse_args()
     bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     dtypes = ["fp32", "bf16"] if bf16 else ["fp32"]
@@ -134,21 +153,35 @@ def main() -> None:
                         key = (label, dtype, mode)
                         best[key] = min(best.get(key, math.inf), seconds)
                         peak_fractions.setdefault(key, []).append(
-                            tokens / seconds * flops_per_token / adjacent_peak)
+                            tokens / seconds * flops_per_token / adjacent_peak
+                        )
         base = tokens / best[("HF", "fp32", "eager")]
         for key, seconds in best.items():
             tps = tokens / seconds
-            rows.append((name, *key, tps, tps / base, tps * flops_per_token,
-                         statistics.median(peak_fractions[key])))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 matmul peak "
-          f"{min(peaks) / 1e9:.0f}-{max(peaks) / 1e9:.0f} GFLOP/s over the run, "
-          f"bf16 {'yes' if bf16 else 'no'}")
-    print("| config | model | dtype | mode | tokens/s | vs HF fp32 eager | GFLOP/s "
-          "| % of fp32 peak |")
+            rows.append(
+                (
+                    name,
+                    *key,
+                    tps,
+                    tps / base,
+                    tps * flops_per_token,
+                    statistics.median(peak_fractions[key]),
+                )
+            )
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 matmul peak "
+        f"{min(peaks) / 1e9:.0f}-{max(peaks) / 1e9:.0f} GFLOP/s over the run, "
+        f"bf16 {'yes' if bf16 else 'no'}"
+    )
+    print(
+        "| config | model | dtype | mode | tokens/s | vs HF fp32 eager | GFLOP/s | % of fp32 peak |"
+    )
     print("|---|---|---|---|---:|---:|---:|---:|")
     for name, label, dtype, mode, tps, ratio, flops, peak_fraction in rows:
-        print(f"| {name} | {label} | {dtype} | {mode} | {tps:,.0f} | {ratio:.2f}x | "
-              f"{flops / 1e9:.0f} | {100 * peak_fraction:.0f}% |")
+        print(
+            f"| {name} | {label} | {dtype} | {mode} | {tps:,.0f} | {ratio:.2f}x | "
+            f"{flops / 1e9:.0f} | {100 * peak_fraction:.0f}% |"
+        )
     if "compile" in modes:
         gelu_table(dtypes, args.rounds)
 

@@ -43,8 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # stages (15-20 s of each stage is starting a process: imports, CUDA, compilation).
 TIME_LIMITS_S = {"environment": 15, "kit": 45, "imports": 45, "mfu": 90, "smoke": 400}
 PARTS = ("environment", "kit", "mfu", "smoke")
-DRY_RUN_TIME_LIMITS_S = {"environment": 60, "kit": 300, "imports": 120, "mfu": 120,
-                         "smoke": 900}
+DRY_RUN_TIME_LIMITS_S = {"environment": 60, "kit": 300, "imports": 120, "mfu": 120, "smoke": 900}
 ENVIRONMENT = r"""
 import json, platform, subprocess, torch
 info = {"python": platform.python_version(), "torch": torch.__version__,
@@ -87,8 +86,12 @@ class Check:
     def __init__(self, out: Path, dry_run: bool):
         self.out, self.path = out, out / "gpu_check.json"
         self.limits = DRY_RUN_TIME_LIMITS_S if dry_run else TIME_LIMITS_S
-        self.results: dict = {"dry_run": dry_run, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                              "time_limits_s": self.limits, "parts": {}}
+        self.results: dict = {
+            "dry_run": dry_run,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "time_limits_s": self.limits,
+            "parts": {},
+        }
         out.mkdir(parents=True, exist_ok=True)
 
     def write(self) -> None:
@@ -104,16 +107,26 @@ class Check:
         print(f"\n== {part} (at most {limit} s): {shlex.join(command)}", flush=True)
         started = time.perf_counter()
         with open(log, "w") as output:
-            process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output,
-                                       stderr=subprocess.STDOUT, start_new_session=True)
+            process = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env=env,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             try:
                 code = process.wait(timeout=limit)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
                 code = None
-        record = {"wall_s": round(time.perf_counter() - started, 1), "exit_code": code,
-                  "timed_out": code is None, "log": log.name}
+        record = {
+            "wall_s": round(time.perf_counter() - started, 1),
+            "exit_code": code,
+            "timed_out": code is None,
+            "log": log.name,
+        }
         tail = log.read_text(errors="replace").splitlines()[-15:]
         print("\n".join(tail), flush=True)
         if code != 0:
@@ -139,17 +152,29 @@ def last_json_line(log: Path) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="scripts/gpu_check.sh", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dry-run", action="store_true",
-                        help="the CPU at micro shapes: the same code, rehearsed")
+    parser = argparse.ArgumentParser(
+        prog="scripts/gpu_check.sh",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="the CPU at micro shapes: the same code, rehearsed"
+    )
     parser.add_argument("--wheels", type=Path, help="the kit (default: wheels/ if present)")
-    parser.add_argument("--out", type=Path, help="where the JSON and logs go (default: $OUT, "
-                        "else runs/gpu_check)")
-    parser.add_argument("--work", type=Path, help="the kit's install and the smoke run's "
-                        "outputs, large (default: a temporary folder, outside --out)")
-    parser.add_argument("--parts", default=",".join(PARTS),
-                        help=f"which parts, comma-separated (default: all of {','.join(PARTS)})")
+    parser.add_argument(
+        "--out", type=Path, help="where the JSON and logs go (default: $OUT, else runs/gpu_check)"
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        help="the kit's install and the smoke run's "
+        "outputs, large (default: a temporary folder, outside --out)",
+    )
+    parser.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help=f"which parts, comma-separated (default: all of {','.join(PARTS)})",
+    )
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
     if unknown := parts - set(PARTS):
@@ -162,38 +187,72 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), PYTHONUNBUFFERED="1")
 
     if "environment" in parts:
-        environment = check.run("environment", [python, "-c", ENVIRONMENT], env,
-                                out / "environment.log")
+        environment = check.run(
+            "environment", [python, "-c", ENVIRONMENT], env, out / "environment.log"
+        )
         environment.update(last_json_line(out / "environment.log") or {})
         check.part("environment", environment)
 
     if parts & {"kit", "smoke"}:  # the smoke run runs over the kit
         if wheels is None:
-            check.part("kit", {"skipped": "no kit folder: build one with `make smoke-wheels` (the "
-                                          "machine's own packages are used as they are)"})
+            check.part(
+                "kit",
+                {
+                    "skipped": "no kit folder: build one with `make smoke-wheels` (the "
+                    "machine's own packages are used as they are)"
+                },
+            )
         else:
             kit = work / "kit"
             # No bytecode at install (time): each module is compiled once, on its first import, into
             # the kit's folder, and the later stage processes reuse it.
-            record = check.run("kit", [python, "-m", "pip", "install", "--no-index", "--no-deps",
-                                       "--quiet", "--no-compile", "--target", str(kit),
-                                       *map(str, sorted(Path(wheels).resolve().glob("*.whl")))],
-                               env, out / "kit.log")
+            record = check.run(
+                "kit",
+                [
+                    python,
+                    "-m",
+                    "pip",
+                    "install",
+                    "--no-index",
+                    "--no-deps",
+                    "--quiet",
+                    "--no-compile",
+                    "--target",
+                    str(kit),
+                    *map(str, sorted(Path(wheels).resolve().glob("*.whl"))),
+                ],
+                env,
+                out / "kit.log",
+            )
             # The tree's own llmpipe first, then the kit over the machine's site-packages.
             env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(kit)])
             if record["exit_code"] == 0:
-                imports = check.run("imports", [python, "-c", KIT_IMPORTS], env,
-                                    out / "imports.log")
-                record.update(imports=last_json_line(out / "imports.log"),
-                              imports_exit_code=("timed out" if imports["timed_out"]
-                                                 else imports["exit_code"]))
+                imports = check.run(
+                    "imports", [python, "-c", KIT_IMPORTS], env, out / "imports.log"
+                )
+                record.update(
+                    imports=last_json_line(out / "imports.log"),
+                    imports_exit_code=(
+                        "timed out" if imports["timed_out"] else imports["exit_code"]
+                    ),
+                )
             check.part("kit", record)
 
     if "mfu" in parts:
         mfu_json = out / "mfu.json"
         mfu_json.unlink(missing_ok=True)  # no figures of an earlier run read back as this one's
-        record = check.run("mfu", [python, "bench/gpt2_mfu.py", "--json", str(mfu_json),
-                                   *(["--micro"] if args.dry_run else [])], env, out / "mfu.log")
+        record = check.run(
+            "mfu",
+            [
+                python,
+                "bench/gpt2_mfu.py",
+                "--json",
+                str(mfu_json),
+                *(["--micro"] if args.dry_run else []),
+            ],
+            env,
+            out / "mfu.log",
+        )
         if mfu_json.exists():
             record["figures"] = json.loads(mfu_json.read_text())
         check.part("mfu", record)
@@ -201,16 +260,30 @@ def main(argv: list[str] | None = None) -> int:
     if "smoke" in parts:
         run_dir = work / "smoke"
         shutil.rmtree(run_dir, ignore_errors=True)  # the same for the smoke run's summary
-        record = check.run("smoke", [python, "-m", "llmpipe.smoke", "gpu-smoke", "--run-dir",
-                                     str(run_dir),
-                                     *(["--cpu-rehearsal"] if args.dry_run else [])],
-                           env, out / "smoke.log")
+        record = check.run(
+            "smoke",
+            [
+                python,
+                "-m",
+                "llmpipe.smoke",
+                "gpu-smoke",
+                "--run-dir",
+                str(run_dir),
+                *(["--cpu-rehearsal"] if args.dry_run else []),
+            ],
+            env,
+            out / "smoke.log",
+        )
         record.update(smoke_figures(run_dir))
         check.part("smoke", record)
 
-    failed = [name for name, r in check.results["parts"].items()
-              if r.get("exit_code") not in (0, None) or r.get("timed_out")
-              or r.get("imports_exit_code") not in (0, None)]
+    failed = [
+        name
+        for name, r in check.results["parts"].items()
+        if r.get("exit_code") not in (0, None)
+        or r.get("timed_out")
+        or r.get("imports_exit_code") not in (0, None)
+    ]
     check.results["failed_parts"] = failed
     check.write()
     print(f"\n{'failed: ' + ', '.join(failed) if failed else 'every part passed'} -> {check.path}")

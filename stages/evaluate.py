@@ -1,23 +1,23 @@
 """evaluate: every model the pipeline made, on the same held-out data and prompts, in one
-table; then the report card."""
+table (metrics/evaluate_models.json) with each model's samples; the report stage renders them."""
 
 from llmpipe import layout
-from llmpipe.data import TokenBin
-from llmpipe.evaluation import (
+from llmpipe.data.tokens import TokenBin
+from llmpipe.evaluation.harness import check_harness, run_harness
+from llmpipe.evaluation.params import EvaluateParams
+from llmpipe.evaluation.scores import (
     generation_tokens_per_s,
     perplexity,
     token_byte_lengths,
     window_scores,
 )
-from llmpipe.harness import check_harness, run_harness
+from llmpipe.export.quantization import WEIGHTS_FILE, load_for_inference
 from llmpipe.io import atomic_dir, rounded, write_json, write_metrics
-from llmpipe.loading import load_causal_lm, load_tokenizer, token_vocab_size
-from llmpipe.params import EvaluateParams, load_stage_params
-from llmpipe.preferences import read_prompts
-from llmpipe.quantization import WEIGHTS_FILE, load_for_inference
-from llmpipe.report import write_report
-from llmpipe.rlhf import load_judges, policy_report
-from llmpipe.sampling import Sampling, sample_completions
+from llmpipe.model.loading import load_causal_lm, load_tokenizer, token_vocab_size
+from llmpipe.params import load_stage_params
+from llmpipe.rl.preferences import read_prompts
+from llmpipe.rl.rlhf import load_judges, policy_report
+from llmpipe.rl.sampling import Sampling, sample_completions
 from llmpipe.stage import run_main
 
 REFERENCE = "finetune"  # the SFT policy: KL is measured against it
@@ -32,8 +32,9 @@ def load_model(name: str):
 
 
 def weights_file(name: str):
-    return layout.MODEL_OUTPUTS[name] / (WEIGHTS_FILE if name == "quantized"
-                                         else "model.safetensors")
+    return layout.MODEL_OUTPUTS[name] / (
+        WEIGHTS_FILE if name == "quantized" else "model.safetensors"
+    )
 
 
 def main() -> None:
@@ -43,36 +44,60 @@ def main() -> None:
     reference, reference_tokenizer = load_model(REFERENCE)
     judges = load_judges(layout.PREFERENCES, layout.REWARD_MODEL, reference)
     vocab = token_vocab_size(reference, reference_tokenizer)
-    val = {corpus: TokenBin.open(layout.tokens(corpus), "val", expected_vocab_size=vocab)
-           for corpus in layout.CORPORA}
+    val = {
+        corpus: TokenBin.open(layout.tokens(corpus), "val", expected_vocab_size=vocab)
+        for corpus in layout.CORPORA
+    }
     scored = Sampling(p.samples_per_prompt, p.completion_tokens, p.temperature, shared.seed)
-    shown = Sampling(1, p.sample.max_new_tokens, p.sample.temperature, shared.seed,
-                     top_k=p.sample.top_k, top_p=p.sample.top_p)
+    shown = Sampling(
+        1,
+        p.sample.max_new_tokens,
+        p.sample.temperature,
+        shared.seed,
+        top_k=p.sample.top_k,
+        top_p=p.sample.top_p,
+    )
 
     metrics: dict = {"perf": {}}
     rows, samples = [], {}
     for name in layout.MODEL_OUTPUTS:
         model, tokenizer = load_model(name)
         token_bytes = token_byte_lengths(tokenizer)
-        scores = {corpus: window_scores(model, bins, p.block_size, p.eval_windows, p.batch_size,
-                                        token_bytes) for corpus, bins in val.items()}
-        figures = {f"val_perplexity_{corpus}": perplexity(score.loss)
-                   for corpus, score in scores.items()}
-        figures.update({f"val_bits_per_byte_{corpus}": score.bits_per_byte
-                        for corpus, score in scores.items()})
+        scores = {
+            corpus: window_scores(
+                model, bins, p.block_size, p.eval_windows, p.batch_size, token_bytes
+            )
+            for corpus, bins in val.items()
+        }
+        figures = {
+            f"val_perplexity_{corpus}": perplexity(score.loss) for corpus, score in scores.items()
+        }
+        figures.update(
+            {f"val_bits_per_byte_{corpus}": score.bits_per_byte for corpus, score in scores.items()}
+        )
         report = policy_report(model, tokenizer, heldout, scored, judges)
-        figures.update({"reward_model_score": report["reward_model_score"],
-                        "gold_score": report["gold_score"],
-                        "kl_to_finetune": report["kl_to_reference"],
-                        "completion_length": report["completion_length"],
-                        "distinct_2": report["distinct_2"],
-                        "repeated_3gram_share": report["repeated_3gram_share"],
-                        "completion_loss_under_finetune": report["reference_loss"],  # fluency
-                        "size_mb": weights_file(name).stat().st_size / 1e6})
-        harness = run_harness(model, tokenizer, p.harness_tasks, p.harness_limit, p.batch_size,
-                              shared.seed)
-        figures.update({f"{task}_{key}": value for task, results in harness.items()
-                        for key, value in results.items()})
+        figures.update(
+            {
+                "reward_model_score": report["reward_model_score"],
+                "gold_score": report["gold_score"],
+                "kl_to_finetune": report["kl_to_reference"],
+                "completion_length": report["completion_length"],
+                "distinct_2": report["distinct_2"],
+                "repeated_3gram_share": report["repeated_3gram_share"],
+                "completion_loss_under_finetune": report["reference_loss"],  # fluency
+                "size_mb": weights_file(name).stat().st_size / 1e6,
+            }
+        )
+        harness = run_harness(
+            model, tokenizer, p.harness_tasks, p.harness_limit, p.batch_size, shared.seed
+        )
+        figures.update(
+            {
+                f"{task}_{key}": value
+                for task, results in harness.items()
+                for key, value in results.items()
+            }
+        )
         prompt = tokenizer(p.sample.prompts[0], return_tensors="pt").input_ids
         tokens_per_s = generation_tokens_per_s(model, prompt, p.generate_tokens, p.repeats)
         # The int8 model may run on the CPU while the others use the GPU: every row says where
@@ -80,20 +105,23 @@ def main() -> None:
         device = str(next(model.parameters()).device)
         metrics[name] = figures
         metrics["perf"][name] = {"generate_tokens_per_s": tokens_per_s, "device": device}
-        rows.append(rounded({"model": name, **figures, "generate_tokens_per_s": tokens_per_s,
-                             "device": device}))
-        groups = sample_completions(model, tokenizer, p.sample.prompts, shown,
-                                    judges.prompt_format)
-        samples[name] = [{"prompt": q, "completion": g[0].text}
-                         for q, g in zip(p.sample.prompts, groups, strict=True)]
+        rows.append(
+            rounded(
+                {"model": name, **figures, "generate_tokens_per_s": tokens_per_s, "device": device}
+            )
+        )
+        groups = sample_completions(model, tokenizer, p.sample.prompts, shown, judges.prompt_format)
+        samples[name] = [
+            {"prompt": q, "completion": g[0].text}
+            for q, g in zip(p.sample.prompts, groups, strict=True)
+        ]
         print(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()))
 
     write_metrics("evaluate", metrics)
     write_json(layout.EVALUATE_MODELS, rows)
-    with atomic_dir(layout.REPORT) as tmp:
+    with atomic_dir(layout.EVALUATE_SAMPLES) as tmp:
         write_json(tmp / "samples.json", samples)
-        write_report(tmp, rows, samples)
-    print(f"report card -> {layout.REPORT / 'report.md'}")
+    print(f"-> {layout.EVALUATE_MODELS}, {layout.EVALUATE_SAMPLES / 'samples.json'}")
 
 
 if __name__ == "__main__":

@@ -2,21 +2,28 @@
 the merged model."""
 
 from llmpipe import layout
-from llmpipe.causal_lm import run_stage
 from llmpipe.io import atomic_dir, write_metrics
-from llmpipe.lora import lora_config, parameter_counts, save_adapter
-from llmpipe.params import LoraParams, load_stage_params
+from llmpipe.params import load_stage_params
 from llmpipe.runtime import is_main_process
 from llmpipe.stage import run_main
+from llmpipe.train.causal_lm import run_stage
+from llmpipe.train.lora import lora_config, parameter_counts, save_adapter
+from llmpipe.train.params import LoraParams
 
 
 def main() -> None:
     from peft import get_peft_model
 
     shared, p = load_stage_params(LoraParams)
-    run = run_stage("lora", p, shared.seed, layout.tokens("finetune"), layout.scratch_dir("lora"),
-                    layout.live_dir("lora"),
-                    adapt=lambda base: get_peft_model(base, lora_config(base, p)))
+    run = run_stage(
+        "lora",
+        p,
+        shared.seed,
+        layout.tokens("finetune"),
+        layout.scratch_dir("lora"),
+        layout.live_dir("lora"),
+        adapt=lambda base: get_peft_model(base, lora_config(base, p)),
+    )
     if not is_main_process():  # under a launcher, one process writes
         return
     model = run.result.model
@@ -26,10 +33,19 @@ def main() -> None:
     with atomic_dir(layout.LORA_MERGED) as tmp:
         model.merge_and_unload().save_pretrained(tmp)
         run.tokenizer.save_pretrained(tmp)
-    write_metrics("lora", {"trainable_parameters": trainable, "total_parameters": total,
-                           "trainable_percent": 100 * trainable / total, **run.metrics(p.base)})
-    print(f"LoRA r={p.r}: {trainable:,} of {total:,} parameters trained; val perplexity "
-          f"{run.base_perplexity:.2f} -> {run.perplexity:.2f} -> {layout.LORA_MERGED}")
+    write_metrics(
+        "lora",
+        {
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "trainable_percent": 100 * trainable / total,
+            **run.metrics(p.base),
+        },
+    )
+    print(
+        f"LoRA r={p.r}: {trainable:,} of {total:,} parameters trained; val perplexity "
+        f"{run.base_perplexity:.2f} -> {run.perplexity:.2f} -> {layout.LORA_MERGED}"
+    )
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@ One process: `python -m stages.pretrain`. N processes (GPUs, or CPU with gloo):
 
 from llmpipe import layout
 from llmpipe.io import write_metrics
-from llmpipe.params import PretrainParams, load_stage_params
-from llmpipe.pretrain import PretrainPaths, pretrain
+from llmpipe.params import load_stage_params
 from llmpipe.stage import run_main
+from llmpipe.train.params import PretrainParams
+from llmpipe.train.pretrain import PretrainPaths, pretrain
 
 PATHS = PretrainPaths(
     tokens_dir=layout.tokens("pretrain"),
@@ -24,9 +25,11 @@ def main() -> None:
     metrics = pretrain(params, shared.seed, PATHS)
     if metrics is not None:  # rank 0 only
         write_metrics("pretrain", metrics)
-        print(f"val perplexity {metrics['val_perplexity']:.2f} (unigram baseline "
-              f"{metrics['unigram_val_perplexity']:.2f}); {metrics['perf']['tokens_per_s']:,.0f} "
-              f"tokens/s -> {PATHS.model_dir}")
+        print(
+            f"val perplexity {metrics['val_perplexity']:.2f} (unigram baseline "
+            f"{metrics['unigram_val_perplexity']:.2f}); {metrics['perf']['tokens_per_s']:,.0f} "
+            f"tokens/s -> {PATHS.model_dir}"
+        )
 
 
 if __name__ == "__main__":

@@ -6,12 +6,10 @@ import time
 import torch
 
 from llmpipe import layout
-from llmpipe.data import TokenBin
-from llmpipe.evaluation import InferenceBench, token_byte_lengths
-from llmpipe.io import atomic_dir, write_metrics
-from llmpipe.loading import load_causal_lm, token_vocab_size
-from llmpipe.params import QuantizeParams, load_stage_params
-from llmpipe.quantization import (
+from llmpipe.data.tokens import TokenBin
+from llmpipe.evaluation.scores import InferenceBench, token_byte_lengths
+from llmpipe.export.params import QuantizeParams
+from llmpipe.export.quantization import (
     WEIGHTS_FILE,
     calibration_inputs,
     compare_to_fp32,
@@ -20,6 +18,9 @@ from llmpipe.quantization import (
     quantize,
     save_quantized,
 )
+from llmpipe.io import atomic_dir, write_metrics
+from llmpipe.model.loading import load_causal_lm, token_vocab_size
+from llmpipe.params import load_stage_params
 from llmpipe.stage import run_main
 
 SOURCES = {"finetune": layout.FINETUNE_MODEL, "lora": layout.LORA_MERGED}
@@ -41,28 +42,47 @@ def main() -> None:
     calibration = None
     if p.method == "static_int8":
         train = TokenBin.open(tokens_dir, "train", expected_vocab_size=vocab)
-        calibration = calibration_inputs(train, p.block_size, p.calibration_windows,
-                                         p.batch_size)
+        calibration = calibration_inputs(train, p.block_size, p.calibration_windows, p.batch_size)
     with atomic_dir(layout.QUANTIZED_MODEL) as tmp:
-        save_quantized(quantize(fp32, p.method, calibration), tmp, tokenizer,
-                       source=str(source_dir))
+        save_quantized(
+            quantize(fp32, p.method, calibration), tmp, tokenizer, source=str(source_dir)
+        )
     int8 = load_for_inference(layout.QUANTIZED_MODEL, p.device)  # as evaluate loads it
 
-    bench = InferenceBench(val, p.block_size, p.eval_windows, p.batch_size, p.generate_tokens,
-                           p.repeats, p.compile, token_byte_lengths(tokenizer))
-    metrics = {"source": p.source, "method": p.method,
-               **compare_to_fp32(fp32, int8, bench, source_dir / "model.safetensors",
-                                 layout.QUANTIZED_MODEL / WEIGHTS_FILE)}
+    bench = InferenceBench(
+        val,
+        p.block_size,
+        p.eval_windows,
+        p.batch_size,
+        p.generate_tokens,
+        p.repeats,
+        p.compile,
+        token_byte_lengths(tokenizer),
+    )
+    metrics = {
+        "source": p.source,
+        "method": p.method,
+        **compare_to_fp32(
+            fp32,
+            int8,
+            bench,
+            source_dir / "model.safetensors",
+            layout.QUANTIZED_MODEL / WEIGHTS_FILE,
+        ),
+    }
     metrics["perf"]["wall_s"] = time.perf_counter() - started
     write_metrics("quantize", metrics)
-    speedups = ", ".join(f"{k} x{v:.2f}" for k, v in
-                         metrics["perf"]["generate_speedup_vs_fp32_eager"].items())
-    print(f"{p.method} (measured on {device}): {metrics['fp32_size_mb']:.2f} MB -> "
-          f"{metrics['int8_size_mb']:.2f} MB, "
-          f"perplexity {metrics['fp32_val_perplexity']:.2f} -> "
-          f"{metrics['int8_val_perplexity']:.2f} ({metrics['fp32_val_bits_per_byte']:.4f} -> "
-          f"{metrics['int8_val_bits_per_byte']:.4f} bits per byte), generation vs fp32 eager: "
-          f"{speedups} -> {layout.QUANTIZED_MODEL}")
+    speedups = ", ".join(
+        f"{k} x{v:.2f}" for k, v in metrics["perf"]["generate_speedup_vs_fp32_eager"].items()
+    )
+    print(
+        f"{p.method} (measured on {device}): {metrics['fp32_size_mb']:.2f} MB -> "
+        f"{metrics['int8_size_mb']:.2f} MB, "
+        f"perplexity {metrics['fp32_val_perplexity']:.2f} -> "
+        f"{metrics['int8_val_perplexity']:.2f} ({metrics['fp32_val_bits_per_byte']:.4f} -> "
+        f"{metrics['int8_val_bits_per_byte']:.4f} bits per byte), generation vs fp32 eager: "
+        f"{speedups} -> {layout.QUANTIZED_MODEL}"
+    )
 
 
 if __name__ == "__main__":

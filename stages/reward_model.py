@@ -2,11 +2,12 @@
 the preference pairs with TRL's RewardTrainer."""
 
 from llmpipe import layout
-from llmpipe.chat import PromptFormat
+from llmpipe.data.chat import PromptFormat
 from llmpipe.io import atomic_dir, write_metrics
-from llmpipe.params import RewardModelParams, load_stage_params
-from llmpipe.preferences import read_fresh, read_pairs
-from llmpipe.rlhf import gold_agreement, pairwise_report, train_reward_model
+from llmpipe.params import load_stage_params
+from llmpipe.rl.params import RewardModelParams
+from llmpipe.rl.preferences import read_fresh, read_pairs
+from llmpipe.rl.rlhf import gold_agreement, pairwise_report, train_reward_model
 from llmpipe.runtime import is_main_process
 from llmpipe.stage import run_main
 
@@ -18,8 +19,14 @@ def main() -> None:
     fresh = read_fresh(layout.PREFERENCES)
     prompt_format = PromptFormat.read(layout.PREFERENCES)
     model, tokenizer, trained_pairs = train_reward_model(
-        layout.FINETUNE_MODEL, train, heldout, prompt_format, p, shared.seed,
-        layout.live_dir("reward_model"))
+        layout.FINETUNE_MODEL,
+        train,
+        heldout,
+        prompt_format,
+        p,
+        shared.seed,
+        layout.live_dir("reward_model"),
+    )
     if not is_main_process():  # under a launcher, one process measures and writes
         return
     held = pairwise_report(model, tokenizer, prompt_format, heldout)
@@ -27,18 +34,23 @@ def main() -> None:
     with atomic_dir(layout.REWARD_MODEL) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)  # what grpo, reinforce and evaluate score with
-    write_metrics("reward_model", {
-        "train_pairs": trained_pairs,  # RewardTrainer drops pairs longer than max_length
-        "dropped_pairs": len(train) - trained_pairs,
-        "heldout_accuracy": held["accuracy"],
-        "heldout_mean_margin": held["mean_margin"],
-        "train_accuracy": pairwise_report(model, tokenizer, prompt_format, train)["accuracy"],
-        "chance_accuracy": 0.5,
-        "gold_agreement_fresh": agreement,
-        "fresh_pairs": counted,
-    })
-    print(f"held-out accuracy {held['accuracy']:.3f}, gold agreement on {counted} fresh pairs "
-          f"{agreement:.3f} -> {layout.REWARD_MODEL}")
+    write_metrics(
+        "reward_model",
+        {
+            "train_pairs": trained_pairs,  # RewardTrainer drops pairs longer than max_length
+            "dropped_pairs": len(train) - trained_pairs,
+            "heldout_accuracy": held["accuracy"],
+            "heldout_mean_margin": held["mean_margin"],
+            "train_accuracy": pairwise_report(model, tokenizer, prompt_format, train)["accuracy"],
+            "chance_accuracy": 0.5,
+            "gold_agreement_fresh": agreement,
+            "fresh_pairs": counted,
+        },
+    )
+    print(
+        f"held-out accuracy {held['accuracy']:.3f}, gold agreement on {counted} fresh pairs "
+        f"{agreement:.3f} -> {layout.REWARD_MODEL}"
+    )
 
 
 if __name__ == "__main__":

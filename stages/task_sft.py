@@ -3,13 +3,13 @@ of the base model on the train problems with teacher forcing (TRL's SFTTrainer, 
 answers only); measured before and after on the test problems."""
 
 from llmpipe import layout
-from llmpipe.chat import PromptFormat
+from llmpipe.data.chat import PromptFormat
 from llmpipe.io import write_metrics
-from llmpipe.loading import load_causal_lm
-from llmpipe.params import TaskSftParams, load_stage_params
+from llmpipe.model.loading import load_causal_lm
+from llmpipe.params import load_stage_params
 from llmpipe.runtime import fp32_master_weights
 from llmpipe.stage import run_main
-from llmpipe.task import (
+from llmpipe.task.checkable import (
     TaskSet,
     chance_exact_match,
     load_problems,
@@ -17,6 +17,7 @@ from llmpipe.task import (
     save_task_model,
     task_report,
 )
+from llmpipe.task.params import TaskSftParams
 
 
 def main() -> None:
@@ -25,26 +26,37 @@ def main() -> None:
     fp32_master_weights(base)  # measured in the precision of the weights SFT trains (run_sft)
     prompt_format = PromptFormat(p.chat)
     prompt_format.check(tokenizer, "task_sft.chat")
-    task = TaskSet(load_problems(p.kind, p.source, p.digits, p.train_problems, p.test_problems,
-                                 shared.seed), p.kind, p.digits, prompt_format)
+    task = TaskSet(
+        load_problems(p.kind, p.source, p.digits, p.train_problems, p.test_problems, shared.seed),
+        p.kind,
+        p.digits,
+        prompt_format,
+    )
     task.write(layout.TASK_PROBLEMS)
     test = task.problems["test"]
     before = task_report(base, tokenizer, test, p.kind, p.pass_k, shared.seed, prompt_format)
-    model, wall_s = run_sft(p, task.problems["train"], prompt_format, shared.seed,
-                            layout.live_dir("task_sft"))
+    model, wall_s = run_sft(
+        p, task.problems["train"], prompt_format, shared.seed, layout.live_dir("task_sft")
+    )
     after = task_report(model, tokenizer, test, p.kind, p.pass_k, shared.seed, prompt_format)
     save_task_model(layout.TASK_SFT_MODEL, model, tokenizer, after)
-    metrics = {"kind": p.kind, "digits": p.digits, "train_problems": len(task.problems["train"]),
-               "test_problems": len(test),
-               "chance_exact_match": chance_exact_match(p.kind, p.digits),
-               **{f"base_{k}": v for k, v in before.items() if k != "samples"},
-               **{k: v for k, v in after.items() if k != "samples"},
-               "perf": {"wall_s": wall_s}}
+    metrics = {
+        "kind": p.kind,
+        "digits": p.digits,
+        "train_problems": len(task.problems["train"]),
+        "test_problems": len(test),
+        "chance_exact_match": chance_exact_match(p.kind, p.digits),
+        **{f"base_{k}": v for k, v in before.items() if k != "samples"},
+        **{k: v for k, v in after.items() if k != "samples"},
+        "perf": {"wall_s": wall_s},
+    }
     write_metrics("task_sft", metrics)
-    print(f"{p.kind}, test problems: teacher-forced token accuracy "
-          f"{after['teacher_forced_token_accuracy']:.3f}, free-running exact match "
-          f"{after['exact_match']:.3f} (base {before['exact_match']:.3f}), pass@{p.pass_k} "
-          f"{after[f'pass_at_{p.pass_k}']:.3f} -> {layout.TASK_SFT_MODEL}")
+    print(
+        f"{p.kind}, test problems: teacher-forced token accuracy "
+        f"{after['teacher_forced_token_accuracy']:.3f}, free-running exact match "
+        f"{after['exact_match']:.3f} (base {before['exact_match']:.3f}), pass@{p.pass_k} "
+        f"{after[f'pass_at_{p.pass_k}']:.3f} -> {layout.TASK_SFT_MODEL}"
+    )
 
 
 if __name__ == "__main__":

@@ -11,8 +11,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Files a copy of the project needs to run the pipeline (data/ and metrics/ are outputs).
-PROJECT_FILES = ("dvc.yaml", "params.yaml", "pyproject.toml", "stages", "src", ".dvcignore",
-                 ".gitignore")
+PROJECT_FILES = (
+    "dvc.yaml",
+    "params.yaml",
+    "pyproject.toml",
+    "stages",
+    "src",
+    ".dvcignore",
+    ".gitignore",
+)
 
 SAMPLE_DOCS = [
     "Return the sum of a and b.\n\nBoth arguments must be numbers.",
@@ -36,11 +43,11 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True, **env: str):
-    result = subprocess.run(cmd, cwd=cwd, env=subprocess_env(**env), capture_output=True,
-                            text=True)
+    result = subprocess.run(cmd, cwd=cwd, env=subprocess_env(**env), capture_output=True, text=True)
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n"
-                             f"{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
     return result
 
 
@@ -52,8 +59,9 @@ def project_copy(tmp_path: Path) -> Path:
     for name in PROJECT_FILES:
         src = ROOT / name
         if src.is_dir():
-            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__",
-                                                                              "*.egg-info"))
+            shutil.copytree(
+                src, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+            )
         elif src.exists():
             shutil.copy2(src, repo / name)
     run(["git", "init", "-q", "-b", "main"], repo)
@@ -101,9 +109,18 @@ MICRO_PARAMS = {
     "pretrain.checkpoint_interval": 6,
     "pretrain.peak_flops": 1.0e11,
     "pretrain.sample.max_new_tokens": 8,
-    **{f"{stage}.{key}": value for stage in ("finetune", "lora") for key, value in {
-        "block_size": 32, "batch_size": 8, "max_steps": 20, "warmup_steps": 2,
-        "eval_interval": 10, "eval_windows": 8}.items()},
+    **{
+        f"{stage}.{key}": value
+        for stage in ("finetune", "lora")
+        for key, value in {
+            "block_size": 32,
+            "batch_size": 8,
+            "max_steps": 20,
+            "warmup_steps": 2,
+            "eval_interval": 10,
+            "eval_windows": 8,
+        }.items()
+    },
     "quantize.block_size": 32,
     "quantize.eval_windows": 8,
     "quantize.batch_size": 8,
@@ -117,22 +134,33 @@ MICRO_PARAMS = {
     "reward_model.epochs": 1,
     "reward_model.batch_size": 8,
     "reward_model.max_length": 48,
+    "rl_baseline.eval_samples": 1,
+    "rl_baseline.max_completion_length": 8,
     "grpo.max_steps": 2,
     "grpo.prompts_per_step": 2,
     "grpo.max_completion_length": 8,
-    "grpo.eval_samples": 1,
     "grpo.curve_interval": 1,
     "grpo.curve_prompts": 2,
-    **{f"reinforce.{key}": value for key, value in {
-        "max_steps": 2, "prompts_per_step": 2, "max_completion_length": 8, "eval_samples": 1,
-        "curve_interval": 1, "curve_prompts": 2}.items()},
+    **{
+        f"reinforce.{key}": value
+        for key, value in {
+            "max_steps": 2,
+            "prompts_per_step": 2,
+            "max_completion_length": 8,
+            "curve_interval": 1,
+            "curve_prompts": 2,
+        }.items()
+    },
     "task_sft.train_problems": 64,
     "task_sft.test_problems": 16,
     "task_sft.pass_k": 2,
     "task_sft.max_steps": 10,
     "task_sft.batch_size": 8,
-    **{f"{stage}.{key}": value for stage in ("task_reinforce", "task_grpo") for key, value in {
-        "max_steps": 2, "prompts_per_step": 2, "num_generations": 2}.items()},
+    **{
+        f"{stage}.{key}": value
+        for stage in ("task_reinforce", "task_grpo")
+        for key, value in {"max_steps": 2, "prompts_per_step": 2, "num_generations": 2}.items()
+    },
     "evaluate.block_size": 32,
     "evaluate.eval_windows": 8,
     "evaluate.batch_size": 8,
@@ -179,27 +207,37 @@ def toy_pairs(seed: int, n: int) -> list[dict]:
 
 
 # A chat template in the style of ChatML, for a micro model that speaks /v1/chat/completions.
-MICRO_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n"
-                       "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+MICRO_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
-def save_micro_model(directory: Path, seed: int = 0, n_positions: int = 512,
-                     chat_template: str | None = None):
+def save_micro_model(
+    directory: Path, seed: int = 0, n_positions: int = 512, chat_template: str | None = None
+):
     """A random-init GPT-2 (2 x 32) with a byte-level BPE trained on SAMPLE_DOCS, saved as a
     Hugging Face model directory (safetensors): seconds, no pipeline run. Returns the model."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from llmpipe.tokenization import train_bpe
+    from llmpipe.data.tokenization import train_bpe
 
     tokenizer = train_bpe(SAMPLE_DOCS, vocab_size=400, min_frequency=1)
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     eot = tokenizer.eos_token_id
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=32,
-                        n_layer=2, n_head=2, bos_token_id=eot, eos_token_id=eot,
-                        pad_token_id=eot)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=n_positions,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=eot,
+        eos_token_id=eot,
+        pad_token_id=eot,
+    )
     model = GPT2LMHeadModel(config).eval()
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -213,7 +251,8 @@ INSTRUCT_CHAT_TEMPLATE = (
     "{{ bos_token }}<|start|>system\nToday: {{ date_string if date_string is defined else "
     "strftime_now('%H:%M:%S.%f') }}<|eot|>\n"
     "{% for m in messages %}<|start|>{{ m['role'] }}\n{{ m['content'] }}<|eot|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|start|>assistant\n{% endif %}")
+    "{% endfor %}{% if add_generation_prompt %}<|start|>assistant\n{% endif %}"
+)
 
 
 def save_micro_instruct(directory: Path, architecture: str = "llama", seed: int = 0):
@@ -232,23 +271,42 @@ def save_micro_instruct(directory: Path, architecture: str = "llama", seed: int 
     )
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(SAMPLE_DOCS, vocab_size=400, min_frequency=1,
-                            special_tokens=["<s>", "<|eot|>", "<|start|>", "<|endoftext|>"],
-                            show_progress=False)
+    bpe.train_from_iterator(
+        SAMPLE_DOCS,
+        vocab_size=400,
+        min_frequency=1,
+        special_tokens=["<s>", "<|eot|>", "<|start|>", "<|endoftext|>"],
+        show_progress=False,
+    )
     backend = bpe._tokenizer
     backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)])
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)]
+    )
     pad = {"pad_token": "<|endoftext|>"} if architecture == "qwen2" else {}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>",
-                                        eos_token="<|eot|>",
-                                        chat_template=INSTRUCT_CHAT_TEMPLATE, **pad)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="<|eot|>",
+        chat_template=INSTRUCT_CHAT_TEMPLATE,
+        **pad,
+    )
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
-    small = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                 num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                 max_position_embeddings=256, **ids)
+    small = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        **ids,
+    )
     torch.manual_seed(seed)
-    model = (LlamaForCausalLM(LlamaConfig(**small)) if architecture == "llama"
-             else Qwen2ForCausalLM(Qwen2Config(**small))).eval()
+    model = (
+        LlamaForCausalLM(LlamaConfig(**small))
+        if architecture == "llama"
+        else Qwen2ForCausalLM(Qwen2Config(**small))
+    ).eval()
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return model, tokenizer

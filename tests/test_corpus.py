@@ -6,17 +6,26 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from llmpipe.corpus import load_documents, read_texts, write_shards
+from llmpipe.data.corpus import load_documents, read_texts, write_shards
+from llmpipe.data.params import CorpusParams
 from llmpipe.errors import DataError
 from llmpipe.io import sha256_file
-from llmpipe.params import CorpusParams
 
 
 def corpus(source: str, **changes) -> CorpusParams:
     """A corpus section as params.yaml spells it out, with `changes`."""
-    return CorpusParams(**{"source": source, "split": "train", "text_column": "text",
-                           "sha256": None, "data_files": None, "max_documents": None,
-                           "max_bytes": None, **changes})
+    return CorpusParams(
+        **{
+            "source": source,
+            "split": "train",
+            "text_column": "text",
+            "sha256": None,
+            "data_files": None,
+            "max_documents": None,
+            "max_bytes": None,
+            **changes,
+        }
+    )
 
 
 def test_stdlib_docstrings_are_deterministic(tmp_path):
@@ -57,8 +66,9 @@ def test_hf_dataset_directory(tmp_path, records):
 def test_missing_column_is_a_clear_error(tmp_path, records):
     parquet = tmp_path / "corpus.parquet"
     pq.write_table(pa.Table.from_pylist(records), parquet)
-    with pytest.raises(DataError,
-                       match=r"hf:.*corpus\.parquet: no column 'text' \(columns: body, id\)"):
+    with pytest.raises(
+        DataError, match=r"hf:.*corpus\.parquet: no column 'text' \(columns: body, id\)"
+    ):
         load_documents(corpus(f"hf:{parquet}"))
 
 
@@ -76,7 +86,7 @@ def test_text_file_paragraphs_and_checksums(tmp_path):
 
 
 def test_a_text_file_is_read_piece_by_piece_into_the_same_paragraphs(tmp_path, monkeypatch):
-    import llmpipe.corpus as corpus_module
+    import llmpipe.data.corpus as corpus_module
 
     path = tmp_path / "book.txt"
     rng = random.Random(0)
@@ -113,9 +123,12 @@ def write_parquet_shards(directory, texts, shards):
     directory.mkdir(parents=True, exist_ok=True)
     per = -(-len(texts) // shards)
     for i in range(shards):
-        pq.write_table(pa.Table.from_pylist([{"text": t, "n": j} for j, t in
-                                             enumerate(texts[i * per:(i + 1) * per])]),
-                       directory / f"shard-{i:03d}.parquet")
+        pq.write_table(
+            pa.Table.from_pylist(
+                [{"text": t, "n": j} for j, t in enumerate(texts[i * per : (i + 1) * per])]
+            ),
+            directory / f"shard-{i:03d}.parquet",
+        )
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +136,10 @@ def sharded(tmp_path_factory):
     """A few MB of text in four parquet shards."""
     directory = tmp_path_factory.mktemp("sharded")
     rng = random.Random(0)
-    texts = [f"Document {i}: " + " ".join(f"w{rng.randrange(10**6)}" for _ in range(100))
-             for i in range(4000)]
+    texts = [
+        f"Document {i}: " + " ".join(f"w{rng.randrange(10**6)}" for _ in range(100))
+        for i in range(4000)
+    ]
     write_parquet_shards(directory, texts, 4)
     return directory, texts
 
@@ -135,21 +150,26 @@ def test_a_sharded_corpus_streams_through_hf_patterns_and_file_globs(sharded):
     through_hf = load_documents(corpus(f"hf:{directory}", data_files=["shard-*.parquet"]))
     through_file = load_documents(corpus(f"file:{directory}/shard-*.parquet"))
     assert through_hf == through_file == texts
-    assert load_documents(corpus(f"hf:{directory}", data_files=["shard-00[01].parquet"])) \
+    assert (
+        load_documents(corpus(f"hf:{directory}", data_files=["shard-00[01].parquet"]))
         == texts[:2000]
+    )
     assert load_documents(corpus(f"file:{directory}/*.parquet", max_documents=3)) == texts[:3]
     capped = load_documents(corpus(f"file:{directory}/*.parquet", max_bytes=10_000))
-    assert capped == texts[:len(capped)] and 0 < sum(len(t) for t in capped) <= 10_000
-    assert sum(len(t) for t in texts[:len(capped) + 1]) > 10_000
+    assert capped == texts[: len(capped)] and 0 < sum(len(t) for t in capped) <= 10_000
+    assert sum(len(t) for t in texts[: len(capped) + 1]) > 10_000
 
 
 def test_a_parquet_file_in_many_row_groups_reads_its_text_column_in_bounded_memory(
-        tmp_path, monkeypatch):
-    import llmpipe.corpus as corpus_module
+    tmp_path, monkeypatch
+):
+    import llmpipe.data.corpus as corpus_module
 
     rng = random.Random(1)
-    texts = ["".join(rng.choice("abcdefghij klmnopqrst\n") for _ in range(400)) + f" {i}"
-             for i in range(32_000)]
+    texts = [
+        "".join(rng.choice("abcdefghij klmnopqrst\n") for _ in range(400)) + f" {i}"
+        for i in range(32_000)
+    ]
     texts[5] = "   "  # blank: skipped, as before
     table = pa.table({"id": range(len(texts)), "text": texts, "extra": [t[:50] for t in texts]})
     many = tmp_path / "many.parquet"
@@ -174,12 +194,17 @@ def test_a_parquet_file_in_many_row_groups_reads_its_text_column_in_bounded_memo
         assert peak - before < 4e6, (path.name, peak - before)
 
     # the stage writes the same raw shards from either file
-    stats = [write_shards(tmp_path / name, load_documents(corpus(f"file:{path}")))
-             for name, path in (("a", many), ("b", one))]
+    stats = [
+        write_shards(tmp_path / name, load_documents(corpus(f"file:{path}")))
+        for name, path in (("a", many), ("b", one))
+    ]
     assert stats[0] == stats[1] and list(read_texts(tmp_path / "a")) == expected
     # a file without the column still names the columns it has
-    with pytest.raises(DataError, match=r"^file:.*many\.parquet: no column 'body' "
-                                        r"\(columns: id, text, extra\)"):
+    with pytest.raises(
+        DataError,
+        match=r"^file:.*many\.parquet: no column 'body' "
+        r"\(columns: id, text, extra\)",
+    ):
         load_documents(corpus(f"file:{many}", text_column="body"))
 
 
@@ -198,18 +223,23 @@ def test_bad_sources_stop_with_one_line_naming_them(tmp_path, sharded, monkeypat
     script_only = tmp_path / "old_dataset"
     script_only.mkdir()
     (script_only / "old_dataset.py").write_text("# a loading script\n")
-    with pytest.raises(DataError, match=r"^hf:.*old_dataset: a script-only dataset, which "
-                                        r"datasets no longer loads \(since 4\.0\); use its "
-                                        r"parquet conversion \(on the hub: "
-                                        r"hf:.*@refs/convert/parquet"):
+    with pytest.raises(
+        DataError,
+        match=r"^hf:.*old_dataset: a script-only dataset, which "
+        r"datasets no longer loads \(since 4\.0\); use its "
+        r"parquet conversion \(on the hub: "
+        r"hf:.*@refs/convert/parquet",
+    ):
         load_documents(corpus(f"hf:{script_only}"))
 
     broken = tmp_path / "broken"
     write_parquet_shards(broken, texts[:100], 2)
     data = (broken / "shard-001.parquet").read_bytes()
-    (broken / "shard-001.parquet").write_bytes(data[:len(data) // 2])  # truncated
-    for source, extra in ((f"hf:{broken}", {"data_files": ["*.parquet"]}),
-                          (f"file:{broken}/*.parquet", {})):
+    (broken / "shard-001.parquet").write_bytes(data[: len(data) // 2])  # truncated
+    for source, extra in (
+        (f"hf:{broken}", {"data_files": ["*.parquet"]}),
+        (f"file:{broken}/*.parquet", {}),
+    ):
         with pytest.raises(DataError, match=r"shard-001\.parquet: not a readable parquet file"):
             load_documents(corpus(source, **extra))
 
@@ -221,15 +251,21 @@ def test_bad_sources_stop_with_one_line_naming_them(tmp_path, sharded, monkeypat
         load_documents(corpus(f"file:{empty}"))
     latin1 = tmp_path / "latin1.jsonl"
     latin1.write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
-    with pytest.raises(DataError, match=r"^file:.*latin1\.jsonl: cannot read "
-                                        r"\(UnicodeDecodeError"):
+    with pytest.raises(
+        DataError,
+        match=r"^file:.*latin1\.jsonl: cannot read "
+        r"\(UnicodeDecodeError",
+    ):
         load_documents(corpus(f"file:{latin1}"))
 
 
-@pytest.mark.parametrize(("error", "message"), [
-    ("revision", r"^hf:someone/corpus@v9: no revision 'v9' \(name a branch, tag or commit"),
-    ("offline", r"^hf:someone/corpus@v9: the hub is unreachable \(OfflineModeIsEnabled\)"),
-])
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        ("revision", r"^hf:someone/corpus@v9: no revision 'v9' \(name a branch, tag or commit"),
+        ("offline", r"^hf:someone/corpus@v9: the hub is unreachable \(OfflineModeIsEnabled\)"),
+    ],
+)
 def test_hub_failures_name_the_dataset_and_the_way_out(monkeypatch, error, message):
     import datasets
     from huggingface_hub.errors import OfflineModeIsEnabled, RevisionNotFoundError
@@ -260,8 +296,13 @@ def test_a_bad_source_leaves_the_previous_download_intact(tmp_path, sharded):
 
     directory, texts = sharded
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
-    set_params(tmp_path, {"download.pretrain.source": f"file:{directory}/*.parquet",
-                          "download.finetune.max_documents": 5})
+    set_params(
+        tmp_path,
+        {
+            "download.pretrain.source": f"file:{directory}/*.parquet",
+            "download.finetune.max_documents": 5,
+        },
+    )
     run(["python", "-m", "stages.download"], tmp_path)
     assert list(read_texts(tmp_path / "data/raw/pretrain")) == texts
     before = {p: p.read_bytes() for p in sorted((tmp_path / "data/raw").rglob("*.jsonl"))}
@@ -282,20 +323,25 @@ def test_a_source_that_breaks_half_way_leaves_the_previous_download_intact(tmp_p
     good = tmp_path / "good.jsonl"
     good.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(3000)))
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
-    set_params(tmp_path, {"download.pretrain.source": f"file:{good}",
-                          "download.finetune.source": f"file:{good}"})
+    set_params(
+        tmp_path,
+        {"download.pretrain.source": f"file:{good}", "download.finetune.source": f"file:{good}"},
+    )
     run(["python", "-m", "stages.download"], tmp_path)
     before = {p: p.read_bytes() for p in sorted((tmp_path / "data/raw").rglob("*.jsonl"))}
 
     broken = tmp_path / "broken.jsonl"  # fine for 2000 records, then a line that is no JSON
-    broken.write_text(good.read_text()[:good.read_text().index('{"text": "doc 2000"}')]
-                      + "{not json\n")
+    broken.write_text(
+        good.read_text()[: good.read_text().index('{"text": "doc 2000"}')] + "{not json\n"
+    )
     set_params(tmp_path, {"download.finetune.source": f"file:{broken}"})
     (tmp_path / "data/.raw.killed.tmp").mkdir()  # what a kill during a download leaves
     result = run(["python", "-m", "stages.download"], tmp_path, check=False)
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: {broken}:2001: not valid JSON (Expecting property " \
-                                    "name enclosed in double quotes)"
+    assert (
+        result.stderr.strip() == f"error: {broken}:2001: not valid JSON (Expecting property "
+        "name enclosed in double quotes)"
+    )
     assert {p: p.read_bytes() for p in sorted((tmp_path / "data/raw").rglob("*.jsonl"))} == before
     assert not list((tmp_path / "data").glob(".raw.*"))
 
@@ -316,8 +362,9 @@ def test_the_datasets_wrapped_revision_error_is_named(monkeypatch):
     from datasets.exceptions import DatasetNotFoundError
 
     def load_dataset(*args, **kwargs):  # what datasets raises for a revision that is not there
-        raise DatasetNotFoundError("Revision 'v9' doesn't exist for dataset 'someone/corpus' "
-                                   "on the Hub.")
+        raise DatasetNotFoundError(
+            "Revision 'v9' doesn't exist for dataset 'someone/corpus' on the Hub."
+        )
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     with pytest.raises(DataError, match=r"^hf:someone/corpus@v9: no revision 'v9'"):
@@ -328,8 +375,21 @@ def test_data_files_belong_to_hf_sources():
     from llmpipe.errors import ParamsError
     from llmpipe.params import build
 
-    with pytest.raises(ParamsError, match=r"^download\.pretrain\.data_files: \['\*\.parquet'\] "
-                                          r"applies to hf: sources only"):
-        build(CorpusParams, {"source": "file:x.jsonl", "split": "train", "text_column": "text",
-                             "sha256": None, "data_files": ["*.parquet"], "max_documents": None,
-                             "max_bytes": None}, "download.pretrain")
+    with pytest.raises(
+        ParamsError,
+        match=r"^download\.pretrain\.data_files: \['\*\.parquet'\] "
+        r"applies to hf: sources only",
+    ):
+        build(
+            CorpusParams,
+            {
+                "source": "file:x.jsonl",
+                "split": "train",
+                "text_column": "text",
+                "sha256": None,
+                "data_files": ["*.parquet"],
+                "max_documents": None,
+                "max_bytes": None,
+            },
+            "download.pretrain",
+        )

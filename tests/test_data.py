@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from llmpipe.data import EpochSampler, TokenBin
+from llmpipe.data.tokenization import write_corpus
+from llmpipe.data.tokens import EpochSampler, TokenBin
 from llmpipe.errors import DataError
-from llmpipe.tokenization import write_corpus
 
 
 class CountingEncoder:
@@ -38,8 +38,14 @@ class FirstDocumentsAreTrain:
 
 def make_corpus(tmp_path, vocab_size=1000, big=0, words=50):
     docs = [" ".join("x" * (1 + (i * j) % 9) for j in range(words)) for i in range(1, 20)]
-    write_corpus(tmp_path, iter(docs), FirstDocumentsAreTrain(15), CountingEncoder(0, big),
-                 vocab_size, "test")
+    write_corpus(
+        tmp_path,
+        iter(docs),
+        FirstDocumentsAreTrain(15),
+        CountingEncoder(0, big),
+        vocab_size,
+        "test",
+    )
     return tmp_path
 
 
@@ -74,8 +80,9 @@ def test_truncated_bin_is_detected(tmp_path):
 
 def test_wrong_meta_is_detected(tmp_path):
     corpus = make_corpus(tmp_path)
-    with pytest.raises(DataError, match="vocabulary of 1000, but the model has a vocabulary "
-                                        "of 50257"):
+    with pytest.raises(
+        DataError, match="vocabulary of 1000, but the model has a vocabulary of 50257"
+    ):
         TokenBin.open(corpus, "train", expected_vocab_size=50257)
     meta = json.loads((corpus / "meta.json").read_text())
     meta["vocab_size"] = 100_000  # uint16 cannot hold it
@@ -117,9 +124,16 @@ class ReadsRecorded:
 def test_training_windows_read_only_themselves(tmp_path):
     n = 20_000_000  # 40 MB of uint16
     np.arange(n, dtype=np.uint16).tofile(tmp_path / "train.bin")
-    (tmp_path / "meta.json").write_text(json.dumps({
-        "dtype": "uint16", "vocab_size": 65536, "eot_id": 0,
-        "splits": {"train": {"tokens": n, "documents": 1, "bytes": 0, "sha256": ""}}}))
+    (tmp_path / "meta.json").write_text(
+        json.dumps(
+            {
+                "dtype": "uint16",
+                "vocab_size": 65536,
+                "eot_id": 0,
+                "splits": {"train": {"tokens": n, "documents": 1, "bytes": 0, "sha256": ""}},
+            }
+        )
+    )
     bins = TokenBin.open(tmp_path, "train")
     spy = ReadsRecorded(bins.tokens)
     bins = dataclasses.replace(bins, tokens=spy)

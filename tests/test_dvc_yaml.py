@@ -14,75 +14,25 @@ fails on a dvc.yaml, layout or params.yaml with one line taken out.
 import ast
 import copy
 import dataclasses
-import sys
 import typing
 from pathlib import Path
 
 import pytest
+from import_graph import import_closure
 from ruamel.yaml import YAML
 
 from conftest import ROOT
 from llmpipe import layout
-from llmpipe.params import STAGE_SCHEMAS, read_params_file
+from llmpipe.params import read_params_file
+from llmpipe.pipeline import STAGE_SCHEMAS
 
-SRC = ROOT / "src"
 CODE_ROOTS = ("src/", "stages/")
 # Files that ship beside a module and that it reads: a stage importing the module depends on them.
-READS_BESIDE = {"src/llmpipe/harness.py": ("src/llmpipe/harness_tasks",)}
+READS_BESIDE = {"src/llmpipe/evaluation/harness.py": ("src/llmpipe/evaluation/harness_tasks",)}
 
 
 def read_dvc_yaml() -> dict:
     return YAML(typ="safe").load((ROOT / "dvc.yaml").read_text())
-
-
-def _module_file(module: str) -> Path | None:
-    base = SRC.joinpath(*module.split("."))
-    for candidate in (base / "__init__.py", base.with_suffix(".py")):
-        if candidate.exists():
-            return candidate
-    return None
-
-
-def _package_of(path: Path) -> list[str]:
-    """The package a file under src/ belongs to, as name parts (for relative imports)."""
-    parts = list(path.relative_to(SRC).with_suffix("").parts)
-    return parts if parts[-1] == "__init__" and parts.pop() else parts[:-1]
-
-
-def _imported_modules(path: Path) -> set[str]:
-    """Every llmpipe module `path` imports, anywhere in the file, with its parent packages."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            module = node.module or ""
-            if node.level:  # from .x import y: relative to the file's package
-                package = _package_of(path)
-                base = package[:len(package) - node.level + 1]
-                module = ".".join(base + ([module] if module else []))
-            names.add(module)
-            # `from llmpipe import layout` imports a module, `from llmpipe.x import f` does not
-            names.update(f"{module}.{alias.name}" for alias in node.names)
-    modules = set()
-    for name in names:
-        parts = name.split(".")
-        if parts[0] == "llmpipe":
-            modules.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
-    return {m for m in modules if _module_file(m) is not None}
-
-
-def import_closure(stage: str) -> set[str]:
-    """The stage script and every llmpipe file it imports, transitively (repo-relative)."""
-    script = ROOT / "stages" / f"{stage}.py"
-    files, todo = {script}, [script]
-    while todo:
-        for module in _imported_modules(todo.pop()):
-            path = _module_file(module)
-            if path not in files:
-                files.add(path)
-                todo.append(path)
-    return {path.relative_to(ROOT).as_posix() for path in files}
 
 
 def _covers(dep: str, file: str) -> bool:
@@ -102,10 +52,16 @@ def code_dep_problems(dvc: dict) -> list[str]:
         deps = [d for d in _paths(spec.get("deps")) if d.startswith(CODE_ROOTS)]
         closure = import_closure(stage)
         closure |= {data for file in closure for data in READS_BESIDE.get(file, ())}
-        problems += [f"{stage}: imports {file}, which dvc.yaml does not list in its deps"
-                     for file in sorted(closure) if not any(_covers(d, file) for d in deps)]
-        problems += [f"{stage}: dvc.yaml lists {dep}, which the stage never imports"
-                     for dep in deps if not any(_covers(dep, file) for file in closure)]
+        problems += [
+            f"{stage}: imports {file}, which dvc.yaml does not list in its deps"
+            for file in sorted(closure)
+            if not any(_covers(d, file) for d in deps)
+        ]
+        problems += [
+            f"{stage}: dvc.yaml lists {dep}, which the stage never imports"
+            for dep in deps
+            if not any(_covers(dep, file) for file in closure)
+        ]
     return problems
 
 
@@ -117,7 +73,8 @@ def layout_problems(dvc: dict, stages: dict[str, layout.StageFiles]) -> list[str
         spec = dvc["stages"].get(stage, {})
         declared = {
             "data deps": {d for d in _paths(spec.get("deps")) if not d.startswith(CODE_ROOTS)},
-            "outs": set(_paths(spec.get("outs"))) | set(_paths(spec.get("metrics")))
+            "outs": set(_paths(spec.get("outs")))
+            | set(_paths(spec.get("metrics")))
             | set(_paths(spec.get("plots"))),
         }
         expected = {
@@ -140,15 +97,22 @@ def _reads_seed(stage: str) -> bool:
 def params_dep_problems(dvc: dict) -> list[str]:
     problems = []
     for stage, spec in dvc["stages"].items():
-        declared = {key for entry in spec.get("params", ())
-                    for key in (entry if isinstance(entry, dict) else [entry])}
+        declared = {
+            key
+            for entry in spec.get("params", ())
+            for key in (entry if isinstance(entry, dict) else [entry])
+        }
         if "params.yaml" in declared:  # the whole file: it covers every key
             continue
         expected = {stage} | ({"seed"} if _reads_seed(stage) else set())
-        problems += [f"{stage}: reads params {key}, which dvc.yaml does not list"
-                     for key in sorted(expected - declared)]
-        problems += [f"{stage}: dvc.yaml lists params {key}, which the stage does not read"
-                     for key in sorted(declared - expected)]
+        problems += [
+            f"{stage}: reads params {key}, which dvc.yaml does not list"
+            for key in sorted(expected - declared)
+        ]
+        problems += [
+            f"{stage}: dvc.yaml lists params {key}, which the stage does not read"
+            for key in sorted(declared - expected)
+        ]
     return problems
 
 
@@ -161,16 +125,22 @@ def untracked_defaults(schema: type, raw: dict, prefix: str) -> list[str]:
         if field.name not in raw:
             missing.append(key)
             continue
-        nested = [t for t in (hints[field.name], *typing.get_args(hints[field.name]))
-                  if dataclasses.is_dataclass(t)]
+        nested = [
+            t
+            for t in (hints[field.name], *typing.get_args(hints[field.name]))
+            if dataclasses.is_dataclass(t)
+        ]
         if nested and isinstance(raw[field.name], dict):
             missing += untracked_defaults(nested[0], raw[field.name], key)
     return missing
 
 
 def params_problems(raw: dict) -> list[str]:
-    return [key for stage, schema in STAGE_SCHEMAS.items()
-            for key in untracked_defaults(schema, raw.get(stage, {}), stage)]
+    return [
+        key
+        for stage, schema in STAGE_SCHEMAS.items()
+        for key in untracked_defaults(schema, raw.get(stage, {}), stage)
+    ]
 
 
 # --- the project as it is ------------------------------------------------------------------
@@ -194,12 +164,12 @@ def test_params_yaml_spells_out_every_key_of_the_schema():
 
 def test_the_schema_has_no_code_defaults():
     """A default in the schema would be a value DVC does not track (it reads params.yaml)."""
+
     def defaults(schema: type, prefix: str) -> list[str]:
         found = []
         hints = typing.get_type_hints(schema)
         for f in dataclasses.fields(schema):
-            if (f.default is not dataclasses.MISSING
-                    or f.default_factory is not dataclasses.MISSING):
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
                 found.append(f"{prefix}.{f.name}")
             for t in (hints[f.name], *typing.get_args(hints[f.name])):
                 if dataclasses.is_dataclass(t):
@@ -207,17 +177,29 @@ def test_the_schema_has_no_code_defaults():
         return found
 
     assert "pretrain.model.n_layer" in [  # nested sections are reached
-        key for key in untracked_defaults(STAGE_SCHEMAS["pretrain"], {"model": {}}, "pretrain")]
+        key for key in untracked_defaults(STAGE_SCHEMAS["pretrain"], {"model": {}}, "pretrain")
+    ]
 
-    assert [key for stage, schema in STAGE_SCHEMAS.items() for key in defaults(schema, stage)] \
-        == []
+    assert [key for stage, schema in STAGE_SCHEMAS.items() for key in defaults(schema, stage)] == []
 
 
 def test_the_report_plots_the_curves_of_every_stage_that_writes_them():
-    from llmpipe.report import CURVES
+    from llmpipe.evaluation.report import CURVES
 
     assert [stage for stage, _, _ in CURVES] == [
-        stage for stage, files in layout.STAGES.items() if files.curves]
+        stage for stage, files in layout.STAGES.items() if files.curves
+    ]
+
+
+def test_evaluate_measures_models_and_the_report_only_renders():
+    """A task param or a new perf timing reruns the report, not the measurement: evaluate
+    reads the models and the data they are scored on, no metrics file, no task output and only
+    its own params; the report reads no model."""
+    stages = read_dvc_yaml()["stages"]
+    evaluate = _paths(stages["evaluate"]["deps"])
+    assert not [d for d in evaluate if d.startswith(("metrics/", "dvclive/", "data/task"))]
+    assert stages["evaluate"]["params"] == ["seed", "evaluate"]
+    assert not [d for d in _paths(stages["report"]["deps"]) if d.endswith("/model")]
 
 
 # --- each check fails on one line taken out ------------------------------------------------
@@ -227,29 +209,16 @@ def test_a_missing_code_dep_is_named():
     dvc = read_dvc_yaml()
     dvc["stages"]["finetune"]["deps"].remove("src/llmpipe/io.py")
     assert code_dep_problems(dvc) == [
-        "finetune: imports src/llmpipe/io.py, which dvc.yaml does not list in its deps"]
+        "finetune: imports src/llmpipe/io.py, which dvc.yaml does not list in its deps"
+    ]
 
 
 def test_a_needless_code_dep_is_named():
     dvc = read_dvc_yaml()
-    dvc["stages"]["download"]["deps"].append("src/llmpipe/quantization.py")
+    dvc["stages"]["download"]["deps"].append("src/llmpipe/export/quantization.py")
     assert code_dep_problems(dvc) == [
-        "download: dvc.yaml lists src/llmpipe/quantization.py, which the stage never imports"]
-
-
-def test_function_level_and_relative_imports_count(tmp_path, monkeypatch):
-    # evaluation imports decoding only inside a function
-    assert "llmpipe.decoding" in _imported_modules(SRC / "llmpipe/evaluation.py")
-    package = tmp_path / "src/llmpipe/sub"
-    package.mkdir(parents=True)
-    for name in ("__init__.py", "io.py", "layout.py"):
-        (package.parent / name).write_text("")
-    (package / "__init__.py").write_text("from .part import f\nfrom .. import layout\n")
-    (package / "part.py").write_text("def f():\n    from ..io import write_json\n")
-    monkeypatch.setattr(sys.modules[__name__], "SRC", tmp_path / "src")
-    assert _imported_modules(package / "__init__.py") == {"llmpipe", "llmpipe.sub",
-                                                          "llmpipe.sub.part", "llmpipe.layout"}
-    assert _imported_modules(package / "part.py") == {"llmpipe", "llmpipe.io"}
+        "download: dvc.yaml lists src/llmpipe/export/quantization.py, which the stage never imports"
+    ]
 
 
 def test_a_stage_that_runs_another_script_or_misses_seed_is_named():
@@ -260,20 +229,24 @@ def test_a_stage_that_runs_another_script_or_misses_seed_is_named():
     dvc["stages"]["download"]["params"].append("seed")
     assert params_dep_problems(dvc) == [
         "download: dvc.yaml lists params seed, which the stage does not read",
-        "finetune: reads params seed, which dvc.yaml does not list"]
+        "finetune: reads params seed, which dvc.yaml does not list",
+    ]
 
 
 @pytest.mark.parametrize("change", ["path", "dep"])
 def test_a_changed_layout_path_is_named(change):
     stages = copy.deepcopy(layout.STAGES)
     if change == "path":
-        stages["finetune"] = dataclasses.replace(stages["finetune"],
-                                                 writes=(Path("data/finetune/weights"),))
-        expected = ["finetune: dvc.yaml outs has data/finetune/model, layout does not",
-                    "finetune: layout outs has data/finetune/weights, dvc.yaml does not"]
+        stages["finetune"] = dataclasses.replace(
+            stages["finetune"], writes=(Path("data/finetune/weights"),)
+        )
+        expected = [
+            "finetune: dvc.yaml outs has data/finetune/model, layout does not",
+            "finetune: layout outs has data/finetune/weights, dvc.yaml does not",
+        ]
     else:
         stages["grpo"] = dataclasses.replace(stages["grpo"], reads=stages["grpo"].reads[:-1])
-        expected = ["grpo: dvc.yaml data deps has data/finetune/model, layout does not"]
+        expected = ["grpo: dvc.yaml data deps has data/rl_baseline, layout does not"]
     assert layout_problems(read_dvc_yaml(), stages) == expected
 
 
@@ -285,7 +258,10 @@ def test_a_params_key_left_to_a_code_default_is_named():
 
 
 def test_the_files_a_module_reads_beside_it_are_where_it_reads_them():
-    from llmpipe.harness import TASKS_DIR
+    from llmpipe.evaluation.harness import TASKS_DIR
 
-    assert READS_BESIDE == {"src/llmpipe/harness.py": (
-        TASKS_DIR.resolve().relative_to(ROOT.resolve()).as_posix(),)}
+    assert READS_BESIDE == {
+        "src/llmpipe/evaluation/harness.py": (
+            TASKS_DIR.resolve().relative_to(ROOT.resolve()).as_posix(),
+        )
+    }

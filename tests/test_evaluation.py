@@ -1,6 +1,6 @@
 """Bits per byte: the loss summed over the targets' text, over its UTF-8 bytes, in bits, so that
 models with different tokenizers compare (evaluation.window_scores); and lm-evaluation-harness
-on the shipped offline task (llmpipe.harness)."""
+on the shipped offline task (llmpipe.evaluation.harness)."""
 
 import json
 import math
@@ -11,8 +11,8 @@ import torch
 from torch.nn import functional as F
 
 from llmpipe import layout
-from llmpipe.evaluation import token_byte_lengths, window_scores
-from llmpipe.loading import load_causal_lm
+from llmpipe.evaluation.scores import token_byte_lengths, window_scores
+from llmpipe.model.loading import load_causal_lm
 
 TEXT = "Return the naïve 🐍 sum."  # a micro model has 32 positions
 
@@ -49,8 +49,7 @@ def test_bits_per_byte_is_the_summed_loss_over_the_texts_bytes(model_and_tokeniz
     score = window_scores(model, window, len(ids) - 1, 1, 1, token_byte_lengths(tokenizer))
 
     with torch.no_grad():
-        losses = F.cross_entropy(model(window.x).logits[0].float(), window.y[0],
-                                 reduction="none")
+        losses = F.cross_entropy(model(window.x).logits[0].float(), window.y[0], reduction="none")
     text_targets = ids[1:-1]  # the end of text is no text: neither its loss nor bytes count
     target_bytes = len(tokenizer.decode(text_targets).encode())
     assert target_bytes == len(TEXT.encode()) - len(tokenizer.decode(ids[:1]).encode())
@@ -79,17 +78,19 @@ def test_token_bytes_of_a_sentencepiece_vocabulary():
     assert lengths == [0, 4, 1, 2, 1, 3]  # special; " the"; " "; é is 2 bytes; one byte; "ing"
 
 
-def test_the_harness_runs_the_shipped_offline_task_on_a_micro_model(model_and_tokenizer,
-                                                                     monkeypatch):
-    from llmpipe.cloze import CLOZE_FILE
-    from llmpipe.harness import run_harness
+def test_the_harness_runs_the_shipped_offline_task_on_a_micro_model(
+    model_and_tokenizer, monkeypatch
+):
+    from llmpipe.evaluation.cloze import CLOZE_FILE
+    from llmpipe.evaluation.harness import run_harness
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model, tokenizer = model_and_tokenizer
     items = [json.loads(line) for line in CLOZE_FILE.read_text().splitlines()]
-    assert len(items) == 200 and all(len(i["choices"]) == 4 and
-                                     i["choices"][i["label"]] for i in items)
+    assert len(items) == 200 and all(
+        len(i["choices"]) == 4 and i["choices"][i["label"]] for i in items
+    )
     figures = run_harness(model, tokenizer, ["llmpipe_cloze"], limit=8, batch_size=8, seed=0)
     acc = figures["llmpipe_cloze"]["acc"]
     assert acc * 8 == round(acc * 8) and 0 <= acc <= 1  # a share of the 8 items
@@ -98,21 +99,24 @@ def test_the_harness_runs_the_shipped_offline_task_on_a_micro_model(model_and_to
 
 def test_harness_params_are_checked_before_any_work():
     from llmpipe.errors import ParamsError
-    from llmpipe.harness import check_harness
+    from llmpipe.evaluation.harness import check_harness
 
     check_harness([])
     check_harness(None)
     check_harness(["llmpipe_cloze"])
-    with pytest.raises(ParamsError, match=r"^evaluate.harness_tasks: unknown task\(s\) "
-                                          r"\['hellaswagg'\]"):
+    with pytest.raises(
+        ParamsError,
+        match=r"^evaluate.harness_tasks: unknown task\(s\) "
+        r"\['hellaswagg'\]",
+    ):
         check_harness(["llmpipe_cloze", "hellaswagg"])
 
 
 SHARDED_EVAL = """
 import json, sys
 import numpy as np, torch, torch.distributed as dist
-from llmpipe.data import TokenBin
-from llmpipe.evaluation import window_scores
+from llmpipe.data.tokens import TokenBin
+from llmpipe.evaluation.scores import window_scores
 from llmpipe.model import GPT, GPTConfig
 
 torch.set_num_threads(1)
@@ -135,20 +139,40 @@ def test_evaluation_sharded_over_two_processes_equals_one_process(tmp_path):
     import numpy as np
 
     from conftest import ROOT, run
-    from llmpipe.data import TokenBin, write_meta
-    from llmpipe.model import GPT, GPTConfig
+    from llmpipe.data.tokens import TokenBin, write_meta
+    from llmpipe.model.gpt import GPT, GPTConfig
 
     tokens = np.random.default_rng(0).integers(0, 256, 2000, dtype=np.uint16)
     tokens.tofile(tmp_path / "val.bin")
-    write_meta(tmp_path, {"dtype": "uint16", "vocab_size": 256, "eot_id": 0, "splits": {
-        "val": {"tokens": 2000, "documents": 1, "sha256": ""}}})
+    write_meta(
+        tmp_path,
+        {
+            "dtype": "uint16",
+            "vocab_size": 256,
+            "eot_id": 0,
+            "splits": {"val": {"tokens": 2000, "documents": 1, "sha256": ""}},
+        },
+    )
     (tmp_path / "sharded.py").write_text(SHARDED_EVAL)
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(tmp_path / "sharded.py"), str(tmp_path), str(tmp_path / "out.json")], tmp_path,
-        PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(tmp_path / "sharded.py"),
+            str(tmp_path),
+            str(tmp_path / "out.json"),
+        ],
+        tmp_path,
+        PYTHONPATH=str(ROOT / "src"),
+        OMP_NUM_THREADS="1",
+    )
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=32))
-    single = window_scores(model, TokenBin.open(tmp_path, "val"), 16, 13, 4,
-                           torch.ones(256, dtype=torch.long))
-    assert json.loads((tmp_path / "out.json").read_text()) == [single.loss,
-                                                                single.bits_per_byte]
+    single = window_scores(
+        model, TokenBin.open(tmp_path, "val"), 16, 13, 4, torch.ones(256, dtype=torch.long)
+    )
+    assert json.loads((tmp_path / "out.json").read_text()) == [single.loss, single.bits_per_byte]

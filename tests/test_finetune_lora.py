@@ -7,16 +7,24 @@ import torch
 
 from conftest import SAMPLE_DOCS
 from llmpipe import layout
-from llmpipe.causal_lm import open_token_data, train, val_perplexity
+from llmpipe.data.tokenization import train_bpe
 from llmpipe.errors import DataError, ParamsError
-from llmpipe.loading import load_causal_lm
-from llmpipe.lora import lora_config, parameter_counts, save_adapter
-from llmpipe.model import GPT, GPTConfig, export_hf_gpt2
-from llmpipe.params import STAGE_SCHEMAS, load_stage_params
-from llmpipe.tokenization import train_bpe
+from llmpipe.model.gpt import GPT, GPTConfig
+from llmpipe.model.hf import export_hf_gpt2
+from llmpipe.model.loading import load_causal_lm
+from llmpipe.params import load_stage_params
+from llmpipe.pipeline import STAGE_SCHEMAS
+from llmpipe.train.causal_lm import open_token_data, train, val_perplexity
+from llmpipe.train.lora import lora_config, parameter_counts, save_adapter
 
-MICRO = {"block_size": 32, "batch_size": 8, "max_steps": 40, "eval_interval": 10,
-         "eval_windows": 8, "warmup_steps": 2}
+MICRO = {
+    "block_size": 32,
+    "batch_size": 8,
+    "max_steps": 40,
+    "eval_interval": 10,
+    "eval_windows": 8,
+    "warmup_steps": 2,
+}
 
 
 def stage_params(workspace, stage, **changes):
@@ -26,8 +34,9 @@ def stage_params(workspace, stage, **changes):
 
 def base_and_data(workspace, p):
     model, tokenizer = load_causal_lm(workspace / layout.PRETRAIN_MODEL)
-    train_bin, val_bin = open_token_data(workspace / layout.tokens("finetune"), model, tokenizer,
-                                         p.base)
+    train_bin, val_bin = open_token_data(
+        workspace / layout.tokens("finetune"), model, tokenizer, p.base
+    )
     return model, tokenizer, train_bin, val_bin
 
 
@@ -35,8 +44,9 @@ def test_finetuning_lowers_validation_perplexity(micro_pretrained, tmp_path):
     seed, p = stage_params(micro_pretrained, "finetune", learning_rate=3e-3)
     model, _, train_bin, val_bin = base_and_data(micro_pretrained, p)
     before = val_perplexity(model, val_bin, p)
-    result = train(model, p, seed, train_bin, val_bin, tmp_path / "work",
-                   tmp_path / "live", p.grad_accum_steps)
+    result = train(
+        model, p, seed, train_bin, val_bin, tmp_path / "work", tmp_path / "live", p.grad_accum_steps
+    )
     after = val_perplexity(result.model, val_bin, p)
     assert after < 0.8 * before
     assert after > 5  # real text: a perplexity near 1 would mean validation leaked into training
@@ -48,19 +58,29 @@ def hf_eval_loss(model, val_bin, p):
     """The Trainer's eval_loss: mean over windows of the model's own shifted loss."""
     model.eval()
     with torch.no_grad():
-        losses = [model(input_ids=x, labels=x).loss.item() * len(x)
-                  for x, _ in val_bin.eval_batches(p.block_size, p.eval_windows, p.batch_size)]
+        losses = [
+            model(input_ids=x, labels=x).loss.item() * len(x)
+            for x, _ in val_bin.eval_batches(p.block_size, p.eval_windows, p.batch_size)
+        ]
     return sum(losses) / len(val_bin.eval_starts(p.block_size, p.eval_windows))
 
 
 def test_early_stopping_keeps_the_best_checkpoint(micro_pretrained, tmp_path):
     # A learning rate far too high makes validation loss rise: training must stop early and
     # return the weights of the best evaluation, not the last.
-    seed, p = stage_params(micro_pretrained, "finetune", learning_rate=0.05, warmup_steps=0,
-                           eval_interval=2, max_steps=40, early_stopping_patience=1)
+    seed, p = stage_params(
+        micro_pretrained,
+        "finetune",
+        learning_rate=0.05,
+        warmup_steps=0,
+        eval_interval=2,
+        max_steps=40,
+        early_stopping_patience=1,
+    )
     model, _, train_bin, val_bin = base_and_data(micro_pretrained, p)
-    result = train(model, p, seed, train_bin, val_bin, tmp_path / "work",
-                   tmp_path / "live", p.grad_accum_steps)
+    result = train(
+        model, p, seed, train_bin, val_bin, tmp_path / "work", tmp_path / "live", p.grad_accum_steps
+    )
     steps, losses = zip(*result.eval_losses, strict=True)
     assert result.steps < p.max_steps
     assert losses[-1] > losses[-2]  # stopped because it stopped improving
@@ -72,11 +92,15 @@ def test_early_stopping_keeps_the_best_checkpoint(micro_pretrained, tmp_path):
 def test_vocabulary_mismatch_names_both_sizes(micro_pretrained, tmp_path):
     other_tokenizer = train_bpe(SAMPLE_DOCS, vocab_size=300, min_frequency=1)
     size = len(other_tokenizer)
-    export_hf_gpt2(GPT(GPTConfig(vocab_size=size, block_size=32, n_layer=1, n_head=2,
-                                 n_embd=16)), tmp_path / "other", tokenizer=other_tokenizer)
+    export_hf_gpt2(
+        GPT(GPTConfig(vocab_size=size, block_size=32, n_layer=1, n_head=2, n_embd=16)),
+        tmp_path / "other",
+        tokenizer=other_tokenizer,
+    )
     model, tokenizer = load_causal_lm(tmp_path / "other")
-    with pytest.raises(DataError, match=f"vocabulary of 512, but the model has a vocabulary of "
-                                        f"{size}"):
+    with pytest.raises(
+        DataError, match=f"vocabulary of 512, but the model has a vocabulary of {size}"
+    ):
         open_token_data(micro_pretrained / layout.tokens("finetune"), model, tokenizer, "other")
 
 
@@ -84,8 +108,9 @@ def test_an_embedding_padded_past_the_tokenizer_reads_its_token_data(micro_pretr
     # Qwen2.5 pads its embedding matrix to a multiple of 128, past its tokenizer's tokens.
     model, tokenizer = load_causal_lm(micro_pretrained / layout.PRETRAIN_MODEL)
     model.resize_token_embeddings(len(tokenizer) + 128)
-    train_bin, _ = open_token_data(micro_pretrained / layout.tokens("finetune"), model,
-                                   tokenizer, "padded")
+    train_bin, _ = open_token_data(
+        micro_pretrained / layout.tokens("finetune"), model, tokenizer, "padded"
+    )
     assert train_bin.vocab_size == len(tokenizer)
 
 
@@ -98,8 +123,9 @@ def trained_lora(micro_pretrained, tmp_path_factory):
     base, tokenizer, train_bin, val_bin = base_and_data(micro_pretrained, p)
     before = {k: v.clone() for k, v in base.state_dict().items()}
     model = get_peft_model(base, lora_config(base, p))
-    result = train(model, p, seed, train_bin, val_bin, tmp / "work", tmp / "live",
-                   p.grad_accum_steps)
+    result = train(
+        model, p, seed, train_bin, val_bin, tmp / "work", tmp / "live", p.grad_accum_steps
+    )
     return micro_pretrained, tmp, p, before, result.model, val_bin
 
 
@@ -149,8 +175,11 @@ def test_adapter_reload_and_merge_give_the_same_logits(trained_lora, tmp_path):
 def test_unknown_target_module_is_a_clear_error(micro_pretrained):
     _, p = stage_params(micro_pretrained, "lora", target_modules=["q_proj"])
     model, _ = load_causal_lm(micro_pretrained / layout.PRETRAIN_MODEL)
-    with pytest.raises(ParamsError, match=r"lora\.target_modules: \['q_proj'\] not in the base "
-                                          r"model \(its linear layers: .*c_attn"):
+    with pytest.raises(
+        ParamsError,
+        match=r"lora\.target_modules: \['q_proj'\] not in the base "
+        r"model \(its linear layers: .*c_attn",
+    ):
         lora_config(model, p)
 
 
@@ -164,30 +193,45 @@ def test_all_linear_adapts_every_linear_layer_but_the_head_of_any_architecture()
         Qwen2ForCausalLM,
     )
 
-    from llmpipe.lora import adapter_config
+    from llmpipe.train.lora import adapter_config
 
-    small = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
-             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+    small = {
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    }
     llama_like = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     for model, expected, transposed in (
-            (LlamaForCausalLM(LlamaConfig(**small)), llama_like, False),
-            (Qwen2ForCausalLM(Qwen2Config(**small)), llama_like, False),
-            (GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4)),
-             ["c_attn", "c_fc", "c_proj"], True)):
+        (LlamaForCausalLM(LlamaConfig(**small)), llama_like, False),
+        (Qwen2ForCausalLM(Qwen2Config(**small)), llama_like, False),
+        (
+            GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4)),
+            ["c_attn", "c_fc", "c_proj"],
+            True,
+        ),
+    ):
         config = adapter_config(model, 4, 8, 0.0, ["all-linear"], "lora.target_modules")
         assert sorted(config.target_modules) == expected, type(model).__name__
         assert config.fan_in_fan_out is transposed  # GPT-2's Conv1D stores (in, out)
-    with pytest.raises(ParamsError, match=r"lora.target_modules: \['c_attn'\] not in the base "
-                                          r"model \(its linear layers: down_proj, gate_proj"):
-        adapter_config(LlamaForCausalLM(LlamaConfig(**small)), 4, 8, 0.0, ["c_attn"],
-                       "lora.target_modules")
+    with pytest.raises(
+        ParamsError,
+        match=r"lora.target_modules: \['c_attn'\] not in the base "
+        r"model \(its linear layers: down_proj, gate_proj",
+    ):
+        adapter_config(
+            LlamaForCausalLM(LlamaConfig(**small)), 4, 8, 0.0, ["c_attn"], "lora.target_modules"
+        )
 
 
 def checkpointed(model) -> bool:
     """Whether the model's blocks recompute their activations (the flag transformers sets on
     them, whatever its version calls the switch)."""
-    return any(getattr(module, "gradient_checkpointing", False) is True
-               for module in model.modules())
+    return any(
+        getattr(module, "gradient_checkpointing", False) is True for module in model.modules()
+    )
 
 
 @pytest.mark.parametrize("stage", ["finetune", "lora"])
@@ -198,24 +242,39 @@ def test_gradient_checkpointing_trains_the_same_steps(micro_pretrained, tmp_path
 
     results = []
     for checkpointing in (False, True):
-        seed, p = stage_params(micro_pretrained, stage, max_steps=4, eval_interval=2,
-                               gradient_checkpointing=checkpointing)
+        seed, p = stage_params(
+            micro_pretrained,
+            stage,
+            max_steps=4,
+            eval_interval=2,
+            gradient_checkpointing=checkpointing,
+        )
         model, _, train_bin, val_bin = base_and_data(micro_pretrained, p)
         if stage == "lora":
             torch.manual_seed(seed)  # the adapter's initial weights
             model = get_peft_model(model, lora_config(model, p))
-        result = train(model, p, seed, train_bin, val_bin, tmp_path / f"work{checkpointing}",
-                       tmp_path / f"live{checkpointing}", p.grad_accum_steps)
+        result = train(
+            model,
+            p,
+            seed,
+            train_bin,
+            val_bin,
+            tmp_path / f"work{checkpointing}",
+            tmp_path / f"live{checkpointing}",
+            p.grad_accum_steps,
+        )
         assert checkpointed(result.model) is checkpointing
         results.append(result)
     off, on = results
     assert on.train_loss == pytest.approx(off.train_loss, abs=1e-5)
     assert [loss for _, loss in on.eval_losses] == pytest.approx(
-        [loss for _, loss in off.eval_losses], abs=1e-5)
+        [loss for _, loss in off.eval_losses], abs=1e-5
+    )
     assert on.eval_losses[-1][1] < on.eval_losses[0][1] + 1.0  # it trained, sanely
     if stage == "lora":  # the adapters got gradients through the recomputed blocks
-        assert any(param.abs().sum() > 0 for name, param in on.model.named_parameters()
-                   if "lora_B" in name)
+        assert any(
+            param.abs().sum() > 0 for name, param in on.model.named_parameters() if "lora_B" in name
+        )
 
 
 @pytest.mark.parametrize("stage", ["finetune", "lora"])
@@ -225,17 +284,25 @@ def test_a_bf16_base_trains_float32_weights(micro_pretrained, tmp_path, stage):
     keeps bf16)."""
     from peft import get_peft_model
 
-    from llmpipe.causal_lm import run_stage
+    from llmpipe.train.causal_lm import run_stage
 
     model, tokenizer = load_causal_lm(micro_pretrained / layout.PRETRAIN_MODEL)
     model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     tokenizer.save_pretrained(tmp_path / "bf16")
     assert next(load_causal_lm(tmp_path / "bf16")[0].parameters()).dtype == torch.bfloat16
-    seed, p = stage_params(micro_pretrained, stage, base=str(tmp_path / "bf16"), max_steps=4,
-                           eval_interval=2)
+    seed, p = stage_params(
+        micro_pretrained, stage, base=str(tmp_path / "bf16"), max_steps=4, eval_interval=2
+    )
     adapt = (lambda base: get_peft_model(base, lora_config(base, p))) if stage == "lora" else None
-    run = run_stage(stage, p, seed, micro_pretrained / layout.tokens("finetune"),
-                    tmp_path / "work", tmp_path / "live", adapt)
+    run = run_stage(
+        stage,
+        p,
+        seed,
+        micro_pretrained / layout.tokens("finetune"),
+        tmp_path / "work",
+        tmp_path / "live",
+        adapt,
+    )
     trained = {param.dtype for param in run.result.model.parameters() if param.requires_grad}
     frozen = {param.dtype for param in run.result.model.parameters() if not param.requires_grad}
     assert trained == {torch.float32}
@@ -250,8 +317,11 @@ def test_gradient_checkpointing_is_a_boolean(stage):
 
     raw = read_params_file(ROOT / "params.yaml")[stage]
     assert build(STAGE_SCHEMAS[stage], raw, stage).gradient_checkpointing is False
-    with pytest.raises(ParamsError, match=rf"^{stage}\.gradient_checkpointing: 'yes' is not a "
-                                          r"boolean \(true/false\)$"):
+    with pytest.raises(
+        ParamsError,
+        match=rf"^{stage}\.gradient_checkpointing: 'yes' is not a "
+        r"boolean \(true/false\)$",
+    ):
         build(STAGE_SCHEMAS[stage], {**raw, "gradient_checkpointing": "yes"}, stage)
 
 
@@ -279,6 +349,11 @@ def test_hub_kernels_are_off_unless_the_environment_asks(tmp_path, setting, expe
     env.pop("USE_HUB_KERNELS", None)
     if setting is not None:
         env["USE_HUB_KERNELS"] = setting
-    result = subprocess.run([sys.executable, "-c", HUB_KERNELS_PROBE, str(tmp_path / "model")],
-                            env=env, capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", HUB_KERNELS_PROBE, str(tmp_path / "model")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert result.stdout.strip().splitlines()[-1] == expected

@@ -20,8 +20,12 @@ spec.loader.exec_module(gpu_kit)
 
 
 def installed(python) -> dict[str, str]:
-    out = subprocess.run([str(python), "-m", "pip", "list", "--format", "json"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [str(python), "-m", "pip", "list", "--format", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return {gpu_kit.distribution(d["name"]): d["version"] for d in json.loads(out)}
 
 
@@ -67,34 +71,84 @@ def test_the_kit_installs_over_the_image_stack_and_imports(tmp_path):
     image = tmp_path / "image"
     run([sys.executable, "-m", "venv", str(image)], tmp_path)
     python = image / "bin" / "python"
-    uv = [str(ROOT / ".venv" / "bin" / "uv")] if (ROOT / ".venv/bin/uv").exists() else [
-        sys.executable, "-m", "uv"]
-    run([*uv, "pip", "install", "--quiet", "--python", str(python), "torch==2.13.0",
-         "-r", str(gpu_kit.IMAGE)], tmp_path)
+    uv = (
+        [str(ROOT / ".venv" / "bin" / "uv")]
+        if (ROOT / ".venv/bin/uv").exists()
+        else [sys.executable, "-m", "uv"]
+    )
+    run(
+        [
+            *uv,
+            "pip",
+            "install",
+            "--quiet",
+            "--python",
+            str(python),
+            "torch==2.13.0",
+            "-r",
+            str(gpu_kit.IMAGE),
+        ],
+        tmp_path,
+    )
     run([str(python), "-m", "ensurepip"], tmp_path)
 
     # Every dependency of llmpipe's is carried, on the image at a version it accepts, or left
     # out on purpose (NOT_CARRIED); torch's own stack is the image's.
     on_image = installed(python)
-    carried = {gpu_kit.distribution(s) for s in gpu_kit.requirement_lines(gpu_kit.KIT)
-               + gpu_kit.requirement_lines(gpu_kit.KIT_SDIST)}
+    carried = {
+        gpu_kit.distribution(s)
+        for s in gpu_kit.requirement_lines(gpu_kit.KIT)
+        + gpu_kit.requirement_lines(gpu_kit.KIT_SDIST)
+    }
     needed = closure({gpu_kit.distribution(n) for n in smoke.requirements()}) - closure({"torch"})
     assert needed - carried - set(on_image) - set(gpu_kit.NOT_CARRIED) == set()
 
     wheels, target = tmp_path / "wheels", tmp_path / "kit"
-    run([sys.executable, str(ROOT / "scripts" / "gpu_kit.py"), "build", "--local", "--dest",
-         str(wheels)], tmp_path)
-    assert not any(gpu_kit.FORBIDDEN.match(gpu_kit.distribution(w.name.split("-")[0]))
-                   for w in wheels.glob("*.whl"))
+    run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "gpu_kit.py"),
+            "build",
+            "--local",
+            "--dest",
+            str(wheels),
+        ],
+        tmp_path,
+    )
+    assert not any(
+        gpu_kit.FORBIDDEN.match(gpu_kit.distribution(w.name.split("-")[0]))
+        for w in wheels.glob("*.whl")
+    )
     # As scripts/gpu_check.py installs it, less the bytecode (a minute here; the test imports
     # a few modules only).
-    run([str(python), "-m", "pip", "install", "--no-index", "--no-deps", "--quiet", "--no-compile",
-         "--target", str(target), *map(str, wheels.glob("*.whl"))], tmp_path)
+    run(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "--no-index",
+            "--no-deps",
+            "--quiet",
+            "--no-compile",
+            "--target",
+            str(target),
+            *map(str, wheels.glob("*.whl")),
+        ],
+        tmp_path,
+    )
     # From an empty folder (no repository on the path), against the image venv's torch.
-    result = run([str(python), "-c", "import llmpipe, trl, dvc, dvclive, torch; "
-                  "from dvclive import Live; from trl import GRPOTrainer; "
-                  "print(llmpipe.__file__, trl.__file__, torch.__file__)"],
-                 tmp_path, PYTHONPATH=str(target))
+    result = run(
+        [
+            str(python),
+            "-c",
+            "import llmpipe, trl, dvc, dvclive, torch; "
+            "from dvclive import Live; from trl import GRPOTrainer; "
+            "print(llmpipe.__file__, trl.__file__, torch.__file__)",
+        ],
+        tmp_path,
+        PYTHONPATH=str(target),
+    )
     llmpipe_file, trl_file, torch_file = result.stdout.split()
     assert llmpipe_file.startswith(str(target)) and trl_file.startswith(str(target))
     assert torch_file.startswith(str(image))

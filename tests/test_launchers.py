@@ -38,11 +38,19 @@ def copy_workspace(source: Path, target: Path) -> Path:
 
 
 def run_stage(stage: str, launcher: list[str], workspace: Path):
-    result = subprocess.run([*launcher, f"stages.{stage}"], cwd=workspace, env=subprocess_env(),
-                            capture_output=True, text=True, timeout=TIMEOUT_S)
+    result = subprocess.run(
+        [*launcher, f"stages.{stage}"],
+        cwd=workspace,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     if result.returncode != 0:
-        raise AssertionError(f"{stage} under {launcher[0]} failed ({result.returncode}):\n"
-                             f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+        raise AssertionError(
+            f"{stage} under {launcher[0]} failed ({result.returncode}):\n"
+            f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
     return result
 
 
@@ -69,15 +77,18 @@ def launchers(tmp_path_factory) -> dict[str, list[str]]:
     config.update(num_processes=2, use_cpu=True, mixed_precision="no")
     path = tmp_path_factory.mktemp("accelerate") / "fsdp-cpu.yaml"
     path.write_text(yaml.safe_dump(config))
-    return {"torchrun": TWO_PROCESSES,
-            "accelerate": ["accelerate", "launch", "--config_file", str(path), "-m"]}
+    return {
+        "torchrun": TWO_PROCESSES,
+        "accelerate": ["accelerate", "launch", "--config_file", str(path), "-m"],
+    }
 
 
 SINGLE_RUNS: dict[tuple, Path] = {}  # one process, once per stage and params
 
 
-def one_and_two_processes(stage: str, source: Path, tmp_path: Path, params: dict,
-                          launcher: list[str]):
+def one_and_two_processes(
+    stage: str, source: Path, tmp_path: Path, params: dict, launcher: list[str]
+):
     """Runs the stage alone (once per module) and under `launcher` with 2 processes; returns
     both workspaces and the 2-process run's output."""
     key = (stage, str(source), tuple(sorted(params.items())))
@@ -105,50 +116,72 @@ def assert_close(one: dict, two: dict, keys: list[str], rel: float = 1e-4) -> No
 def micro_rlhf(micro_pretrained, tmp_path_factory) -> Path:
     """A copy of the micro workspace whose pretrained model stands in for the finetuned one,
     with a toy preference set (enough pairs for several reward-model steps)."""
-    from llmpipe.preferences import GoldSpec, PreferenceSet
+    from llmpipe.rl.preferences import GoldSpec, PreferenceSet
 
     workspace = copy_workspace(micro_pretrained, tmp_path_factory.mktemp("rlhf") / "ws")
     shutil.copytree(workspace / layout.PRETRAIN_MODEL, workspace / layout.FINETUNE_MODEL)
     pairs = {"train": toy_pairs(0, 64), "heldout": toy_pairs(1, 16)}
     prompts = {split: sorted({q["prompt"] for q in rows}) for split, rows in pairs.items()}
-    fresh = [{"prompt": q["prompt"], "completions": [q["chosen"], q["rejected"]],
-              "gold": [1.0, 0.0]} for q in pairs["heldout"]]
+    fresh = [
+        {"prompt": q["prompt"], "completions": [q["chosen"], q["rejected"]], "gold": [1.0, 0.0]}
+        for q in pairs["heldout"]
+    ]
     PreferenceSet(pairs, prompts, fresh, GoldSpec("vader", None)).write(
-        workspace / layout.PREFERENCES)
+        workspace / layout.PREFERENCES
+    )
     return workspace
 
 
-@pytest.mark.parametrize(("stage", "launcher"), [("finetune", "torchrun"), ("lora", "torchrun"),
-                                                 ("finetune", "accelerate")])
-def test_finetune_and_lora_on_two_processes_match_one(stage, launcher, launchers,
-                                                      micro_pretrained, tmp_path):
+@pytest.mark.parametrize(
+    ("stage", "launcher"),
+    [("finetune", "torchrun"), ("lora", "torchrun"), ("finetune", "accelerate")],
+)
+def test_finetune_and_lora_on_two_processes_match_one(
+    stage, launcher, launchers, micro_pretrained, tmp_path
+):
     # LoRA's dropout is off: each process draws its masks from its own random stream, so with
     # dropout two processes are a run as good as one, but not the same run.
-    one, two, result = one_and_two_processes(stage, micro_pretrained, tmp_path, {
-        f"{stage}.grad_accum_steps": 2, f"{stage}.max_steps": 10, f"{stage}.eval_interval": 5,
-        **({"lora.dropout": 0.0} if stage == "lora" else {})}, launchers[launcher])
+    one, two, result = one_and_two_processes(
+        stage,
+        micro_pretrained,
+        tmp_path,
+        {
+            f"{stage}.grad_accum_steps": 2,
+            f"{stage}.max_steps": 10,
+            f"{stage}.eval_interval": 5,
+            **({"lora.dropout": 0.0} if stage == "lora" else {}),
+        },
+        launchers[launcher],
+    )
     m1, m2 = metrics_of(one, stage), metrics_of(two, stage)
     assert m1["steps"] == m2["steps"] == 10 and m1["best_step"] == m2["best_step"]
     assert m1["base_val_perplexity"] == m2["base_val_perplexity"]  # measured once, alike
     assert_close(m1, m2, ["val_perplexity", "train_loss"])
     assert (m1["perf"]["processes"], m2["perf"]["processes"]) == (1, 2)
-    assert curve(two, stage, "eval/loss") == pytest.approx(curve(one, stage, "eval/loss"),
-                                                           rel=1e-4)
+    assert curve(two, stage, "eval/loss") == pytest.approx(curve(one, stage, "eval/loss"), rel=1e-4)
     assert_one_writer(result, "val perplexity")
     model_dir = layout.FINETUNE_MODEL if stage == "finetune" else layout.LORA_MERGED
     assert (two / model_dir / "model.safetensors").exists()
 
 
 def test_reward_model_on_two_processes_matches_one(micro_rlhf, tmp_path):
-    one, two, result = one_and_two_processes("reward_model", micro_rlhf, tmp_path,
-                                             {"reward_model.batch_size": 8,
-                                              "reward_model.epochs": 2}, TWO_PROCESSES)
+    one, two, result = one_and_two_processes(
+        "reward_model",
+        micro_rlhf,
+        tmp_path,
+        {"reward_model.batch_size": 8, "reward_model.epochs": 2},
+        TWO_PROCESSES,
+    )
     m1, m2 = metrics_of(one, "reward_model"), metrics_of(two, "reward_model")
     assert m1["train_pairs"] == m2["train_pairs"]
-    assert_close(m1, m2, ["heldout_mean_margin", "heldout_accuracy", "train_accuracy",
-                          "gold_agreement_fresh"])
+    assert_close(
+        m1,
+        m2,
+        ["heldout_mean_margin", "heldout_accuracy", "train_accuracy", "gold_agreement_fresh"],
+    )
     assert curve(two, "reward_model", "train/loss") == pytest.approx(
-        curve(one, "reward_model", "train/loss"), rel=1e-4)
+        curve(one, "reward_model", "train/loss"), rel=1e-4
+    )
     assert_one_writer(result, "held-out accuracy")
 
 
@@ -160,9 +193,13 @@ def micro_rlhf_with_reward_model(micro_rlhf, tmp_path_factory) -> Path:
 
 
 def test_grpo_on_two_processes_has_the_runs_shape(micro_rlhf_with_reward_model, tmp_path):
-    one, two, result = one_and_two_processes("grpo", micro_rlhf_with_reward_model, tmp_path, {
-        "grpo.prompts_per_step": 2, "grpo.num_generations": 2, "grpo.max_steps": 2},
-        TWO_PROCESSES)
+    one, two, result = one_and_two_processes(
+        "grpo",
+        micro_rlhf_with_reward_model,
+        tmp_path,
+        {"grpo.prompts_per_step": 2, "grpo.num_generations": 2, "grpo.max_steps": 2},
+        TWO_PROCESSES,
+    )
     m1, m2 = metrics_of(one, "grpo"), metrics_of(two, "grpo")
     assert m1["steps"] == m2["steps"] == 2
     before = [k for k in m1 if k.startswith("before_")]
@@ -176,12 +213,18 @@ def test_grpo_on_two_processes_has_the_runs_shape(micro_rlhf_with_reward_model, 
 def test_a_global_batch_that_does_not_divide_is_a_one_line_error(micro_rlhf, tmp_path):
     workspace = copy_workspace(micro_rlhf, tmp_path / "ws")
     set_params(workspace, {"finetune.grad_accum_steps": 3})
-    result = subprocess.run([*TWO_PROCESSES, "stages.finetune"], cwd=workspace,
-                            env=subprocess_env(), capture_output=True, text=True,
-                            timeout=TIMEOUT_S)
+    result = subprocess.run(
+        [*TWO_PROCESSES, "stages.finetune"],
+        cwd=workspace,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     assert result.returncode != 0
-    assert ("error: finetune.grad_accum_steps: 3 is not divisible by the 2 processes of the "
-            "launcher") in result.stderr
+    assert (
+        "error: finetune.grad_accum_steps: 3 is not divisible by the 2 processes of the launcher"
+    ) in result.stderr
 
 
 def free_port() -> int:
@@ -190,18 +233,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_pretrain_on_two_nodes_resumes_from_node_0s_checkpoint(micro_workspace, tmp_path,
-                                                               monkeypatch):
+def test_pretrain_on_two_nodes_resumes_from_node_0s_checkpoint(
+    micro_workspace, tmp_path, monkeypatch
+):
     """Two "nodes" (one process each, separate directories: no shared filesystem) resume a run
     whose checkpoint only node 0 has, and end where an uninterrupted run ends."""
     from safetensors.torch import load_file
 
-    import llmpipe.pretrain as module
-    from llmpipe.params import PretrainParams, load_stage_params
-    from llmpipe.pretrain import PretrainPaths
+    import llmpipe.train.pretrain as module
+    from llmpipe.params import load_stage_params
+    from llmpipe.train.params import PretrainParams
+    from llmpipe.train.pretrain import PretrainPaths
 
-    params = {"pretrain.grad_accum_steps": 2, "pretrain.max_steps": 12,
-              "pretrain.checkpoint_interval": 6}
+    params = {
+        "pretrain.grad_accum_steps": 2,
+        "pretrain.max_steps": 12,
+        "pretrain.checkpoint_interval": 6,
+    }
     reference = copy_workspace(micro_workspace, tmp_path / "reference")
     set_params(reference, params)
     run(["python", "-m", "stages.pretrain"], reference)
@@ -212,24 +260,52 @@ def test_pretrain_on_two_nodes_resumes_from_node_0s_checkpoint(micro_workspace, 
     # Node 0 alone ran until after the step-6 checkpoint (the process count is no part of a
     # run's identity: the global batch is the same).
     real_lr_at = module.lr_at
-    monkeypatch.setattr(module, "lr_at", lambda s, q: (_ for _ in ()).throw(KeyboardInterrupt)
-                        if s == 8 else real_lr_at(s, q))
+    monkeypatch.setattr(
+        module,
+        "lr_at",
+        lambda s, q: (_ for _ in ()).throw(KeyboardInterrupt) if s == 8 else real_lr_at(s, q),
+    )
     shared, p = load_stage_params(PretrainParams, node0 / "params.yaml")
     with pytest.raises(KeyboardInterrupt):
-        module.pretrain(p, shared.seed, PretrainPaths(
-            tokens_dir=node0 / layout.tokens("pretrain"), tokenizer_dir=node0 / layout.TOKENIZER,
-            model_dir=node0 / layout.PRETRAIN_MODEL,
-            checkpoint_dir=node0 / layout.PRETRAIN_CHECKPOINT,
-            live_dir=node0 / layout.live_dir("pretrain")))
+        module.pretrain(
+            p,
+            shared.seed,
+            PretrainPaths(
+                tokens_dir=node0 / layout.tokens("pretrain"),
+                tokenizer_dir=node0 / layout.TOKENIZER,
+                model_dir=node0 / layout.PRETRAIN_MODEL,
+                checkpoint_dir=node0 / layout.PRETRAIN_CHECKPOINT,
+                live_dir=node0 / layout.live_dir("pretrain"),
+            ),
+        )
     assert (node0 / layout.PRETRAIN_CHECKPOINT / module.CHECKPOINT_FILE).exists()
 
     port = free_port()
-    nodes = [subprocess.Popen(
-        ["torchrun", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank),
-         "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "stages.pretrain"],
-        cwd=node, env=subprocess_env(PYTHONPATH=f"{ROOT}:{ROOT / 'src'}"),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for rank, node in enumerate((node0, node1))]
+    nodes = [
+        subprocess.Popen(
+            [
+                "torchrun",
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "1",
+                "--node_rank",
+                str(rank),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(port),
+                "-m",
+                "stages.pretrain",
+            ],
+            cwd=node,
+            env=subprocess_env(PYTHONPATH=f"{ROOT}:{ROOT / 'src'}"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank, node in enumerate((node0, node1))
+    ]
     try:
         outputs = [node.communicate(timeout=TIMEOUT_S)[0] for node in nodes]
     finally:
@@ -247,11 +323,17 @@ def test_pretrain_on_two_nodes_resumes_from_node_0s_checkpoint(micro_workspace, 
     assert all((wa[k] - wb[k]).abs().max() < 1e-4 for k in wa)
 
 
-@pytest.mark.parametrize(("visible", "gpus_seen", "note"), [
-    (None, "0", None), ("2,3", "2", "finetune: 2 GPUs visible, using the first"),
-    ("5", "5", None)])
-def test_without_a_launcher_a_stage_sees_one_gpu_and_says_so(monkeypatch, capsys, visible,
-                                                              gpus_seen, note):
+@pytest.mark.parametrize(
+    ("visible", "gpus_seen", "note"),
+    [
+        (None, "0", None),
+        ("2,3", "2", "finetune: 2 GPUs visible, using the first"),
+        ("5", "5", None),
+    ],
+)
+def test_without_a_launcher_a_stage_sees_one_gpu_and_says_so(
+    monkeypatch, capsys, visible, gpus_seen, note
+):
     from llmpipe import stage
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
@@ -277,8 +359,11 @@ class ShardedTrainer:
 
     def __init__(self, state: dict):
         self.model = self.model_wrapped = object()  # sharded: the main process must not use it
-        self.accelerator = type("Accelerator", (), {
-            "get_state_dict": lambda _, m: state if m is self.model_wrapped else None})()
+        self.accelerator = type(
+            "Accelerator",
+            (),
+            {"get_state_dict": lambda _, m: state if m is self.model_wrapped else None},
+        )()
 
 
 def test_a_sharded_runs_weights_are_gathered_into_a_rebuilt_model(monkeypatch, capsys):
@@ -302,8 +387,9 @@ def test_vllm_generation_is_checked_before_anything_loads(monkeypatch):
     import dataclasses
 
     from llmpipe.errors import ParamsError
-    from llmpipe.params import GrpoParams, load_stage_params
-    from llmpipe.rlhf import check_grpo_launch
+    from llmpipe.params import load_stage_params
+    from llmpipe.rl.params import GrpoParams
+    from llmpipe.rl.rlhf import check_grpo_launch
 
     _, p = load_stage_params(GrpoParams, ROOT / "params.yaml")
     assert check_grpo_launch(p) == p.prompts_per_step * p.num_generations  # HF generate: fine
@@ -312,10 +398,16 @@ def test_vllm_generation_is_checked_before_anything_loads(monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    with pytest.raises(ParamsError, match=r"^grpo\.use_vllm: true needs vLLM, which is not "
-                                          r"installed \(pip install -e '\.\[gpu\]'\)"):
+    with pytest.raises(
+        ParamsError,
+        match=r"^grpo\.use_vllm: true needs vLLM, which is not "
+        r"installed \(pip install -e '\.\[gpu\]'\)",
+    ):
         check_grpo_launch(dataclasses.replace(p, use_vllm=True))
     monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(ParamsError, match=r"^grpo\.prompts_per_step: 8 prompts x 4 generations "
-                                          r"= 32 completions is not divisible by the 3"):
+    with pytest.raises(
+        ParamsError,
+        match=r"^grpo\.prompts_per_step: 8 prompts x 4 generations "
+        r"= 32 completions is not divisible by the 3",
+    ):
         check_grpo_launch(p)

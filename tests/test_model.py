@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from llmpipe.model import GPT, GPTConfig, export_hf_gpt2, load_hf_gpt2, measure_matmul_peak_flops
-from llmpipe.model.hf import gpt_from_hf_model, hf_model_from_gpt
+from llmpipe.model.gpt import GPT, GPTConfig, measure_matmul_peak_flops
+from llmpipe.model.hf import export_hf_gpt2, gpt_from_hf_model, hf_model_from_gpt, load_hf_gpt2
 
 VOCAB_SIZE = 97
 BLOCK_SIZE = 16
@@ -365,8 +365,9 @@ def test_generate_stops_when_every_row_has_emitted_eos(monkeypatch: pytest.Monke
 def test_the_chunked_and_the_full_logits_loss_agree(bf16) -> None:
     """pretrain.chunked_loss switches the path, not the result: loss and gradients agree."""
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=300, block_size=16, n_layer=2, n_head=2, n_embd=32,
-                       vocab_multiple=64)  # padded rows take part in both softmaxes
+    config = GPTConfig(
+        vocab_size=300, block_size=16, n_layer=2, n_head=2, n_embd=32, vocab_multiple=64
+    )  # padded rows take part in both softmaxes
     model = GPT(config)
     idx = torch.randint(300, (4, 16))
     targets = torch.randint(300, (4, 16))
@@ -388,8 +389,9 @@ def test_the_chunked_and_the_full_logits_loss_agree(bf16) -> None:
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients() -> None:
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=100, block_size=16, n_layer=3, n_head=2, n_embd=32,
-                          dropout=0.1))
+    model = GPT(
+        GPTConfig(vocab_size=100, block_size=16, n_layer=3, n_head=2, n_embd=32, dropout=0.1)
+    )
     idx, targets = torch.randint(100, (2, 16)), torch.randint(100, (2, 16))
     results = []
     for checkpointed in (False, True):

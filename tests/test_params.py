@@ -4,16 +4,11 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run, set_params, subprocess_env  # noqa: F401
+from llmpipe.data.params import DownloadParams, TokenizeParams
 from llmpipe.errors import ParamsError
-from llmpipe.params import (
-    STAGE_SCHEMAS,
-    DownloadParams,
-    FinetuneParams,
-    PretrainParams,
-    TokenizeParams,
-    load_stage_params,
-    validate_all,
-)
+from llmpipe.params import load_stage_params
+from llmpipe.pipeline import STAGE_SCHEMAS, validate_all
+from llmpipe.train.params import FinetuneParams, PretrainParams
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -40,19 +35,37 @@ def test_floats_in_exponent_notation_are_numbers(tmp_path):
     ("old", "new", "message"),
     [
         ("vocab_size: 4096", "vocab_size: -5", "tokenize.vocab_size: -5 is not a positive integer"),
-        ("vocab_size: 4096", "vocab_size: many",
-         "tokenize.vocab_size: 'many' is not a positive integer"),
-        ("vocab_size: 4096", "vocab_size: 4096\n  vocab_sise: 10",
-         "tokenize.vocab_sise: unknown key (allowed: min_frequency, num_proc, tokenizer, "
-         "train_bytes, trust_remote_code, val_fraction, vocab_size)"),
-        ("val_fraction: 0.1", "val_fraction: 1.0",
-         "tokenize.val_fraction: 1.0 is not a number strictly between 0 and 1"),
-        ("val_fraction: 0.1", "val_fraction: 0",
-         "tokenize.val_fraction: 0.0 is not a number strictly between 0 and 1"),
-        ("val_fraction: 0.1", "val_fraction: true",
-         "tokenize.val_fraction: True is not a number strictly between 0 and 1"),
-        ("min_frequency: 2", "min_frequency: 2.5",
-         "tokenize.min_frequency: 2.5 is not a positive integer"),
+        (
+            "vocab_size: 4096",
+            "vocab_size: many",
+            "tokenize.vocab_size: 'many' is not a positive integer",
+        ),
+        (
+            "vocab_size: 4096",
+            "vocab_size: 4096\n  vocab_sise: 10",
+            "tokenize.vocab_sise: unknown key (allowed: min_frequency, num_proc, tokenizer, "
+            "train_bytes, trust_remote_code, val_fraction, vocab_size)",
+        ),
+        (
+            "val_fraction: 0.1",
+            "val_fraction: 1.0",
+            "tokenize.val_fraction: 1.0 is not a number strictly between 0 and 1",
+        ),
+        (
+            "val_fraction: 0.1",
+            "val_fraction: 0",
+            "tokenize.val_fraction: 0.0 is not a number strictly between 0 and 1",
+        ),
+        (
+            "val_fraction: 0.1",
+            "val_fraction: true",
+            "tokenize.val_fraction: True is not a number strictly between 0 and 1",
+        ),
+        (
+            "min_frequency: 2",
+            "min_frequency: 2.5",
+            "tokenize.min_frequency: 2.5 is not a positive integer",
+        ),
     ],
 )
 def test_bad_tokenize_params(tmp_path, old, new, message):
@@ -64,8 +77,11 @@ def test_bad_tokenize_params(tmp_path, old, new, message):
 
 def test_unknown_source_scheme(tmp_path):
     text = BASE.replace("source: stdlib:reference", "source: ftp://example.org/x.txt")
-    with pytest.raises(ParamsError, match=r"^download\.finetune\.source: 'ftp://example.org/x.txt'"
-                       r" is not a corpus source"):
+    with pytest.raises(
+        ParamsError,
+        match=r"^download\.finetune\.source: 'ftp://example.org/x.txt'"
+        r" is not a corpus source",
+    ):
         load_stage_params(DownloadParams, write(tmp_path, text))
 
 
@@ -93,21 +109,42 @@ def test_bad_params_stop_the_stage_with_one_line(tmp_path):
 @pytest.mark.parametrize(
     ("old", "new", "message"),
     [
-        ("    n_head: 4\n", "    n_head: 3\n",
-         "pretrain.model.n_embd: 128 is not divisible by n_head (3)"),
+        (
+            "    n_head: 4\n",
+            "    n_head: 3\n",
+            "pretrain.model.n_embd: 128 is not divisible by n_head (3)",
+        ),
         ("    bias: true", "    bias: 1", "pretrain.model.bias: 1 is not a boolean (true/false)"),
-        ("  max_steps: 512", "  max_steps: 30",
-         "pretrain.warmup_steps: 50 is not less than max_steps (30)"),
-        ("  min_lr: 3.0e-4", "  min_lr: 1.0", "pretrain.min_lr: 1.0 is more than learning_rate"
-                                              " (0.003)"),
-        ("  learning_rate: 3.0e-3", "  learning_rate: .inf",
-         "pretrain.learning_rate: inf is not a positive number"),
-        ("    top_p: null\n\nfinetune", "    top_p: 0\n\nfinetune",
-         "pretrain.sample.top_p: 0.0 is not a number in (0, 1]"),
-        ('    prompts: ["Return the", "This module provides"]', "    prompts: []",
-         "pretrain.sample.prompts: [] is not a non-empty list"),
-        ("  dtype: float32 ", "  dtype: float64 ",
-         "pretrain.dtype: 'float64' is not one of 'float32', 'bfloat16', 'float16'"),
+        (
+            "  max_steps: 512",
+            "  max_steps: 30",
+            "pretrain.warmup_steps: 50 is not less than max_steps (30)",
+        ),
+        (
+            "  min_lr: 3.0e-4",
+            "  min_lr: 1.0",
+            "pretrain.min_lr: 1.0 is more than learning_rate (0.003)",
+        ),
+        (
+            "  learning_rate: 3.0e-3",
+            "  learning_rate: .inf",
+            "pretrain.learning_rate: inf is not a positive number",
+        ),
+        (
+            "    top_p: null\n\nfinetune",
+            "    top_p: 0\n\nfinetune",
+            "pretrain.sample.top_p: 0.0 is not a number in (0, 1]",
+        ),
+        (
+            '    prompts: ["Return the", "This module provides"]',
+            "    prompts: []",
+            "pretrain.sample.prompts: [] is not a non-empty list",
+        ),
+        (
+            "  dtype: float32 ",
+            "  dtype: float64 ",
+            "pretrain.dtype: 'float64' is not one of 'float32', 'bfloat16', 'float16'",
+        ),
     ],
 )
 def test_bad_pretrain_params(tmp_path, old, new, message):
@@ -118,25 +155,46 @@ def test_bad_pretrain_params(tmp_path, old, new, message):
 
 
 def test_optional_and_union_values(tmp_path):
-    _, p = load_stage_params(PretrainParams, write(tmp_path, BASE.replace(
-        "  peak_flops: null", "  peak_flops: 1.0e12")))
+    _, p = load_stage_params(
+        PretrainParams, write(tmp_path, BASE.replace("  peak_flops: null", "  peak_flops: 1.0e12"))
+    )
     assert p.peak_flops == 1e12
-    _, f = load_stage_params(FinetuneParams, write(tmp_path, BASE.replace(
-        "  bf16: auto             # auto: bf16 on CUDA only", "  bf16: true")))
+    _, f = load_stage_params(
+        FinetuneParams,
+        write(
+            tmp_path,
+            BASE.replace("  bf16: auto             # auto: bf16 on CUDA only", "  bf16: true"),
+        ),
+    )
     assert f.bf16 is True
     with pytest.raises(ParamsError, match=r"^finetune\.bf16: 'yes' is not one of 'auto'$"):
-        load_stage_params(FinetuneParams, write(tmp_path, BASE.replace(
-            "  bf16: auto             # auto: bf16 on CUDA only", "  bf16: yes-ish".replace(
-                "yes-ish", "'yes'"))))
+        load_stage_params(
+            FinetuneParams,
+            write(
+                tmp_path,
+                BASE.replace(
+                    "  bf16: auto             # auto: bf16 on CUDA only",
+                    "  bf16: yes-ish".replace("yes-ish", "'yes'"),
+                ),
+            ),
+        )
 
 
-LAUNCHER_PROBLEM = ("is not a launcher: python, torchrun <options> or accelerate launch "
-                    "<options> (dvc.yaml appends -m stages.<name>)")
+LAUNCHER_PROBLEM = (
+    "is not a launcher: python, torchrun <options> or accelerate launch "
+    "<options> (dvc.yaml appends -m stages.<name>)"
+)
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "finetune", "lora", "reward_model", "grpo"])
-@pytest.mark.parametrize("launcher", ["torchrun --standalone --nproc_per_node 8",
-                                      "accelerate launch --config_file fsdp.yaml", "python"])
+@pytest.mark.parametrize(
+    "launcher",
+    [
+        "torchrun --standalone --nproc_per_node 8",
+        "accelerate launch --config_file fsdp.yaml",
+        "python",
+    ],
+)
 def test_every_training_stage_takes_a_launcher(tmp_path, stage, launcher):
     shutil.copy2(ROOT / "params.yaml", tmp_path / "params.yaml")
     set_params(tmp_path, {f"{stage}.launcher": launcher})
@@ -144,8 +202,17 @@ def test_every_training_stage_takes_a_launcher(tmp_path, stage, launcher):
     assert p.launcher == launcher
 
 
-@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun -m stages.lora", "python -u",
-                                      "accelerate config", "", "python stages/lora.py"])
+@pytest.mark.parametrize(
+    "launcher",
+    [
+        "deepspeed",
+        "torchrun -m stages.lora",
+        "python -u",
+        "accelerate config",
+        "",
+        "python stages/lora.py",
+    ],
+)
 def test_a_bad_launcher_is_a_one_line_error(tmp_path, launcher):
     shutil.copy2(ROOT / "params.yaml", tmp_path / "params.yaml")
     set_params(tmp_path, {"lora.launcher": launcher})

@@ -11,27 +11,56 @@ from llmpipe import seeds
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("download", "tokenize", "pretrain", "finetune", "lora", "quantize", "preferences",
-          "reward_model", "grpo", "reinforce", "task_sft", "task_reinforce", "task_grpo",
-          "evaluate")
+STAGES = (
+    "download",
+    "tokenize",
+    "pretrain",
+    "finetune",
+    "lora",
+    "quantize",
+    "preferences",
+    "reward_model",
+    "rl_baseline",
+    "grpo",
+    "reinforce",
+    "task_sft",
+    "task_reinforce",
+    "task_grpo",
+    "evaluate",
+    "report",
+)
 MODELS = ("pretrain", "finetune", "lora", "quantized", "grpo", "reinforce")
-FIGURES = ("val_perplexity_pretrain", "val_perplexity_finetune", "val_bits_per_byte_pretrain",
-           "val_bits_per_byte_finetune", "reward_model_score", "gold_score", "kl_to_finetune",
-           "size_mb")
+FIGURES = (
+    "val_perplexity_pretrain",
+    "val_perplexity_finetune",
+    "val_bits_per_byte_pretrain",
+    "val_bits_per_byte_finetune",
+    "reward_model_score",
+    "gold_score",
+    "kl_to_finetune",
+    "size_mb",
+)
 # Bits per byte beside every perplexity, in each stage's metrics.
-BITS_PER_BYTE = {"pretrain": ["val_bits_per_byte"],
-                 "finetune": ["base_val_bits_per_byte", "val_bits_per_byte"],
-                 "lora": ["base_val_bits_per_byte", "val_bits_per_byte"],
-                 "quantize": ["fp32_val_bits_per_byte", "int8_val_bits_per_byte"]}
+BITS_PER_BYTE = {
+    "pretrain": ["val_bits_per_byte"],
+    "finetune": ["base_val_bits_per_byte", "val_bits_per_byte"],
+    "lora": ["base_val_bits_per_byte", "val_bits_per_byte"],
+    "quantize": ["fp32_val_bits_per_byte", "int8_val_bits_per_byte"],
+}
 
 
 def write_toy_preferences(repo):
     """A ready preference set: a micro model's samples all tie on sentiment."""
-    rows = [{"prompt": f"Item {i} is", "chosen": " good and useful", "rejected": " bad and broken"}
-            for i in range(40)]
+    rows = [
+        {"prompt": f"Item {i} is", "chosen": " good and useful", "rejected": " bad and broken"}
+        for i in range(40)
+    ]
     (repo / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return {**MICRO_PARAMS, "preferences.source": "file:prefs.jsonl",
-            "preferences.heldout_fraction": 0.2}
+    return {
+        **MICRO_PARAMS,
+        "preferences.source": "file:prefs.jsonl",
+        "preferences.heldout_fraction": 0.2,
+    }
 
 
 def ran(output: str) -> set[str]:
@@ -62,10 +91,10 @@ def test_the_experiment_workflow(project_copy):
     # model itself, nonzero once GRPO moved the policy; after two micro steps its sign is noise.
     assert evaluate["grpo"]["kl_to_finetune"] != 0
     assert evaluate["quantized"]["size_mb"] < 0.5 * evaluate["finetune"]["size_mb"]
-    report = (repo / "data/evaluate/report.md").read_text()
+    report = (repo / "data/report/report.md").read_text()
     table = report.split("## Every model")[1].split("\n\n")[1]
     assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == list(MODELS)
-    assert (repo / "data/evaluate/curve_pretrain.png").exists()
+    assert (repo / "data/report/curve_pretrain.png").exists()
     # The harness's shipped offline task on every model, beside chance in the report.
     assert all(0 <= evaluate[model]["llmpipe_cloze_acc"] <= 1 for model in MODELS)
     assert "## lm-evaluation-harness" in report and "baseline: chance | 0.25" in report
@@ -73,12 +102,17 @@ def test_the_experiment_workflow(project_copy):
     for key in ("gold_score", "reward_model_score", "kl_to_reference"):
         curve = (repo / f"dvclive/grpo/plots/metrics/heldout/{key}.tsv").read_text()
         assert [line.split("\t")[0] for line in curve.splitlines()[1:]] == ["0", "1", "2"]
-    assert (repo / "data/evaluate/overoptimisation_grpo.png").exists()
+    assert (repo / "data/report/overoptimisation_grpo.png").exists()
     assert "Over-optimisation curve (3 points" in report
     # REINFORCE beside GRPO at the same budget, and the checkable task's branch.
-    grpo, reinforce = (json.loads((repo / f"metrics/{s}.json").read_text())
-                       for s in ("grpo", "reinforce"))
+    grpo, reinforce = (
+        json.loads((repo / f"metrics/{s}.json").read_text()) for s in ("grpo", "reinforce")
+    )
     assert reinforce["completions_sampled"] == grpo["completions_sampled"] == 2 * 2 * 4
+    # One "before", measured once by rl_baseline and read by both.
+    baseline = json.loads((repo / "metrics/rl_baseline.json").read_text())
+    assert {key: grpo[f"before_{key}"] for key in baseline} == baseline
+    assert {key: reinforce[f"before_{key}"] for key in baseline} == baseline
     assert "### REINFORCE against GRPO" in report
     task = json.loads((repo / "metrics/task_sft.json").read_text())
     assert task["test_problems"] == 16 and 0 <= task["exact_match"] <= 1
@@ -94,15 +128,15 @@ def test_the_experiment_workflow(project_copy):
     assert not ran(second) and "up to date" in second
     git_commit_all(repo, "micro pipeline")
 
-    # An experiment on REINFORCE reruns it and evaluate only.
+    # An experiment on REINFORCE reruns it, evaluate and the report only.
     exp = run(["dvc", "exp", "run", "-S", "reinforce.beta=0.2"], repo).stdout
-    assert ran(exp) == {"reinforce", "evaluate"}
+    assert ran(exp) == {"reinforce", "evaluate", "report"}
     run(["git", "checkout", "--", "."], repo)
     run(["dvc", "checkout"], repo)
 
     # An experiment on lora reruns lora and what depends on it, nothing upstream.
     exp = run(["dvc", "exp", "run", "-S", "lora.r=4"], repo).stdout
-    assert ran(exp) == {"lora", "quantize", "evaluate"}
+    assert ran(exp) == {"lora", "quantize", "evaluate", "report"}
     assert {"16", "4"} <= {row["lora.r"] for row in exp_rows(repo)}
     diff = json.loads(run(["dvc", "metrics", "diff", "HEAD", "--json"], repo).stdout)
     assert diff["metrics/lora.json"]["trainable_parameters"]["diff"] < 0
@@ -111,10 +145,23 @@ def test_the_experiment_workflow(project_copy):
     assert "lora.r" in markdown  # the params diff
 
     # Noise bars: two seeds of a variant queued from lora on, run one at a time, aggregated.
-    table = run(["python", "-m", "llmpipe.seeds", "--seeds", "2", "--from", "lora",
-                 "--variant", "lora.r=2"], repo).stdout
-    experiments = dict(seeds._experiments(json.loads(run(["dvc", "exp", "show", "--json"],
-                                                          repo).stdout)))
+    table = run(
+        [
+            "python",
+            "-m",
+            "llmpipe.seeds",
+            "--seeds",
+            "2",
+            "--from",
+            "lora",
+            "--variant",
+            "lora.r=2",
+        ],
+        repo,
+    ).stdout
+    experiments = dict(
+        seeds._experiments(json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout))
+    )
     names = [f"seeds-lora-r-2-s{seed}" for seed in (0, 1)]
     assert [experiments[name]["params"]["params.yaml"]["data"]["seed"] for name in names] == [0, 1]
     lora_row = next(line for line in table.splitlines() if line.startswith("| lora val perplexity"))
@@ -123,8 +170,21 @@ def test_the_experiment_workflow(project_copy):
     assert values[0] != values[1]
     assert lora_row.split("|")[2].strip().startswith(f"{sum(values) / 2:.4g} ± ")
     # ...and read again without running anything.
-    again = run(["python", "-m", "llmpipe.seeds", "--seeds", "2", "--from", "lora",
-                 "--variant", "lora.r=2", "--report"], repo).stdout
+    again = run(
+        [
+            "python",
+            "-m",
+            "llmpipe.seeds",
+            "--seeds",
+            "2",
+            "--from",
+            "lora",
+            "--variant",
+            "lora.r=2",
+            "--report",
+        ],
+        repo,
+    ).stdout
     assert again == table and table.startswith("| figure |")
 
     # A change of tokenizer reruns tokenize and everything after it, never download.
@@ -151,20 +211,27 @@ def test_a_failed_stage_says_how_to_get_its_outputs_back(project_copy):
     set_params(repo, MICRO_PARAMS)
     run(["dvc", "repro", "tokenize"], repo)
     git_commit_all(repo, "tokenized")
-    outputs = ["data/tokens/pretrain/train.bin", "data/tokens/finetune/meta.json",
-               "data/tokenizer/tokenizer.json", "metrics/tokenize.json"]
+    outputs = [
+        "data/tokens/pretrain/train.bin",
+        "data/tokens/finetune/meta.json",
+        "data/tokenizer/tokenizer.json",
+        "metrics/tokenize.json",
+    ]
     digest = {path: hashlib.sha256((repo / path).read_bytes()).hexdigest() for path in outputs}
 
     set_params(repo, {"tokenize.vocab_size": -5})
     result = run(["dvc", "repro", "tokenize"], repo, check=False)
     assert result.returncode != 0
     line = next(line for line in result.stderr.splitlines() if line.startswith("error:"))
-    assert line.startswith("error: tokenize.vocab_size: -5 is not a positive integer (dvc repro "
-                           "removed this stage's previous outputs; to get them back: ")
+    assert line.startswith(
+        "error: tokenize.vocab_size: -5 is not a positive integer (dvc repro "
+        "removed this stage's previous outputs; to get them back: "
+    )
     assert not any((repo / path).exists() for path in outputs)
 
     way_back = re.search(r"to get them back: (.*)\)$", line).group(1)
     assert way_back == "dvc checkout tokenize && git checkout -- metrics/tokenize.json"
     run(["bash", "-c", way_back], repo)
-    assert {path: hashlib.sha256((repo / path).read_bytes()).hexdigest()
-            for path in outputs} == digest
+    assert {
+        path: hashlib.sha256((repo / path).read_bytes()).hexdigest() for path in outputs
+    } == digest

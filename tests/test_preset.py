@@ -5,14 +5,16 @@ from ruamel.yaml import YAML
 
 from conftest import ROOT, run
 from llmpipe.errors import ParamsError
-from llmpipe.params import read_params_file, validate_all, validate_mapping
+from llmpipe.params import read_params_file
+from llmpipe.pipeline import validate_all, validate_mapping
 from llmpipe.preset import available, compose, load_preset, set_arguments
 
 
 def test_gpu_preset_is_valid_params():
     assert "gpu" in available()
-    validated = validate_mapping(compose(read_params_file(ROOT / "params.yaml"),
-                                         load_preset("gpu")))
+    validated = validate_mapping(
+        compose(read_params_file(ROOT / "params.yaml"), load_preset("gpu"))
+    )
     assert validated["pretrain"].model.n_embd == 768 and validated["pretrain"].dtype == "bfloat16"
     assert validated["pretrain"].launcher.startswith("torchrun")
     assert validated["finetune"].base == validated["lora"].base == "pretrain"
@@ -21,8 +23,9 @@ def test_gpu_preset_is_valid_params():
 
 
 def test_instruct_preset_is_valid_params():
-    validated = validate_mapping(compose(read_params_file(ROOT / "params.yaml"),
-                                         load_preset("instruct")))
+    validated = validate_mapping(
+        compose(read_params_file(ROOT / "params.yaml"), load_preset("instruct"))
+    )
     base = "hf:meta-llama/Llama-3.2-1B-Instruct"
     assert validated["finetune"].base == validated["task_sft"].base == base
     assert validated["tokenize"].tokenizer == base
@@ -41,8 +44,10 @@ def test_dvc_applies_the_set_arguments_to_params_yaml(tmp_path):
     path.write_text((ROOT / "params.yaml").read_text())
     overrides = load_preset("gpu")
     apply_overrides(path, [a for a in set_arguments(overrides) if a != "-S"])
-    assert validate_all(path)["download"].finetune.sha256 == overrides["download"]["finetune"][
-        "sha256"]
+    assert (
+        validate_all(path)["download"].finetune.sha256
+        == overrides["download"]["finetune"]["sha256"]
+    )
     expected = compose(read_params_file(ROOT / "params.yaml"), overrides)
     assert YAML(typ="safe").load(path.read_text()) == expected
 
@@ -79,10 +84,13 @@ def test_the_gpu_presets_token_budget():
     corpus, pretrain = p["download"].pretrain, p["pretrain"]
     assert corpus.source.startswith("hf:HuggingFaceFW/fineweb-edu@")  # a pinned revision
     shards = [f"sample/10BT/{i:03d}_00000.parquet" for i in range(FINEWEB_EDU_10BT_SHARDS)]
-    chosen = [s for s in shards if any(fnmatch(s, pattern)
-                                       for pattern in corpus.data_files)]
-    unique_train = (FINEWEB_EDU_10BT_TOKENS * len(chosen) / FINEWEB_EDU_10BT_SHARDS
-                    * (1 - p["tokenize"].val_fraction))
+    chosen = [s for s in shards if any(fnmatch(s, pattern) for pattern in corpus.data_files)]
+    unique_train = (
+        FINEWEB_EDU_10BT_TOKENS
+        * len(chosen)
+        / FINEWEB_EDU_10BT_SHARDS
+        * (1 - p["tokenize"].val_fraction)
+    )
     tokens_per_step = pretrain.batch_size * pretrain.grad_accum_steps * pretrain.model.block_size
     trained = tokens_per_step * pretrain.max_steps
     assert tokens_per_step == 524_288  # GPT-2's batch of 0.5M tokens

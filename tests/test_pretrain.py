@@ -10,11 +10,12 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, run, set_params
 from llmpipe import layout
-from llmpipe.data import EpochSampler
+from llmpipe.data.tokens import EpochSampler
 from llmpipe.errors import ParamsError
-from llmpipe.model import GPT
-from llmpipe.params import PretrainParams, load_stage_params
-from llmpipe.pretrain import (
+from llmpipe.model.gpt import GPT
+from llmpipe.params import load_stage_params
+from llmpipe.train.params import PretrainParams
+from llmpipe.train.pretrain import (
     CHECKPOINT_FILE,
     PretrainPaths,
     TrainingError,
@@ -30,10 +31,13 @@ from llmpipe.pretrain import (
 
 
 def paths_in(workspace: Path, out: Path) -> PretrainPaths:
-    return PretrainPaths(tokens_dir=workspace / layout.tokens("pretrain"),
-                         tokenizer_dir=workspace / layout.TOKENIZER,
-                         model_dir=out / "model", checkpoint_dir=out / "checkpoint",
-                         live_dir=out / "live")
+    return PretrainPaths(
+        tokens_dir=workspace / layout.tokens("pretrain"),
+        tokenizer_dir=workspace / layout.TOKENIZER,
+        model_dir=out / "model",
+        checkpoint_dir=out / "checkpoint",
+        live_dir=out / "live",
+    )
 
 
 def micro_params(workspace: Path, **changes):
@@ -46,8 +50,9 @@ def without_perf(metrics: dict) -> dict:
 
 
 def test_lr_schedule_warms_up_then_decays_to_min_lr(micro_workspace):
-    _, p = micro_params(micro_workspace, warmup_steps=10, max_steps=100, learning_rate=1.0,
-                        min_lr=0.1)
+    _, p = micro_params(
+        micro_workspace, warmup_steps=10, max_steps=100, learning_rate=1.0, min_lr=0.1
+    )
     lrs = [lr_at(s, p) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
@@ -55,14 +60,23 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr(micro_workspace):
 
 
 def test_loss_falls_and_beats_the_unigram_baseline(micro_workspace, tmp_path):
-    seed, p = micro_params(micro_workspace, max_steps=400, eval_interval=200, batch_size=16,
-                           checkpoint_interval=1000, learning_rate=3e-3, warmup_steps=10)
+    seed, p = micro_params(
+        micro_workspace,
+        max_steps=400,
+        eval_interval=200,
+        batch_size=16,
+        checkpoint_interval=1000,
+        learning_rate=3e-3,
+        warmup_steps=10,
+    )
     p = dataclasses.replace(p, model=dataclasses.replace(p.model, n_embd=64, block_size=64))
     metrics = pretrain(p, seed, paths_in(micro_workspace, tmp_path))
     assert metrics["val_loss"] < math.log(512) - 1.5, metrics  # far below a uniform guess
     assert metrics["val_perplexity"] < 0.8 * metrics["unigram_val_perplexity"]
-    curve = [float(line.split("\t")[-1]) for line in
-             (tmp_path / "live/plots/metrics/train/loss.tsv").read_text().splitlines()[1:]]
+    curve = [
+        float(line.split("\t")[-1])
+        for line in (tmp_path / "live/plots/metrics/train/loss.tsv").read_text().splitlines()[1:]
+    ]
     assert sum(curve[-10:]) / 10 < sum(curve[:10]) / 10 - 1.0
     # The export is a Hugging Face model with the tokenizer, and it has no leftover checkpoint.
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -90,7 +104,7 @@ def test_interrupted_run_resumes_to_the_same_weights(micro_workspace, tmp_path, 
     p = dataclasses.replace(p, model=dataclasses.replace(p.model, dropout=0.1))
     reference = pretrain(p, seed, paths_in(micro_workspace, tmp_path / "ref"))
 
-    import llmpipe.pretrain as module
+    import llmpipe.train.pretrain as module
 
     real_lr_at = module.lr_at
 
@@ -110,20 +124,23 @@ def test_interrupted_run_resumes_to_the_same_weights(micro_workspace, tmp_path, 
     wa = load_file(tmp_path / "ref/model/model.safetensors")
     wb = load_file(paths.model_dir / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert ((tmp_path / "ref/live/plots/metrics/train/loss.tsv").read_text()
-            == (paths.live_dir / "plots/metrics/train/loss.tsv").read_text())
+    assert (tmp_path / "ref/live/plots/metrics/train/loss.tsv").read_text() == (
+        paths.live_dir / "plots/metrics/train/loss.tsv"
+    ).read_text()
     assert not (paths.checkpoint_dir / CHECKPOINT_FILE).exists()
 
 
-def test_checkpoint_of_other_params_is_not_resumed(micro_workspace, tmp_path, monkeypatch,
-                                                   capsys):
+def test_checkpoint_of_other_params_is_not_resumed(micro_workspace, tmp_path, monkeypatch, capsys):
     seed, p = micro_params(micro_workspace)
     paths = paths_in(micro_workspace, tmp_path)
-    import llmpipe.pretrain as module
+    import llmpipe.train.pretrain as module
 
     real_lr_at = module.lr_at
-    monkeypatch.setattr(module, "lr_at", lambda s, q: (_ for _ in ()).throw(KeyboardInterrupt)
-                        if s == 9 else real_lr_at(s, q))
+    monkeypatch.setattr(
+        module,
+        "lr_at",
+        lambda s, q: (_ for _ in ()).throw(KeyboardInterrupt) if s == 9 else real_lr_at(s, q),
+    )
     with pytest.raises(KeyboardInterrupt):
         pretrain(p, seed, paths)
     monkeypatch.setattr(module, "lr_at", real_lr_at)
@@ -145,9 +162,14 @@ def test_the_parts_of_the_loop_one_by_one(micro_workspace, tmp_path):
     checkpoint(run, 1)
     resumed = prepare(p, seed, paths, rt)  # finds the checkpoint of the same run
     assert resumed.start_step == 1 and resumed.tokens_seen == run.tokens_seen
-    assert all(torch.equal(a, b) for a, b in zip(run.raw_model.state_dict().values(),
-                                                 resumed.raw_model.state_dict().values(),
-                                                 strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            run.raw_model.state_dict().values(),
+            resumed.raw_model.state_dict().values(),
+            strict=True,
+        )
+    )
     assert optimizer_step(resumed, 1) == optimizer_step(run, 1)  # same data, same weights
 
 
@@ -157,15 +179,19 @@ def test_a_non_finite_loss_never_reaches_the_weights(micro_workspace, tmp_path, 
     optimizer_step(run, 0)
     before = {k: v.clone() for k, v in run.raw_model.state_dict().items()}
     real_forward = GPT.forward
-    monkeypatch.setattr(GPT, "forward", lambda self, idx, targets=None: (
-        lambda out: (out[0], out[1] * float("inf")))(real_forward(self, idx, targets)))
+    monkeypatch.setattr(
+        GPT,
+        "forward",
+        lambda self, idx, targets=None: (lambda out: (out[0], out[1] * float("inf")))(
+            real_forward(self, idx, targets)
+        ),
+    )
     with pytest.raises(TrainingError, match=r"^pretrain: loss became inf at step 1$"):
         optimizer_step(run, 1)
     assert all(torch.equal(before[k], v) for k, v in run.raw_model.state_dict().items())
 
 
-def test_one_host_device_synchronisation_per_optimizer_step(micro_workspace, tmp_path,
-                                                            monkeypatch):
+def test_one_host_device_synchronisation_per_optimizer_step(micro_workspace, tmp_path, monkeypatch):
     """On a GPU every read of a device tensor on the host (.item(), .tolist(), `if tensor`)
     waits for the device: an optimizer step reads the loss and gradient norm once, together."""
     seed, p = micro_params(micro_workspace, grad_accum_steps=2)
@@ -179,6 +205,7 @@ def test_one_host_device_synchronisation_per_optimizer_step(micro_workspace, tmp
             if counting[0]:
                 reads.append(name)
             return real(self, *args, **kwargs)
+
         return counted
 
     for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
@@ -198,8 +225,9 @@ def test_one_host_device_synchronisation_per_optimizer_step(micro_workspace, tmp
     assert reads == ["tolist"] * 3
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(micro_workspace, tmp_path,
-                                                               monkeypatch):
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(
+    micro_workspace, tmp_path, monkeypatch
+):
     seed, p = micro_params(micro_workspace)
     paths = paths_in(micro_workspace, tmp_path)
     real_forward = GPT.forward
@@ -214,8 +242,11 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(micro_workspace, 
         return logits, loss
 
     monkeypatch.setattr(GPT, "forward", forward_with_nan_at_step_8)
-    with pytest.raises(TrainingError, match=r"loss became nan at step 8; the last good "
-                                            r"checkpoint is kept in .*checkpoint\.pt"):
+    with pytest.raises(
+        TrainingError,
+        match=r"loss became nan at step 8; the last good "
+        r"checkpoint is kept in .*checkpoint\.pt",
+    ):
         pretrain(p, seed, paths)
     state = torch.load(paths.checkpoint_dir / CHECKPOINT_FILE, weights_only=True)
     assert state["step"] == 6
@@ -223,15 +254,19 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(micro_workspace, 
 
 
 def test_hf_init_checks_the_architecture(micro_workspace, tmp_path):
-    from llmpipe.model import GPTConfig, export_hf_gpt2
+    from llmpipe.model.gpt import GPTConfig
+    from llmpipe.model.hf import export_hf_gpt2
 
-    export_hf_gpt2(GPT(GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=2,
-                                 n_embd=32)), tmp_path / "base")
+    export_hf_gpt2(
+        GPT(GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_embd=32)),
+        tmp_path / "base",
+    )
     seed, p = micro_params(micro_workspace, init=str(tmp_path / "base"), max_steps=2)
     model = build_model(p, 512)
     base = load_file(tmp_path / "base/model.safetensors")
-    assert torch.equal(model.transformer.h[1].mlp.c_fc.weight,
-                       base["transformer.h.1.mlp.c_fc.weight"].t())  # Conv1D (in, out)
+    assert torch.equal(
+        model.transformer.h[1].mlp.c_fc.weight, base["transformer.h.1.mlp.c_fc.weight"].t()
+    )  # Conv1D (in, out)
     assert model.transformer.wpe.weight.shape == (32, 32)  # 64 positions cropped to block_size
     assert torch.equal(model.transformer.wpe.weight, base["transformer.wpe.weight"][:32])
     metrics = pretrain(p, seed, paths_in(micro_workspace, tmp_path / "out"))
@@ -244,30 +279,47 @@ def test_hf_init_checks_the_architecture(micro_workspace, tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(micro_workspace, tmp_path):
     curves = {}
-    for name, launcher in (("single", ["python", "-m"]),
-                           ("ddp", ["torchrun", "--standalone", "--nproc_per_node", "2", "-m"])):
+    for name, launcher in (
+        ("single", ["python", "-m"]),
+        ("ddp", ["torchrun", "--standalone", "--nproc_per_node", "2", "-m"]),
+    ):
         work = tmp_path / name
         work.mkdir()
         shutil.copytree(micro_workspace / "data", work / "data")
         shutil.copy2(micro_workspace / "params.yaml", work / "params.yaml")
         set_params(work, {"pretrain.grad_accum_steps": 2, "pretrain.max_steps": 8})
         run([*launcher, "stages.pretrain"], work, PYTHONPATH=f"{ROOT}:{ROOT / 'src'}")
-        curves[name] = [float(line.split("\t")[-1]) for line in
-                        (work / "dvclive/pretrain/plots/metrics/train/loss.tsv")
-                        .read_text().splitlines()[1:]]
+        curves[name] = [
+            float(line.split("\t")[-1])
+            for line in (work / "dvclive/pretrain/plots/metrics/train/loss.tsv")
+            .read_text()
+            .splitlines()[1:]
+        ]
         metrics = json.loads((work / "metrics/pretrain.json").read_text())
         assert metrics["perf"]["processes"] == (2 if name == "ddp" else 1)
     assert len(curves["single"]) == len(curves["ddp"]) == 8
     assert curves["ddp"] == pytest.approx(curves["single"], abs=1e-4)
 
 
-@pytest.mark.parametrize(("name", "flops"), [
-    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
-    ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA A100-SXM4-80GB", 312e12),
-    ("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12), ("NVIDIA GeForce RTX 3090", None),
-    ("NVIDIA L40", None), ("NVIDIA RTX A1000", None), ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", None)])
+@pytest.mark.parametrize(
+    ("name", "flops"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA H200 NVL", 835e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA L4", 121e12),
+        ("NVIDIA GeForce RTX 3090", None),
+        ("NVIDIA L40", None),
+        ("NVIDIA RTX A1000", None),
+        ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", None),
+    ],
+)
 def test_the_peak_flops_of_a_gpu_come_from_its_name(name, flops):
-    from llmpipe.pretrain import peak_flops_of_gpu
+    from llmpipe.train.pretrain import peak_flops_of_gpu
 
     assert peak_flops_of_gpu(name) == flops
 
@@ -287,7 +339,7 @@ def unusable_gpu(monkeypatch):
 
 def test_cuda_asked_for_but_unusable_is_an_error_naming_the_driver_and_the_fix(unusable_gpu):
     from llmpipe.errors import DeviceError
-    from llmpipe.pretrain import setup_runtime
+    from llmpipe.train.pretrain import setup_runtime
 
     for device in ("cuda", "auto"):  # auto with a GPU present: no quiet run on the CPU either
         with pytest.raises(DeviceError) as error:

@@ -9,13 +9,11 @@ from transformers.pytorch_utils import Conv1D
 
 from conftest import ROOT, run
 from llmpipe import layout
-from llmpipe.data import TokenBin
-from llmpipe.decoding import GreedyDecoder
+from llmpipe.data.tokens import TokenBin
 from llmpipe.errors import DataError, DeviceError, ParamsError
-from llmpipe.evaluation import window_loss
-from llmpipe.loading import load_causal_lm
-from llmpipe.params import QuantizeParams, load_stage_params
-from llmpipe.quantization import (
+from llmpipe.evaluation.scores import window_loss
+from llmpipe.export.params import QuantizeParams
+from llmpipe.export.quantization import (
     METHODS,
     MODULES,
     calibration_inputs,
@@ -24,6 +22,9 @@ from llmpipe.quantization import (
     quantize,
     save_quantized,
 )
+from llmpipe.model.decoding import GreedyDecoder
+from llmpipe.model.loading import load_causal_lm
+from llmpipe.params import load_stage_params
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +68,9 @@ def test_every_block_projection_is_quantized(base, method, calibration):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_quantized_perplexity_stays_close_and_reload_is_identical(base, method, tmp_path,
-                                                                  calibration):
+def test_quantized_perplexity_stays_close_and_reload_is_identical(
+    base, method, tmp_path, calibration
+):
     model, tokenizer, val = base
     quantized = quantize(model, method, calibration)
     fp32_loss = window_loss(model, val, 32, 16, 8)
@@ -85,8 +87,7 @@ def test_quantized_perplexity_stays_close_and_reload_is_identical(base, method, 
 def test_int8_file_is_under_half_the_fp32_file(base, tmp_path, micro_pretrained):
     model, tokenizer, _ = base
     save_quantized(quantize(model, "dynamic_int8"), tmp_path, tokenizer)
-    fp32_bytes = (micro_pretrained / layout.PRETRAIN_MODEL
-                  / "model.safetensors").stat().st_size
+    fp32_bytes = (micro_pretrained / layout.PRETRAIN_MODEL / "model.safetensors").stat().st_size
     assert (tmp_path / "quantized.safetensors").stat().st_size < 0.5 * fp32_bytes
 
 
@@ -98,8 +99,9 @@ def test_unknown_method_or_source_is_a_clear_error(base, tmp_path):
         quantize(model, "static_int8")
     text = (ROOT / "params.yaml").read_text()
     (tmp_path / "params.yaml").write_text(text.replace("  source: finetune", "  source: pretrain"))
-    with pytest.raises(ParamsError, match="quantize.source: 'pretrain' is not one of "
-                                          "'finetune', 'lora'"):
+    with pytest.raises(
+        ParamsError, match="quantize.source: 'pretrain' is not one of 'finetune', 'lora'"
+    ):
         load_stage_params(QuantizeParams, tmp_path / "params.yaml")
     with pytest.raises(DataError, match="no quantization.json"):
         load_quantized(tmp_path)
@@ -107,7 +109,7 @@ def test_unknown_method_or_source_is_a_clear_error(base, tmp_path):
 
 def test_dynamic_int8_matmul_matches_its_dequantized_reference(base):
     """The int8 x int8 path computes (q_x * s_x) @ (q_w * s_w)^T + b, up to fp32 rounding."""
-    from llmpipe.quantization import DynamicInt8Linear, quantize_rows
+    from llmpipe.export.quantization import DynamicInt8Linear, quantize_rows
 
     linear = nn.Linear(64, 48)
     module = DynamicInt8Linear.from_linear(linear)
@@ -125,9 +127,14 @@ def test_compiled_decoder_gives_the_greedy_tokens_of_generate(base, method, cali
     prompt = next(val.eval_batches(8, 2, 2))[0]
     new_tokens = 6
     with torch.no_grad():
-        expected = model.generate(prompt, attention_mask=torch.ones_like(prompt),
-                                  do_sample=False, max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens, pad_token_id=0)[:, 8:]
+        expected = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            pad_token_id=0,
+        )[:, 8:]
     decoder = GreedyDecoder(model, batch_size=2, max_length=8 + new_tokens)
     assert torch.equal(decoder(prompt, new_tokens), expected)
     assert torch.equal(decoder(prompt, new_tokens), expected)  # the cache is reset per call
@@ -154,8 +161,8 @@ TORCHAO_DIR = Path(sys.executable).parents[1] / "torchao"
 
 TORCHAO_CHECK = """
 import sys, torch
-from llmpipe.loading import load_causal_lm
-from llmpipe.quantization import quantize, to_torchao_weight_only
+from llmpipe.model.loading import load_causal_lm
+from llmpipe.export.quantization import quantize, to_torchao_weight_only
 model, _ = load_causal_lm(sys.argv[1], device="cpu")
 x = torch.arange(32).view(2, 16)
 int8 = quantize(model.eval(), "weight_only_int8")
@@ -172,9 +179,11 @@ def test_torchao_runs_the_weight_only_model_with_its_own_kernels(micro_pretraine
     """The GPU path (quantize and evaluate on CUDA), checked here on the CPU: the saved int8
     model through torchao's Int8WeightOnlyConfig stays an int8 model of the same fp32 one."""
     assert TORCHAO_DIR.is_dir(), f"{TORCHAO_DIR}: missing (make setup installs torchao there)"
-    result = run([sys.executable, "-c", TORCHAO_CHECK,
-                  str(micro_pretrained / layout.PRETRAIN_MODEL)], tmp_path,
-        PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{TORCHAO_DIR}")
+    result = run(
+        [sys.executable, "-c", TORCHAO_CHECK, str(micro_pretrained / layout.PRETRAIN_MODEL)],
+        tmp_path,
+        PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{TORCHAO_DIR}",
+    )
     torchao_error, our_error, kinds = result.stdout.strip().splitlines()[-1].split(" ", 2)
     # torchao rounds the dequantized weights again (its scales differ slightly from ours): its
     # error to fp32 is measured at 2x ours on the micro model; 3x would mean another scheme
@@ -182,15 +191,17 @@ def test_torchao_runs_the_weight_only_model_with_its_own_kernels(micro_pretraine
     assert "Int8Tensor" in kinds  # torchao's quantized weights, not a plain Linear's
 
 
-def test_the_measurement_device_and_methods_that_cannot_run_on_a_gpu(base, tmp_path,
-                                                                     monkeypatch):
-    from llmpipe.quantization import measurement_device, on_device
+def test_the_measurement_device_and_methods_that_cannot_run_on_a_gpu(base, tmp_path, monkeypatch):
+    from llmpipe.export.quantization import measurement_device, on_device
 
     model, _, _ = base
     assert measurement_device("auto", "dynamic_int8") == "cpu"  # no GPU here, and a CPU method
     assert measurement_device("cpu", "weight_only_int8") == "cpu"
-    with pytest.raises(DeviceError, match=r"^quantize\.device: 'cuda', but CUDA is unusable: "
-                                          r"torch .* is a CPU-only build"):
+    with pytest.raises(
+        DeviceError,
+        match=r"^quantize\.device: 'cuda', but CUDA is unusable: "
+        r"torch .* is a CPU-only build",
+    ):
         measurement_device("cuda", "weight_only_int8")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert measurement_device("auto", "dynamic_int8") == "cpu"
@@ -198,12 +209,21 @@ def test_the_measurement_device_and_methods_that_cannot_run_on_a_gpu(base, tmp_p
     assert measurement_device("auto", "weight_only_int8") == "cpu"
     with pytest.raises(ParamsError, match=r"^quantize\.device: 'cuda' needs torchao"):
         measurement_device("cuda", "weight_only_int8")
-    with pytest.raises(ParamsError, match=r"^quantize\.method: dynamic_int8 runs on the CPU "
-                                          r"only; on cuda use weight_only_int8"):
+    with pytest.raises(
+        ParamsError,
+        match=r"^quantize\.method: dynamic_int8 runs on the CPU "
+        r"only; on cuda use weight_only_int8",
+    ):
         on_device(quantize(model, "dynamic_int8"), "cuda")
-    params = (ROOT / "params.yaml").read_text().replace("  device: auto           # where int8",
-                                                        "  device: cuda           # where int8")
+    params = (
+        (ROOT / "params.yaml")
+        .read_text()
+        .replace("  device: auto           # where int8", "  device: cuda           # where int8")
+    )
     (tmp_path / "params.yaml").write_text(params)
-    with pytest.raises(ParamsError, match=r"^quantize\.method: dynamic_int8 runs on the CPU only;"
-                                          r" with device cuda use weight_only_int8"):
+    with pytest.raises(
+        ParamsError,
+        match=r"^quantize\.method: dynamic_int8 runs on the CPU only;"
+        r" with device cuda use weight_only_int8",
+    ):
         load_stage_params(QuantizeParams, tmp_path / "params.yaml")

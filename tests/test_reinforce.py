@@ -1,4 +1,4 @@
-"""REINFORCE written out (llmpipe.reinforce): its baselines, its loss, and that it learns."""
+"""REINFORCE written out (llmpipe.rl.reinforce): its baselines, its loss, and that it learns."""
 
 import math
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from llmpipe import layout
-from llmpipe.loading import load_causal_lm
-from llmpipe.reinforce import (
+from llmpipe.model.loading import load_causal_lm
+from llmpipe.rl.reinforce import (
     ReinforceConfig,
     group_mean_baseline,
     policy_gradient_loss,
@@ -32,9 +32,11 @@ def test_token_and_sequence_normalisation_weigh_completions_differently():
     advantages = torch.tensor([1.0, -1.0])
     # token: (4 x 1 - 2) / 5 tokens; sequence: mean of 4/4 and -2/1
     assert policy_gradient_loss(logprobs, advantages, mask, "token").item() == pytest.approx(
-        (4 - 2) / 5)
-    assert policy_gradient_loss(logprobs, advantages, mask, "sequence").item() == \
-        pytest.approx((1 - 2) / 2)
+        (4 - 2) / 5
+    )
+    assert policy_gradient_loss(logprobs, advantages, mask, "sequence").item() == pytest.approx(
+        (1 - 2) / 2
+    )
 
 
 def test_reinforce_raises_a_toy_reward_in_a_few_steps(micro_pretrained):
@@ -42,7 +44,7 @@ def test_reinforce_raises_a_toy_reward_in_a_few_steps(micro_pretrained):
     often at first. A few policy-gradient steps make it much more frequent."""
     from collections import Counter
 
-    from llmpipe.reinforce import sample
+    from llmpipe.rl.reinforce import sample
 
     policy, tokenizer = load_causal_lm(micro_pretrained / layout.PRETRAIN_MODEL, device="cpu")
     reference, _ = load_causal_lm(micro_pretrained / layout.PRETRAIN_MODEL, device="cpu")
@@ -55,15 +57,33 @@ def test_reinforce_raises_a_toy_reward_in_a_few_steps(micro_pretrained):
     def share_of_target(prompts, completions, completion_ids, **kwargs):
         return [sum(t == target for t in ids) / max(len(ids), 1) for ids in completion_ids]
 
-    cfg = ReinforceConfig(num_generations=8, prompts_per_step=4, max_steps=20,
-                          learning_rate=2e-2, max_completion_length=8, temperature=1.0,
-                          baseline="rloo", loss_normalisation="token", beta=0.0, grad_clip=1.0)
+    cfg = ReinforceConfig(
+        num_generations=8,
+        prompts_per_step=4,
+        max_steps=20,
+        learning_rate=2e-2,
+        max_completion_length=8,
+        temperature=1.0,
+        baseline="rloo",
+        loss_normalisation="token",
+        beta=0.0,
+        grad_clip=1.0,
+    )
     curve = []
-    reinforce(policy, reference, tokenizer, prompts, [(share_of_target, 1.0)], cfg, seed=0,
-              log=lambda step, stats: curve.append(stats))
+    reinforce(
+        policy,
+        reference,
+        tokenizer,
+        prompts,
+        [(share_of_target, 1.0)],
+        cfg,
+        seed=0,
+        log=lambda step, stats: curve.append(stats),
+    )
     assert len(curve) == 20
-    assert {"reward", "baseline", "advantage_std", "entropy", "kl", "completion_length"} <= \
-        set(curve[0])
+    assert {"reward", "baseline", "advantage_std", "entropy", "kl", "completion_length"} <= set(
+        curve[0]
+    )
     first, last = (sum(s["reward"] for s in part) / 3 for part in (curve[:3], curve[-3:]))
     assert last > first + 0.2, [round(s["reward"], 3) for s in curve]  # from about 0.01
     assert curve[0]["kl"] == pytest.approx(0.0, abs=1e-5) and curve[-1]["kl"] > 0
@@ -76,8 +96,7 @@ def test_a_bf16_weight_moves_through_fp32_master_weights_where_a_bf16_update_rou
     """An AdamW step of 1e-4 on a weight of 1.0: bf16 holds 1.0 - 1e-4 as 1.0 (its numbers near
     1 are 2^-8 apart), so a bf16 weight never moves; its float32 master copy does, the forward
     still computed in bf16 (autocast)."""
-    from llmpipe.reinforce import compute_autocast
-    from llmpipe.runtime import fp32_master_weights
+    from llmpipe.runtime import compute_autocast, fp32_master_weights
 
     def one_step(master: bool) -> torch.Tensor:
         layer = torch.nn.Linear(4, 1, bias=False)
@@ -133,14 +152,34 @@ def micro_run(micro_dir, steps=3, reference=True, **settings):
     """A few REINFORCE steps on the micro model: (figures per step without the timing, policy)."""
     policy, tokenizer = load_causal_lm(micro_dir, device="cpu")
     ref = load_causal_lm(micro_dir, device="cpu")[0] if reference else None
-    cfg = ReinforceConfig(**{**dict(num_generations=4, prompts_per_step=3, max_steps=steps,
-                                    learning_rate=1e-2, max_completion_length=6, temperature=1.0,
-                                    baseline="rloo", loss_normalisation="token", beta=0.1,
-                                    grad_clip=1.0), **settings})
+    cfg = ReinforceConfig(
+        **{
+            **dict(
+                num_generations=4,
+                prompts_per_step=3,
+                max_steps=steps,
+                learning_rate=1e-2,
+                max_completion_length=6,
+                temperature=1.0,
+                baseline="rloo",
+                loss_normalisation="token",
+                beta=0.1,
+                grad_clip=1.0,
+            ),
+            **settings,
+        }
+    )
     curve = []
-    reinforce(policy, ref, tokenizer, PROMPTS, [(share_of_sevens, 1.0)], cfg, seed=3,
-              log=lambda step, stats: curve.append(
-                  {k: v for k, v in stats.items() if k != "step_time"}))
+    reinforce(
+        policy,
+        ref,
+        tokenizer,
+        PROMPTS,
+        [(share_of_sevens, 1.0)],
+        cfg,
+        seed=3,
+        log=lambda step, stats: curve.append({k: v for k, v in stats.items() if k != "step_time"}),
+    )
     return curve, policy
 
 
@@ -149,25 +188,31 @@ def test_a_run_in_passes_smaller_than_the_step_and_an_offloaded_reference(micro_
     # The reference on the CPU: on a CPU run, the very same figures and weights.
     offloaded, offloaded_policy = micro_run(micro_dir, reference_device="cpu")
     assert offloaded == same
-    assert all(torch.equal(a, b) for a, b in zip(policy.parameters(),
-                                                  offloaded_policy.parameters(), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(policy.parameters(), offloaded_policy.parameters(), strict=True)
+    )
     # A pass as large as the step is the one-pass run; smaller passes (4: one prompt group)
     # sample other completions from the same seed, and train all the same.
     assert micro_run(micro_dir, generation_batch_size=12)[0] == same
     for normalisation in ("token", "sequence"):
-        curve, _ = micro_run(micro_dir, generation_batch_size=4,
-                             loss_normalisation=normalisation)
+        curve, _ = micro_run(micro_dir, generation_batch_size=4, loss_normalisation=normalisation)
         assert len(curve) == 3 and set(curve[0]) == set(same[0])
         assert all(math.isfinite(v) for stats in curve for v in stats.values())
         assert curve[0]["kl"] == pytest.approx(0.0, abs=1e-6) and curve[-1]["kl"] > 0
 
 
 def subrollout(rollout, rows):
-    from llmpipe.reinforce import Rollout
+    from llmpipe.rl.reinforce import Rollout
 
-    return Rollout(rollout.ids[rows], rollout.attention_mask[rows], rollout.prompt_length,
-                   rollout.completion_mask[rows], rollout.texts[rows],
-                   rollout.completion_ids[rows])
+    return Rollout(
+        rollout.ids[rows],
+        rollout.attention_mask[rows],
+        rollout.prompt_length,
+        rollout.completion_mask[rows],
+        rollout.texts[rows],
+        rollout.completion_ids[rows],
+    )
 
 
 @pytest.mark.parametrize("normalisation", ["token", "sequence"])
@@ -175,7 +220,7 @@ def subrollout(rollout, rows):
 def test_scoring_a_step_in_passes_gives_the_whole_steps_gradient(micro_dir, normalisation, beta):
     """The same completions scored in one pass or in three (the gradient accumulated over them,
     the KL taken first where beta needs it): the same figures and gradient, up to rounding."""
-    from llmpipe.reinforce import backward_step, sample
+    from llmpipe.rl.reinforce import backward_step, sample
 
     policy, tokenizer = load_causal_lm(micro_dir, device="cpu")
     reference, _ = load_causal_lm(micro_dir, device="cpu")
@@ -184,10 +229,18 @@ def test_scoring_a_step_in_passes_gives_the_whole_steps_gradient(micro_dir, norm
     with torch.no_grad():  # a policy that has moved off the reference: a KL to shape with
         for p in policy.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
-    cfg = ReinforceConfig(num_generations=4, prompts_per_step=3, max_steps=1,
-                          learning_rate=1e-2, max_completion_length=6, temperature=1.0,
-                          baseline="rloo", loss_normalisation=normalisation, beta=beta,
-                          grad_clip=1.0)
+    cfg = ReinforceConfig(
+        num_generations=4,
+        prompts_per_step=3,
+        max_steps=1,
+        learning_rate=1e-2,
+        max_completion_length=6,
+        temperature=1.0,
+        baseline="rloo",
+        loss_normalisation=normalisation,
+        beta=beta,
+        grad_clip=1.0,
+    )
     torch.manual_seed(0)
     rollout = sample(policy, tokenizer, [q["prompt"] for q in PROMPTS[:3]], 4, 6, 1.0)
     reward = torch.randn(12, generator=torch.Generator().manual_seed(2))
@@ -199,8 +252,9 @@ def test_scoring_a_step_in_passes_gives_the_whole_steps_gradient(micro_dir, norm
     (whole, whole_grads), (passes, pass_grads) = results
     assert whole["kl"] > 0.01
     assert passes == pytest.approx(whole, rel=1e-5, abs=1e-6)
-    assert max((a - b).abs().max().item() for a, b in zip(whole_grads, pass_grads,
-                                                          strict=True)) < 1e-6
+    assert (
+        max((a - b).abs().max().item() for a, b in zip(whole_grads, pass_grads, strict=True)) < 1e-6
+    )
 
 
 def test_bf16_compute_trains_float32_master_weights_of_a_bf16_policy(micro_dir):
@@ -208,23 +262,42 @@ def test_bf16_compute_trains_float32_master_weights_of_a_bf16_policy(micro_dir):
     reference, _ = load_causal_lm(micro_dir, device="cpu")
     policy.to(torch.bfloat16)  # as a checkpoint saved in bf16 loads
     start = {name: p.detach().float().clone() for name, p in policy.named_parameters()}
-    cfg = ReinforceConfig(num_generations=4, prompts_per_step=2, max_steps=2, learning_rate=1e-4,
-                          max_completion_length=6, temperature=1.0, baseline="rloo",
-                          loss_normalisation="token", beta=0.1, grad_clip=1.0, dtype="bfloat16",
-                          generation_batch_size=4)
+    cfg = ReinforceConfig(
+        num_generations=4,
+        prompts_per_step=2,
+        max_steps=2,
+        learning_rate=1e-4,
+        max_completion_length=6,
+        temperature=1.0,
+        baseline="rloo",
+        loss_normalisation="token",
+        beta=0.1,
+        grad_clip=1.0,
+        dtype="bfloat16",
+        generation_batch_size=4,
+    )
     curve = []
-    reinforce(policy, reference, tokenizer, PROMPTS, [(share_of_sevens, 1.0)], cfg, seed=0,
-              log=lambda step, stats: curve.append(stats))
+    reinforce(
+        policy,
+        reference,
+        tokenizer,
+        PROMPTS,
+        [(share_of_sevens, 1.0)],
+        cfg,
+        seed=0,
+        log=lambda step, stats: curve.append(stats),
+    )
     assert {p.dtype for p in policy.parameters()} == {torch.float32}
     assert {p.dtype for p in reference.parameters()} == {torch.bfloat16}  # the compute dtype
     assert not any(p.requires_grad for p in reference.parameters())
     assert len(curve) == 2 and all(math.isfinite(v) for s in curve for v in s.values())
     # Updates of ~1e-4: the float32 weights took them; in bf16 many would round away (the
     # layer norms' weights of 1.0 all would).
-    changed = sum((p.detach() != start[name]).sum().item()
-                  for name, p in policy.named_parameters())
-    kept_in_bf16 = sum((p.detach().to(torch.bfloat16).float() != start[name]).sum().item()
-                       for name, p in policy.named_parameters())
+    changed = sum((p.detach() != start[name]).sum().item() for name, p in policy.named_parameters())
+    kept_in_bf16 = sum(
+        (p.detach().to(torch.bfloat16).float() != start[name]).sum().item()
+        for name, p in policy.named_parameters()
+    )
     assert changed > 0.5 * sum(p.numel() for p in start.values())
     assert kept_in_bf16 < changed
     assert policy.transformer.ln_f.weight.ne(1.0).all()
@@ -239,18 +312,26 @@ def test_without_a_reference_beta_must_be_zero_and_no_kl_is_logged(micro_dir):
 
 
 @pytest.mark.parametrize("stage", ["reinforce", "task_reinforce"])
-@pytest.mark.parametrize("key, value, message", [
-    ("dtype", "float16", "dtype: 'float16' is not one of 'float32', 'bfloat16'"),
-    ("generation_batch_size", 0, "generation_batch_size: 0 is not a positive integer"),
-    ("generation_batch_size", "all", "generation_batch_size: 'all' is not a positive integer"),
-    ("generation_batch_size", 6, r"generation_batch_size: 6 is not a multiple of "
-                                 r"num_generations \(4\)"),
-    ("reference_device", "cuda", "reference_device: 'cuda' is not one of 'same', 'cpu'"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("dtype", "float16", "dtype: 'float16' is not one of 'float32', 'bfloat16'"),
+        ("generation_batch_size", 0, "generation_batch_size: 0 is not a positive integer"),
+        ("generation_batch_size", "all", "generation_batch_size: 'all' is not a positive integer"),
+        (
+            "generation_batch_size",
+            6,
+            r"generation_batch_size: 6 is not a multiple of "
+            r"num_generations \(4\)",
+        ),
+        ("reference_device", "cuda", "reference_device: 'cuda' is not one of 'same', 'cpu'"),
+    ],
+)
 def test_bad_gpu_settings_are_one_line_errors(stage, key, value, message):
     from conftest import ROOT
     from llmpipe.errors import ParamsError
-    from llmpipe.params import STAGE_SCHEMAS, build, read_params_file
+    from llmpipe.params import build, read_params_file
+    from llmpipe.pipeline import STAGE_SCHEMAS
 
     raw = read_params_file(ROOT / "params.yaml")[stage]
     assert raw["num_generations"] == 4

@@ -10,12 +10,12 @@ import torch
 from conftest import TOY_WORDS as WORDS
 from conftest import toy_pairs
 from llmpipe import layout
-from llmpipe.chat import PLAIN
+from llmpipe.data.chat import PLAIN
 from llmpipe.errors import DataError
-from llmpipe.loading import load_reward_model, load_tokenizer
-from llmpipe.params import GrpoParams, RewardModelParams
-from llmpipe.preference_pairs import gold_pairs, load_preference_set
-from llmpipe.rlhf import (
+from llmpipe.model.loading import load_reward_model, load_tokenizer
+from llmpipe.rl.params import GrpoParams, RewardModelParams
+from llmpipe.rl.preference_pairs import gold_pairs, load_preference_set
+from llmpipe.rl.rlhf import (
     completion_logprobs,
     length_penalty,
     pairwise_report,
@@ -23,7 +23,7 @@ from llmpipe.rlhf import (
     run_grpo,
     train_reward_model,
 )
-from llmpipe.sampling import Completion, Sampling, sample_completions
+from llmpipe.rl.sampling import Completion, Sampling, sample_completions
 
 
 @pytest.fixture(scope="module")
@@ -33,23 +33,45 @@ def policy_dir(micro_pretrained):
 
 def test_reward_trainer_learns_a_separable_preference(policy_dir, tmp_path):
     train, heldout = toy_pairs(0, 256), toy_pairs(1, 64)
-    p = RewardModelParams(launcher="python", learning_rate=1e-3, warmup_steps=0, epochs=3,
-                          batch_size=16, max_length=64)
-    model, tokenizer, trained = train_reward_model(policy_dir, train, heldout, PLAIN, p, 0,
-                                                   tmp_path / "live")
+    p = RewardModelParams(
+        launcher="python",
+        learning_rate=1e-3,
+        warmup_steps=0,
+        epochs=3,
+        batch_size=16,
+        max_length=64,
+    )
+    model, tokenizer, trained = train_reward_model(
+        policy_dir, train, heldout, PLAIN, p, 0, tmp_path / "live"
+    )
     assert trained == len(train)  # none longer than max_length
     assert pairwise_report(model, tokenizer, PLAIN, heldout)["accuracy"] >= 0.9
     assert (tmp_path / "live/plots/metrics/train/loss.tsv").exists()
 
 
 def grpo_params(**changes) -> GrpoParams:
-    values = dict(launcher="python", use_vllm=False, degeneration_distinct_drop=0.3,
-                  degeneration_fluency_rise=1.0, use_lora=False, lora_r=8, lora_alpha=16,
-                  lora_target_modules=["c_attn", "c_proj"], num_generations=4,
-                  prompts_per_step=4, beta=0.0, length_penalty=0.0, eval_samples=1,
-                  loss_type="dapo", scale_rewards="group", learning_rate=1e-2,
-                  max_completion_length=8, temperature=1.0, max_steps=15, curve_interval=0,
-                  curve_prompts=1)
+    values = dict(
+        launcher="python",
+        use_vllm=False,
+        degeneration_distinct_drop=0.3,
+        degeneration_fluency_rise=1.0,
+        use_lora=False,
+        lora_r=8,
+        lora_alpha=16,
+        lora_target_modules=["c_attn", "c_proj"],
+        num_generations=4,
+        prompts_per_step=4,
+        beta=0.0,
+        length_penalty=0.0,
+        loss_type="dapo",
+        scale_rewards="group",
+        learning_rate=1e-2,
+        max_completion_length=8,
+        temperature=1.0,
+        max_steps=15,
+        curve_interval=0,
+        curve_prompts=1,
+    )
     return GrpoParams(**{**values, **changes})
 
 
@@ -79,8 +101,9 @@ def test_grpo_raises_a_simple_reward_and_calls_it_as_trl_documents(policy_dir, t
     def mean_frequency(ids: list[list[int]]) -> float:
         return sum(target_frequency(ids, ids, ids)) / len(ids)
 
-    model, steps = run_grpo(policy_dir, [(target_frequency, 1.0)], prompts, PLAIN,
-                            grpo_params(), 0, tmp_path / "live")
+    model, steps = run_grpo(
+        policy_dir, [(target_frequency, 1.0)], prompts, PLAIN, grpo_params(), 0, tmp_path / "live"
+    )
     assert steps == 15
     after_ids = sampled_ids(model)
     before, after = mean_frequency(base_ids), mean_frequency(after_ids)
@@ -99,15 +122,22 @@ def test_grpo_with_lora_trains_and_returns_a_merged_plain_model(policy_dir, tmp_
     def varied(prompts, completions, completion_ids, **kwargs):  # rewards that differ
         return [float(sum(ids) % 7) for ids in completion_ids]
 
-    model, _ = run_grpo(policy_dir, [(varied, 1.0), (length_penalty, 0.1)],
-                        ["a b", "c d"], PLAIN, grpo_params(use_lora=True, max_steps=3,
-                                                    prompts_per_step=2), 0, tmp_path / "live")
+    model, _ = run_grpo(
+        policy_dir,
+        [(varied, 1.0), (length_penalty, 0.1)],
+        ["a b", "c d"],
+        PLAIN,
+        grpo_params(use_lora=True, max_steps=3, prompts_per_step=2),
+        0,
+        tmp_path / "live",
+    )
     assert not isinstance(model, PeftModel)
     assert not any("lora" in name for name, _ in model.named_parameters())
     base = load_file(policy_dir / "model.safetensors")
     trained = model.state_dict()
-    assert not torch.equal(trained["transformer.h.0.attn.c_attn.weight"],
-                           base["transformer.h.0.attn.c_attn.weight"])  # the merged adapter
+    assert not torch.equal(
+        trained["transformer.h.0.attn.c_attn.weight"], base["transformer.h.0.attn.c_attn.weight"]
+    )  # the merged adapter
     assert torch.equal(trained["transformer.wte.weight"], base["transformer.wte.weight"])
 
 
@@ -118,19 +148,25 @@ def test_kl_of_a_policy_to_itself_is_zero_and_positive_to_another(policy_dir):
     policy = AutoModelForCausalLM.from_pretrained(policy_dir)
     prompts = ["the value of", "a list is"]
     groups = sample_completions(policy, tokenizer, prompts, Sampling(3, 6, 1.0, seed=0))
-    prompt_ids = [tokenizer(q, add_special_tokens=False).input_ids
-                  for q in prompts for _ in range(3)]
+    prompt_ids = [
+        tokenizer(q, add_special_tokens=False).input_ids for q in prompts for _ in range(3)
+    ]
     ids = [c.ids for g in groups for c in g]
     same = completion_logprobs(policy, prompt_ids, ids)
     reloaded = AutoModelForCausalLM.from_pretrained(policy_dir)
-    assert sum(a - b for a, b in zip(same, completion_logprobs(reloaded, prompt_ids, ids),
-                                     strict=True)) == 0
+    assert (
+        sum(
+            a - b for a, b in zip(same, completion_logprobs(reloaded, prompt_ids, ids), strict=True)
+        )
+        == 0
+    )
     other = AutoModelForCausalLM.from_pretrained(policy_dir)
     with torch.no_grad():
         for param in other.parameters():
             param.add_(0.05 * torch.randn_like(param))
-    kl = sum(a - b for a, b in zip(same, completion_logprobs(other, prompt_ids, ids),
-                                   strict=True)) / len(ids)
+    kl = sum(
+        a - b for a, b in zip(same, completion_logprobs(other, prompt_ids, ids), strict=True)
+    ) / len(ids)
     assert kl > 0  # on the policy's own samples, the expected log-ratio is a KL
 
 
@@ -139,8 +175,10 @@ def test_reward_scores_do_not_depend_on_padding(policy_dir):
     model = load_reward_model(policy_dir, tokenizer)
     prompts, completions = ["a short", "a longer text,"], [" one", " never padded"]
     together = reward_scores(model, tokenizer, PLAIN, prompts, completions)
-    alone = [reward_scores(model, tokenizer, PLAIN, [q], [c])[0]
-             for q, c in zip(prompts, completions, strict=True)]
+    alone = [
+        reward_scores(model, tokenizer, PLAIN, [q], [c])[0]
+        for q, c in zip(prompts, completions, strict=True)
+    ]
     assert together == pytest.approx(alone, abs=1e-5)
 
 
@@ -148,13 +186,16 @@ def test_reward_functions_have_trls_signature():
     params = inspect.signature(length_penalty).parameters
     assert list(params)[:3] == ["prompts", "completions", "completion_ids"]
     assert any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    assert length_penalty(prompts=["a"], completions=["b"], completion_ids=[[1, 2, 3]],
-                          trainer_state=None) == [-3.0]
+    assert length_penalty(
+        prompts=["a"], completions=["b"], completion_ids=[[1, 2, 3]], trainer_state=None
+    ) == [-3.0]
 
 
 def test_gold_pairs_orders_by_gold_and_drops_ties():
-    groups = [[Completion(t, []) for t in texts] for texts in
-              (["bad", "good", "meh", "fine"], ["same", "same", "same", "same"])]
+    groups = [
+        [Completion(t, []) for t in texts]
+        for texts in (["bad", "good", "meh", "fine"], ["same", "same", "same", "same"])
+    ]
     gold = {"bad": -1.0, "good": 1.0, "meh": 0.0, "fine": 0.5, "same": 0.2}
     pairs, ties = gold_pairs(["p1", "p2"], groups, lambda texts: [gold[t] for t in texts], 2)
     assert ties == 1
@@ -164,17 +205,21 @@ def test_gold_pairs_orders_by_gold_and_drops_ties():
 def test_preference_set_with_missing_columns_is_a_clear_error(tmp_path):
     path = tmp_path / "prefs.parquet"
     pq.write_table(pa.Table.from_pylist([{"prompt": "q", "chosen": "a", "answer": "b"}]), path)
-    with pytest.raises(DataError, match=r"file:.*prefs\.parquet: no column 'rejected' "
-                                        r"\(columns: prompt, chosen, answer\)"):
+    with pytest.raises(
+        DataError,
+        match=r"file:.*prefs\.parquet: no column 'rejected' "
+        r"\(columns: prompt, chosen, answer\)",
+    ):
         load_preference_set(f"file:{path}", "train")
     path = tmp_path / "prefs.jsonl"
     path.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
     assert load_preference_set(f"hf:{path}", "train") == [
-        {"prompt": "q", "chosen": "a", "rejected": "b"}]
+        {"prompt": "q", "chosen": "a", "rejected": "b"}
+    ]
 
 
 def test_the_preference_directory_round_trips(tmp_path):
-    from llmpipe.preferences import (
+    from llmpipe.rl.preferences import (
         GoldSpec,
         PreferenceSet,
         read_fresh,
@@ -187,8 +232,10 @@ def test_the_preference_directory_round_trips(tmp_path):
     prompts = {split: sorted({q["prompt"] for q in rows}) for split, rows in pairs.items()}
     fresh = [{"prompt": "q", "completions": ["a", "b"], "gold": [0.1, -0.2]}]
     PreferenceSet(pairs, prompts, fresh, GoldSpec("vader", None)).write(tmp_path / "prefs")
-    assert [read_pairs(tmp_path / "prefs", s) for s in ("train", "heldout")] == \
-        [pairs["train"], pairs["heldout"]]
+    assert [read_pairs(tmp_path / "prefs", s) for s in ("train", "heldout")] == [
+        pairs["train"],
+        pairs["heldout"],
+    ]
     assert read_prompts(tmp_path / "prefs", "heldout") == prompts["heldout"]
     assert read_fresh(tmp_path / "prefs") == fresh
     assert read_gold_spec(tmp_path / "prefs") == GoldSpec("vader", None)
@@ -197,16 +244,20 @@ def test_the_preference_directory_round_trips(tmp_path):
         read_gold_spec(tmp_path)
 
 
-VARIED = ["The function returns a sorted copy of the list.",
-          "Raise an error when the file cannot be opened for reading.",
-          "Each module keeps its own namespace and attributes."]
-LOOPING = ["the value of the value of the value of the value of the value",
-           "the value of the value of the value of the first value of the value",
-           "value of the value of the value of the value"]
+VARIED = [
+    "The function returns a sorted copy of the list.",
+    "Raise an error when the file cannot be opened for reading.",
+    "Each module keeps its own namespace and attributes.",
+]
+LOOPING = [
+    "the value of the value of the value of the value of the value",
+    "the value of the value of the value of the first value of the value",
+    "value of the value of the value of the value",
+]
 
 
 def test_degeneration_metrics_tell_a_loop_from_text():
-    from llmpipe.degeneration import distinct_n, repeated_ngram_share
+    from llmpipe.rl.degeneration import distinct_n, repeated_ngram_share
 
     assert distinct_n(VARIED, 1) > 0.9 and distinct_n(VARIED, 2) == 1.0
     assert distinct_n(LOOPING, 2) < 0.2
@@ -217,17 +268,22 @@ def test_degeneration_metrics_tell_a_loop_from_text():
 
 
 def report_of(texts: list[str], gold: float, reference_loss: float) -> dict:
-    from llmpipe.degeneration import distinct_n, repeated_ngram_share
+    from llmpipe.rl.degeneration import distinct_n, repeated_ngram_share
 
-    return {"reward_model_score": gold, "gold_score": gold, "kl_to_reference": 0.0,
-            "completion_length": 12.0, "distinct_1": distinct_n(texts, 1),
-            "distinct_2": distinct_n(texts, 2),
-            "repeated_3gram_share": repeated_ngram_share(texts, 3),
-            "reference_loss": reference_loss}
+    return {
+        "reward_model_score": gold,
+        "gold_score": gold,
+        "kl_to_reference": 0.0,
+        "completion_length": 12.0,
+        "distinct_1": distinct_n(texts, 1),
+        "distinct_2": distinct_n(texts, 2),
+        "repeated_3gram_share": repeated_ngram_share(texts, 3),
+        "reference_loss": reference_loss,
+    }
 
 
 def test_the_degeneration_flag_fires_when_gold_rises_on_a_loop():
-    from llmpipe.rlhf import before_after_metrics
+    from llmpipe.rl.rlhf import before_after_metrics
 
     before = report_of(VARIED, gold=0.05, reference_loss=4.0)
     looped = before_after_metrics(before, report_of(LOOPING, 0.4, 4.2), 0.3, 1.0)
@@ -236,23 +292,27 @@ def test_the_degeneration_flag_fires_when_gold_rises_on_a_loop():
     # Fluent but improbable to the SFT model counts too; unchanged text does not; nor a loop
     # that the gold scorer did not reward.
     assert before_after_metrics(before, report_of(VARIED, 0.4, 5.5), 0.3, 1.0)[
-        "degeneration_suspected"]
+        "degeneration_suspected"
+    ]
     assert not before_after_metrics(before, report_of(VARIED, 0.4, 4.1), 0.3, 1.0)[
-        "degeneration_suspected"]
+        "degeneration_suspected"
+    ]
     assert not before_after_metrics(before, report_of(LOOPING, 0.01, 6.0), 0.3, 1.0)[
-        "degeneration_suspected"]
+        "degeneration_suspected"
+    ]
 
 
 def test_the_gold_score_of_a_loop_loses_its_repeated_share():
-    from llmpipe.degeneration import repeated_ngram_share
-    from llmpipe.gold import load_gold_scorer
+    from llmpipe.rl.degeneration import repeated_ngram_share
+    from llmpipe.rl.gold import load_gold_scorer
 
     plain, penalised = load_gold_scorer("vader"), load_gold_scorer("vader", repetition_penalty=1.0)
     # The loop scores exactly its repeated-trigram share lower with the penalty; varied text is
     # unchanged.
     for text in LOOPING + VARIED:
         assert penalised([text])[0] == pytest.approx(
-            plain([text])[0] - repeated_ngram_share([text], 3))
+            plain([text])[0] - repeated_ngram_share([text], 3)
+        )
     assert penalised(VARIED) == plain(VARIED)
     assert penalised(LOOPING[1:2])[0] < plain(LOOPING[1:2])[0] - 0.5
 
@@ -260,7 +320,7 @@ def test_the_gold_score_of_a_loop_loses_its_repeated_share():
 def test_vader_counts_a_liked_word_once_however_often_it_is_said():
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-    from llmpipe.gold import each_word_once, load_gold_scorer
+    from llmpipe.rl.gold import each_word_once, load_gold_scorer
 
     raw = SentimentIntensityAnalyzer().polarity_scores
     gold = load_gold_scorer("vader")
@@ -269,21 +329,23 @@ def test_vader_counts_a_liked_word_once_however_often_it_is_said():
     assert raw("a value value value value")["compound"] > raw("a value")["compound"]
     assert gold(["a value value value value"]) == gold(["a value"])
     lexicon = SentimentIntensityAnalyzer().lexicon
-    assert each_word_once(spam, lexicon) == \
-        "the values are the value as the number list in the length of"
+    assert (
+        each_word_once(spam, lexicon)
+        == "the values are the value as the number list in the length of"
+    )
     # only the lexicon's words go: a negation stays where VADER reads it
-    assert each_word_once("Good, good GOOD! not bad but not good", lexicon) == \
-        "Good, not bad but not"
+    assert (
+        each_word_once("Good, good GOOD! not bad but not good", lexicon) == "Good, not bad but not"
+    )
     assert gold(VARIED) == [raw(t)["compound"] for t in VARIED]  # no word repeats there
 
 
-def test_the_overoptimisation_curve_logs_its_points_and_leaves_training_randomness_alone(
-        tmp_path):
+def test_the_overoptimisation_curve_logs_its_points_and_leaves_training_randomness_alone(tmp_path):
     from types import SimpleNamespace
 
-    from llmpipe.rlhf import CURVE_FIGURES, HeldoutCurve
-    from llmpipe.tracking import curves_live
-    from llmpipe.trainer_callbacks import OveroptimisationCurve, TrainerCurves
+    from llmpipe.rl.rlhf import HeldoutCurve
+    from llmpipe.train.callbacks import OveroptimisationCurve, TrainerCurves
+    from llmpipe.train.tracking import curves_live
 
     model = torch.nn.Linear(2, 2)
     model.train()
@@ -291,7 +353,7 @@ def test_the_overoptimisation_curve_logs_its_points_and_leaves_training_randomne
     def report(m):  # draws random numbers, as sampling completions does, and sets eval mode
         m.eval()
         torch.manual_seed(0)
-        return {key: float(torch.rand(1)) for key in CURVE_FIGURES}
+        return {key: float(torch.rand(1)) for key in layout.HELDOUT_CURVES}
 
     curves = TrainerCurves(tmp_path)
     curves.live = curves_live(tmp_path)
@@ -303,9 +365,10 @@ def test_the_overoptimisation_curve_logs_its_points_and_leaves_training_randomne
     for step in (1, 2, 3, 4):
         callback.on_step_end(None, SimpleNamespace(global_step=step), None, model=model)
     assert torch.equal(torch.rand(3), expected) and model.training
-    for key in CURVE_FIGURES:
+    for key in layout.HELDOUT_CURVES:
         rows = (tmp_path / "plots/metrics/heldout" / f"{key}.tsv").read_text().splitlines()[1:]
         assert [row.split("\t")[0] for row in rows] == ["0", "2", "4"]
     # Outside the main process (no Live): nothing is measured.
     OveroptimisationCurve(TrainerCurves(tmp_path / "other"), HeldoutCurve(None, 1)).on_train_begin(
-        None, SimpleNamespace(global_step=0), None, model=model)
+        None, SimpleNamespace(global_step=0), None, model=model
+    )

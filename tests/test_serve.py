@@ -15,16 +15,10 @@ import httpx
 import pytest
 import torch
 
-from conftest import MICRO_CHAT_TEMPLATE, save_micro_model
+from conftest import MICRO_CHAT_TEMPLATE, save_micro_instruct, save_micro_model
 from llmpipe import layout
-from llmpipe.serve import (
-    Limits,
-    StopText,
-    build_engine,
-    create_app,
-    main,
-    pipeline_models,
-)
+from llmpipe.serve.app import create_app, main
+from llmpipe.serve.engine import Limits, StopText, build_engine, pipeline_models
 
 torch.set_num_threads(1)  # two cores, shared: one thread for the server, none for the rest
 CONTEXT = 512
@@ -39,33 +33,41 @@ def root(tmp_path_factory) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, GPT2ForSequenceClassification
 
-    from llmpipe.lora import save_adapter
-    from llmpipe.quantization import quantize, save_quantized
-    from llmpipe.tokenization import load_pretrained
+    from llmpipe.data.tokenization import load_pretrained
+    from llmpipe.export.quantization import quantize, save_quantized
+    from llmpipe.train.lora import save_adapter
 
     root = tmp_path_factory.mktemp("pipeline")
     for seed, name in enumerate(("pretrain", "finetune", "grpo", "reinforce")):
         save_micro_model(root / layout.MODEL_OUTPUTS[name], seed=seed, n_positions=CONTEXT)
     base_dir = root / layout.PRETRAIN_MODEL
     tokenizer = load_pretrained(str(base_dir))
-    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
-                          LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True,
-                                     init_lora_weights=False, task_type="CAUSAL_LM"))
+    lora = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_dir),
+        LoraConfig(
+            r=2,
+            target_modules=["c_attn"],
+            fan_in_fan_out=True,
+            init_lora_weights=False,
+            task_type="CAUSAL_LM",
+        ),
+    )
     save_adapter(lora, root / layout.LORA_ADAPTER)
     config_file = root / layout.LORA_ADAPTER / "adapter_config.json"
     config = json.loads(config_file.read_text())  # the base as the lora stage records it
-    config_file.write_text(json.dumps({**config,
-                                       "base_model_name_or_path": str(layout.PRETRAIN_MODEL)}))
+    config_file.write_text(
+        json.dumps({**config, "base_model_name_or_path": str(layout.PRETRAIN_MODEL)})
+    )
     finetuned = AutoModelForCausalLM.from_pretrained(root / layout.FINETUNE_MODEL)
     save_quantized(quantize(finetuned, "dynamic_int8"), root / layout.QUANTIZED_MODEL, tokenizer)
-    reward = GPT2ForSequenceClassification(finetuned.config.__class__(
-        **{**finetuned.config.to_dict(), "num_labels": 1}))
+    reward = GPT2ForSequenceClassification(
+        finetuned.config.__class__(**{**finetuned.config.to_dict(), "num_labels": 1})
+    )
     reward.save_pretrained(root / layout.REWARD_MODEL)
     tokenizer.save_pretrained(root / layout.REWARD_MODEL)
     (root / layout.PREFERENCES).mkdir(parents=True)
     (root / layout.PREFERENCES / "gold.json").write_text('{"scorer": "vader", "label": null}')
-    save_micro_model(root / "chat", seed=3, n_positions=CONTEXT,
-                     chat_template=MICRO_CHAT_TEMPLATE)
+    save_micro_model(root / "chat", seed=3, n_positions=CONTEXT, chat_template=MICRO_CHAT_TEMPLATE)
     return root
 
 
@@ -81,11 +83,15 @@ class LiveServer:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1",
-                                                    port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(engine), host="127.0.0.1", port=self.port, log_level="warning"
+            )
+        )
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_until_complete,
-                                       args=(self.server.serve(),), daemon=True)
+        self.thread = threading.Thread(
+            target=self.loop.run_until_complete, args=(self.server.serve(),), daemon=True
+        )
         self.thread.start()
         deadline = time.monotonic() + 20
         while not self.server.started:
@@ -94,9 +100,11 @@ class LiveServer:
 
     def call(self, fn):
         """Run fn() on the server's loop (what touches the queue must)."""
+
         async def run():
             result = fn()
             return await result if asyncio.iscoroutine(result) else result
+
         return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout=30)
 
     def stop(self):
@@ -128,8 +136,9 @@ def client(server):
     return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
 
 
-def reference_generate(model_dir: Path, prompt_ids: list[int], seed: int, calls: int = 1,
-                       **kwargs) -> list[list[int]]:
+def reference_generate(
+    model_dir: Path, prompt_ids: list[int], seed: int, calls: int = 1, **kwargs
+) -> list[list[int]]:
     """What the module docstring promises a seeded request equals: torch.manual_seed(seed), then
     `calls` successive model.generate calls; the new token ids of each."""
     from transformers import AutoModelForCausalLM
@@ -137,9 +146,12 @@ def reference_generate(model_dir: Path, prompt_ids: list[int], seed: int, calls:
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     ids = torch.tensor([prompt_ids])
     torch.manual_seed(seed)
-    return [model.generate(ids, pad_token_id=model.config.eos_token_id, **kwargs)[0,
-                                                                                   ids.shape[1]:]
-            .tolist() for _ in range(calls)]
+    return [
+        model.generate(ids, pad_token_id=model.config.eos_token_id, **kwargs)[
+            0, ids.shape[1] :
+        ].tolist()
+        for _ in range(calls)
+    ]
 
 
 def test_models_lists_every_pipeline_model_and_the_extra_one(client, root):
@@ -161,15 +173,30 @@ def test_a_seeded_completion_is_model_generate_after_manual_seed(client, root, s
 
     tokenizer = AutoTokenizer.from_pretrained(root / layout.FINETUNE_MODEL)
     prompt_ids = tokenizer(PROMPT).input_ids
-    expected = reference_generate(root / layout.FINETUNE_MODEL, prompt_ids, seed=7, calls=2,
-                                  do_sample=True, top_k=50, max_new_tokens=24, **SAMPLING)
-    request = dict(model="finetune", prompt=PROMPT, max_tokens=24, seed=7, n=2,
-                   extra_body={"top_k": 50}, **SAMPLING)
+    expected = reference_generate(
+        root / layout.FINETUNE_MODEL,
+        prompt_ids,
+        seed=7,
+        calls=2,
+        do_sample=True,
+        top_k=50,
+        max_new_tokens=24,
+        **SAMPLING,
+    )
+    request = dict(
+        model="finetune",
+        prompt=PROMPT,
+        max_tokens=24,
+        seed=7,
+        n=2,
+        extra_body={"top_k": 50},
+        **SAMPLING,
+    )
     if stream:
         texts, usage = ["", ""], None
-        for chunk in client.completions.create(stream=True,
-                                               stream_options={"include_usage": True},
-                                               **request):
+        for chunk in client.completions.create(
+            stream=True, stream_options={"include_usage": True}, **request
+        ):
             for choice in chunk.choices:
                 texts[choice.index] += choice.text
             usage = chunk.usage or usage
@@ -187,15 +214,19 @@ def test_stop_strings_cut_the_text_streamed_or_not(client, root):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(root / layout.GRPO_MODEL)
-    [ids] = reference_generate(root / layout.GRPO_MODEL, tokenizer(PROMPT).input_ids, seed=3,
-                               do_sample=False, max_new_tokens=30)
+    [ids] = reference_generate(
+        root / layout.GRPO_MODEL,
+        tokenizer(PROMPT).input_ids,
+        seed=3,
+        do_sample=False,
+        max_new_tokens=30,
+    )
     full = tokenizer.decode(ids, skip_special_tokens=True)
     stop = full[12:15]
     request = dict(model="grpo", prompt=PROMPT, max_tokens=30, temperature=0, stop=[stop, "@@"])
     out = client.completions.create(**request)
-    streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True,
-                                                                             **request))
-    assert out.choices[0].text == streamed == full[:full.index(stop)]
+    streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, **request))
+    assert out.choices[0].text == streamed == full[: full.index(stop)]
     assert out.choices[0].finish_reason == "stop"
     assert client.completions.create(**{**request, "stop": None}).choices[0].text == full
 
@@ -207,84 +238,197 @@ def test_chat_applies_the_template_and_a_model_without_one_is_a_400(client, root
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     tokenizer = AutoTokenizer.from_pretrained(root / "chat")
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    [ids] = reference_generate(root / "chat", tokenizer(text, add_special_tokens=False).input_ids,
-                               seed=5, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-                               max_new_tokens=12)
+    [ids] = reference_generate(
+        root / "chat",
+        tokenizer(text, add_special_tokens=False).input_ids,
+        seed=5,
+        do_sample=True,
+        top_k=0,
+        top_p=1.0,
+        temperature=1.0,
+        max_new_tokens=12,
+    )
     out = client.chat.completions.create(model="chat", messages=messages, seed=5, max_tokens=12)
     assert out.choices[0].message.content == tokenizer.decode(ids, skip_special_tokens=True)
     assert out.object == "chat.completion" and out.choices[0].message.role == "assistant"
-    chunks = list(client.chat.completions.create(model="chat", messages=messages, seed=5,
-                                                 max_tokens=12, stream=True))
-    assert "".join(c.choices[0].delta.content or "" for c in chunks) == \
-        out.choices[0].message.content
+    chunks = list(
+        client.chat.completions.create(
+            model="chat", messages=messages, seed=5, max_tokens=12, stream=True
+        )
+    )
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks) == out.choices[0].message.content
+    )
     with pytest.raises(BadRequestError, match="'finetune' has no chat template"):
         client.chat.completions.create(model="finetune", messages=messages)
 
 
+def test_a_chat_request_is_the_prompt_the_pipeline_evaluates_token_for_token(tmp_path):
+    """An instruct template prints today's date (here the time of day) unless given one. The
+    server renders a chat request as the pipeline renders its chat prompts (sampling, the RL
+    reports, evaluation: PromptFormat, with the pinned date of chat.TEMPLATE_KWARGS), so a
+    served chat model reads the tokens it was trained and evaluated on."""
+    from fastapi.testclient import TestClient
+
+    from llmpipe.data.chat import TEMPLATE_KWARGS, PromptFormat
+    from llmpipe.model.loading import load_tokenizer
+    from llmpipe.serve.schema import ChatRequest
+
+    save_micro_instruct(tmp_path / "instruct", "llama")
+    engine = build_engine(
+        tmp_path, {"instruct": tmp_path / "instruct"}, pipeline=False, scores=False
+    )
+    tokenizer = load_tokenizer(tmp_path / "instruct")  # as the pipeline's stages load it
+    pipeline = PromptFormat(chat=True)  # as sample_completions and policy_report use it
+
+    def served(messages: list[dict]) -> list[int]:
+        body = json.dumps({"model": "instruct", "messages": messages})  # as the route gets it
+        return engine.chat_job(ChatRequest.model_validate_json(body)).prompt_ids
+
+    question = [{"role": "user", "content": PROMPT}]
+    expected = pipeline.prompt_ids(tokenizer, PROMPT)
+    assert served(question) == expected
+    assert f"Today: {TEMPLATE_KWARGS['date_string']}" in tokenizer.decode(expected)
+    # A longer conversation is rendered the same way: its first two turns are the tokens the
+    # reward model reads for that prompt and answer.
+    answered = pipeline.scored_ids(tokenizer, PROMPT, " a list")
+    more = [
+        *question,
+        {"role": "assistant", "content": " a list"},
+        {"role": "user", "content": "and then?"},
+    ]
+    assert served(more)[: len(answered)] == answered
+    with TestClient(create_app(engine)) as http:  # the route serves that prompt
+        out = http.post(
+            "/v1/chat/completions",
+            json={"model": "instruct", "messages": question, "max_tokens": 1, "temperature": 0},
+        )
+    assert out.status_code == 200, out.text
+    assert out.json()["usage"]["prompt_tokens"] == len(expected)
+
+
 LONG = list(range(1, 400)) * 2  # token ids: 798 > CONTEXT
 BAD_REQUESTS = [
-    ("/v1/completions", {"model": "nope", "prompt": "x"}, 404,
-     "model: 'nope' is not served here (models: pretrain, finetune, lora, quantized, grpo, "
-     "reinforce, chat)"),
+    (
+        "/v1/completions",
+        {"model": "nope", "prompt": "x"},
+        404,
+        "model: 'nope' is not served here (models: pretrain, finetune, lora, quantized, grpo, "
+        "reinforce, chat)",
+    ),
     ("/v1/completions", b'{"model": "finetune", "prompt": ', 400, "request body: not valid JSON"),
     ("/v1/completions", b"[1, 2]", 400, "request body: expected a JSON object"),
     ("/v1/completions", {"prompt": "x"}, 400, "model: missing (required)"),
-    ("/v1/completions", {"model": "finetune", "prompt": "x", "max_tokens": "ten"}, 400,
-     "max_tokens: Input should be a valid integer (got 'ten')"),
-    ("/v1/completions", {"model": "finetune", "prompt": "x", "temperature": 3}, 400,
-     "temperature: Input should be less than or equal to 2 (got 3)"),
-    ("/v1/completions", {"model": "finetune", "prompt": 5}, 400,
-     "prompt: expected a string or a list of token ids (got 5)"),
-    ("/v1/completions", {"model": "finetune", "prompt": "x", "stop": ["a"] * 5}, 400,
-     "stop: expected a string or a list of at most 4 strings"),
-    ("/v1/completions", {"model": "finetune", "prompt": "x", "stream": "yes"}, 400,
-     "stream: Input should be a valid boolean (got 'yes')"),
-    ("/v1/chat/completions", {"model": "chat", "messages": "hi"}, 400,
-     "messages: Input should be a valid list (got 'hi')"),
-    ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user"}]}, 400,
-     "messages.0.content: missing (required)"),
-    ("/v1/completions", {"model": "finetune", "prompt": LONG}, 400,
-     "prompt: 798 tokens leave no room in the context of 'finetune' (512 tokens)"),
-    ("/v1/completions", {"model": "finetune", "prompt": [5, 4000]}, 400,
-     "prompt: token id 4000 is outside the vocabulary of 'finetune' (0..399)"),
-    ("/v1/completions", {"model": "finetune", "prompt": "", "max_tokens": 2}, 400,
-     "prompt: empty"),
-    ("/v1/completions", {"model": "finetune", "prompt": "x", "max_tokens": 10**6}, 400,
-     "max_tokens: 1000000 is above this server's cap of 600 (--max-tokens-cap)"),
-    ("/v1/completions", {"model": "finetune", "prompt": "x", "n": 9}, 400,
-     "n: 9 is above this server's cap of 4 (--max-n)"),
-    ("/v1/completions", {"model": "finetune", "prompt": "x", "stop": ""}, 400,
-     "stop: an empty string would stop at once"),
+    (
+        "/v1/completions",
+        {"model": "finetune", "prompt": "x", "max_tokens": "ten"},
+        400,
+        "max_tokens: Input should be a valid integer (got 'ten')",
+    ),
+    (
+        "/v1/completions",
+        {"model": "finetune", "prompt": "x", "temperature": 3},
+        400,
+        "temperature: Input should be less than or equal to 2 (got 3)",
+    ),
+    (
+        "/v1/completions",
+        {"model": "finetune", "prompt": 5},
+        400,
+        "prompt: expected a string or a list of token ids (got 5)",
+    ),
+    (
+        "/v1/completions",
+        {"model": "finetune", "prompt": "x", "stop": ["a"] * 5},
+        400,
+        "stop: expected a string or a list of at most 4 strings",
+    ),
+    (
+        "/v1/completions",
+        {"model": "finetune", "prompt": "x", "stream": "yes"},
+        400,
+        "stream: Input should be a valid boolean (got 'yes')",
+    ),
+    (
+        "/v1/chat/completions",
+        {"model": "chat", "messages": "hi"},
+        400,
+        "messages: Input should be a valid list (got 'hi')",
+    ),
+    (
+        "/v1/chat/completions",
+        {"model": "chat", "messages": [{"role": "user"}]},
+        400,
+        "messages.0.content: missing (required)",
+    ),
+    (
+        "/v1/completions",
+        {"model": "finetune", "prompt": LONG},
+        400,
+        "prompt: 798 tokens leave no room in the context of 'finetune' (512 tokens)",
+    ),
+    (
+        "/v1/completions",
+        {"model": "finetune", "prompt": [5, 4000]},
+        400,
+        "prompt: token id 4000 is outside the vocabulary of 'finetune' (0..399)",
+    ),
+    ("/v1/completions", {"model": "finetune", "prompt": "", "max_tokens": 2}, 400, "prompt: empty"),
+    (
+        "/v1/completions",
+        {"model": "finetune", "prompt": "x", "max_tokens": 10**6},
+        400,
+        "max_tokens: 1000000 is above this server's cap of 600 (--max-tokens-cap)",
+    ),
+    (
+        "/v1/completions",
+        {"model": "finetune", "prompt": "x", "n": 9},
+        400,
+        "n: 9 is above this server's cap of 4 (--max-n)",
+    ),
+    (
+        "/v1/completions",
+        {"model": "finetune", "prompt": "x", "stop": ""},
+        400,
+        "stop: an empty string would stop at once",
+    ),
     ("/v1/nothing", {}, 404, "Not Found"),
 ]
 
 
-@pytest.mark.parametrize(("path", "body", "status", "message"), BAD_REQUESTS,
-                         ids=[m.split(":")[0] + f"-{i}" for i, (*_, m) in
-                              enumerate(BAD_REQUESTS)])
+@pytest.mark.parametrize(
+    ("path", "body", "status", "message"),
+    BAD_REQUESTS,
+    ids=[m.split(":")[0] + f"-{i}" for i, (*_, m) in enumerate(BAD_REQUESTS)],
+)
 def test_bad_input_is_a_clear_4xx_and_the_server_goes_on(server, path, body, status, message):
     with httpx.Client(base_url=server.url, timeout=30) as http:
         content = body if isinstance(body, bytes) else json.dumps(body).encode()
         r = http.post(path, content=content, headers={"Content-Type": "application/json"})
         assert r.status_code == status, r.text
         assert message in r.json()["error"]["message"], r.json()
-        ok = http.post("/v1/completions", json={"model": "finetune", "prompt": "x",
-                                                "max_tokens": 2})
+        ok = http.post(
+            "/v1/completions", json={"model": "finetune", "prompt": "x", "max_tokens": 2}
+        )
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
 
 
 def test_max_tokens_beyond_the_context_is_cut_to_what_fits(client):
     prompt = [1 + i % 300 for i in range(CONTEXT - 3)]  # token ids
-    out = client.completions.create(model="finetune", prompt=prompt, max_tokens=100,
-                                    temperature=0)
+    out = client.completions.create(model="finetune", prompt=prompt, max_tokens=100, temperature=0)
     assert out.usage.prompt_tokens + out.usage.completion_tokens <= CONTEXT
     assert out.choices[0].finish_reason == "length"  # greedy: no end-of-text in 3 tokens
 
 
 def test_a_client_gone_mid_stream_stops_its_generation(server):
     records = len(server.engine.records)
-    body = {"model": "pretrain", "prompt": PROMPT, "max_tokens": 500, "temperature": 0,
-            "stream": True}
+    body = {
+        "model": "pretrain",
+        "prompt": PROMPT,
+        "max_tokens": 500,
+        "temperature": 0,
+        "stream": True,
+    }
     with httpx.Client(base_url=server.url, timeout=30) as http:
         with http.stream("POST", "/v1/completions", json=body) as r:
             assert r.status_code == 200
@@ -299,8 +443,9 @@ def test_a_client_gone_mid_stream_stops_its_generation(server):
             time.sleep(0.05)
         record = server.engine.records[-1]
         assert record.cancelled and record.completion_tokens < 500
-        ok = http.post("/v1/completions", json={"model": "pretrain", "prompt": "x",
-                                                "max_tokens": 2})
+        ok = http.post(
+            "/v1/completions", json={"model": "pretrain", "prompt": "x", "max_tokens": 2}
+        )
         assert ok.status_code == 200
 
 
@@ -317,8 +462,9 @@ def test_requests_wait_in_order_of_arrival_and_a_full_queue_is_429(server):
 
     def ask(i: int) -> None:
         with httpx.Client(base_url=server.url, timeout=60) as http:
-            answers[i] = http.post("/v1/completions", json={"model": "finetune", "prompt": PROMPT,
-                                                            "max_tokens": 2}).json()
+            answers[i] = http.post(
+                "/v1/completions", json={"model": "finetune", "prompt": PROMPT, "max_tokens": 2}
+            ).json()
 
     threads = []
     for i in range(LIMITS.max_waiting):
@@ -331,13 +477,14 @@ def test_requests_wait_in_order_of_arrival_and_a_full_queue_is_429(server):
     with httpx.Client(base_url=server.url, timeout=30) as http:
         busy = http.post("/v1/completions", json={"model": "finetune", "prompt": "x"})
     assert busy.status_code == 429
-    assert busy.json()["error"]["message"] == ("server busy: 3 requests are waiting (at most 3); "
-                                               "retry later")
+    assert busy.json()["error"]["message"] == (
+        "server busy: 3 requests are waiting (at most 3); retry later"
+    )
     server.call(turn.close)
     for t in threads:
         t.join(timeout=60)
     ids = [answers[i]["id"].removeprefix("cmpl-") for i in range(LIMITS.max_waiting)]
-    assert list(engine.started)[-LIMITS.max_waiting:] == ids
+    assert list(engine.started)[-LIMITS.max_waiting :] == ids
     assert server.call(lambda: engine.queue.waiting) == 0
 
 
@@ -360,8 +507,9 @@ def test_a_client_gone_while_waiting_gives_back_its_place(server):
             assert time.monotonic() < deadline, "the gone client still holds its place"
             time.sleep(0.02)
         server.call(turn.close)
-        ok = http.post("/v1/completions", json={"model": "finetune", "prompt": "x",
-                                                "max_tokens": 2})
+        ok = http.post(
+            "/v1/completions", json={"model": "finetune", "prompt": "x", "max_tokens": 2}
+        )
         assert ok.status_code == 200
 
 
@@ -382,10 +530,14 @@ def test_stop_text_holds_back_what_may_begin_a_stop_string():
 
 
 def test_the_command_says_what_is_wrong_in_one_line(capsys, tmp_path):
-    for argv, message in ((["--model", "nodir"], "--model: 'nodir' is not name=directory"),
-                          (["--no-pipeline"], "no models to serve"),
-                          (["--root", str(tmp_path), "--model", f"x={tmp_path / 'none'}"],
-                           f"model 'x': no directory {tmp_path / 'none'}")):
+    for argv, message in (
+        (["--model", "nodir"], "--model: 'nodir' is not name=directory"),
+        (["--no-pipeline"], "no models to serve"),
+        (
+            ["--root", str(tmp_path), "--model", f"x={tmp_path / 'none'}"],
+            f"model 'x': no directory {tmp_path / 'none'}",
+        ),
+    ):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2
@@ -397,8 +549,10 @@ def browser_path() -> str:
         if path := shutil.which(name):
             return path
     if os.environ.get("CI") == "true":
-        pytest.fail("no Chromium on PATH: the browser test must run in CI (.ci/run installs "
-                    "Debian's chromium)")
+        pytest.fail(
+            "no Chromium on PATH: the browser test must run in CI (.ci/run installs "
+            "Debian's chromium)"
+        )
     pytest.skip("no Chromium on PATH (apt-get install -y chromium)")
 
 
@@ -417,8 +571,9 @@ def test_the_page_streams_two_models_side_by_side(server, tmp_path):
 
     executable = browser_path()
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, headless=True,
-                                    args=["--no-sandbox"])
+        browser = p.chromium.launch(
+            executable_path=executable, headless=True, args=["--no-sandbox"]
+        )
         page = browser.new_page(viewport={"width": 1280, "height": 800})
         page.goto(server.url)
         expect(page.locator("#server")).to_contain_text("7 models")

@@ -16,8 +16,11 @@ pytestmark = pytest.mark.slow
 
 def restored(output: str) -> set[str]:
     """Stages DVC took from the run-cache instead of running them."""
-    return {stage for stage in STAGES
-            if f"Stage '{stage}' is cached - skipping run, checking out outputs" in output}
+    return {
+        stage
+        for stage in STAGES
+        if f"Stage '{stage}' is cached - skipping run, checking out outputs" in output
+    }
 
 
 def experiments(repo) -> dict[str, dict]:
@@ -38,7 +41,7 @@ def test_a_second_clone_pulls_what_the_first_computed(project_copy, tmp_path):
 
     # An experiment on the first clone, shared through git and the DVC remote.
     exp = run(["dvc", "exp", "run", "-n", "lora-r4", "-S", "lora.r=4"], first).stdout
-    assert ran(exp) == {"lora", "quantize", "evaluate"}
+    assert ran(exp) == {"lora", "quantize", "evaluate", "report"}
     run(["dvc", "exp", "push", "origin", "lora-r4"], first)
     run(["python", "-m", "llmpipe.share"], first)
     # The pull-request comment: the one param, the metrics it changed, nothing else.
@@ -47,7 +50,10 @@ def test_a_second_clone_pulls_what_the_first_computed(project_copy, tmp_path):
     assert "lora.r" in params and params.count("| params.yaml") == 1
     metrics = markdown.split("### Metrics")[1]
     assert {f"metrics/{s}.json" for s in STAGES if f"metrics/{s}.json" in metrics} == {
-        "metrics/lora.json", "metrics/quantize.json", "metrics/evaluate.json"}
+        "metrics/lora.json",
+        "metrics/quantize.json",
+        "metrics/evaluate.json",
+    }
 
     # The second clone pulls and has nothing to compute.
     run(["git", "clone", "-q", str(server), str(second)], tmp_path)
@@ -61,17 +67,20 @@ def test_a_second_clone_pulls_what_the_first_computed(project_copy, tmp_path):
     # A value seen on the first clone comes from the run-cache, not from a rerun...
     set_params(second, {"lora.r": 4})
     repro = run(["dvc", "repro", "--pull"], second).stdout
-    assert not ran(repro) and restored(repro) == {"lora", "quantize", "evaluate"}, repro
+    assert not ran(repro) and restored(repro) == {"lora", "quantize", "evaluate", "report"}, repro
     assert json.loads((second / "metrics/lora.json").read_text()) == json.loads(
-        (first / "metrics/lora.json").read_text())
+        (first / "metrics/lora.json").read_text()
+    )
     # ...and a value never seen reruns lora and what depends on it, nothing upstream.
     run(["git", "checkout", "--", "params.yaml"], second)
     exp = run(["dvc", "exp", "run", "-S", "lora.r=2"], second).stdout
-    assert ran(exp) == {"lora", "quantize", "evaluate"}
+    assert ran(exp) == {"lora", "quantize", "evaluate", "report"}
 
     # The first clone's experiment, with its metrics, in the second.
     run(["dvc", "exp", "pull", "origin", "lora-r4"], second)
     shown = experiments(second)
     assert shown["lora-r4"]["lora.r"] == "4"
-    assert shown["lora-r4"]["trainable_parameters"] == json.loads(
-        (first / "metrics/lora.json").read_text())["trainable_parameters"].__str__()
+    assert (
+        shown["lora-r4"]["trainable_parameters"]
+        == json.loads((first / "metrics/lora.json").read_text())["trainable_parameters"].__str__()
+    )

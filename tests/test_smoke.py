@@ -15,7 +15,7 @@ from ruamel.yaml import YAML
 from conftest import ROOT, run
 from llmpipe import layout, smoke
 from llmpipe.errors import ParamsError
-from llmpipe.params import STAGE_SCHEMAS
+from llmpipe.pipeline import STAGE_SCHEMAS
 from llmpipe.preset import compose, load_preset
 
 
@@ -25,33 +25,57 @@ def test_the_stages_run_in_dvc_yamls_order():
 
 
 def test_stage_commands_take_the_launchers_from_params():
-    params = compose(YAML(typ="safe").load((ROOT / "params.yaml").read_text()),
-                     {"grpo": {"launcher": "torchrun --standalone --nproc_per_node 8"}})
+    params = compose(
+        YAML(typ="safe").load((ROOT / "params.yaml").read_text()),
+        {"grpo": {"launcher": "torchrun --standalone --nproc_per_node 8"}},
+    )
     assert smoke.stage_command("grpo", params) == [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "8",
-        "-m", "stages.grpo"]
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "8",
+        "-m",
+        "stages.grpo",
+    ]
     assert smoke.stage_command("evaluate", params) == [sys.executable, "-m", "stages.evaluate"]
 
 
 def test_missing_dependencies_come_from_the_wheels_folder(tmp_path, monkeypatch):
     assert "trl" in smoke.requirements() and "torch" not in smoke.requirements()
     assert smoke.missing_distributions(["transformers", "no-such-distribution"]) == [
-        "no-such-distribution"]
+        "no-such-distribution"
+    ]
     with pytest.raises(smoke.SmokeError, match=r"--wheels .*/nowhere: no such directory"):
         smoke.install_from_wheels(tmp_path / "nowhere", tmp_path / "kit")
     for name in ("trl-1.16.0-py3-none-any.whl", "dvclive-3.49.1-py3-none-any.whl"):
         (tmp_path / name).write_bytes(b"")
     commands = []
-    monkeypatch.setattr(smoke.subprocess, "run", lambda command: commands.append(command)
-                        or subprocess.CompletedProcess(command, 0))
+    monkeypatch.setattr(
+        smoke.subprocess,
+        "run",
+        lambda command: commands.append(command) or subprocess.CompletedProcess(command, 0),
+    )
     monkeypatch.setenv("PYTHONPATH", "elsewhere")
     monkeypatch.setattr(sys, "path", list(sys.path))
     smoke.install_from_wheels(tmp_path, tmp_path / "kit")
     # The whole kit, --no-deps, into a folder of its own that the stages see first.
-    assert commands == [[sys.executable, "-m", "pip", "install", "--no-index", "--no-deps",
-                         "--quiet", "--target", str(tmp_path / "kit"),
-                         str(tmp_path / "dvclive-3.49.1-py3-none-any.whl"),
-                         str(tmp_path / "trl-1.16.0-py3-none-any.whl")]]
+    assert commands == [
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-index",
+            "--no-deps",
+            "--quiet",
+            "--target",
+            str(tmp_path / "kit"),
+            str(tmp_path / "dvclive-3.49.1-py3-none-any.whl"),
+            str(tmp_path / "trl-1.16.0-py3-none-any.whl"),
+        ]
+    ]
     assert os.environ["PYTHONPATH"] == f"{tmp_path / 'kit'}{os.pathsep}elsewhere"
     assert sys.path[0] == str(tmp_path / "kit")
 
@@ -61,11 +85,19 @@ def test_the_gpu_smoke_preset_is_a_gpt2_124m_run_from_local_data():
     assert "download" not in preset  # the embedded corpora: no hub, no network
     model = preset["pretrain"]["model"]
     assert (model["n_layer"], model["n_head"], model["n_embd"], model["block_size"]) == (
-        12, 12, 768, 1024)
+        12,
+        12,
+        768,
+        1024,
+    )
     p = preset["pretrain"]
     # Not compiled: bench/gpt2_mfu.py measures the compiled model in the same GPU check.
     assert (p["device"], p["dtype"], p["compile"], p["chunked_loss"]) == (
-        "cuda", "bfloat16", False, False)
+        "cuda",
+        "bfloat16",
+        False,
+        False,
+    )
 
 
 def test_bad_overrides_are_one_line_errors(tmp_path):
@@ -81,8 +113,19 @@ def test_the_gpu_check_dry_run_runs_every_part_on_the_cpu(tmp_path):
     GPT-2's MFU bench, the gpu-smoke preset through every stage, without DVC), each part
     recorded in the JSON. The kit part is make gpu-rehearsal's and tests/test_gpu_kit.py's."""
     out, work = tmp_path / "out", tmp_path / "work"
-    result = run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run", "--out", str(out),
-                  "--work", str(work)], tmp_path, PYTHON=sys.executable)
+    result = run(
+        [
+            "bash",
+            str(ROOT / "scripts" / "gpu_check.sh"),
+            "--dry-run",
+            "--out",
+            str(out),
+            "--work",
+            str(work),
+        ],
+        tmp_path,
+        PYTHON=sys.executable,
+    )
     check = json.loads((out / "gpu_check.json").read_text())
     parts = check["parts"]
     assert check["dry_run"] and check["failed_parts"] == []
@@ -92,7 +135,8 @@ def test_the_gpu_check_dry_run_runs_every_part_on_the_cpu(tmp_path):
     mfu = parts["mfu"]["figures"]
     assert mfu["tokens_per_s"] > 0 and mfu["mfu"] is None  # no data-sheet peak for a CPU
     assert mfu["time_to_target"]["hours"] == pytest.approx(
-        10e9 / (8 * mfu["tokens_per_s"]) / 3600, rel=0.01)
+        10e9 / (8 * mfu["tokens_per_s"]) / 3600, rel=0.01
+    )
     summary = parts["smoke"]["summary"]
     assert summary["finished"] and summary["cpu_rehearsal"]
     assert [row["stage"] for row in summary["stages"]] == list(smoke.STAGES)
@@ -118,9 +162,15 @@ def test_a_part_over_its_time_limit_is_killed_and_recorded(tmp_path, monkeypatch
     gpu_check = load_gpu_check()
     check = gpu_check.Check(tmp_path, dry_run=True)
     monkeypatch.setitem(check.limits, "mfu", 1)
-    record = check.part("mfu", check.run("mfu", [sys.executable, "-c",
-                                                 "import time; print('started', flush=True); "
-                                                 "time.sleep(30)"], {}, tmp_path / "mfu.log"))
+    record = check.part(
+        "mfu",
+        check.run(
+            "mfu",
+            [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(30)"],
+            {},
+            tmp_path / "mfu.log",
+        ),
+    )
     assert record["timed_out"] and record["exit_code"] is None and record["wall_s"] < 10
     assert json.loads((tmp_path / "gpu_check.json").read_text())["parts"]["mfu"] == record
     assert record["log_tail"] == ["started"]
@@ -129,8 +179,17 @@ def test_a_part_over_its_time_limit_is_killed_and_recorded(tmp_path, monkeypatch
 def test_the_gpu_check_reruns_only_the_parts_asked_for(tmp_path, capsys):
     """A rerun on the GPU machine's last minutes: --parts environment runs that part alone."""
     gpu_check = load_gpu_check()
-    code = gpu_check.main(["--dry-run", "--parts", "environment", "--out", str(tmp_path / "out"),
-                           "--work", str(tmp_path / "work")])
+    code = gpu_check.main(
+        [
+            "--dry-run",
+            "--parts",
+            "environment",
+            "--out",
+            str(tmp_path / "out"),
+            "--work",
+            str(tmp_path / "work"),
+        ]
+    )
     check = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert code == 0 and list(check["parts"]) == ["environment"]
     assert check["parts"]["environment"]["python"]

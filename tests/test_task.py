@@ -1,4 +1,4 @@
-"""The checkable task (llmpipe.task): its problems and its checker."""
+"""The checkable task (llmpipe.task.checkable): its problems and its checker."""
 
 import json
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import save_micro_instruct
-from llmpipe.chat import PromptFormat
+from llmpipe.data.chat import PromptFormat
 from llmpipe.errors import DataError
-from llmpipe.task import (
+from llmpipe.task.checkable import (
     exact_match,
     exact_match_reward,
     final_number,
@@ -54,9 +54,9 @@ def test_the_checker_parses_right_wrong_and_malformed_answers():
     assert not exact_match(" 1 2 3 4", " 1 2 3", "add")
     for malformed in ("", " ", " 1 2 x", "the answer is 123", " -1 2 3", "1.23"):
         assert parse_answer(malformed) is None and not exact_match(malformed, " 1 2 3", "add")
-    assert exact_match_reward(["q"] * 3, [" 4 2", " 4 3", "x"], answer=[" 4 2"] * 3,
-                              kind=["add"] * 3) == \
-        [1.0, 0.0, 0.0]
+    assert exact_match_reward(
+        ["q"] * 3, [" 4 2", " 4 3", "x"], answer=[" 4 2"] * 3, kind=["add"] * 3
+    ) == [1.0, 0.0, 0.0]
 
 
 def test_gsm8k_answers_are_the_final_number():
@@ -70,17 +70,24 @@ def test_gsm8k_answers_are_the_final_number():
     assert final_number("#### 2.50") == "2.5" and final_number("#### 0.0") == "0"
     assert exact_match("so it is 12 + 6 = 18\n#### 18", "18", "gsm8k")
     assert not exact_match("so it is 12 + 6 = 19", "18", "gsm8k")
-    assert exact_match_reward(["q"] * 2, [[{"role": "assistant", "content": "#### 18"}], "17"],
-                              answer=["18"] * 2, kind=["gsm8k"] * 2) == [1.0, 0.0]
+    assert exact_match_reward(
+        ["q"] * 2,
+        [[{"role": "assistant", "content": "#### 18"}], "17"],
+        answer=["18"] * 2,
+        kind=["gsm8k"] * 2,
+    ) == [1.0, 0.0]
 
 
 def write_gsm8k(directory, train: int, test: int) -> str:
     """A GSM8K stand-in: file:<dir> with train.jsonl and test.jsonl."""
     directory.mkdir(exist_ok=True)
-    rows = {"train": [{"question": f"What is {i} + 1?",
-                       "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(train)],
-            "test": [{"question": f"What is {i} + 2?", "answer": f"#### {i + 2}"}
-                     for i in range(test)]}
+    rows = {
+        "train": [
+            {"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"}
+            for i in range(train)
+        ],
+        "test": [{"question": f"What is {i} + 2?", "answer": f"#### {i + 2}"} for i in range(test)],
+    }
     rows["test"].insert(0, rows["train"][0])  # a test question the train split also has
     for split, split_rows in rows.items():
         (directory / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in split_rows))
@@ -107,9 +114,9 @@ def test_gsm8k_problems_from_a_source_are_disjoint_and_seeded(tmp_path):
 
 
 def test_the_task_on_an_instruct_model_through_its_chat_template(tmp_path):
-    from llmpipe.loading import load_causal_lm
-    from llmpipe.params import TaskSftParams
-    from llmpipe.task import _encode, run_sft, task_report
+    from llmpipe.model.loading import load_causal_lm
+    from llmpipe.task.checkable import _encode, run_sft, task_report
+    from llmpipe.task.params import TaskSftParams
 
     instruct, _ = save_micro_instruct(tmp_path / "instruct", "llama")
     instruct.to(torch.bfloat16).save_pretrained(tmp_path / "instruct")  # as Llama 3.2 ships
@@ -120,10 +127,21 @@ def test_the_task_on_an_instruct_model_through_its_chat_template(tmp_path):
     prompt, target = _encode(tokenizer, problems["test"][:1], chat)[0]
     assert tokenizer.decode(prompt).endswith("assistant\n")
     assert target[-1] == tokenizer.eos_token_id  # the turn ends with the model's end of turn
-    p = TaskSftParams(base=str(tmp_path / "instruct"), kind="gsm8k", source=None, chat=True,
-                      digits=1, train_problems=16, test_problems=4, pass_k=2, max_steps=3,
-                      batch_size=4, learning_rate=1e-3, warmup_steps=0,
-                      gradient_checkpointing=True)
+    p = TaskSftParams(
+        base=str(tmp_path / "instruct"),
+        kind="gsm8k",
+        source=None,
+        chat=True,
+        digits=1,
+        train_problems=16,
+        test_problems=4,
+        pass_k=2,
+        max_steps=3,
+        batch_size=4,
+        learning_rate=1e-3,
+        warmup_steps=0,
+        gradient_checkpointing=True,
+    )
     trained, _ = run_sft(p, problems["train"], chat, 0, tmp_path / "live")
     # SFT recomputed the Llama blocks' activations (the flag transformers sets on them)
     assert any(getattr(m, "gradient_checkpointing", False) is True for m in trained.modules())

@@ -3,9 +3,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import SAMPLE_DOCS
-from llmpipe.corpus import stdlib_reference
+from llmpipe.data.corpus import stdlib_reference
+from llmpipe.data.tokenization import FastEncoder, split_by_document, train_bpe
 from llmpipe.errors import DataError
-from llmpipe.tokenization import FastEncoder, split_by_document, train_bpe
 
 CORPUS = SAMPLE_DOCS + stdlib_reference()[:20]
 
@@ -49,7 +49,7 @@ def test_fast_encoder_gives_the_tokenizers_ids(tokenizer):
 def test_fast_encoder_falls_back_when_ids_differ(tokenizer, monkeypatch):
     import tiktoken
 
-    import llmpipe.tokenization as tok
+    import llmpipe.data.tokenization as tok
 
     real = tok._tiktoken_encoding
 
@@ -58,8 +58,12 @@ def test_fast_encoder_falls_back_when_ids_differ(tokenizer, monkeypatch):
         ranks = dict(enc._mergeable_ranks)
         a, b = sorted(ranks, key=ranks.get)[300:302]
         ranks[a], ranks[b] = ranks[b], ranks[a]
-        return tiktoken.Encoding(name="swapped", pat_str=tok.GPT2_PATTERN,
-                                 mergeable_ranks=ranks, special_tokens=enc._special_tokens)
+        return tiktoken.Encoding(
+            name="swapped",
+            pat_str=tok.GPT2_PATTERN,
+            mergeable_ranks=ranks,
+            special_tokens=enc._special_tokens,
+        )
 
     monkeypatch.setattr(tok, "_tiktoken_encoding", swapped_ranks)
     encoder = FastEncoder(tokenizer, sample=CORPUS)
@@ -96,8 +100,8 @@ def todays_split(docs, val_fraction, seed):
 
 
 def test_the_streamed_split_is_the_in_memory_one():
-    from llmpipe.corpus import stdlib_docstrings
-    from llmpipe.tokenization import DocumentSplit
+    from llmpipe.data.corpus import stdlib_docstrings
+    from llmpipe.data.tokenization import DocumentSplit
 
     docs = stdlib_docstrings()[:3000] * 2  # duplicates too
     for fraction, seed in ((0.1, 1337), (0.05, 7)):
@@ -110,7 +114,7 @@ def test_the_streamed_split_is_the_in_memory_one():
 def test_the_split_threshold_is_the_n_th_distinct_rank(monkeypatch):
     """The in-place fit picks what np.unique's sorted distinct ranks gave, duplicates and
     the mask's blocks included."""
-    import llmpipe.tokenization as tok
+    import llmpipe.data.tokenization as tok
 
     mask = np.random.default_rng(0).random(10_000) < 0.3
     trues = np.flatnonzero(mask)
@@ -130,16 +134,27 @@ def test_the_split_threshold_is_the_n_th_distinct_rank(monkeypatch):
 
 
 def test_two_worker_processes_write_the_bins_of_one(tokenizer, tmp_path):
-    from llmpipe.corpus import stdlib_docstrings
-    from llmpipe.tokenization import DocumentSplit, write_corpus
+    from llmpipe.data.corpus import stdlib_docstrings
+    from llmpipe.data.tokenization import DocumentSplit, write_corpus
 
     docs = stdlib_docstrings()  # about 2 MB: a few chunks per process
     encoder = FastEncoder(tokenizer, sample=docs[:50])
     assert encoder.backend == "tiktoken"
     split = DocumentSplit.fit(iter(docs), 0.1, 0, "c")
     # chunks of 32 KB: about 60 of them, so two processes work under the in-flight bound
-    metas = {n: write_corpus(tmp_path / str(n), iter(docs), split, encoder, len(tokenizer),
-                             "bpe", num_proc=n, chunk_chars=1 << 15) for n in (1, 2)}
+    metas = {
+        n: write_corpus(
+            tmp_path / str(n),
+            iter(docs),
+            split,
+            encoder,
+            len(tokenizer),
+            "bpe",
+            num_proc=n,
+            chunk_chars=1 << 15,
+        )
+        for n in (1, 2)
+    }
     assert metas[1] == metas[2]
     for name in ("train", "val"):
         one, two = ((tmp_path / f"{n}/{name}.bin").read_bytes() for n in (1, 2))
@@ -147,6 +162,9 @@ def test_two_worker_processes_write_the_bins_of_one(tokenizer, tmp_path):
     # and the same ids as encoding each document on its own
     train = [d for d in docs if not split.is_val(d)][:40]
     ids = np.fromfile(tmp_path / "2/train.bin", dtype=np.uint16)
-    expected = [t for d in train for t in tokenizer(d, add_special_tokens=False).input_ids
-                + [tokenizer.eos_token_id]]
-    assert ids[:len(expected)].tolist() == expected
+    expected = [
+        t
+        for d in train
+        for t in tokenizer(d, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    ]
+    assert ids[: len(expected)].tolist() == expected

@@ -132,8 +132,10 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 def rounded(value: Any, key: str = "", perf: bool = False) -> Any:
     """`value` with every float rounded by the rule above (nested dicts and lists too)."""
     if isinstance(value, dict):
-        return {k: rounded(v, str(k), perf or k == "perf" or str(k).endswith("_per_s"))
-                for k, v in value.items()}
+        return {
+            k: rounded(v, str(k), perf or k == "perf" or str(k).endswith("_per_s"))
+            for k, v in value.items()
+        }
     if isinstance(value, list | tuple):
         return [rounded(v, key, perf) for v in value]
     if not isinstance(value, float):

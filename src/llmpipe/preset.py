@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from llmpipe.errors import ParamsError
-from llmpipe.params import PARAMS_FILE, read_params_file, validate_mapping
+from llmpipe.params import PARAMS_FILE, flatten, read_params_file
+from llmpipe.pipeline import validate_mapping
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -34,18 +35,6 @@ def load_preset(name: str) -> dict[str, Any]:
     if not path.exists():
         raise ParamsError(f"preset {name!r}: not found (available: {', '.join(available())})")
     return YAML(typ="safe").load(path.read_text()) or {}
-
-
-def flatten(overrides: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    """Dotted keys and leaf values (lists are leaves, as DVC's -S sets them whole)."""
-    items = []
-    for key, value in overrides.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            items += flatten(value, f"{dotted}.")
-        else:
-            items.append((dotted, value))
-    return items
 
 
 def set_dotted(mapping: dict, dotted: str, value: Any) -> None:
@@ -67,8 +56,11 @@ def set_arguments(overrides: dict[str, Any]) -> list[str]:
     # `++key=value`: Hydra's add-or-override (DVC applies -S through Hydra, in struct mode, so
     # a plain key=value fails for a key params.yaml does not have yet). JSON is YAML: each
     # value comes back as the same string, number, list or null.
-    return [arg for dotted, value in flatten(overrides)
-            for arg in ("-S", f"++{dotted}={json.dumps(value)}")]
+    return [
+        arg
+        for dotted, value in flatten(overrides)
+        for arg in ("-S", f"++{dotted}={json.dumps(value)}")
+    ]
 
 
 def write_params(overrides: dict[str, Any], path: Path = PARAMS_FILE) -> None:
@@ -85,15 +77,18 @@ def write_params(overrides: dict[str, Any], path: Path = PARAMS_FILE) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m llmpipe.preset", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m llmpipe.preset",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("name", help=f"one of: {', '.join(available())}")
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--write", action="store_true", help="rewrite params.yaml")
     action.add_argument("--print", action="store_true", help="print the -S arguments")
     argv = sys.argv[1:] if argv is None else argv
-    dvc_args = argv[argv.index("--") + 1:] if "--" in argv else []  # for dvc exp run
-    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    dvc_args = argv[argv.index("--") + 1 :] if "--" in argv else []  # for dvc exp run
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
 
     overrides = load_preset(args.name)
     validate_mapping(compose(read_params_file(), overrides), f"params.yaml + {args.name}")
@@ -103,8 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         write_params(overrides)
         print(f"params.yaml: preset {args.name!r} applied; run `dvc repro`")
     else:
-        command = [sys.executable, "-m", "dvc", "exp", "run", *set_arguments(overrides),
-                   *dvc_args]
+        command = [sys.executable, "-m", "dvc", "exp", "run", *set_arguments(overrides), *dvc_args]
         sys.exit(subprocess.run(command).returncode)
 
 

@@ -10,6 +10,7 @@ N processes takes the same optimizer steps on the same data as a run on one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -42,8 +43,7 @@ def default_device() -> str:
 # notes, minor-version compatibility): torch built for CUDA 13 needs a driver >= 580.
 MIN_DRIVER = {11: (450, 80), 12: (525, 60), 13: (580, 65)}
 # A torch for older drivers: its wheels for CUDA 12.6 run on drivers >= 525.
-OLDER_DRIVER_FIX = ("pip install torch=={version} --index-url "
-                    "https://download.pytorch.org/whl/cu126")
+OLDER_DRIVER_FIX = "pip install torch=={version} --index-url https://download.pytorch.org/whl/cu126"
 
 
 def nvidia_driver_version() -> str | None:
@@ -56,8 +56,12 @@ def nvidia_driver_version() -> str | None:
     if found:
         return found.group(1)
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     lines = out.stdout.split()
@@ -69,8 +73,11 @@ def nvidia_gpu_present() -> bool:
     nothing, or to -1, hides them all on purpose)."""
     if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
         return False
-    return (Path("/dev/nvidia0").exists() or Path("/proc/driver/nvidia/version").exists()
-            or nvidia_driver_version() is not None)
+    return (
+        Path("/dev/nvidia0").exists()
+        or Path("/proc/driver/nvidia/version").exists()
+        or nvidia_driver_version() is not None
+    )
 
 
 def cuda_unusable_reason(driver: str | None = None) -> str:
@@ -80,16 +87,22 @@ def cuda_unusable_reason(driver: str | None = None) -> str:
     build = torch.version.cuda
     if build is None:
         version = torch.__version__.split("+")[0]
-        return (f"torch {torch.__version__} is a CPU-only build ({have}); install a CUDA build "
-                f"of torch (e.g. {OLDER_DRIVER_FIX.format(version=version)})")
+        return (
+            f"torch {torch.__version__} is a CPU-only build ({have}); install a CUDA build "
+            f"of torch (e.g. {OLDER_DRIVER_FIX.format(version=version)})"
+        )
     need = MIN_DRIVER.get(int(build.split(".")[0]))
     if driver and need and tuple(int(x) for x in driver.split(".")[:2]) < need:
-        return (f"torch {torch.__version__} is built for CUDA {build}, which needs an NVIDIA "
-                f"driver >= {need[0]}.{need[1]}, and this machine has {driver}; update the "
-                f"driver, or install a torch built for an older CUDA (e.g. "
-                f"{OLDER_DRIVER_FIX.format(version=torch.__version__.split('+')[0])})")
-    return (f"torch {torch.__version__} (CUDA {build}) cannot initialise CUDA with {have} "
-            "(see nvidia-smi; a driver and a torch whose CUDA it supports are needed)")
+        return (
+            f"torch {torch.__version__} is built for CUDA {build}, which needs an NVIDIA "
+            f"driver >= {need[0]}.{need[1]}, and this machine has {driver}; update the "
+            f"driver, or install a torch built for an older CUDA (e.g. "
+            f"{OLDER_DRIVER_FIX.format(version=torch.__version__.split('+')[0])})"
+        )
+    return (
+        f"torch {torch.__version__} (CUDA {build}) cannot initialise CUDA with {have} "
+        "(see nvidia-smi; a driver and a torch whose CUDA it supports are needed)"
+    )
 
 
 def use_cuda(device_param: str, key: str | None = None) -> bool:
@@ -102,16 +115,20 @@ def use_cuda(device_param: str, key: str | None = None) -> bool:
     if device_param == "cuda":
         raise DeviceError(f"{key}: 'cuda', but CUDA is unusable: {cuda_unusable_reason()}")
     if nvidia_gpu_present():
-        escape = (f"set {key}: cpu" if key else "set CUDA_VISIBLE_DEVICES= (empty)")
-        raise DeviceError(f"{key or 'device'}: an NVIDIA GPU is here but CUDA is unusable: "
-                          f"{cuda_unusable_reason()} (to run on the CPU on purpose, {escape})")
+        escape = f"set {key}: cpu" if key else "set CUDA_VISIBLE_DEVICES= (empty)"
+        raise DeviceError(
+            f"{key or 'device'}: an NVIDIA GPU is here but CUDA is unusable: "
+            f"{cuda_unusable_reason()} (to run on the CPU on purpose, {escape})"
+        )
     return False
 
 
 def sharded_launch() -> bool:
     """Launched by accelerate with an FSDP or DeepSpeed config: the model is sharded."""
-    return any(os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() == "true"
-               for engine in ("FSDP", "DEEPSPEED"))
+    return any(
+        os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() == "true"
+        for engine in ("FSDP", "DEEPSPEED")
+    )
 
 
 def trained_model(trainer, rebuild):
@@ -138,8 +155,10 @@ def per_process(total: int, key: str, what: str | None = None) -> int:
     `total` counts, where it is not the value of `key` itself."""
     n = world_size()
     if total % n:
-        raise ParamsError(f"{key}: {what or total} is not divisible by the {n} processes of the "
-                          "launcher (the global batch must not depend on the process count)")
+        raise ParamsError(
+            f"{key}: {what or total} is not divisible by the {n} processes of the "
+            "launcher (the global batch must not depend on the process count)"
+        )
     return total // n
 
 
@@ -147,10 +166,15 @@ def runtime_args(seed: int, bf16: bool | None = None) -> dict:
     """Device, precision and seeding arguments. TRL's configs default bf16 on even on CPU, so it
     is always given: by default, on CUDA only. Several CPU processes talk over gloo."""
     cuda = use_cuda("auto")
-    return {"bf16": cuda if bf16 is None else bf16, "use_cpu": not cuda, "seed": seed,
-            "data_seed": seed, "dataloader_num_workers": 0,
-            **({"ddp_backend": "gloo"} if world_size() > 1 and not cuda else {}),
-            "report_to": "none"}  # curves go through TrainerCurves, which leaves dvc.yaml alone
+    return {
+        "bf16": cuda if bf16 is None else bf16,
+        "use_cpu": not cuda,
+        "seed": seed,
+        "data_seed": seed,
+        "dataloader_num_workers": 0,
+        **({"ddp_backend": "gloo"} if world_size() > 1 and not cuda else {}),
+        "report_to": "none",
+    }  # curves go through TrainerCurves, which leaves dvc.yaml alone
 
 
 def wait_for_everyone() -> None:
@@ -184,6 +208,31 @@ def checkpointing_args(enabled: bool) -> dict:
     from transformers import TrainingArguments
 
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
-    name = ("activation_checkpointing" if "activation_checkpointing" in names
-            else "gradient_checkpointing")
+    name = (
+        "activation_checkpointing"
+        if "activation_checkpointing" in names
+        else "gradient_checkpointing"
+    )
     return {name: enabled, f"{name}_kwargs": {"use_reentrant": False}}
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def compute_autocast(device: torch.device | str, dtype: str):
+    """The context a forward pass runs in: bf16 autocast on `device`'s type for bfloat16
+    (float32 weights, bf16 matmuls), nothing for float32."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=DTYPES[dtype])
+
+
+def frozen_reference(reference, dtype: str):
+    """The reference frozen (eval mode, no gradients), its parameters in the compute dtype
+    (bf16 halves its memory; it is never updated, so it needs no float32 copy). Buffers keep
+    theirs (a rotary embedding's frequencies stay float32). In place; returns `reference`."""
+    reference.eval().requires_grad_(False)
+    for parameter in reference.parameters():
+        if parameter.is_floating_point() and parameter.dtype != DTYPES[dtype]:
+            parameter.data = parameter.data.to(DTYPES[dtype])
+    return reference

@@ -57,8 +57,9 @@ def _experiments(show: list) -> Iterator[tuple[str, dict]]:
     for entry in show:
         for experiment in entry.get("experiments") or ():
             for rev in experiment.get("revs") or ():
-                failed = (rev.get("data") or {}).get("error") or \
-                    (rev.get("executor") or {}).get("state") == "failed"
+                failed = (rev.get("data") or {}).get("error") or (rev.get("executor") or {}).get(
+                    "state"
+                ) == "failed"
                 if rev.get("name") and rev.get("data") and not failed:
                     yield rev["name"], rev["data"]
 
@@ -73,8 +74,9 @@ def headline_figures(data: dict) -> dict[str, float]:
     return figures
 
 
-def aggregate(show: list, variants: Sequence[Sequence[str]], seeds: Sequence[int]
-              ) -> dict[str, dict[str, list[float]]]:
+def aggregate(
+    show: list, variants: Sequence[Sequence[str]], seeds: Sequence[int]
+) -> dict[str, dict[str, list[float]]]:
     """{variant: {figure: [value per seed that finished]}}."""
     found = dict(_experiments(show))
     table: dict[str, dict[str, list[float]]] = {}
@@ -82,8 +84,9 @@ def aggregate(show: list, variants: Sequence[Sequence[str]], seeds: Sequence[int
         label = " ".join(variant) or "baseline"
         table[label] = {}
         for seed in seeds:
-            for title, value in headline_figures(found.get(experiment_name(variant, seed),
-                                                        {})).items():
+            for title, value in headline_figures(
+                found.get(experiment_name(variant, seed), {})
+            ).items():
                 table[label].setdefault(title, []).append(value)
     return table
 
@@ -100,8 +103,10 @@ def format_table(table: dict[str, dict[str, list[float]]]) -> str:
             elif len(values) == 1:
                 cells.append(f"{values[0]:.4g} (1 seed)")
             else:
-                cells.append(f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g} "
-                             f"({len(values)} seeds)")
+                cells.append(
+                    f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g} "
+                    f"({len(values)} seeds)"
+                )
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -125,14 +130,23 @@ def queue(variants: Sequence[Sequence[str]], seeds: Sequence[int], start: str | 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m llmpipe.seeds", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m llmpipe.seeds",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--seeds", type=int, default=3, help="how many seeds (from --first-seed)")
     parser.add_argument("--first-seed", type=int, default=0)
-    parser.add_argument("--from", dest="start", metavar="STAGE",
-                        help="rerun this stage and what follows it only")
-    parser.add_argument("--variant", action="append", default=[], metavar="'K=V [K=V ...]'",
-                        help="params of one variant (repeatable); none: the workspace's params")
+    parser.add_argument(
+        "--from", dest="start", metavar="STAGE", help="rerun this stage and what follows it only"
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="'K=V [K=V ...]'",
+        help="params of one variant (repeatable); none: the workspace's params",
+    )
     parser.add_argument("--report", action="store_true", help="read, queue and run nothing")
     args = parser.parse_args(argv)
     if args.seeds < 2 and not args.report:
@@ -142,8 +156,11 @@ def main(argv: list[str] | None = None) -> None:
     if not args.report and queue(variants, seeds, args.start):
         # One at a time: two torch jobs on the same cores slow each other many times over.
         # DVC follows the runs' logs: on stderr, so that stdout is the table alone.
-        subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "--run-all", "-j", "1"],
-                       check=True, stdout=sys.stderr)
+        subprocess.run(
+            [sys.executable, "-m", "dvc", "exp", "run", "--run-all", "-j", "1"],
+            check=True,
+            stdout=sys.stderr,
+        )
     print(format_table(aggregate(json.loads(_dvc("exp", "show", "--json")), variants, seeds)))
 
 

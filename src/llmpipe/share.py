@@ -39,14 +39,19 @@ def push(remote: str | None = None) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m llmpipe.share", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m llmpipe.share",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--remote", help="a DVC remote (default: the one .dvc/config names)")
     args = parser.parse_args(argv)
     pushed, failed = push(args.remote)
     if failed:
-        raise SystemExit(f"error: {failed} objects that the run-cache names could not be "
-                         "pushed (missing from the local cache, e.g. after dvc gc?)")
+        raise SystemExit(
+            f"error: {failed} objects that the run-cache names could not be "
+            "pushed (missing from the local cache, e.g. after dvc gc?)"
+        )
     print(f"pushed the data, the run-cache and {pushed} objects its runs name")
 
 

@@ -66,8 +66,9 @@ NOT_FOR_STAGES = ("fastapi", "uvicorn", "httptools", "uvloop", "sse-starlette", 
 def requirements() -> list[str]:
     """The distribution names the stages need, versions left to what is installed: the point is
     to run on the box's own stack."""
-    return [name for name in map(distribution_name, requirement_specs())
-            if name not in NOT_FOR_STAGES]
+    return [
+        name for name in map(distribution_name, requirement_specs()) if name not in NOT_FOR_STAGES
+    ]
 
 
 def missing_distributions(names: list[str]) -> list[str]:
@@ -86,16 +87,28 @@ def install_from_wheels(wheels: Path, target: Path) -> None:
     which goes on the path of this process and of the stages, before the machine's own
     site-packages; the machine's installation is left as it is."""
     if not wheels.is_dir():
-        raise SmokeError(f"--wheels {wheels}: no such directory (make it on a connected machine "
-                         "with `make smoke-wheels`)")
-    command = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--quiet",
-               "--target", str(target), *map(str, sorted(wheels.glob("*.whl")))]
+        raise SmokeError(
+            f"--wheels {wheels}: no such directory (make it on a connected machine "
+            "with `make smoke-wheels`)"
+        )
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-index",
+        "--no-deps",
+        "--quiet",
+        "--target",
+        str(target),
+        *map(str, sorted(wheels.glob("*.whl"))),
+    ]
     print(f"installing the kit in {wheels} into {target}", flush=True)
     if subprocess.run(command).returncode != 0:
-        raise SmokeError(f"pip could not install the wheels of {wheels} (see pip's message "
-                         "above)")
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(target),
-                                                             os.environ.get("PYTHONPATH")]))
+        raise SmokeError(f"pip could not install the wheels of {wheels} (see pip's message above)")
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(target), os.environ.get("PYTHONPATH")])
+    )
     sys.path.insert(0, str(target))
     importlib.invalidate_caches()
 
@@ -103,34 +116,83 @@ def install_from_wheels(wheels: Path, target: Path) -> None:
 # The gpu-smoke preset scaled down to a CPU: the same stages and code paths at micro shapes, in
 # float32, uncompiled (--cpu-rehearsal; scripts/gpu_check.sh --dry-run).
 CPU_REHEARSAL = {
-    "download.pretrain.max_documents": 1500, "download.finetune.max_documents": 20,
+    "download.pretrain.max_documents": 1500,
+    "download.finetune.max_documents": 20,
     "tokenize.vocab_size": 512,
-    "pretrain.model.n_layer": 2, "pretrain.model.n_head": 2, "pretrain.model.n_embd": 32,
-    "pretrain.model.block_size": 32, "pretrain.model.vocab_multiple": 1,
-    "pretrain.batch_size": 8, "pretrain.grad_accum_steps": 1, "pretrain.max_steps": 12,
-    "pretrain.warmup_steps": 2, "pretrain.eval_interval": 6, "pretrain.eval_windows": 8,
-    "pretrain.checkpoint_interval": 6, "pretrain.device": "cpu", "pretrain.dtype": "float32",
-    "pretrain.compile": False, "pretrain.sample.max_new_tokens": 8,
-    **{f"{stage}.{key}": value for stage in ("finetune", "lora") for key, value in {
-        "block_size": 32, "batch_size": 8, "max_steps": 10, "warmup_steps": 2,
-        "eval_interval": 5, "eval_windows": 8}.items()},
-    "quantize.block_size": 32, "quantize.eval_windows": 8, "quantize.batch_size": 8,
-    "quantize.generate_tokens": 4, "quantize.compile": False, "quantize.device": "cpu",
-    "preferences.train_prompts": 32, "preferences.heldout_prompts": 8,
-    "preferences.samples_per_prompt": 4, "preferences.completion_tokens": 8,
-    "reward_model.max_length": 48, "reward_model.batch_size": 8,
-    "grpo.max_steps": 2, "grpo.prompts_per_step": 2, "grpo.max_completion_length": 8,
-    "grpo.eval_samples": 1, "grpo.curve_interval": 1, "grpo.curve_prompts": 2,
-    **{f"reinforce.{key}": value for key, value in {
-        "max_steps": 2, "prompts_per_step": 2, "max_completion_length": 8, "eval_samples": 1,
-        "curve_interval": 1, "curve_prompts": 2}.items()},
-    "task_sft.train_problems": 64, "task_sft.test_problems": 16, "task_sft.pass_k": 2,
-    "task_sft.max_steps": 10, "task_sft.batch_size": 8,
-    **{f"{stage}.{key}": value for stage in ("task_reinforce", "task_grpo") for key, value in {
-        "max_steps": 2, "prompts_per_step": 2, "num_generations": 2}.items()},
-    "evaluate.block_size": 32, "evaluate.eval_windows": 8, "evaluate.batch_size": 8,
-    "evaluate.samples_per_prompt": 1, "evaluate.completion_tokens": 8,
-    "evaluate.generate_tokens": 4, "evaluate.sample.max_new_tokens": 8,
+    "pretrain.model.n_layer": 2,
+    "pretrain.model.n_head": 2,
+    "pretrain.model.n_embd": 32,
+    "pretrain.model.block_size": 32,
+    "pretrain.model.vocab_multiple": 1,
+    "pretrain.batch_size": 8,
+    "pretrain.grad_accum_steps": 1,
+    "pretrain.max_steps": 12,
+    "pretrain.warmup_steps": 2,
+    "pretrain.eval_interval": 6,
+    "pretrain.eval_windows": 8,
+    "pretrain.checkpoint_interval": 6,
+    "pretrain.device": "cpu",
+    "pretrain.dtype": "float32",
+    "pretrain.compile": False,
+    "pretrain.sample.max_new_tokens": 8,
+    **{
+        f"{stage}.{key}": value
+        for stage in ("finetune", "lora")
+        for key, value in {
+            "block_size": 32,
+            "batch_size": 8,
+            "max_steps": 10,
+            "warmup_steps": 2,
+            "eval_interval": 5,
+            "eval_windows": 8,
+        }.items()
+    },
+    "quantize.block_size": 32,
+    "quantize.eval_windows": 8,
+    "quantize.batch_size": 8,
+    "quantize.generate_tokens": 4,
+    "quantize.compile": False,
+    "quantize.device": "cpu",
+    "preferences.train_prompts": 32,
+    "preferences.heldout_prompts": 8,
+    "preferences.samples_per_prompt": 4,
+    "preferences.completion_tokens": 8,
+    "reward_model.max_length": 48,
+    "reward_model.batch_size": 8,
+    "rl_baseline.eval_samples": 1,
+    "rl_baseline.max_completion_length": 8,
+    "grpo.max_steps": 2,
+    "grpo.prompts_per_step": 2,
+    "grpo.max_completion_length": 8,
+    "grpo.curve_interval": 1,
+    "grpo.curve_prompts": 2,
+    **{
+        f"reinforce.{key}": value
+        for key, value in {
+            "max_steps": 2,
+            "prompts_per_step": 2,
+            "max_completion_length": 8,
+            "curve_interval": 1,
+            "curve_prompts": 2,
+        }.items()
+    },
+    "task_sft.train_problems": 64,
+    "task_sft.test_problems": 16,
+    "task_sft.pass_k": 2,
+    "task_sft.max_steps": 10,
+    "task_sft.batch_size": 8,
+    **{
+        f"{stage}.{key}": value
+        for stage in ("task_reinforce", "task_grpo")
+        for key, value in {"max_steps": 2, "prompts_per_step": 2, "num_generations": 2}.items()
+    },
+    "evaluate.block_size": 32,
+    "evaluate.eval_windows": 8,
+    "evaluate.batch_size": 8,
+    "evaluate.samples_per_prompt": 1,
+    "evaluate.completion_tokens": 8,
+    "evaluate.generate_tokens": 4,
+    "evaluate.sample.max_new_tokens": 8,
 }
 
 
@@ -144,12 +206,14 @@ def parse_override(text: str) -> tuple[str, object]:
     return key, yaml.safe_load(value)
 
 
-def compose_params(preset: str, overrides: list[str], run_dir: Path,
-                   cpu_rehearsal: bool = False) -> dict:
+def compose_params(
+    preset: str, overrides: list[str], run_dir: Path, cpu_rehearsal: bool = False
+) -> dict:
     """run_dir/params.yaml: the repository's params.yaml, the preset, CPU_REHEARSAL if asked
     for, then the overrides; validated as every stage will read it."""
     from llmpipe.io import atomic_path
-    from llmpipe.params import read_params_file, validate_mapping
+    from llmpipe.params import read_params_file
+    from llmpipe.pipeline import validate_mapping
     from llmpipe.preset import compose, load_preset, set_dotted
 
     composed = compose(read_params_file(ROOT / "params.yaml"), load_preset(preset))
@@ -166,8 +230,12 @@ def compose_params(preset: str, overrides: list[str], run_dir: Path,
 
 # Launchers as modules of this interpreter, the one the wheels went into (a `torchrun` on PATH
 # may belong to another Python).
-LAUNCHER_MODULES = {"python": [], "python3": [], "torchrun": ["-m", "torch.distributed.run"],
-                    "accelerate": ["-m", "accelerate.commands.accelerate_cli"]}
+LAUNCHER_MODULES = {
+    "python": [],
+    "python3": [],
+    "torchrun": ["-m", "torch.distributed.run"],
+    "accelerate": ["-m", "accelerate.commands.accelerate_cli"],
+}
 
 
 def stage_command(stage: str, params: dict) -> list[str]:
@@ -177,26 +245,31 @@ def stage_command(stage: str, params: dict) -> list[str]:
     return [sys.executable, *LAUNCHER_MODULES[program], *options, "-m", f"stages.{stage}"]
 
 
-def run_stages(params: dict, run_dir: Path, stages: tuple[str, ...] = STAGES,
-               after_stage=lambda rows: None) -> list[dict]:
+def run_stages(
+    params: dict, run_dir: Path, stages: tuple[str, ...] = STAGES, after_stage=lambda rows: None
+) -> list[dict]:
     """Each stage in a process of its own; `after_stage(rows)` after each one (and after a
     failure, before the error)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "src"),
-                                         *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT), str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])]
+    )
     rows = []
     for stage in stages:
         command = stage_command(stage, params)
         print(f"\n== {stage}: {shlex.join(command)}", flush=True)
         started = time.perf_counter()
         code = subprocess.run(command, cwd=run_dir, env=env).returncode
-        rows.append({"stage": stage, "wall_s": round(time.perf_counter() - started, 1),
-                     "exit_code": code})
+        rows.append(
+            {"stage": stage, "wall_s": round(time.perf_counter() - started, 1), "exit_code": code}
+        )
         after_stage(rows)
         if code != 0:
-            raise SmokeError(f"stage {stage} failed with exit status {code} after "
-                             f"{rows[-1]['wall_s']} s (its output is above; outputs of the "
-                             f"stages before it are in {run_dir})")
+            raise SmokeError(
+                f"stage {stage} failed with exit status {code} after "
+                f"{rows[-1]['wall_s']} s (its output is above; outputs of the "
+                f"stages before it are in {run_dir})"
+            )
     return rows
 
 
@@ -205,8 +278,10 @@ def pretrain_figures(run_dir: Path) -> dict | None:
     if not path.exists():
         return None
     perf = json.loads(path.read_text())["perf"]
-    return {key: perf[key] for key in ("tokens_per_s", "mfu", "peak_flops", "device", "dtype",
-                                       "processes")}
+    return {
+        key: perf[key]
+        for key in ("tokens_per_s", "mfu", "peak_flops", "device", "dtype", "processes")
+    }
 
 
 def table(rows: list[dict], pretrain: dict) -> str:
@@ -216,26 +291,42 @@ def table(rows: list[dict], pretrain: dict) -> str:
     lines.append("")
     if pretrain is None:
         return "\n".join(lines)
-    mfu = ("n/a" if pretrain["mfu"] is None
-           else f"{100 * pretrain['mfu']:.1f}% of {pretrain['peak_flops']:.3g} FLOP/s")
-    lines.append(f"pretrain: {pretrain['tokens_per_s']:,.0f} tokens/s, MFU {mfu} "
-                 f"({pretrain['device']}, {pretrain['dtype']}, {pretrain['processes']} "
-                 "process(es))")
+    mfu = (
+        "n/a"
+        if pretrain["mfu"] is None
+        else f"{100 * pretrain['mfu']:.1f}% of {pretrain['peak_flops']:.3g} FLOP/s"
+    )
+    lines.append(
+        f"pretrain: {pretrain['tokens_per_s']:,.0f} tokens/s, MFU {mfu} "
+        f"({pretrain['device']}, {pretrain['dtype']}, {pretrain['processes']} "
+        "process(es))"
+    )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m llmpipe.smoke", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("preset", nargs="?", help="a preset of src/llmpipe/presets, e.g. "
-                        "gpu-smoke")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a param after the preset (repeatable)")
-    parser.add_argument("--wheels", type=Path,
-                        help="install missing dependencies from this folder of wheels")
+    parser = argparse.ArgumentParser(
+        prog="python -m llmpipe.smoke",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("preset", nargs="?", help="a preset of src/llmpipe/presets, e.g. gpu-smoke")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a param after the preset (repeatable)",
+    )
+    parser.add_argument(
+        "--wheels", type=Path, help="install missing dependencies from this folder of wheels"
+    )
     parser.add_argument("--run-dir", type=Path, help="default: runs/<preset>")
-    parser.add_argument("--cpu-rehearsal", action="store_true",
-                        help="the preset at micro shapes on the CPU (CPU_REHEARSAL), before --set")
+    parser.add_argument(
+        "--cpu-rehearsal",
+        action="store_true",
+        help="the preset at micro shapes on the CPU (CPU_REHEARSAL), before --set",
+    )
     args = parser.parse_args(argv)
     if args.preset is None:
         parser.error("a preset is required (e.g. gpu-smoke)")
@@ -246,16 +337,23 @@ def main(argv: list[str] | None = None) -> None:
         install_from_wheels(args.wheels, run_dir / "kit")
         missing = missing_distributions(missing)
     if missing:
-        raise SmokeError(f"missing: {', '.join(missing)} (give --wheels <folder>, a folder made "
-                         "on a connected machine with `make smoke-wheels`)")
+        raise SmokeError(
+            f"missing: {', '.join(missing)} (give --wheels <folder>, a folder made "
+            "on a connected machine with `make smoke-wheels`)"
+        )
     params = compose_params(args.preset, args.set, run_dir, args.cpu_rehearsal)
     started = time.perf_counter()
 
     def write_summary(rows: list[dict], finished: bool = False) -> dict:
-        summary = {"preset": args.preset, "cpu_rehearsal": args.cpu_rehearsal,
-                   "overrides": args.set, "stages": rows, "finished": finished,
-                   "wall_s": round(time.perf_counter() - started, 1),
-                   "pretrain": pretrain_figures(run_dir)}
+        summary = {
+            "preset": args.preset,
+            "cpu_rehearsal": args.cpu_rehearsal,
+            "overrides": args.set,
+            "stages": rows,
+            "finished": finished,
+            "wall_s": round(time.perf_counter() - started, 1),
+            "pretrain": pretrain_figures(run_dir),
+        }
         write_json(run_dir / "smoke.json", summary)
         return summary
 

@@ -10,7 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from llmpipe import layout
 from llmpipe.errors import LlmpipeError
+from llmpipe.params import read_params_file
 
 EXIT_USER_ERROR = 2
 NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")  # one entry per GPU, read without CUDA
@@ -43,13 +45,13 @@ def way_back(stage: str | None) -> str:
     """How to get a failed stage's previous outputs back. `dvc repro` deletes a stage's outputs
     before running it (DVC sets DVC_STAGE then); the cached ones are in DVC's cache, the
     metrics and curves in git. Empty outside DVC, where a failure leaves every output intact."""
-    from llmpipe import layout
-
     if stage not in layout.STAGES:
         return ""
     git_paths = " ".join(str(path) for path in layout.STAGES[stage].git_outputs(stage))
-    return (f" (dvc repro removed this stage's previous outputs; to get them back: "
-            f"dvc checkout {stage} && git checkout -- {git_paths})")
+    return (
+        f" (dvc repro removed this stage's previous outputs; to get them back: "
+        f"dvc checkout {stage} && git checkout -- {git_paths})"
+    )
 
 
 def one_gpu_unless_launched(stage: str) -> None:
@@ -67,12 +69,21 @@ def one_gpu_unless_launched(stage: str) -> None:
         gpus = len(list(NVIDIA_GPUS.iterdir())) if NVIDIA_GPUS.is_dir() else 0
         os.environ["CUDA_VISIBLE_DEVICES"] = "0"
     if gpus > 1:
-        from llmpipe.params import LAUNCHED_STAGES
-
-        how = (f"set {stage}.launcher to 'torchrun --standalone --nproc_per_node {gpus}', with "
-               f"a global batch that {gpus} processes divide, to use them all"
-               if stage in LAUNCHED_STAGES else "this stage runs in one process")
+        how = (
+            f"set {stage}.launcher to 'torchrun --standalone --nproc_per_node {gpus}', with "
+            f"a global batch that {gpus} processes divide, to use them all"
+            if _has_launcher(stage)
+            else "this stage runs in one process"
+        )
         print(f"{stage}: {gpus} GPUs visible, using the first ({how})", file=sys.stderr)
+
+
+def _has_launcher(stage: str) -> bool:
+    """Whether the stage's section has a launcher (params.yaml spells out every key)."""
+    try:
+        return "launcher" in read_params_file().get(stage, {})
+    except LlmpipeError:  # a bad params.yaml: the stage itself says what is wrong
+        return False
 
 
 def end_distributed() -> None:

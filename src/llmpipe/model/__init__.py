@@ -1,6 +1,3 @@
-"""GPT-2 model, written from scratch, and conversion to/from Hugging Face."""
-
-from llmpipe.model.gpt import GPT, GPTConfig, measure_matmul_peak_flops
-from llmpipe.model.hf import export_hf_gpt2, load_hf_gpt2
-
-__all__ = ["GPTConfig", "GPT", "load_hf_gpt2", "export_hf_gpt2", "measure_matmul_peak_flops"]
+"""Models: GPT-2 written from scratch (gpt, loss), its conversion to and from Hugging Face (hf),
+loading Hugging Face models (loading), measuring and timing them (measure is in
+llmpipe.evaluation), and the compiled greedy decoder (decoding)."""

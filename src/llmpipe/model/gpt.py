@@ -209,20 +209,22 @@ class GPT(nn.Module):
         tok_emb = self.transformer.wte(idx)  # (B, T, C)
         pos_emb = self.transformer.wpe(pos)  # (T, C), broadcast over the batch
         x = self.transformer.drop(tok_emb + pos_emb)
-        checkpointed = (self.config.gradient_checkpointing and self.training
-                        and torch.is_grad_enabled())
+        checkpointed = (
+            self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        )
         for block in self.transformer.h:
             # Non-reentrant: it restores the RNG state, so dropout draws the same masks again.
             x = checkpoint(block, x, use_reentrant=False) if checkpointed else block(x)
         x = self.transformer.ln_f(x)
         if targets is None:
-            return self.lm_head(x)[..., :self.config.vocab_size], None  # (B, T, V)
+            return self.lm_head(x)[..., : self.config.vocab_size], None  # (B, T, V)
         if self.config.chunked_loss:
             loss = linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1))
         else:  # the padded rows take part in the softmax here too, as in the chunked path
             logits = self.lm_head(x).float()  # (B, T, padded V)
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
-                                   ignore_index=IGNORE_INDEX)
+            loss = F.cross_entropy(
+                logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX
+            )
         return None, loss
 
     def configure_optimizers(

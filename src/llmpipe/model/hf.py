@@ -78,7 +78,8 @@ def gpt_from_hf_model(hf_model: GPT2LMHeadModel, dropout: float = 0.0) -> GPT:
 def load_hf_gpt2(name_or_path: str, trust_remote_code: bool = False, dropout: float = 0.0) -> GPT:
     """Load a GPT-2 checkpoint (Hub name or local directory) as a ``GPT``."""
     hf_model = GPT2LMHeadModel.from_pretrained(
-        name_or_path, trust_remote_code=trust_remote_code, use_safetensors=True)
+        name_or_path, trust_remote_code=trust_remote_code, use_safetensors=True
+    )
     return gpt_from_hf_model(hf_model, dropout=dropout)
 
 
@@ -110,7 +111,7 @@ def hf_model_from_gpt(model: GPT, eos_token_id: int | None = None) -> GPT2LMHead
         if name in state:
             tensor = state[name]
             if name in ("transformer.wte.weight", "lm_head.weight"):
-                tensor = tensor[:config.vocab_size]  # without the padding rows
+                tensor = tensor[: config.vocab_size]  # without the padding rows
             hf_state[name] = _to_other_layout(name, tensor)
         elif name.endswith(".bias") and not config.bias:
             # GPT-2 always has biases; all-zero biases compute the same as none.

@@ -62,8 +62,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
-        return (grad_x * grad_loss, (grad_w * grad_loss).to(ctx.weight_dtype),
-                None, None, None, None)
+        return (
+            grad_x * grad_loss,
+            (grad_w * grad_loss).to(ctx.weight_dtype),
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def linear_cross_entropy(
@@ -76,12 +82,9 @@ def linear_cross_entropy(
     if chunk_rows is None:
         chunk_rows = max(1, CHUNK_LOGITS.get(device_type, 2**25) // weight.size(0))
     compute_dtype = (
-        torch.get_autocast_dtype(device_type)
-        if torch.is_autocast_enabled(device_type)
-        else x.dtype
+        torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
     )
     # Inside forward() grad mode is always off, so whether to compute gradients is decided here.
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     with torch.autocast(device_type, enabled=False):
-        return _LinearCrossEntropy.apply(x, weight, targets, chunk_rows, compute_dtype,
-                                         needs_grad)
+        return _LinearCrossEntropy.apply(x, weight, targets, chunk_rows, compute_dtype, needs_grad)

@@ -1,0 +1,1 @@
+"""Data: the corpus's download and reading, tokenizers, token files, prompt formats."""

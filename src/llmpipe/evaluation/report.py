@@ -1,0 +1,619 @@
+"""The report card: one markdown page, with its images, that a person reads after `dvc repro`.
+
+It gathers what every stage measured (metrics/*.json), the comparison of every model made by
+the evaluate stage, the training curves (dvclive's TSV files) and sample generations, with the
+baselines each figure should be read against.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.util
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+
+from llmpipe import layout
+from llmpipe.params import PARAMS_FILE, read_params_file
+
+PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "tokenizers", "dvc", "dvclive")
+
+# (stage, curve files under layout.curves_dir(stage), title)
+CURVES = (
+    ("pretrain", ("train/loss.tsv", "val/loss.tsv"), "pretrain: loss"),
+    ("finetune", ("train/loss.tsv", "eval/loss.tsv"), "finetune: loss"),
+    ("lora", ("train/loss.tsv", "eval/loss.tsv"), "lora: loss"),
+    ("reward_model", ("train/loss.tsv", "eval/loss.tsv"), "reward model: loss"),
+    ("grpo", ("train/reward.tsv", "train/kl.tsv"), "grpo: reward and KL"),
+    ("reinforce", ("train/reward.tsv", "train/kl.tsv"), "reinforce: reward and KL"),
+    ("task_sft", ("train/loss.tsv",), "task SFT: loss"),
+    (
+        "task_reinforce",
+        ("train/reward.tsv", "train/entropy.tsv"),
+        "task REINFORCE: exact-match reward and entropy",
+    ),
+    (
+        "task_grpo",
+        ("train/reward.tsv", "train/entropy.tsv"),
+        "task GRPO: exact-match reward and entropy",
+    ),
+)
+
+
+def read_metrics(stage: str) -> dict:
+    path = layout.metrics_file(stage)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def environment() -> list[tuple[str, str]]:
+    import torch
+
+    rows = [
+        ("python", platform.python_version()),
+        ("platform", platform.platform()),
+        (
+            "device",
+            torch.cuda.get_device_name()
+            if torch.cuda.is_available()
+            else f"CPU, {torch.get_num_threads()} threads",
+        ),
+    ]
+    for name in PACKAGES:
+        try:
+            rows.append((name, metadata.version(name)))
+        except metadata.PackageNotFoundError:
+            continue
+    return rows
+
+
+# (title, dotted key) of the params that shape each model, for the report's params digest.
+KEY_PARAMS = (
+    ("seed", "seed"),
+    ("pretrain corpus", "download.pretrain.source"),
+    ("finetune corpus", "download.finetune.source"),
+    ("tokenizer", "tokenize.tokenizer"),
+    ("vocabulary (bpe)", "tokenize.vocab_size"),
+    ("layers", "pretrain.model.n_layer"),
+    ("width", "pretrain.model.n_embd"),
+    ("context", "pretrain.model.block_size"),
+    ("pretrain steps", "pretrain.max_steps"),
+    ("finetune steps", "finetune.max_steps"),
+    ("lora r / alpha", ("lora.r", "lora.alpha")),
+    ("quantization", "quantize.method"),
+    ("gold scorer", "preferences.gold_scorer"),
+    ("grpo k / beta", ("grpo.num_generations", "grpo.beta")),
+    ("grpo steps", "grpo.max_steps"),
+)
+
+
+def params_digest(path: Path = PARAMS_FILE) -> list[tuple[str, str]]:
+    """The sha256 of params.yaml (a run with the same digest used the same params) and the
+    values that shape the models."""
+    from llmpipe.params import flatten
+
+    values = dict(flatten(read_params_file(path)))
+    rows = [("params.yaml sha256", hashlib.sha256(path.read_bytes()).hexdigest()[:16])]
+    for title, keys in KEY_PARAMS:
+        keys = keys if isinstance(keys, tuple) else (keys,)
+        rows.append((title, " / ".join(str(values.get(k)) for k in keys)))
+    return rows
+
+
+def _read_curve(path: Path) -> tuple[list[float], list[float]]:
+    with open(path) as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    value = [k for k in rows[0] if k not in ("step", "timestamp")][0] if rows else ""
+    return [float(r["step"]) for r in rows], [float(r[value]) for r in rows]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out_dir: Path, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(out_dir / name, dpi=100)
+    _pyplot().close(fig)
+    return name
+
+
+def plot_curves(out_dir: Path) -> list[tuple[str, str]]:
+    """PNG files of the training curves that exist; returns (title, file name)."""
+    plt = _pyplot()
+    images = []
+    for stage, files, title in CURVES:
+        paths = [layout.curves_dir(stage) / f for f in files]
+        if not any(p.exists() for p in paths):
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3))
+        for path in paths:
+            if path.exists():
+                ax.plot(
+                    *_read_curve(path),
+                    label=path.relative_to(layout.curves_dir(stage)).with_suffix("").as_posix(),
+                )
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend()
+        images.append((title, _save(fig, out_dir, f"curve_{stage}.png")))
+    return images
+
+
+def overoptimisation(stage: str) -> dict | None:
+    """An RL stage's over-optimisation curve (rlhf.HeldoutCurve), when it has one:
+    steps, KL and the gold and reward-model scores, and where the gold score peaked."""
+    paths = {
+        key: layout.curves_dir(stage) / "heldout" / f"{key}.tsv" for key in layout.HELDOUT_CURVES
+    }
+    if not all(path.exists() for path in paths.values()):
+        return None
+    curve = {key: _read_curve(path) for key, path in paths.items()}
+    steps = curve["gold_score"][0]
+    gold = curve["gold_score"][1]
+    peak = max(range(len(gold)), key=gold.__getitem__)
+    return {
+        "steps": steps,
+        "kl": curve["kl_to_reference"][1],
+        "gold": gold,
+        "proxy": curve["reward_model_score"][1],
+        "peak": peak,
+    }
+
+
+def plot_overoptimisation(out_dir: Path) -> list[tuple[str, str]]:
+    """Gold and proxy gains against KL to the reference, one plot per RL stage."""
+    plt = _pyplot()
+    images = []
+    for stage in layout.STAGES:
+        if (c := overoptimisation(stage)) is None:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3))
+        for key, label in (("gold", "gold score"), ("proxy", "reward-model score")):
+            ax.plot(c["kl"], [v - c[key][0] for v in c[key]], marker="o", label=label)
+        ax.axvline(c["kl"][c["peak"]], color="grey", linestyle=":", label="gold's peak")
+        ax.set_xlabel("KL to the reference (nats per completion)")
+        ax.set_ylabel("gain since step 0")
+        ax.set_title(f"{stage}: over-optimisation")
+        ax.legend()
+        images.append(
+            (
+                f"{stage}: gold and proxy against KL",
+                _save(fig, out_dir, f"overoptimisation_{stage}.png"),
+            )
+        )
+    return images
+
+
+def plot_models(rows: list[dict], out_dir: Path) -> list[tuple[str, str]]:
+    plt = _pyplot()
+    images = []
+    for key, title in (
+        ("val_perplexity_finetune", "validation perplexity, finetune corpus"),
+        ("gold_score", "gold score of held-out completions"),
+    ):
+        fig, ax = plt.subplots(figsize=(5, 2.6))
+        ax.barh([r["model"] for r in rows], [r[key] for r in rows])
+        ax.set_title(title)
+        images.append((title, _save(fig, out_dir, f"models_{key}.png")))
+    return images
+
+
+def _format(value) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, int) or abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.4g}"
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    fmt = _format
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def stage_sections() -> list[str]:
+    """One table per stage that ran, each figure beside its baseline."""
+    sections = []
+    if m := read_metrics("tokenize"):
+        sections.append(
+            "### tokenize\n"
+            + _table(
+                [
+                    "vocabulary",
+                    "pretrain train/val tokens",
+                    "finetune train/val tokens",
+                    "bytes per token",
+                ],
+                [
+                    [
+                        m["vocab_size"],
+                        f"{m['pretrain_train_tokens']:,} / {m['pretrain_val_tokens']:,}",
+                        f"{m['finetune_train_tokens']:,} / {m['finetune_val_tokens']:,}",
+                        m["pretrain_bytes_per_token"],
+                    ]
+                ],
+            )
+        )
+    if m := read_metrics("pretrain"):
+        sections.append(
+            "### pretrain\n"
+            + _table(
+                [
+                    "parameters",
+                    "tokens seen",
+                    "val perplexity",
+                    "baseline: unigram perplexity",
+                    "tokens/s",
+                    "MFU",
+                ],
+                [
+                    [
+                        m["parameters"],
+                        m["tokens_seen"],
+                        m["val_perplexity"],
+                        m["unigram_val_perplexity"],
+                        m["perf"]["tokens_per_s"],
+                        m["perf"]["mfu"],
+                    ]
+                ],
+            )
+        )
+    rows = [
+        [
+            stage,
+            m["base_val_perplexity"],
+            m["val_perplexity"],
+            m.get("trainable_percent", 100.0),
+            m["best_step"],
+            m["steps"],
+        ]
+        for stage in ("finetune", "lora")
+        if (m := read_metrics(stage))
+    ]
+    if rows:
+        sections.append(
+            "### finetune and lora (finetune corpus)\n"
+            + _table(
+                [
+                    "stage",
+                    "baseline: base perplexity",
+                    "val perplexity",
+                    "trained %",
+                    "best step",
+                    "steps",
+                ],
+                rows,
+            )
+        )
+    if m := read_metrics("quantize"):
+        sections.append(
+            "### quantize\n"
+            + _table(
+                [
+                    "method",
+                    "MB (fp32 -> int8)",
+                    "perplexity (fp32 -> int8)",
+                    "top-1 agreement",
+                    "forward speedup",
+                    "generation speedup vs fp32 eager",
+                ],
+                [
+                    [
+                        m["method"],
+                        f"{m['fp32_size_mb']:.2f} -> {m['int8_size_mb']:.2f}",
+                        f"{m['fp32_val_perplexity']:.2f} -> {m['int8_val_perplexity']:.2f}",
+                        m["top1_agreement"],
+                        m["perf"]["forward_speedup"],
+                        ", ".join(
+                            f"{k} x{v}"
+                            for k, v in m["perf"]["generate_speedup_vs_fp32_eager"].items()
+                        ),
+                    ]
+                ],
+            )
+        )
+    if (m := read_metrics("preferences")) and (r := read_metrics("reward_model")):
+        sections.append(
+            "### preferences and reward model\n"
+            + _table(
+                [
+                    "train pairs",
+                    "held-out pairs",
+                    "tie rate",
+                    "held-out accuracy",
+                    "baseline: chance",
+                    "gold agreement (fresh pairs)",
+                ],
+                [
+                    [
+                        m["train_pairs"],
+                        m["heldout_pairs"],
+                        m["tie_rate"],
+                        r["heldout_accuracy"],
+                        r["chance_accuracy"],
+                        r["gold_agreement_fresh"],
+                    ]
+                ],
+            )
+        )
+    for stage in RL_STAGES:
+        if m := read_metrics(stage):
+            sections.append(rl_section(stage, m))
+    if rows := [
+        [
+            stage,
+            m["completions_sampled"],
+            m["gold_gain"],
+            m["reward_model_gain"],
+            m["after_kl_per_token"],
+            m["distinct_2_change"],
+            m["perf"]["wall_s"],
+        ]
+        for stage in RL_STAGES
+        if (m := read_metrics(stage))
+    ]:
+        sections.append(
+            "### REINFORCE against GRPO (same prompts, sampling and budget)\n"
+            + _table(
+                [
+                    "stage",
+                    "completions sampled",
+                    "gold gain",
+                    "reward-model gain",
+                    "KL per token",
+                    "distinct bigrams",
+                    "wall s (with the curve)",
+                ],
+                rows,
+            )
+        )
+    if task := task_section():
+        sections.append(task)
+    return sections
+
+
+RL_STAGES = ("grpo", "reinforce")  # RLHF on the preference prompts, judged the same way
+
+
+def rl_section(stage: str, m: dict) -> str:
+    return (
+        f"### {stage} (held-out prompts, same sampling seed)\n"
+        + _table(
+            [
+                "",
+                "gold score",
+                "reward-model score",
+                "KL to reference",
+                "length",
+                "distinct bigrams",
+                "repeated trigrams",
+                "SFT loss (nats/token)",
+            ],
+            [
+                [
+                    when,
+                    m[f"{when}_gold_score"],
+                    m[f"{when}_reward_model_score"],
+                    m[f"{when}_kl_to_reference"],
+                    m[f"{when}_completion_length"],
+                    m[f"{when}_distinct_2"],
+                    m[f"{when}_repeated_3gram_share"],
+                    m[f"{when}_reference_loss"],
+                ]
+                for when in ("before", "after")
+            ],
+        )
+        + (
+            "\n\n**Reward hacking suspected**: the reward model's score rose, the gold score "
+            "did not."
+            if m.get("reward_hacking_suspected")
+            else ""
+        )
+        + (
+            f"\n\n**Degeneration suspected**: the gold score rose "
+            f"({m['gold_gain']:+.3f}) while distinct bigrams changed by "
+            f"{m['distinct_2_change']:+.0%} and the SFT model's loss on the completions by "
+            f"{m['reference_loss_change']:+.2f} nats/token: read the samples below."
+            if m.get("degeneration_suspected")
+            else ""
+        )
+        + _overoptimisation_text(stage)
+    )
+
+
+TASK_FIGURES = (
+    "teacher_forced_token_accuracy",
+    "teacher_forced_sequence_accuracy",
+    "exact_match",
+    "pass_at_1",
+)
+
+
+def task_section() -> str:
+    """The checkable task: every model of the branch on the test problems."""
+    if not (sft := read_metrics("task_sft")):
+        return ""
+    k = next(key for key in sft if key.startswith("pass_at_") and key != "pass_at_1")
+    figures = (*TASK_FIGURES, k, "malformed_share")
+    rows = [
+        ["pretrained (base)", *(sft[f"base_{f}"] for f in figures)],
+        ["SFT (teacher forcing)", *(sft[f] for f in figures)],
+    ]
+    rows += [
+        [f"SFT + {stage.removeprefix('task_')}", *(m[f"after_{f}"] for f in figures)]
+        for stage in ("task_reinforce", "task_grpo")
+        if (m := read_metrics(stage))
+    ]
+    budget = [
+        f"{stage.removeprefix('task_')}: {m['completions_sampled']:,} completions, "
+        f"{m['perf']['wall_s']:.0f} s"
+        for stage in ("task_reinforce", "task_grpo")
+        if (m := read_metrics(stage))
+    ]
+    what = sft["kind"] if sft["kind"] == "gsm8k" else f"{sft['kind']}, {sft['digits']} digits"
+    return (
+        f"### the checkable task: {what} "
+        f"({sft['test_problems']} test problems, disjoint from {sft['train_problems']} "
+        "train problems)\n"
+        + _table(
+            [
+                "model",
+                "teacher-forced token accuracy",
+                "teacher-forced whole answers",
+                "free-running exact match (greedy)",
+                "pass@1 (sampled)",
+                k.replace("pass_at_", "pass@"),
+                "malformed",
+            ],
+            rows,
+        )
+        + "\n\nBaseline: "
+        + (
+            f"chance exact match {sft['chance_exact_match']:.4f}"
+            if sft["chance_exact_match"] is not None
+            else "the base model's row (no chance level: any number is an answer)"
+        )
+        + ". The gap "
+        "between teacher-forced token accuracy and free-running exact match is the "
+        "exposure-bias gap (greedy decoding follows the top prediction, so whole answers "
+        "right under teacher forcing equal greedy exact match by construction). RL: "
+        + "; ".join(budget)
+        + "."
+    )
+
+
+def _overoptimisation_text(stage: str) -> str:
+    if (c := overoptimisation(stage)) is None:
+        return ""
+    peak, last = c["peak"], len(c["steps"]) - 1
+    where = (
+        "at the last point: gold still follows the proxy"
+        if peak == last
+        else f"at step {c['steps'][peak]:.0f} (KL {c['kl'][peak]:.3g}); after it the reward "
+        f"model's score went {c['proxy'][last] - c['proxy'][peak]:+.3g} and gold "
+        f"{c['gold'][last] - c['gold'][peak]:+.3g}"
+    )
+    return (
+        f"\n\nOver-optimisation curve ({len(c['steps'])} points, the first held-out "
+        f"prompts): the gold score peaked {where}."
+    )
+
+
+def harness_section(models: list[dict]) -> str:
+    """lm-evaluation-harness accuracies per model, beside chance."""
+    from llmpipe.evaluation.harness import CHANCE
+
+    tasks = sorted(
+        {
+            k.removesuffix("_acc")
+            for r in models
+            for k in r
+            if k.endswith("_acc") and f"{k}_stderr" in r
+        }
+    )
+    if not tasks:
+        return ""
+    return (
+        "## lm-evaluation-harness (zero-shot accuracy ± standard error)\n\n"
+        + _table(
+            ["model", *tasks],
+            [["baseline: chance", *(CHANCE.get(t, "") for t in tasks)]]
+            + [
+                [r["model"], *(f"{r[f'{t}_acc']:.3f} ± {r[f'{t}_acc_stderr']:.3f}" for t in tasks)]
+                for r in models
+            ],
+        )
+        + "\n"
+    )
+
+
+NO_PLOTS = (
+    "(No images: matplotlib is not installed here, as in the GPU smoke kit "
+    "(scripts/gpu_kit.py); `pip install matplotlib` draws them.)"
+)
+
+
+def images(plot, *args) -> list[str]:
+    """Markdown image lines from a plot function, or one note where matplotlib is missing (the
+    GPU smoke kit leaves it out; every full install has it)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return [NO_PLOTS]
+    return [f"![{title}]({name})" for title, name in plot(*args)]
+
+
+def write_report(out_dir: Path, models: list[dict], samples: dict[str, list[dict]]) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "# llmpipe report card",
+        "",
+        "## Environment",
+        "",
+        _table(["", ""], [list(r) for r in environment()]),
+        "",
+        "## Params",
+        "",
+        _table(["", ""], [list(r) for r in params_digest()]),
+        "",
+        f"Every figure below comes from one run (seed {read_params_file(PARAMS_FILE)['seed']}"
+        "): read a difference between two runs against the noise bars of "
+        '`python -m llmpipe.seeds` (docs/sharing-and-experiments.md, "Noise bars").',
+        "",
+        "## Every model, same data and prompts",
+        "",
+        _table(
+            [
+                "model",
+                "val ppl (pretrain corpus)",
+                "val ppl (finetune corpus)",
+                "bits per byte (pretrain / finetune)",
+                "reward-model score",
+                "gold score",
+                "KL to finetune",
+                "size MB",
+                "generation tokens/s",
+                "device",
+            ],
+            [
+                [
+                    r["model"],
+                    r["val_perplexity_pretrain"],
+                    r["val_perplexity_finetune"],
+                    f"{r['val_bits_per_byte_pretrain']:.4f} / "
+                    f"{r['val_bits_per_byte_finetune']:.4f}",
+                    r["reward_model_score"],
+                    r["gold_score"],
+                    r["kl_to_finetune"],
+                    r["size_mb"],
+                    r["generate_tokens_per_s"],
+                    r["device"],
+                ]
+                for r in models
+            ],
+        ),
+        "",
+    ]
+    lines += images(plot_models, models, out_dir)
+    lines += ["", harness_section(models)]
+    lines += ["", "## Stages", ""]
+    for section in stage_sections():
+        lines += [section, ""]
+    lines += ["## Training curves", ""]
+    lines += images(plot_curves, out_dir)
+    lines += images(plot_overoptimisation, out_dir)
+    lines += ["", "## Samples", ""]
+    for model, rows in samples.items():
+        lines += [f"### {model}", ""]
+        lines += [f"- **{r['prompt']}**{r['completion']}".replace("\n", " ") for r in rows]
+        lines.append("")
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,1 @@
+"""Exporting a trained model for inference: int8 quantization."""

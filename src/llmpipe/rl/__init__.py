@@ -1,0 +1,1 @@
+"""Reinforcement learning from preferences: pairs, judges, the reward model, GRPO and REINFORCE."""

@@ -1,0 +1,202 @@
+"""Preference pairs: prompts, sampled completions, and chosen/rejected by a gold scorer.
+
+Default (offline): prompts are the opening tokens of paragraphs of the finetune corpus
+(train prompts from its train split, held-out prompts from its val split, so no held-out
+prompt was ever trained on); the finetuned policy samples several completions per prompt; a gold
+scorer picks the best as chosen and the worst as rejected; prompts whose completions all score
+the same are ties and are dropped. Or a ready preference set with prompt/chosen/rejected columns,
+split by prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from llmpipe.data.chat import PromptFormat
+from llmpipe.data.corpus import load_records, require_columns
+from llmpipe.data.tokenization import split_by_document
+from llmpipe.data.tokens import TokenBin
+from llmpipe.errors import DataError
+from llmpipe.rl.gold import GoldScorer
+from llmpipe.rl.params import PreferencesParams
+from llmpipe.rl.preferences import PAIR_COLUMNS, SPLITS, GoldSpec, PreferenceSet
+from llmpipe.rl.sampling import Completion, Sampling, sample_completions
+
+
+def prompts_from_tokens(
+    bins: TokenBin, tokenizer, prompt_tokens: int, count: int, seed: int, min_paragraph_tokens: int
+) -> list[str]:
+    """`count` distinct prompts: the first `prompt_tokens` tokens of paragraphs (of at least
+    `min_paragraph_tokens` tokens) of the documents in `bins`, drawn with a seeded RNG."""
+    tokens = np.asarray(bins.tokens)
+    bounds = np.flatnonzero(tokens == bins.eot_id)
+    starts = np.concatenate([[0], bounds + 1])[: len(bounds)]
+    candidates: list[str] = []
+    for start, end in zip(starts, bounds, strict=True):
+        text = tokenizer.decode(tokens[start:end].tolist())
+        for paragraph in text.split("\n\n"):
+            ids = tokenizer(paragraph.strip(), add_special_tokens=False).input_ids
+            if len(ids) >= min_paragraph_tokens:
+                candidates.append(tokenizer.decode(ids[:prompt_tokens]))
+    candidates = sorted(set(candidates))
+    if len(candidates) < count:
+        raise DataError(
+            f"{bins.path}: only {len(candidates)} distinct paragraph openings of "
+            f"{prompt_tokens} tokens for {count} prompts; ask for fewer prompts"
+        )
+    chosen = np.random.default_rng(seed).choice(len(candidates), size=count, replace=False)
+    return [candidates[i] for i in sorted(chosen)]
+
+
+def gold_pairs(
+    prompts: Sequence[str],
+    completions: Sequence[Sequence[Completion]],
+    gold: GoldScorer,
+    pairs_per_prompt: int = 1,
+) -> tuple[list[dict], int]:
+    """Pairs by gold score: the best completion of each prompt against the worst, then the
+    second best against the second worst, ...; a pair whose scores are equal is dropped.
+    Returns (pairs, ties), ties counting the prompts that gave no pair at all."""
+    scores = gold([c.text for group in completions for c in group])
+    pairs, ties, k = [], 0, 0
+    for prompt, group in zip(prompts, completions, strict=True):
+        group_scores = scores[k : k + len(group)]
+        k += len(group)
+        order = np.argsort(group_scores, kind="stable")
+        found = 0
+        for j in range(min(pairs_per_prompt, len(group) // 2)):
+            best, worst = int(order[-1 - j]), int(order[j])
+            if group_scores[best] > group_scores[worst]:
+                pairs.append(
+                    {
+                        "prompt": prompt,
+                        "chosen": group[best].text,
+                        "rejected": group[worst].text,
+                        "chosen_gold": group_scores[best],
+                        "rejected_gold": group_scores[worst],
+                    }
+                )
+                found += 1
+        ties += found == 0
+    return pairs, ties
+
+
+def load_preference_set(
+    source: str, split: str, columns: Sequence[str] = PAIR_COLUMNS
+) -> list[dict]:
+    """The pairs of a ready set; `columns`: the set's names for prompt, chosen, rejected."""
+    records, found = load_records(source, split)
+    named = dict(zip(PAIR_COLUMNS, columns, strict=True))
+    require_columns(
+        found,
+        list(named.values()),
+        source,
+        "set preferences.prompt_column, chosen_column and rejected_column",
+    )
+    pairs = [{ours: r[theirs] for ours, theirs in named.items()} for r in records]
+    for i, pair in enumerate(pairs):
+        if not all(isinstance(v, str) for v in pair.values()):
+            raise DataError(
+                f"{source}: row {i} has non-text {', '.join(named.values())} "
+                "(a list of messages? give plain text columns; preferences.chat "
+                "puts them in the chat template)"
+            )
+    if not pairs:
+        raise DataError(f"{source}: no rows")
+    return pairs
+
+
+def build_preference_set(
+    p: PreferencesParams, seed: int, policy, tokenizer, tokens_dir: Path
+) -> tuple[PreferenceSet, dict]:
+    """The preference set of params `p` and its metrics: generated by `policy` and labelled by
+    the gold scorer (source: generate), or a ready set split by prompt."""
+    gold_spec = GoldSpec(p.gold_scorer, p.gold_label, p.gold_repetition_penalty)
+    prompt_format = PromptFormat(p.chat)
+    prompt_format.check(tokenizer, "preferences.chat")
+    gold = gold_spec.load()
+
+    def sample(prompts, n, seed_offset):
+        return sample_completions(
+            policy,
+            tokenizer,
+            prompts,
+            Sampling(n, p.completion_tokens, p.temperature, seed + seed_offset, top_k=p.top_k),
+            prompt_format,
+        )
+
+    ties = 0
+    if p.source == "generate":
+        counts = {"train": p.train_prompts, "heldout": p.heldout_prompts}
+        prompts, pairs = {}, {}
+        for split, token_split in (("train", "train"), ("heldout", "val")):
+            bins = TokenBin.open(tokens_dir, token_split, expected_vocab_size=len(tokenizer))
+            prompts[split] = prompts_from_tokens(
+                bins,
+                tokenizer,
+                p.prompt_tokens,
+                counts[split],
+                seed,
+                min_paragraph_tokens=2 * p.prompt_tokens,
+            )
+        for offset, split in enumerate(SPLITS):
+            pairs[split], split_ties = gold_pairs(
+                prompts[split],
+                sample(prompts[split], p.samples_per_prompt, offset),
+                gold,
+                p.pairs_per_prompt,
+            )
+            ties += split_ties
+    else:  # a ready set: split by prompt, so no held-out prompt is trained on
+        ready = load_preference_set(
+            p.source, p.split, (p.prompt_column, p.chosen_column, p.rejected_column)
+        )
+        heldout = set(
+            split_by_document([q["prompt"] for q in ready], p.heldout_fraction, seed, p.source)[
+                "val"
+            ]
+        )
+        pairs = {
+            "train": [q for q in ready if q["prompt"] not in heldout],
+            "heldout": [q for q in ready if q["prompt"] in heldout],
+        }
+        prompts = {split: sorted({q["prompt"] for q in rows}) for split, rows in pairs.items()}
+    for split, rows in pairs.items():
+        if not rows:
+            raise DataError(
+                f"preferences: no {split} pairs (every prompt's completions tied "
+                "on the gold score); raise preferences.samples_per_prompt, "
+                "completion_tokens or the number of prompts"
+            )
+
+    # Fresh pairs for the reward model's agreement with the gold scorer: new samples on the
+    # held-out prompts, scored by the gold scorer, ties kept (the reward model stage skips them).
+    fresh_groups = sample(prompts["heldout"], 2, 2)
+    fresh_scores = gold([c.text for group in fresh_groups for c in group])
+    fresh = [
+        {
+            "prompt": q,
+            "completions": [c.text for c in group],
+            "gold": fresh_scores[2 * i : 2 * i + 2],
+        }
+        for i, (q, group) in enumerate(zip(prompts["heldout"], fresh_groups, strict=True))
+    ]
+
+    metrics = {
+        "source": p.source,
+        "gold_scorer": p.gold_scorer,
+        "train_pairs": len(pairs["train"]),
+        "heldout_pairs": len(pairs["heldout"]),
+        "tie_rate": (
+            ties / sum(len(q) for q in prompts.values()) if p.source == "generate" else 0.0
+        ),
+        "fresh_prompts": len(fresh),
+    }
+    if p.source == "generate":
+        train = pairs["train"]
+        metrics["gold_chosen_mean"] = sum(q["chosen_gold"] for q in train) / len(train)
+        metrics["gold_rejected_mean"] = sum(q["rejected_gold"] for q in train) / len(train)
+    return PreferenceSet(pairs, prompts, fresh, gold_spec, prompt_format), metrics

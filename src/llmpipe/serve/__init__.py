@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server and its comparison page (python -m llmpipe.serve)."""

@@ -1,0 +1,267 @@
+"""Talk to every model: an OpenAI-compatible server for the pipeline's models, and a page at `/`
+that compares them side by side.
+
+    python -m llmpipe.serve                       # every model `dvc repro` made, by stage name
+    python -m llmpipe.serve --model mine=path/to/hf-model-dir --port 8001
+
+It serves each model of `layout.MODEL_OUTPUTS` that exists (a new model stage appears by
+itself), `lora` as the merged model or, where only the adapter is there, the adapter on its
+base, and any Hugging Face model directory given with `--model name=dir`:
+`GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (models whose tokenizer
+has a chat template), streamed as server-sent events or not.
+
+Why these parts: FastAPI validates each request against a pydantic model, so a wrong type or a
+missing field is a 400 naming the field without code of ours; uvicorn and sse-starlette
+(EventSourceResponse) do the HTTP and the event-stream framing, and all three are maintained.
+`transformers serve` and vLLM serve one model they load by hub name (vLLM on a GPU); neither
+knows the pipeline's model list, its int8 model (`llmpipe.export.quantization`), its LoRA adapter on
+its base, its reward model and gold scorer, or runs GPT-2 from the pipeline on a laptop CPU.
+
+Generation is transformers' `model.generate` in a worker thread, streamed through its
+`AsyncTextIteratorStreamer` (the asyncio form of `TextIteratorStreamer`), not a decoding loop of
+ours. One generation runs at a time per process (two would share the same cores and each go
+slower), in order of arrival: `GenerationQueue` is an asyncio.Lock (FIFO) with at most
+`max_waiting` requests waiting; one more is answered 429 at once. Scoring for the page takes
+the same queue.
+
+Seeds: a request with `seed` s, prompt ids p and `n` 1 gives the tokens of
+
+    torch.manual_seed(s)
+    model.generate(p, do_sample=True, temperature=t, top_p=top_p, top_k=top_k, max_new_tokens=m)
+
+(temperature 0: `do_sample=False`, greedy; `top_k` 0 is no cut), the model's own generation
+config applying to both. The text is `tokenizer.decode(new_ids, skip_special_tokens=True)`,
+streamed or not (tests/test_serve.py checks both through the openai client). `stop` ends the
+draw at the token that completes a stop string (transformers' `stop_strings`) and cuts the
+text before it; the tokens drawn until then are the same. With `n` > 1 the choices are drawn
+one after another after that one `torch.manual_seed(s)`, so choice i is the (i+1)-th of n
+successive `generate` calls, and choice 0 is the call above. Equal on one device and machine:
+another CPU or a GPU may draw other tokens from the same seed. Without a seed, the process's
+random stream goes on.
+
+Limits, each a 4xx with a one-line message naming the field, after which the server goes on
+serving: an unknown model (404), a prompt that leaves no room in the model's context (400), a
+`max_tokens` above `--max-tokens-cap` or `n` above `--max-n` (400), malformed JSON and wrong
+types (400). `max_tokens` beyond the model's context is cut to what fits (finish_reason
+"length"). A client that disconnects from a stream stops its generation at the next token; a
+non-streamed request runs to its end (at most `--max-tokens-cap` tokens) however its client
+went. Usage counts every generated token, the end-of-text included.
+
+Prompts are the pipeline's (`llmpipe.data.chat.PromptFormat`): a completion's prompt is the
+tokenizer's encoding of its text (or its token ids as given), a chat request's messages go
+through the model's chat template with the pinned date of `chat.TEMPLATE_KWARGS`, as the RL
+stages, their reports and evaluation render chat prompts: a served chat model reads the tokens
+it was trained and evaluated on (a template that prints today's date prints that one).
+
+The parts: `schema` (the requests, the errors), `engine` (the models, the jobs, the queue,
+generation), `streaming` (the responses, whole or as server-sent events), `page` (the
+comparison page) and this module (the routes and the command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from llmpipe.errors import DataError, LlmpipeError
+from llmpipe.serve.engine import Engine, Job, Limits, build_engine
+from llmpipe.serve.page import page_html
+from llmpipe.serve.schema import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    SamplingRequest,
+    ScoreRequest,
+    error_body,
+    validation_message,
+)
+from llmpipe.serve.streaming import event_stream, whole_response
+
+# --- the app ------------------------------------------------------------------------------
+
+
+def create_app(engine: Engine):
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse
+    from sse_starlette import EventSourceResponse
+    from starlette.background import BackgroundTask
+    from starlette.exceptions import HTTPException
+
+    app = FastAPI(title="llmpipe", summary="The pipeline's models over the OpenAI API")
+    app.state.engine = engine
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return JSONResponse(error_body(e), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, e: RequestValidationError):
+        message, param = validation_message(e.errors())
+        return JSONResponse(error_body(ApiError(400, message, param)), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):  # 404 of a path, 405, ...
+        return JSONResponse(
+            error_body(ApiError(e.status_code, str(e.detail))), status_code=e.status_code
+        )
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page():
+        return page_html()
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "llmpipe",
+                    # beyond OpenAI's fields, for the page (clients ignore them)
+                    "context_length": served.context,
+                    "chat": served.chat,
+                    "source": served.source,
+                }
+                for name, served in engine.models.items()
+            ],
+        }
+
+    @app.get("/llmpipe/scorers")
+    async def scorers():
+        s = engine.scorers
+        return {"reward_model": s.reward_model is not None, "gold": s.gold_name}
+
+    @app.post("/llmpipe/score")
+    async def score(request: ScoreRequest):
+        return await engine.score(request)
+
+    async def respond(job: Job, request: SamplingRequest, chat: bool):
+        turn = engine.enter()  # 429 now, before any generation, when the queue is full
+        if not request.stream:
+            return await whole_response(engine, job, turn, chat)
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        # The background task closes a turn whose stream never started (a client gone at
+        # once); a started stream closes its own.
+        return EventSourceResponse(
+            event_stream(engine, job, turn, chat, include_usage),
+            background=BackgroundTask(turn.close),
+        )
+
+    @app.post("/v1/completions")
+    async def completions(request: CompletionRequest):
+        return await respond(engine.completion_job(request), request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: ChatRequest):
+        return await respond(engine.chat_job(request), request, chat=True)
+
+    return app
+
+
+# --- the command --------------------------------------------------------------------------
+
+
+def parse_model_args(values: Sequence[str]) -> dict[str, Path]:
+    models = {}
+    for value in values:
+        name, sep, directory = value.partition("=")
+        if not sep or not name or not directory:
+            raise DataError(f"--model: {value!r} is not name=directory")
+        models[name] = Path(directory)
+    return models
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m llmpipe.serve",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="also serve this Hugging Face model directory as NAME",
+    )
+    parser.add_argument(
+        "--no-pipeline",
+        action="store_true",
+        help="serve only the --model directories, not the pipeline's models",
+    )
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=Path("."),
+        help="the repository whose data/ holds the pipeline's models",
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-tokens-cap", type=int, default=Limits.max_tokens_cap)
+    parser.add_argument("--max-n", type=int, default=Limits.max_n)
+    parser.add_argument(
+        "--max-waiting",
+        type=int,
+        default=Limits.max_waiting,
+        help="requests that may wait for the generation worker (more: 429)",
+    )
+    parser.add_argument(
+        "--no-scores", action="store_true", help="do not load the reward model and the gold scorer"
+    )
+    parser.add_argument("--device", default="auto", help="auto (a GPU if any), cpu, cuda:0")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's choice, every core)",
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let model directories run their own code (off: safetensors and "
+        "the architectures transformers ships only)",
+    )
+    args = parser.parse_args(argv)
+
+    import uvicorn
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        engine = build_engine(
+            args.root,
+            parse_model_args(args.model),
+            not args.no_pipeline,
+            not args.no_scores,
+            Limits(args.max_tokens_cap, args.max_n, args.max_waiting),
+            args.trust_remote_code,
+            args.device,
+        )
+    except LlmpipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    for served in engine.models.values():
+        print(
+            f"{served.name}: {served.source} ({served.device}, context {served.context}"
+            f"{', chat' if served.chat else ''})"
+        )
+    s = engine.scorers
+    print(
+        f"scores: reward model {'yes' if s.reward_model is not None else 'no'}, "
+        f"gold {s.gold_name or 'no'}"
+    )
+    print(f"the page: http://{args.host}:{args.port}/  the API: http://{args.host}:{args.port}/v1")
+    uvicorn.run(create_app(engine), host=args.host, port=args.port, log_level="info")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""The params schema of the checkable task's stages (task_sft, task_reinforce, task_grpo).
+
+The rules every schema follows, and the shared keys: llmpipe.params."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from llmpipe.params import NON_NEGATIVE_INT, POSITIVE_INT, POSITIVE_NUMBER, Check, param
+from llmpipe.rl.params import GrpoTrainingParams, PolicyGradientParams
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskSftParams:
+    SECTION: ClassVar[str] = "task_sft"
+    base: str  # pretrain, hf:<name> or a model directory
+    kind: Literal["add", "reverse", "gsm8k"]
+    # gsm8k: hf:openai/gsm8k:main or file:<dir> with train.jsonl and test.jsonl (question,
+    # answer ending in "#### <number>"); the generated kinds ignore it
+    source: str | None
+    chat: bool  # prompts are a user turn of the tokenizer's chat template (llmpipe.data.chat)
+    digits: int = param(Check("an integer from 1 to 4", lambda v: 1 <= v <= 4))
+    train_problems: int = param(POSITIVE_INT)
+    test_problems: int = param(POSITIVE_INT)
+    pass_k: int = param(Check("an integer of at least 2", lambda v: v >= 2))
+    max_steps: int = param(POSITIVE_INT)
+    batch_size: int = param(POSITIVE_INT)
+    learning_rate: float = param(POSITIVE_NUMBER)
+    warmup_steps: int = param(NON_NEGATIVE_INT)
+    gradient_checkpointing: bool  # less activation memory, ~30% more compute
+
+    def cross_field_problems(self) -> list[tuple[str, str]]:
+        if self.kind == "add" and self.digits > 3:  # 81M pairs to enumerate and hash
+            return [("digits", f"{self.digits} is more than add's 3")]
+        if self.kind == "gsm8k" and self.source is None:
+            return [
+                (
+                    "source",
+                    "missing: gsm8k reads its problems from a source "
+                    "(hf:openai/gsm8k:main, or file:<dir> with train.jsonl and "
+                    "test.jsonl)",
+                )
+            ]
+        return []
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskReinforceParams(PolicyGradientParams):
+    SECTION: ClassVar[str] = "task_reinforce"
+    pass
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskGrpoParams(GrpoTrainingParams):
+    SECTION: ClassVar[str] = "task_grpo"
+    pass

@@ -1,0 +1,1 @@
+"""Training: pretraining the from-scratch GPT, finetuning and LoRA through the Trainer."""
