@@ -117,7 +117,7 @@ import json, sys
 import numpy as np, torch, torch.distributed as dist
 from llmpipe.data.tokens import TokenBin
 from llmpipe.evaluation.scores import window_scores
-from llmpipe.model import GPT, GPTConfig
+from llmpipe.model.gpt import GPT, GPTConfig
 
 torch.set_num_threads(1)
 dist.init_process_group("gloo")

@@ -189,6 +189,7 @@ def test_reward_model_on_two_processes_matches_one(micro_rlhf, tmp_path):
 def micro_rlhf_with_reward_model(micro_rlhf, tmp_path_factory) -> Path:
     workspace = copy_workspace(micro_rlhf, tmp_path_factory.mktemp("grpo") / "ws")
     run(["python", "-m", "stages.reward_model"], workspace)
+    run(["python", "-m", "stages.rl_baseline"], workspace)  # grpo's "before"
     return workspace
 
 
@@ -203,7 +204,7 @@ def test_grpo_on_two_processes_has_the_runs_shape(micro_rlhf_with_reward_model, 
     m1, m2 = metrics_of(one, "grpo"), metrics_of(two, "grpo")
     assert m1["steps"] == m2["steps"] == 2
     before = [k for k in m1 if k.startswith("before_")]
-    assert before and all(m1[k] == m2[k] for k in before)  # measured once, by the main process
+    assert before and all(m1[k] == m2[k] for k in before)  # rl_baseline's, read by both
     # The same global batch: 2 prompts x 2 completions per step, split over the processes.
     assert list(curve(two, "grpo", "train/reward")) == list(curve(one, "grpo", "train/reward"))
     assert_one_writer(result, "held-out gold score")

@@ -40,6 +40,8 @@ def test_stage_commands_take_the_launchers_from_params():
         "stages.grpo",
     ]
     assert smoke.stage_command("evaluate", params) == [sys.executable, "-m", "stages.evaluate"]
+    # The report has no params section: plain python too.
+    assert smoke.stage_command("report", params) == [sys.executable, "-m", "stages.report"]
 
 
 def test_missing_dependencies_come_from_the_wheels_folder(tmp_path, monkeypatch):

@@ -239,9 +239,9 @@ LAUNCHER_MODULES = {
 
 
 def stage_command(stage: str, params: dict) -> list[str]:
-    """The stage's launcher from params (python for the stages that have none), as dvc.yaml
-    runs it, through this interpreter."""
-    program, *options = shlex.split(params[stage].get("launcher", "python"))
+    """The stage's launcher from params (python for the stages that have none, or no section:
+    report), as dvc.yaml runs it, through this interpreter."""
+    program, *options = shlex.split(params.get(stage, {}).get("launcher", "python"))
     return [sys.executable, *LAUNCHER_MODULES[program], *options, "-m", f"stages.{stage}"]
 
 

@@ -33,7 +33,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch.nn import functional as F
 
-from llmpipe.data.chat import PLAIN, PromptFormat, left_padded
+from llmpipe.data.chat import PLAIN, PromptFormat
+from llmpipe.rl.sampling import Sampling, generate
 from llmpipe.runtime import compute_autocast, fp32_master_weights, frozen_reference
 
 # A reward function, TRL's signature: prompts, completions (texts), completion ids and each
@@ -108,20 +109,13 @@ def sample(
     temperature: float,
     prompt_format: PromptFormat = PLAIN,
 ) -> Rollout:
-    device = next(policy.parameters()).device
-    batch = left_padded(
-        [prompt_format.prompt_ids(tokenizer, q) for q in prompts], tokenizer.pad_token_id, device
-    )
     policy.eval()
-    ids = policy.generate(
-        **batch,
-        do_sample=True,
-        temperature=temperature,
-        top_k=0,
-        top_p=1.0,
-        max_new_tokens=max_new_tokens,
-        num_return_sequences=k,
-        pad_token_id=tokenizer.pad_token_id,
+    # seed=0 is unused: the loop seeds once, and each step draws from where the last one left off.
+    batch, ids = generate(
+        policy,
+        tokenizer,
+        [prompt_format.prompt_ids(tokenizer, q) for q in prompts],
+        Sampling(k, max_new_tokens, temperature, seed=0),
     )
     prompt_length = batch["input_ids"].size(1)
     completion = ids[:, prompt_length:]

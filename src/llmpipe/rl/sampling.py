@@ -1,5 +1,8 @@
-"""Sampling completions from a causal LM: what the preference pairs, the RL stages' reports and
-evaluate all draw, the same way."""
+"""Sampling completions from a causal LM: what the preference pairs, the RL stages' reports,
+evaluate and REINFORCE's training steps all draw, through one call of transformers' `generate`
+(`generate`, below). The from-scratch GPT samples with its own loop (model.gpt), the server
+streams a request at a time (serve.engine), and the compiled greedy decoder times int8
+(model.decoding)."""
 
 from __future__ import annotations
 
@@ -45,32 +48,11 @@ def sample_completions(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     torch.manual_seed(sampling.seed)
-    device = next(model.parameters()).device
-    n, max_new_tokens = sampling.n, sampling.max_new_tokens
-    generate_args = (
-        {
-            "do_sample": True,
-            "temperature": sampling.temperature,
-            "top_k": sampling.top_k or 0,
-            "top_p": sampling.top_p or 1.0,
-        }
-        if sampling.temperature > 0
-        else {"do_sample": False}
-    )
+    n = sampling.n
     out: list[list[Completion]] = []
     for i in range(0, len(prompts), batch_size):
-        batch = left_padded(
-            [prompt_format.prompt_ids(tokenizer, q) for q in prompts[i : i + batch_size]],
-            tokenizer.pad_token_id,
-            device,
-        )
-        generated = model.generate(
-            **batch,
-            **generate_args,
-            max_new_tokens=max_new_tokens,
-            num_return_sequences=n,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        prompt_ids = [prompt_format.prompt_ids(tokenizer, q) for q in prompts[i : i + batch_size]]
+        batch, generated = generate(model, tokenizer, prompt_ids, sampling)
         new = generated[:, batch["input_ids"].size(1) :].tolist()
         for row in range(0, len(new), n):
             group = []
@@ -83,3 +65,29 @@ def sample_completions(
                 )
             out.append(group)
     return out
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt_ids: Sequence[list[int]], sampling: Sampling):
+    """Left-padded prompts and `sampling.n` continuations of each (prompt and completion ids,
+    rows grouped by prompt), from the model's current random state: the one sampling call.
+    Temperature 0 is greedy; no top-k or top-p cut unless `sampling` sets one."""
+    batch = left_padded(prompt_ids, tokenizer.pad_token_id, next(model.parameters()).device)
+    how = (
+        {
+            "do_sample": True,
+            "temperature": sampling.temperature,
+            "top_k": sampling.top_k or 0,
+            "top_p": sampling.top_p or 1.0,
+        }
+        if sampling.temperature > 0
+        else {"do_sample": False}
+    )
+    ids = model.generate(
+        **batch,
+        **how,
+        max_new_tokens=sampling.max_new_tokens,
+        num_return_sequences=sampling.n,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return batch, ids
