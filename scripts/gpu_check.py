@@ -143,6 +143,25 @@ class Check:
         return record
 
 
+def kit_install_command(python: str | Path, wheels: Path, target: Path) -> list[str]:
+    """The kit over the machine's own stack: offline, exactly these wheels, into a folder of its
+    own. No bytecode at install (time): each module is compiled once, on its first import, into
+    the kit's folder, and the later processes reuse it."""
+    return [
+        str(python),
+        "-m",
+        "pip",
+        "install",
+        "--no-index",
+        "--no-deps",
+        "--quiet",
+        "--no-compile",
+        "--target",
+        str(target),
+        *map(str, sorted(Path(wheels).resolve().glob("*.whl"))),
+    ]
+
+
 def last_json_line(log: Path) -> dict | None:
     for line in reversed(log.read_text(errors="replace").splitlines()):
         if line.startswith("{"):
@@ -206,25 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         else:
             kit = work / "kit"
-            # No bytecode at install (time): each module is compiled once, on its first import, into
-            # the kit's folder, and the later stage processes reuse it.
             record = check.run(
-                "kit",
-                [
-                    python,
-                    "-m",
-                    "pip",
-                    "install",
-                    "--no-index",
-                    "--no-deps",
-                    "--quiet",
-                    "--no-compile",
-                    "--target",
-                    str(kit),
-                    *map(str, sorted(Path(wheels).resolve().glob("*.whl"))),
-                ],
-                env,
-                out / "kit.log",
+                "kit", kit_install_command(python, wheels, kit), env, out / "kit.log"
             )
             # The tree's own llmpipe first, then the kit over the machine's site-packages.
             env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(kit)])

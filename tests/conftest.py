@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from llmpipe.smoke import MICRO_SHAPES
+
 ROOT = Path(__file__).resolve().parents[1]
 # Files a copy of the project needs to run the pipeline (data/ and metrics/ are outputs).
 PROJECT_FILES = (
@@ -92,83 +94,21 @@ def git_commit_all(repo: Path, message: str = "state") -> None:
     run(["git", "commit", "-q", "-m", message], repo)
 
 
-# A micro configuration of the whole pipeline: seconds per stage on 2 CPU cores.
+# A micro configuration of the whole pipeline (smoke.MICRO_SHAPES: seconds per stage on 2 CPU
+# cores), with what the tests need besides: more finetuning steps, one timing repeat, a fixed
+# peak for MFU, a few harness items.
 MICRO_PARAMS = {
-    "download.pretrain.max_documents": 1500,
-    "download.finetune.max_documents": 20,
-    "tokenize.vocab_size": 512,
-    "pretrain.model.n_layer": 2,
-    "pretrain.model.n_head": 2,
-    "pretrain.model.n_embd": 32,
-    "pretrain.model.block_size": 32,
-    "pretrain.batch_size": 8,
-    "pretrain.max_steps": 12,
-    "pretrain.warmup_steps": 2,
-    "pretrain.eval_interval": 6,
-    "pretrain.eval_windows": 8,
-    "pretrain.checkpoint_interval": 6,
-    "pretrain.peak_flops": 1.0e11,
-    "pretrain.sample.max_new_tokens": 8,
+    **MICRO_SHAPES,
     **{
         f"{stage}.{key}": value
         for stage in ("finetune", "lora")
-        for key, value in {
-            "block_size": 32,
-            "batch_size": 8,
-            "max_steps": 20,
-            "warmup_steps": 2,
-            "eval_interval": 10,
-            "eval_windows": 8,
-        }.items()
+        for key, value in {"max_steps": 20, "eval_interval": 10}.items()
     },
-    "quantize.block_size": 32,
-    "quantize.eval_windows": 8,
-    "quantize.batch_size": 8,
-    "quantize.generate_tokens": 4,
+    "pretrain.peak_flops": 1.0e11,
     "quantize.repeats": 1,
-    "preferences.train_prompts": 32,
-    "preferences.heldout_prompts": 8,
-    "preferences.samples_per_prompt": 4,
     "preferences.pairs_per_prompt": 1,
-    "preferences.completion_tokens": 8,
     "reward_model.epochs": 1,
-    "reward_model.batch_size": 8,
-    "reward_model.max_length": 48,
-    "rl_baseline.eval_samples": 1,
-    "rl_baseline.max_completion_length": 8,
-    "grpo.max_steps": 2,
-    "grpo.prompts_per_step": 2,
-    "grpo.max_completion_length": 8,
-    "grpo.curve_interval": 1,
-    "grpo.curve_prompts": 2,
-    **{
-        f"reinforce.{key}": value
-        for key, value in {
-            "max_steps": 2,
-            "prompts_per_step": 2,
-            "max_completion_length": 8,
-            "curve_interval": 1,
-            "curve_prompts": 2,
-        }.items()
-    },
-    "task_sft.train_problems": 64,
-    "task_sft.test_problems": 16,
-    "task_sft.pass_k": 2,
-    "task_sft.max_steps": 10,
-    "task_sft.batch_size": 8,
-    **{
-        f"{stage}.{key}": value
-        for stage in ("task_reinforce", "task_grpo")
-        for key, value in {"max_steps": 2, "prompts_per_step": 2, "num_generations": 2}.items()
-    },
-    "evaluate.block_size": 32,
-    "evaluate.eval_windows": 8,
-    "evaluate.batch_size": 8,
-    "evaluate.samples_per_prompt": 1,
-    "evaluate.completion_tokens": 8,
-    "evaluate.generate_tokens": 4,
     "evaluate.repeats": 1,
-    "evaluate.sample.max_new_tokens": 8,
     "evaluate.harness_limit": 8,
 }
 

@@ -14,6 +14,9 @@ import pytest
 from conftest import ROOT, run
 from llmpipe import smoke
 
+spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+gpu_check = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gpu_check)
 spec = importlib.util.spec_from_file_location("gpu_kit", ROOT / "scripts" / "gpu_kit.py")
 gpu_kit = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(gpu_kit)
@@ -119,24 +122,8 @@ def test_the_kit_installs_over_the_image_stack_and_imports(tmp_path):
         gpu_kit.FORBIDDEN.match(gpu_kit.distribution(w.name.split("-")[0]))
         for w in wheels.glob("*.whl")
     )
-    # As scripts/gpu_check.py installs it, less the bytecode (a minute here; the test imports
-    # a few modules only).
-    run(
-        [
-            str(python),
-            "-m",
-            "pip",
-            "install",
-            "--no-index",
-            "--no-deps",
-            "--quiet",
-            "--no-compile",
-            "--target",
-            str(target),
-            *map(str, wheels.glob("*.whl")),
-        ],
-        tmp_path,
-    )
+    # As scripts/gpu_check.py installs it.
+    run(gpu_check.kit_install_command(python, wheels, target), tmp_path)
     # From an empty folder (no repository on the path), against the image venv's torch.
     result = run(
         [

@@ -113,9 +113,9 @@ def install_from_wheels(wheels: Path, target: Path) -> None:
     importlib.invalidate_caches()
 
 
-# The gpu-smoke preset scaled down to a CPU: the same stages and code paths at micro shapes, in
-# float32, uncompiled (--cpu-rehearsal; scripts/gpu_check.sh --dry-run).
-CPU_REHEARSAL = {
+# The pipeline at micro shapes, for a CPU: seconds per stage on 2 cores. The smoke run's CPU
+# rehearsal and the tests' micro workspace (tests/conftest.py) both start from it.
+MICRO_SHAPES = {
     "download.pretrain.max_documents": 1500,
     "download.finetune.max_documents": 20,
     "tokenize.vocab_size": 512,
@@ -123,17 +123,12 @@ CPU_REHEARSAL = {
     "pretrain.model.n_head": 2,
     "pretrain.model.n_embd": 32,
     "pretrain.model.block_size": 32,
-    "pretrain.model.vocab_multiple": 1,
     "pretrain.batch_size": 8,
-    "pretrain.grad_accum_steps": 1,
     "pretrain.max_steps": 12,
     "pretrain.warmup_steps": 2,
     "pretrain.eval_interval": 6,
     "pretrain.eval_windows": 8,
     "pretrain.checkpoint_interval": 6,
-    "pretrain.device": "cpu",
-    "pretrain.dtype": "float32",
-    "pretrain.compile": False,
     "pretrain.sample.max_new_tokens": 8,
     **{
         f"{stage}.{key}": value
@@ -141,9 +136,7 @@ CPU_REHEARSAL = {
         for key, value in {
             "block_size": 32,
             "batch_size": 8,
-            "max_steps": 10,
             "warmup_steps": 2,
-            "eval_interval": 5,
             "eval_windows": 8,
         }.items()
     },
@@ -151,8 +144,6 @@ CPU_REHEARSAL = {
     "quantize.eval_windows": 8,
     "quantize.batch_size": 8,
     "quantize.generate_tokens": 4,
-    "quantize.compile": False,
-    "quantize.device": "cpu",
     "preferences.train_prompts": 32,
     "preferences.heldout_prompts": 8,
     "preferences.samples_per_prompt": 4,
@@ -193,6 +184,25 @@ CPU_REHEARSAL = {
     "evaluate.completion_tokens": 8,
     "evaluate.generate_tokens": 4,
     "evaluate.sample.max_new_tokens": 8,
+}
+
+
+# The gpu-smoke preset scaled down to a CPU: the same stages and code paths at micro shapes, in
+# float32, uncompiled (--cpu-rehearsal; scripts/gpu_check.sh --dry-run).
+CPU_REHEARSAL = {
+    **MICRO_SHAPES,
+    "pretrain.model.vocab_multiple": 1,
+    "pretrain.grad_accum_steps": 1,
+    "pretrain.device": "cpu",
+    "pretrain.dtype": "float32",
+    "pretrain.compile": False,
+    **{
+        f"{stage}.{key}": value
+        for stage in ("finetune", "lora")
+        for key, value in {"max_steps": 10, "eval_interval": 5}.items()
+    },
+    "quantize.compile": False,
+    "quantize.device": "cpu",
 }
 
 
