@@ -3,7 +3,7 @@ held-out prompts (reward model, gold score, KL, fluency, diversity): their "befo
 
 from llmpipe import layout
 from llmpipe.params import load_stage_params
-from llmpipe.rl.harness import HeldoutMeasure, HeldoutSettings, write_baseline
+from llmpipe.rl.heldout import HeldoutMeasure, HeldoutSettings, write_baseline
 from llmpipe.rl.params import RlBaselineParams
 from llmpipe.stage import run_main
 

@@ -4,6 +4,7 @@ answers only); measured before and after on the test problems."""
 
 from llmpipe import layout
 from llmpipe.data.chat import PromptFormat
+from llmpipe.evaluation.intervals import gain_metrics, level_metrics, write_items
 from llmpipe.io import write_metrics
 from llmpipe.model.loading import load_causal_lm
 from llmpipe.params import load_stage_params
@@ -40,14 +41,16 @@ def main() -> None:
     )
     after = task_report(model, tokenizer, test, p.kind, p.pass_k, shared.seed, prompt_format)
     save_task_model(layout.TASK_SFT_MODEL, model, tokenizer, after)
+    write_items(layout.items_file("task_sft"), before, after)  # the base model, then SFT
     metrics = {
         "kind": p.kind,
         "digits": p.digits,
         "train_problems": len(task.problems["train"]),
         "test_problems": len(test),
         "chance_exact_match": chance_exact_match(p.kind, p.digits),
-        **{f"base_{k}": v for k, v in before.items() if k != "samples"},
-        **{k: v for k, v in after.items() if k != "samples"},
+        **level_metrics(before, "base_"),
+        **level_metrics(after),
+        **gain_metrics(before, after, {"exact_match": "exact_match_gain"}),
         "perf": {"wall_s": wall_s},
     }
     write_metrics("task_sft", metrics)

@@ -97,8 +97,8 @@ def test_grpo_and_reinforce_prompt_an_instruct_model_through_its_template(instru
     from test_rlhf import grpo_params
 
     from llmpipe.model.loading import load_causal_lm
+    from llmpipe.rl.grpo import run_grpo
     from llmpipe.rl.reinforce import ReinforceConfig, reinforce, sample
-    from llmpipe.rl.rlhf import run_grpo
 
     tokenizer = load_tokenizer(instruct_dir)
     seen = []

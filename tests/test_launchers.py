@@ -389,8 +389,8 @@ def test_vllm_generation_is_checked_before_anything_loads(monkeypatch):
 
     from llmpipe.errors import ParamsError
     from llmpipe.params import load_stage_params
+    from llmpipe.rl.grpo import check_grpo_launch
     from llmpipe.rl.params import GrpoParams
-    from llmpipe.rl.rlhf import check_grpo_launch
 
     _, p = load_stage_params(GrpoParams, ROOT / "params.yaml")
     assert check_grpo_launch(p) == p.prompts_per_step * p.num_generations  # HF generate: fine

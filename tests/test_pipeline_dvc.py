@@ -99,11 +99,11 @@ def test_the_experiment_workflow(project_copy):
     assert all(0 <= evaluate[model]["llmpipe_cloze_acc"] <= 1 for model in MODELS)
     assert "## lm-evaluation-harness" in report and "baseline: chance | 0.25" in report
     # GRPO's over-optimisation curve: steps 0, 1 and 2 (curve_interval 1), and its plot.
-    for key in ("gold_score", "reward_model_score", "kl_to_reference"):
+    for key in ("gold_score", "reward_model_score", "kl_to_reference", "gold_score_se"):
         curve = (repo / f"dvclive/grpo/plots/metrics/heldout/{key}.tsv").read_text()
         assert [line.split("\t")[0] for line in curve.splitlines()[1:]] == ["0", "1", "2"]
     assert (repo / "data/report/overoptimisation_grpo.png").exists()
-    assert "Over-optimisation curve (3 points" in report
+    assert "Over-optimisation curve: 3 points" in report
     # REINFORCE beside GRPO at the same budget, and the checkable task's branch.
     grpo, reinforce = (
         json.loads((repo / f"metrics/{s}.json").read_text()) for s in ("grpo", "reinforce")
@@ -114,12 +114,21 @@ def test_the_experiment_workflow(project_copy):
     assert {key: grpo[f"before_{key}"] for key in baseline} == baseline
     assert {key: reinforce[f"before_{key}"] for key in baseline} == baseline
     assert "### REINFORCE against GRPO" in report
+    # Paired gains with their intervals, from the per-prompt results kept beside the metrics.
+    for m in (grpo, reinforce):
+        assert m["gold_gain_lo"] <= m["gold_gain"] <= m["gold_gain_hi"]
+        assert m["after_gold_score_se"] >= 0
+    items = json.loads((repo / "metrics/items/grpo.json").read_text())
+    assert len(items) == grpo["heldout_items"] > 1
+    assert {"prompt", "before_gold_score", "after_gold_score"} <= set(items[0])
     task = json.loads((repo / "metrics/task_sft.json").read_text())
     assert task["test_problems"] == 16 and 0 <= task["exact_match"] <= 1
     for stage in ("task_reinforce", "task_grpo"):
         rl = json.loads((repo / f"metrics/{stage}.json").read_text())
         assert rl["before_exact_match"] == task["exact_match"]
         assert rl["completions_sampled"] == 2 * 2 * 2 and "after_pass_at_2" in rl
+        assert rl["exact_match_gain_lo"] <= rl["exact_match_gain"] <= rl["exact_match_gain_hi"]
+        assert len(json.loads((repo / f"metrics/items/{stage}.json").read_text())) == 16
     assert "### the checkable task: add, 2 digits" in report
     assert not (repo / "data/pretrain/checkpoint/checkpoint.pt").exists()
 
@@ -142,6 +151,8 @@ def test_the_experiment_workflow(project_copy):
     assert diff["metrics/lora.json"]["trainable_parameters"]["diff"] < 0
     markdown = run(["python", "-m", "llmpipe.compare", "HEAD"], repo).stdout
     assert "### Metrics" in markdown and "trainable_parameters" in markdown
+    # lora reran nothing with per-item results: every headline row is an exact rerun.
+    assert "### Headline figures" in markdown and "| better |" not in markdown
     assert "lora.r" in markdown  # the params diff
 
     # Noise bars: two seeds of a variant queued from lora on, run one at a time, aggregated.

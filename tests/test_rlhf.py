@@ -13,14 +13,14 @@ from llmpipe import layout
 from llmpipe.data.chat import PLAIN
 from llmpipe.errors import DataError
 from llmpipe.model.loading import load_reward_model, load_tokenizer
+from llmpipe.rl.grpo import run_grpo
+from llmpipe.rl.heldout import length_penalty, rlhf_verdicts
 from llmpipe.rl.params import GrpoParams, RewardModelParams
 from llmpipe.rl.preference_pairs import gold_pairs, load_preference_set
 from llmpipe.rl.rlhf import (
     completion_logprobs,
-    length_penalty,
     pairwise_report,
     reward_scores,
-    run_grpo,
     train_reward_model,
 )
 from llmpipe.rl.sampling import Completion, Sampling, sample_completions
@@ -62,6 +62,7 @@ def grpo_params(**changes) -> GrpoParams:
         num_generations=4,
         prompts_per_step=4,
         beta=0.0,
+        reward="reward_model",
         length_penalty=0.0,
         loss_type="dapo",
         scale_rewards="group",
@@ -267,11 +268,24 @@ def test_degeneration_metrics_tell_a_loop_from_text():
     assert distinct_n([""], 2) == 1.0 and repeated_ngram_share([""], 3) == 0.0
 
 
-def report_of(texts: list[str], gold: float, reference_loss: float) -> dict:
+def report_of(texts: list[str], gold: float, reference_loss: float, proxy: float = 0.0) -> dict:
+    """A policy_report of 40 held-out prompts whose gold (and reward-model) scores spread by
+    +-0.05 around `gold` (`proxy` moves the reward model's alone)."""
     from llmpipe.rl.degeneration import distinct_n, repeated_ngram_share
 
+    spread = [0.05 * (-1) ** i for i in range(40)]
+    items = [
+        {
+            "prompt": f"prompt {i}",
+            "gold_score": gold + d,
+            "reward_model_score": gold + proxy + d,
+            "kl_to_reference": 0.0,
+            "completion_length": 12.0,
+        }
+        for i, d in enumerate(spread)
+    ]
     return {
-        "reward_model_score": gold,
+        "reward_model_score": gold + proxy,
         "gold_score": gold,
         "kl_to_reference": 0.0,
         "completion_length": 12.0,
@@ -279,27 +293,47 @@ def report_of(texts: list[str], gold: float, reference_loss: float) -> dict:
         "distinct_2": distinct_n(texts, 2),
         "repeated_3gram_share": repeated_ngram_share(texts, 3),
         "reference_loss": reference_loss,
+        "items": items,
     }
 
 
-def test_the_degeneration_flag_fires_when_gold_rises_on_a_loop():
-    from llmpipe.rl.rlhf import before_after_metrics
+def flags(before: dict, after: dict) -> dict:
+    from llmpipe.evaluation.intervals import gain_metrics
 
+    gains = {"gold_score": "gold_gain", "reward_model_score": "reward_model_gain"}
+    metrics = gain_metrics(before, after, gains)
+    return {**metrics, **rlhf_verdicts(before, after, metrics, 0.3, 1.0)}
+
+
+def test_the_degeneration_flag_fires_when_gold_rises_on_a_loop():
     before = report_of(VARIED, gold=0.05, reference_loss=4.0)
-    looped = before_after_metrics(before, report_of(LOOPING, 0.4, 4.2), 0.3, 1.0)
-    assert looped["gold_gain"] > 0 and looped["distinct_2_change"] < -0.3
+    looped = flags(before, report_of(LOOPING, 0.4, 4.2))
+    assert looped["gold_gain_lo"] > 0 and looped["distinct_2_change"] < -0.3
     assert looped["degeneration_suspected"] and not looped["reward_hacking_suspected"]
     # Fluent but improbable to the SFT model counts too; unchanged text does not; nor a loop
     # that the gold scorer did not reward.
-    assert before_after_metrics(before, report_of(VARIED, 0.4, 5.5), 0.3, 1.0)[
-        "degeneration_suspected"
+    assert flags(before, report_of(VARIED, 0.4, 5.5))["degeneration_suspected"]
+    assert not flags(before, report_of(VARIED, 0.4, 4.1))["degeneration_suspected"]
+    assert not flags(before, report_of(LOOPING, 0.01, 6.0))["degeneration_suspected"]
+
+
+def test_the_reward_hacking_flag_reads_the_intervals():
+    before = report_of(VARIED, gold=0.05, reference_loss=4.0)
+    # The proxy rises, gold stays where it was: fires.
+    hacked = flags(before, report_of(VARIED, 0.05, 4.0, proxy=0.5))
+    assert hacked["reward_model_gain_lo"] > 0 and hacked["gold_gain"] == 0
+    assert hacked["reward_hacking_suspected"]
+    # Both rise: quiet.
+    assert not flags(before, report_of(VARIED, 0.3, 4.0, proxy=0.5))["reward_hacking_suspected"]
+    # Gold moves by less than its noise: the proxy's rise is not followed, so it fires.
+    noisy = report_of(VARIED, 0.05, 4.0, proxy=0.5)
+    noisy["items"] = [
+        {**item, "gold_score": item["gold_score"] + 0.2 * (-1) ** (i // 2)}
+        for i, item in enumerate(noisy["items"])
     ]
-    assert not before_after_metrics(before, report_of(VARIED, 0.4, 4.1), 0.3, 1.0)[
-        "degeneration_suspected"
-    ]
-    assert not before_after_metrics(before, report_of(LOOPING, 0.01, 6.0), 0.3, 1.0)[
-        "degeneration_suspected"
-    ]
+    noisy["gold_score"] += 0.01
+    assert flags(before, noisy)["gold_gain_lo"] <= 0 < flags(before, noisy)["gold_gain"]
+    assert flags(before, noisy)["reward_hacking_suspected"]
 
 
 def test_the_gold_score_of_a_loop_loses_its_repeated_share():
@@ -343,7 +377,7 @@ def test_vader_counts_a_liked_word_once_however_often_it_is_said():
 def test_the_overoptimisation_curve_logs_its_points_and_leaves_training_randomness_alone(tmp_path):
     from types import SimpleNamespace
 
-    from llmpipe.rl.rlhf import HeldoutCurve
+    from llmpipe.rl.harness import HeldoutCurve
     from llmpipe.train.callbacks import OveroptimisationCurve, TrainerCurves
     from llmpipe.train.tracking import curves_live
 

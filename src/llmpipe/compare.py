@@ -1,4 +1,5 @@
-"""What a pull request changes, in markdown: params diff, metrics diff and (optionally) the
+"""What a pull request changes, in markdown: the headline figures with their paired intervals,
+labelled better, worse or within noise; the params diff, metrics diff and (optionally) the
 plots diff, of the workspace against a revision. The CI comment shows exactly this.
 
     python -m llmpipe.compare main [--plots-out DIR]
@@ -7,8 +8,44 @@ plots diff, of the workspace against a revision. The CI comment shows exactly th
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
+from dataclasses import dataclass
+
+from llmpipe import layout
+from llmpipe.evaluation.intervals import (
+    Estimate,
+    estimate,
+    holm_rejections,
+    paired_difference,
+    two_sided_p,
+)
+
+# The figures a change is judged by, where their stage keeps per-item results (layout.items_file):
+# (stage, per-item column of the trained model, label). Higher is better for each. Only these
+# rows are labelled, and the labels are corrected for their number (Holm), so that one lucky
+# figure among many is not called a finding.
+HEADLINE_ITEMS = (
+    ("grpo", "after_gold_score", "grpo gold score (held-out)"),
+    ("reinforce", "after_gold_score", "reinforce gold score (held-out)"),
+    ("task_sft", "after_exact_match", "task SFT exact match"),
+    ("task_reinforce", "after_exact_match", "task REINFORCE exact match"),
+    ("task_grpo", "after_exact_match", "task GRPO exact match"),
+    ("task_reinforce", "after_pass_at_1", "task REINFORCE pass@1"),
+    ("task_grpo", "after_pass_at_1", "task GRPO pass@1"),
+)
+ALPHA = 0.05
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    base: float
+    change: float
+    difference: Estimate
+    paired: bool
+    verdict: str = ""
 
 
 def _dvc(*args: str) -> str:
@@ -19,9 +56,82 @@ def _dvc(*args: str) -> str:
     return result.stdout.strip()
 
 
+def _git_file(rev: str, path) -> str | None:
+    result = subprocess.run(
+        ["git", "show", f"{rev}:{path.as_posix()}"], capture_output=True, text=True
+    )
+    return result.stdout if result.returncode == 0 else None
+
+
+def _items(text: str | None) -> dict[str, dict] | None:
+    return None if text is None else {row["prompt"]: row for row in json.loads(text)}
+
+
+def headline_rows(
+    base: dict[str, dict[str, dict]], change: dict[str, dict[str, dict]]
+) -> list[Row]:
+    """{stage: {prompt: per-item row}} of two revisions -> one labelled row per headline
+    figure both have: paired over the items when they are the same prompts, else the
+    difference of two independent means. Holm's correction over the rows."""
+    rows = []
+    for stage, column, label in HEADLINE_ITEMS:
+        a, b = base.get(stage), change.get(stage)
+        if not a or not b or column not in next(iter(a.values())):
+            continue
+        ea, eb = (estimate([r[column] for r in items.values()]) for items in (a, b))
+        paired = a.keys() == b.keys()
+        if paired:
+            keys = sorted(a)
+            d = paired_difference([a[k][column] for k in keys], [b[k][column] for k in keys])
+        else:
+            d = Estimate(eb.mean - ea.mean, (ea.se**2 + eb.se**2) ** 0.5, min(ea.n, eb.n))
+        rows.append(Row(label, ea.mean, eb.mean, d, paired))
+    significant = holm_rejections([two_sided_p(r.difference) for r in rows], ALPHA)
+    return [
+        Row(
+            r.label,
+            r.base,
+            r.change,
+            r.difference,
+            r.paired,
+            ("better" if r.difference.mean > 0 else "worse") if sig else "within noise",
+        )
+        for r, sig in zip(rows, significant, strict=True)
+    ]
+
+
+def headline_table(rev: str) -> str:
+    stages = {stage for stage, _, _ in HEADLINE_ITEMS}
+    base = {s: i for s in stages if (i := _items(_git_file(rev, layout.items_file(s))))}
+    change = {
+        s: _items(layout.items_file(s).read_text()) for s in stages if layout.items_file(s).exists()
+    }
+    rows = headline_rows(base, change)
+    if not rows:
+        return "No headline figure with per-item results in both."
+    lines = [
+        f"| figure | {rev} | this change | difference [95%] | pairing | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r.label} | {r.base:.4f} | {r.change:.4f} | {r.difference.text(4)} | "
+        f"{'paired' if r.paired else 'unpaired'} ({r.difference.n} items) | {r.verdict} |"
+        for r in rows
+    ]
+    return "\n".join(lines) + (
+        f"\n\n*better*/*worse*: the difference is nonzero at the {ALPHA:.0%} level after "
+        f"Holm's correction over these {len(rows)} rows; paired over the same items where "
+        "both revisions measured the same ones."
+    )
+
+
 def comparison(rev: str, plots_out: str | None = None) -> str:
     lines = [
         f"## llmpipe: this change against `{rev}`",
+        "",
+        "### Headline figures",
+        "",
+        headline_table(rev),
         "",
         "### Params",
         "",

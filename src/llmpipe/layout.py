@@ -57,6 +57,14 @@ def metrics_file(stage: str) -> Path:
     return METRICS / f"{stage}.json"
 
 
+def items_file(stage: str) -> Path:
+    """A measuring stage's per-item results (per prompt, per problem), before and after: the
+    rows its figures and their intervals are computed from. Small, and kept in git beside the
+    metrics, so that another revision's can be paired with them (dvc.yaml declares each as a
+    scatter plot: every item before against after)."""
+    return METRICS / "items" / f"{stage}.json"
+
+
 def live_dir(stage: str) -> Path:
     """Where dvclive writes a stage's curves."""
     return LIVE / stage
@@ -131,20 +139,31 @@ STAGES: dict[str, StageFiles] = {
         reads=(PREFERENCES, REWARD_MODEL, FINETUNE_MODEL, RL_BASELINE),
         writes=(GRPO_MODEL,),
         curves=True,
+        in_git=(items_file("grpo"),),
     ),
     "reinforce": StageFiles(
         reads=(PREFERENCES, REWARD_MODEL, FINETUNE_MODEL, RL_BASELINE),
         writes=(REINFORCE_MODEL,),
         curves=True,
+        in_git=(items_file("reinforce"),),
     ),
     "task_sft": StageFiles(
-        reads=(PRETRAIN_MODEL,), writes=(TASK_PROBLEMS, TASK_SFT_MODEL), curves=True
+        reads=(PRETRAIN_MODEL,),
+        writes=(TASK_PROBLEMS, TASK_SFT_MODEL),
+        curves=True,
+        in_git=(items_file("task_sft"),),
     ),
     "task_reinforce": StageFiles(
-        reads=(TASK_PROBLEMS, TASK_SFT_MODEL), writes=(TASK_REINFORCE_MODEL,), curves=True
+        reads=(TASK_PROBLEMS, TASK_SFT_MODEL),
+        writes=(TASK_REINFORCE_MODEL,),
+        curves=True,
+        in_git=(items_file("task_reinforce"),),
     ),
     "task_grpo": StageFiles(
-        reads=(TASK_PROBLEMS, TASK_SFT_MODEL), writes=(TASK_GRPO_MODEL,), curves=True
+        reads=(TASK_PROBLEMS, TASK_SFT_MODEL),
+        writes=(TASK_GRPO_MODEL,),
+        curves=True,
+        in_git=(items_file("task_grpo"),),
     ),
 }
 # evaluate measures every model on the same data; the report card then gathers its table,

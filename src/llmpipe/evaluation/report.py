@@ -16,6 +16,7 @@ from importlib import metadata
 from pathlib import Path
 
 from llmpipe import layout
+from llmpipe.evaluation.intervals import WITHIN_NOISE, Z_95
 from llmpipe.params import PARAMS_FILE, read_params_file
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "tokenizers", "dvc", "dvclive")
@@ -147,23 +148,22 @@ def plot_curves(out_dir: Path) -> list[tuple[str, str]]:
 
 
 def overoptimisation(stage: str) -> dict | None:
-    """An RL stage's over-optimisation curve (rlhf.HeldoutCurve), when it has one:
-    steps, KL and the gold and reward-model scores, and where the gold score peaked."""
+    """An RL stage's over-optimisation curve (llmpipe.rl.harness.HeldoutCurve), when it has one:
+    steps, KL, the gold and reward-model scores, and the gold score's standard error at each
+    point where it was logged."""
     paths = {
         key: layout.curves_dir(stage) / "heldout" / f"{key}.tsv" for key in layout.HELDOUT_CURVES
     }
     if not all(path.exists() for path in paths.values()):
         return None
     curve = {key: _read_curve(path) for key, path in paths.items()}
-    steps = curve["gold_score"][0]
-    gold = curve["gold_score"][1]
-    peak = max(range(len(gold)), key=gold.__getitem__)
+    se_path = layout.curves_dir(stage) / "heldout" / "gold_score_se.tsv"
     return {
-        "steps": steps,
+        "steps": curve["gold_score"][0],
         "kl": curve["kl_to_reference"][1],
-        "gold": gold,
+        "gold": curve["gold_score"][1],
+        "gold_se": _read_curve(se_path)[1] if se_path.exists() else None,
         "proxy": curve["reward_model_score"][1],
-        "peak": peak,
     }
 
 
@@ -177,7 +177,15 @@ def plot_overoptimisation(out_dir: Path) -> list[tuple[str, str]]:
         fig, ax = plt.subplots(figsize=(5, 3))
         for key, label in (("gold", "gold score"), ("proxy", "reward-model score")):
             ax.plot(c["kl"], [v - c[key][0] for v in c[key]], marker="o", label=label)
-        ax.axvline(c["kl"][c["peak"]], color="grey", linestyle=":", label="gold's peak")
+        if c["gold_se"] is not None:  # each point's own 95% interval (not paired with step 0)
+            gains = [v - c["gold"][0] for v in c["gold"]]
+            ax.fill_between(
+                c["kl"],
+                [g - Z_95 * se for g, se in zip(gains, c["gold_se"], strict=True)],
+                [g + Z_95 * se for g, se in zip(gains, c["gold_se"], strict=True)],
+                alpha=0.2,
+                label="gold, 95% band",
+            )
         ax.set_xlabel("KL to the reference (nats per completion)")
         ax.set_ylabel("gain since step 0")
         ax.set_title(f"{stage}: over-optimisation")
@@ -211,6 +219,16 @@ def _format(value) -> str:
     if isinstance(value, int) or abs(value) >= 1000:
         return f"{value:,.0f}"
     return f"{value:.4g}"
+
+
+def gain_text(m: dict, name: str) -> str:
+    """A gain with its paired 95% interval and what it supports: "+0.137 [+0.091, +0.183],
+    up", or "within noise" where the interval covers 0."""
+    value, lo, hi = m[name], m.get(f"{name}_lo"), m.get(f"{name}_hi")
+    if lo is None or hi is None:
+        return f"{value:+.3g} (no interval)"
+    verdict = "up" if lo > 0 else "down" if hi < 0 else WITHIN_NOISE
+    return f"{value:+.3f} [{lo:+.3f}, {hi:+.3f}], {verdict}"
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -352,8 +370,8 @@ def stage_sections() -> list[str]:
         [
             stage,
             m["completions_sampled"],
-            m["gold_gain"],
-            m["reward_model_gain"],
+            gain_text(m, "gold_gain"),
+            gain_text(m, "reward_model_gain"),
             m["after_kl_per_token"],
             m["distinct_2_change"],
             m["perf"]["wall_s"],
@@ -363,12 +381,14 @@ def stage_sections() -> list[str]:
     ]:
         sections.append(
             "### REINFORCE against GRPO (same prompts, sampling and budget)\n"
+            "Gains are paired over the held-out prompts (the same prompts and sampling seed "
+            "before and after), with their 95% interval: *within noise* where it covers 0.\n\n"
             + _table(
                 [
                     "stage",
                     "completions sampled",
-                    "gold gain",
-                    "reward-model gain",
+                    "gold gain [95%]",
+                    "reward-model gain [95%]",
                     "KL per token",
                     "distinct bigrams",
                     "wall s (with the curve)",
@@ -413,8 +433,8 @@ def rl_section(stage: str, m: dict) -> str:
             ],
         )
         + (
-            "\n\n**Reward hacking suspected**: the reward model's score rose, the gold score "
-            "did not."
+            "\n\n**Reward hacking suspected**: the reward model's score rose (its interval is "
+            "above 0), the gold score did not (its interval reaches 0)."
             if m.get("reward_hacking_suspected")
             else ""
         )
@@ -459,6 +479,16 @@ def task_section() -> str:
         for stage in ("task_reinforce", "task_grpo")
         if (m := read_metrics(stage))
     ]
+    gains = [["SFT (from the base model)", gain_text(sft, "exact_match_gain"), ""]]
+    gains += [
+        [
+            f"{stage.removeprefix('task_')} (from SFT)",
+            gain_text(m, "exact_match_gain"),
+            gain_text(m, "pass_at_1_gain"),
+        ]
+        for stage in ("task_reinforce", "task_grpo")
+        if (m := read_metrics(stage)) and "exact_match_gain_lo" in m
+    ]
     what = sft["kind"] if sft["kind"] == "gsm8k" else f"{sft['kind']}, {sft['digits']} digits"
     return (
         f"### the checkable task: {what} "
@@ -482,29 +512,25 @@ def task_section() -> str:
             if sft["chance_exact_match"] is not None
             else "the base model's row (no chance level: any number is an answer)"
         )
-        + ". The gap "
-        "between teacher-forced token accuracy and free-running exact match is the "
-        "exposure-bias gap (greedy decoding follows the top prediction, so whole answers "
-        "right under teacher forcing equal greedy exact match by construction). RL: "
+        + ". Teacher-forced token accuracy counts single tokens after the true prefix and "
+        "exact match whole answers, so the two are different units and their difference is "
+        "not exposure bias; whole answers right under teacher forcing equal greedy exact "
+        "match by construction (greedy decoding follows the top prediction). RL: "
         + "; ".join(budget)
-        + "."
+        + ".\n\nGains, paired over the same test problems (and sampling seeds), with their "
+        "95% interval:\n\n" + _table(["step", "exact match (greedy)", "pass@1 (sampled)"], gains)
     )
 
 
 def _overoptimisation_text(stage: str) -> str:
+    """What the curve is, without reading a peak into a few noisy points: the end-of-run
+    gains above carry the intervals."""
     if (c := overoptimisation(stage)) is None:
         return ""
-    peak, last = c["peak"], len(c["steps"]) - 1
-    where = (
-        "at the last point: gold still follows the proxy"
-        if peak == last
-        else f"at step {c['steps'][peak]:.0f} (KL {c['kl'][peak]:.3g}); after it the reward "
-        f"model's score went {c['proxy'][last] - c['proxy'][peak]:+.3g} and gold "
-        f"{c['gold'][last] - c['gold'][peak]:+.3g}"
-    )
     return (
-        f"\n\nOver-optimisation curve ({len(c['steps'])} points, the first held-out "
-        f"prompts): the gold score peaked {where}."
+        f"\n\nOver-optimisation curve: {len(c['steps'])} points on the first held-out prompts "
+        "(the plot below, gold with its 95% band). Each point is a small sample; read a trend "
+        "from the band, and the end-of-run gain from the paired interval above."
     )
 
 

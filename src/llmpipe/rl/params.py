@@ -113,6 +113,11 @@ class RlBaselineParams:
 class HeldoutReportParams:
     """What an RLHF stage adds to the held-out measurement of rl_baseline (grpo, reinforce)."""
 
+    # What it is rewarded by: the reward model, or the gold scorer that judges it (then the
+    # gold gain is no test)
+    reward: Literal["reward_model", "gold"]
+    length_penalty: float = param(NON_NEGATIVE_NUMBER)  # weight, per token
+
     # The over-optimisation curve: gold, reward model and KL on the first curve_prompts held-out
     # prompts every curve_interval steps (0: no curve; under FSDP/ZeRO-3 sharding, 0)
     curve_interval: int = param(NON_NEGATIVE_INT)
@@ -126,7 +131,6 @@ class HeldoutReportParams:
 @dataclass(frozen=True, kw_only=True)
 class GrpoParams(GrpoTrainingParams, HeldoutReportParams):
     SECTION: ClassVar[str] = "grpo"
-    length_penalty: float = param(NON_NEGATIVE_NUMBER)  # weight, per token
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -169,5 +173,3 @@ class PolicyGradientParams:
 @dataclass(frozen=True, kw_only=True)
 class ReinforceParams(PolicyGradientParams, HeldoutReportParams):
     SECTION: ClassVar[str] = "reinforce"
-    reward: Literal["reward_model", "gold"]
-    length_penalty: float = param(NON_NEGATIVE_NUMBER)  # weight, per token

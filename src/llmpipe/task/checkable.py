@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from llmpipe import layout
 from llmpipe.data.chat import PLAIN, TEMPLATE_KWARGS, PromptFormat, message_text
 from llmpipe.errors import DataError
 from llmpipe.io import atomic_dir, read_jsonl, write_json, write_jsonl
@@ -323,19 +324,27 @@ def task_report(
     token_accuracy, sequence_accuracy = teacher_forced_accuracy(
         model, tokenizer, problems, prompt_format
     )
+    greedy_right = [exact_match(c, p.answer, kind) for c, p in zip(greedy, problems, strict=True)]
     return {
         "teacher_forced_token_accuracy": token_accuracy,
         "teacher_forced_sequence_accuracy": sequence_accuracy,
-        "exact_match": sum(
-            exact_match(c, p.answer, kind) for c, p in zip(greedy, problems, strict=True)
-        )
-        / len(problems),
+        "exact_match": sum(greedy_right) / len(problems),
         "pass_at_1": sum(sum(r) for r in right) / (k * len(problems)),
         f"pass_at_{k}": sum(any(r) for r in right) / len(problems),
         "malformed_share": sum(parsed(c, kind) is None for c in greedy) / len(problems),
         "samples": [
             {"prompt": p.prompt, "answer": p.answer, "completion": c}
             for p, c in zip(problems[:4], greedy[:4], strict=True)
+        ],
+        # per problem: the items the intervals are computed from
+        "items": [
+            {
+                "prompt": p.prompt,
+                "exact_match": float(g),
+                "pass_at_1": sum(r) / k,
+                f"pass_at_{k}": float(any(r)),
+            }
+            for p, g, r in zip(problems, greedy_right, right, strict=True)
         ],
     }
 
@@ -456,39 +465,48 @@ def read_task_report(directory: Path) -> dict:
     return json.loads((directory / REPORT_FILE).read_text())
 
 
-def finish_task_rl(
-    stage: str,
-    directory: Path,
-    policy,
-    tokenizer,
-    task: TaskSet,
-    before: dict,
-    steps: int,
-    p,
-    seed: int,
-    wall_s: float,
-) -> None:
-    """An RL stage of the task branch: measure the policy on the test problems, save it, write
-    the before/after metrics and say what changed."""
-    from llmpipe.io import write_metrics
+@dataclass
+class TaskMeasure:
+    """A policy on the test problems: task_report's figures, with pass@k at task_sft's k."""
 
-    pass_k = next(key for key in before if key.startswith("pass_at_") and key != "pass_at_1")
-    k = int(pass_k.removeprefix("pass_at_"))
-    after = task_report(
-        policy, tokenizer, task.problems["test"], task.kind, k, seed, task.prompt_format
+    task: TaskSet
+    tokenizer: object
+    k: int
+    seed: int
+
+    def report(self, model, first: int | None = None) -> dict:
+        return task_report(
+            model,
+            self.tokenizer,
+            self.task.problems["test"][:first],
+            self.task.kind,
+            self.k,
+            self.seed,
+            self.task.prompt_format,
+        )
+
+
+def task_run(seed: int):
+    """The task pair's RL run (llmpipe.rl.harness): from task_sft's model on the train
+    problems, rewarded by the exact-match checker, measured on the test problems against
+    task_sft's report of the same model."""
+    from llmpipe.model.loading import load_causal_lm, load_tokenizer
+    from llmpipe.rl.harness import RlRun
+
+    task = TaskSet.read(layout.TASK_PROBLEMS)
+    before = read_task_report(layout.TASK_SFT_MODEL)
+    k = next(
+        int(key.removeprefix("pass_at_"))
+        for key in before
+        if key.startswith("pass_at_") and key != "pass_at_1"
     )
-    save_task_model(directory, policy, tokenizer, after)
-    figures = [key for key in after if key != "samples"]
-    metrics = {
-        **{f"before_{key}": before[key] for key in figures},
-        **{f"after_{key}": after[key] for key in figures},
-        "exact_match_gain": after["exact_match"] - before["exact_match"],
-        "steps": steps,
-        "completions_sampled": steps * p.prompts_per_step * p.num_generations,
-        "perf": {"wall_s": wall_s},
-    }
-    write_metrics(stage, metrics)
-    print(
-        f"test exact match {before['exact_match']:.3f} -> {after['exact_match']:.3f}, "
-        f"{pass_k} {before[pass_k]:.3f} -> {after[pass_k]:.3f} -> {directory}"
+    return RlRun(
+        policy_dir=layout.TASK_SFT_MODEL,
+        rows=task.rl_rows(),
+        prompt_format=task.prompt_format,
+        rewards=[(exact_match_reward, 1.0)],
+        measure=TaskMeasure(task, load_tokenizer(layout.TASK_SFT_MODEL), k, seed),
+        before=before,
+        gains={"exact_match": "exact_match_gain", "pass_at_1": "pass_at_1_gain"},
+        load_reference=lambda: load_causal_lm(layout.TASK_SFT_MODEL)[0],
     )

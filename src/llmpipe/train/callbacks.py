@@ -15,7 +15,7 @@ from llmpipe.train.tracking import _NOT_CURVES, curves_live
 
 
 class StepMeasure(Protocol):
-    """Something measured at training steps into a curve (llmpipe.rl.rlhf.HeldoutCurve)."""
+    """Something measured at training steps into a curve (llmpipe.rl.harness.HeldoutCurve)."""
 
     live: Any
 

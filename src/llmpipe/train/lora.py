@@ -8,12 +8,13 @@ from pathlib import Path
 import torch
 
 from llmpipe.errors import ParamsError
-from llmpipe.train.params import LoraParams
 
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def lora_config(model: torch.nn.Module, p: LoraParams):
+def lora_config(model: torch.nn.Module, p):
+    """The lora stage's adapter from its params (train.params.LoraParams: not imported, so that
+    the RL stages, which build their adapters here too, do not depend on the training schema)."""
     return adapter_config(model, p.r, p.alpha, p.dropout, p.target_modules, "lora.target_modules")
 
 
