@@ -25,6 +25,7 @@ def main() -> None:
         run.result.model.save_pretrained(tmp)
         run.tokenizer.save_pretrained(tmp)
     write_metrics("finetune", run.metrics(p.base))
+    run.write_items("finetune")
     print(
         f"val perplexity {run.base_perplexity:.2f} -> {run.perplexity:.2f} (best step "
         f"{run.result.best_step} of {run.result.steps}) -> {layout.FINETUNE_MODEL}"

@@ -33,6 +33,7 @@ def main() -> None:
     with atomic_dir(layout.LORA_MERGED) as tmp:
         model.merge_and_unload().save_pretrained(tmp)
         run.tokenizer.save_pretrained(tmp)
+    run.write_items("lora")
     write_metrics(
         "lora",
         {

@@ -17,6 +17,7 @@ PATHS = PretrainPaths(
     model_dir=layout.PRETRAIN_MODEL,
     checkpoint_dir=layout.PRETRAIN_CHECKPOINT,
     live_dir=layout.live_dir("pretrain"),
+    items_file=layout.items_file("pretrain"),
 )
 
 

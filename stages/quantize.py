@@ -68,6 +68,7 @@ def main() -> None:
             bench,
             source_dir / "model.safetensors",
             layout.QUANTIZED_MODEL / WEIGHTS_FILE,
+            layout.items_file("quantize"),
         ),
     }
     metrics["perf"]["wall_s"] = time.perf_counter() - started

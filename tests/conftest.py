@@ -250,3 +250,17 @@ def save_micro_instruct(directory: Path, architecture: str = "llama", seed: int 
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return model, tokenizer
+
+
+# The browser tests (the serving page, the offline plots): Debian's Chromium, driven by
+# Playwright (whose own browser download needs a host these machines cannot reach).
+def browser_path() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    if os.environ.get("CI") == "true":
+        pytest.fail(
+            "no Chromium on PATH: the browser test must run in CI (.ci/run installs "
+            "Debian's chromium)"
+        )
+    pytest.skip("no Chromium on PATH (apt-get install -y chromium)")

@@ -44,3 +44,13 @@ def test_the_report_says_within_noise_when_the_interval_covers_zero():
     assert gain_text(m, "gain") == "+0.020 [-0.010, +0.050], within noise"
     assert gain_text({**m, "big_hi": 0.15}, "big").endswith(", up")
     assert gain_text({"bare": 0.1}, "bare") == "+0.1 (no interval)"
+
+
+def test_a_loss_that_fell_is_better():
+    windows = lambda losses: {i: {"window": i, "after_loss": v} for i, v in enumerate(losses)}  # noqa: E731
+    rng = random.Random(3)
+    base = [4.0 + rng.gauss(0, 0.3) for _ in range(64)]
+    [row] = headline_rows(
+        {"finetune": windows(base)}, {"finetune": windows([v - 0.05 for v in base])}
+    )
+    assert row.paired and row.verdict == "better" and row.difference.mean < 0

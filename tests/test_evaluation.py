@@ -56,6 +56,29 @@ def test_bits_per_byte_is_the_summed_loss_over_the_texts_bytes(model_and_tokeniz
     expected = losses[:-1].sum().item() / (target_bytes * math.log(2))
     assert score.bits_per_byte == pytest.approx(expected, rel=1e-6)
     assert score.loss == pytest.approx(losses.mean().item(), rel=1e-6)  # every target
+    assert score.window_losses == pytest.approx((score.loss,), rel=1e-6)  # one window
+
+
+def test_a_perplexity_interval_carries_the_window_losses_through_exp():
+    from llmpipe.evaluation.intervals import Z_95, estimate
+    from llmpipe.evaluation.scores import WindowScore, loss_change_metrics
+
+    windows = (2.0, 2.2, 1.8, 2.4, 1.6)
+    score = WindowScore(2.0, None, windows)
+    m = score.perplexity_metrics()
+    se = estimate(windows).se
+    assert m["val_perplexity"] == pytest.approx(math.exp(2.0))
+    assert (m["val_perplexity_lo"], m["val_perplexity_hi"]) == pytest.approx(
+        (math.exp(2.0 - Z_95 * se), math.exp(2.0 + Z_95 * se))
+    )
+    # The same model on the same windows: a change of exactly 0, with no width.
+    same = loss_change_metrics(score, score, "change")
+    assert same == {"change": 0.0, "change_lo": 0.0, "change_hi": 0.0}
+    # A model better on every window by 0.1: the paired change is -0.1 and sure of it, although
+    # the windows differ by far more than that.
+    better = WindowScore(1.9, None, tuple(w - 0.1 for w in windows))
+    change = loss_change_metrics(score, better, "change")
+    assert change["change"] == pytest.approx(-0.1) and change["change_hi"] < 0
 
 
 class SentencePieceLike:
@@ -126,7 +149,7 @@ model = GPT(GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd
 bins = TokenBin.open(sys.argv[1], "val")
 score = window_scores(model, bins, 16, 13, 4, torch.ones(256, dtype=torch.long), sharded=True)
 if dist.get_rank() == 0:
-    open(sys.argv[2], "w").write(json.dumps([score.loss, score.bits_per_byte]))
+    open(sys.argv[2], "w").write(json.dumps([score.loss, score.bits_per_byte, score.window_losses]))
 dist.destroy_process_group()
 """
 
@@ -175,4 +198,9 @@ def test_evaluation_sharded_over_two_processes_equals_one_process(tmp_path):
     single = window_scores(
         model, TokenBin.open(tmp_path, "val"), 16, 13, 4, torch.ones(256, dtype=torch.long)
     )
-    assert json.loads((tmp_path / "out.json").read_text()) == [single.loss, single.bits_per_byte]
+    assert json.loads((tmp_path / "out.json").read_text()) == [
+        single.loss,
+        single.bits_per_byte,
+        list(single.window_losses),  # every window once, in order
+    ]
+    assert len(single.window_losses) == 13

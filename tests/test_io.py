@@ -40,6 +40,6 @@ def test_the_way_back_names_the_stage_and_its_git_outputs():
     assert way_back(None) == ""  # outside DVC nothing was removed
     assert way_back("finetune").endswith(
         "dvc checkout finetune && git checkout -- metrics/finetune.json "
-        "dvclive/finetune/plots/metrics)"
+        "metrics/items/finetune.json dvclive/finetune/plots/metrics)"
     )
     assert "metrics/evaluate_models.json" in way_back("evaluate")

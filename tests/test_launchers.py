@@ -207,7 +207,7 @@ def test_grpo_on_two_processes_has_the_runs_shape(micro_rlhf_with_reward_model, 
     assert before and all(m1[k] == m2[k] for k in before)  # rl_baseline's, read by both
     # The same global batch: 2 prompts x 2 completions per step, split over the processes.
     assert list(curve(two, "grpo", "train/reward")) == list(curve(one, "grpo", "train/reward"))
-    assert_one_writer(result, "held-out gold score")
+    assert_one_writer(result, "gold_gain ")
     assert (two / layout.GRPO_MODEL / "samples.json").exists()
 
 

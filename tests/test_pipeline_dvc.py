@@ -87,6 +87,23 @@ def test_the_experiment_workflow(project_copy):
     for stage, keys in BITS_PER_BYTE.items():
         figures = json.loads((repo / f"metrics/{stage}.json").read_text())
         assert all(0 < figures[key] < 8 for key in keys), (stage, figures)
+    # Perplexities with their intervals over the validation windows, kept per window.
+    for stage, key in (
+        ("pretrain", "val_perplexity"),
+        ("finetune", "val_perplexity"),
+        ("lora", "val_perplexity"),
+        ("quantize", "int8_val_perplexity"),
+    ):
+        m = json.loads((repo / f"metrics/{stage}.json").read_text())
+        assert m[f"{key}_lo"] < m[key] < m[f"{key}_hi"], stage
+        windows = json.loads((repo / f"metrics/items/{stage}.json").read_text())
+        assert len(windows) > 1 and "window" in windows[0], stage
+    finetune = json.loads((repo / "metrics/finetune.json").read_text())
+    assert (
+        finetune["val_loss_change_lo"]
+        <= finetune["val_loss_change"]
+        <= finetune["val_loss_change_hi"]
+    )
     # A sample estimate (the mean log-ratio over sampled tokens): exactly 0 for the finetuned
     # model itself, nonzero once GRPO moved the policy; after two micro steps its sign is noise.
     assert evaluate["grpo"]["kl_to_finetune"] != 0

@@ -98,8 +98,7 @@ def test_same_seed_same_metrics_and_weights(micro_workspace, tmp_path):
 
 
 def test_interrupted_run_resumes_to_the_same_weights(micro_workspace, tmp_path, monkeypatch):
-    # Dropout makes the RNG state matter; peak_flops None makes the stage measure the matmul
-    # peak (random matrices) on every start, which must not shift that state.
+    # Dropout makes the RNG state matter. Without a declared peak (CPU), MFU is not given.
     seed, p = micro_params(micro_workspace, peak_flops=None)
     p = dataclasses.replace(p, model=dataclasses.replace(p.model, dropout=0.1))
     reference = pretrain(p, seed, paths_in(micro_workspace, tmp_path / "ref"))
@@ -121,6 +120,7 @@ def test_interrupted_run_resumes_to_the_same_weights(micro_workspace, tmp_path, 
     monkeypatch.setattr(module, "lr_at", real_lr_at)
     resumed = pretrain(p, seed, paths)
     assert without_perf(resumed) == without_perf(reference)
+    assert reference["perf"]["mfu"] is None and reference["perf"]["peak_flops"] is None
     wa = load_file(tmp_path / "ref/model/model.safetensors")
     wb = load_file(paths.model_dir / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -268,9 +268,12 @@ def test_degeneration_metrics_tell_a_loop_from_text():
     assert distinct_n([""], 2) == 1.0 and repeated_ngram_share([""], 3) == 0.0
 
 
-def report_of(texts: list[str], gold: float, reference_loss: float, proxy: float = 0.0) -> dict:
+def report_of(
+    texts: list[str], gold: float, reference_loss: float, proxy: float = 0.0, heldout=None
+) -> dict:
     """A policy_report of 40 held-out prompts whose gold (and reward-model) scores spread by
-    +-0.05 around `gold` (`proxy` moves the reward model's alone)."""
+    +-0.05 around `gold` (`proxy` moves the reward model's alone; the held-out judges follow
+    gold unless `heldout` says where they are)."""
     from llmpipe.rl.degeneration import distinct_n, repeated_ngram_share
 
     spread = [0.05 * (-1) ** i for i in range(40)]
@@ -279,6 +282,8 @@ def report_of(texts: list[str], gold: float, reference_loss: float, proxy: float
             "prompt": f"prompt {i}",
             "gold_score": gold + d,
             "reward_model_score": gold + proxy + d,
+            "afinn_score": (gold if heldout is None else heldout) + d,
+            "textblob_score": (gold if heldout is None else heldout) + d,
             "kl_to_reference": 0.0,
             "completion_length": 12.0,
         }
@@ -293,15 +298,18 @@ def report_of(texts: list[str], gold: float, reference_loss: float, proxy: float
         "distinct_2": distinct_n(texts, 2),
         "repeated_3gram_share": repeated_ngram_share(texts, 3),
         "reference_loss": reference_loss,
+        "afinn_score": gold if heldout is None else heldout,
+        "textblob_score": gold if heldout is None else heldout,
         "items": items,
     }
 
 
 def flags(before: dict, after: dict) -> dict:
     from llmpipe.evaluation.intervals import gain_metrics
+    from llmpipe.rl.judges import HELDOUT_JUDGES
 
     gains = {"gold_score": "gold_gain", "reward_model_score": "reward_model_gain"}
-    metrics = gain_metrics(before, after, gains)
+    metrics = gain_metrics(before, after, {**gains, **HELDOUT_JUDGES})
     return {**metrics, **rlhf_verdicts(before, after, metrics, 0.3, 1.0)}
 
 
@@ -334,6 +342,39 @@ def test_the_reward_hacking_flag_reads_the_intervals():
     noisy["gold_score"] += 0.01
     assert flags(before, noisy)["gold_gain_lo"] <= 0 < flags(before, noisy)["gold_gain"]
     assert flags(before, noisy)["reward_hacking_suspected"]
+
+
+def test_the_overoptimisation_flag_fires_when_the_heldout_judges_do_not_follow():
+    before = report_of(VARIED, gold=0.05, reference_loss=4.0)
+    # Proxy and gold rise (one word both like), the held-out judges stay where they were.
+    gamed = flags(before, report_of(VARIED, 0.4, 4.0, proxy=0.3, heldout=0.05))
+    assert gamed["gold_gain_lo"] > 0 and gamed["afinn_gain"] == 0
+    assert gamed["overoptimisation_suspected"] and not gamed["reward_hacking_suspected"]
+    # Everything rises together: quiet.
+    assert not flags(before, report_of(VARIED, 0.4, 4.0, proxy=0.3))["overoptimisation_suspected"]
+    # Diversity collapses: fires whatever the judges say.
+    assert flags(before, report_of(LOOPING, 0.4, 4.0, proxy=0.3))["overoptimisation_suspected"]
+
+
+def test_the_heldout_judges_do_not_pay_for_the_word_the_gold_scorer_likes():
+    from llmpipe.rl.gold import load_gold_scorer
+    from llmpipe.rl.judges import load_heldout_judges
+
+    plain, worded = "the list of the things", "the values of the things"
+    gold = load_gold_scorer("vader")
+    assert gold([worded])[0] > gold([plain])[0]  # VADER likes "values"
+    for name, judge in load_heldout_judges().items():
+        assert judge([worded]) == judge([plain]), name  # neither held-out judge does
+        assert judge(["a good and wonderful day"])[0] > judge([plain])[0], name
+
+
+def test_rising_words_name_what_a_policy_learned_to_say():
+    from llmpipe.rl.degeneration import rising_words, word_shares
+
+    before = word_shares(["a plain text", "another text", "more plain words", "text again"])
+    after = word_shares(["values text", "values again", "plain values", "text values"])
+    assert before["text"] == 0.75 and after["values"] == 1.0
+    assert rising_words(before, after)[0] == ("values", 0.0, 1.0)
 
 
 def test_the_gold_score_of_a_loop_loses_its_repeated_share():

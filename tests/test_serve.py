@@ -4,7 +4,6 @@ SAMPLE_DOCS) laid out as the pipeline lays its models out."""
 
 import asyncio
 import json
-import os
 import shutil
 import socket
 import threading
@@ -15,7 +14,7 @@ import httpx
 import pytest
 import torch
 
-from conftest import MICRO_CHAT_TEMPLATE, save_micro_instruct, save_micro_model
+from conftest import MICRO_CHAT_TEMPLATE, browser_path, save_micro_instruct, save_micro_model
 from llmpipe import layout
 from llmpipe.serve.app import create_app, main
 from llmpipe.serve.engine import Limits, StopText, build_engine, pipeline_models
@@ -542,18 +541,6 @@ def test_the_command_says_what_is_wrong_in_one_line(capsys, tmp_path):
             main(argv)
         assert exit_.value.code == 2
         assert message in capsys.readouterr().err
-
-
-def browser_path() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if path := shutil.which(name):
-            return path
-    if os.environ.get("CI") == "true":
-        pytest.fail(
-            "no Chromium on PATH: the browser test must run in CI (.ci/run installs "
-            "Debian's chromium)"
-        )
-    pytest.skip("no Chromium on PATH (apt-get install -y chromium)")
 
 
 def test_without_a_browser_ci_fails_and_a_laptop_skips(monkeypatch):

@@ -15,25 +15,31 @@ from dataclasses import dataclass
 
 from llmpipe import layout
 from llmpipe.evaluation.intervals import (
+    WITHIN_NOISE,
     Estimate,
     estimate,
     holm_rejections,
+    item_id,
     paired_difference,
     two_sided_p,
 )
 
 # The figures a change is judged by, where their stage keeps per-item results (layout.items_file):
-# (stage, per-item column of the trained model, label). Higher is better for each. Only these
-# rows are labelled, and the labels are corrected for their number (Holm), so that one lucky
-# figure among many is not called a finding.
+# (stage, per-item column of the stage's model, label, +1 where higher is better, -1 where lower
+# is). Only these rows are labelled, and the labels are corrected for their number (Holm), so
+# that one lucky figure among many is not called a finding.
 HEADLINE_ITEMS = (
-    ("grpo", "after_gold_score", "grpo gold score (held-out)"),
-    ("reinforce", "after_gold_score", "reinforce gold score (held-out)"),
-    ("task_sft", "after_exact_match", "task SFT exact match"),
-    ("task_reinforce", "after_exact_match", "task REINFORCE exact match"),
-    ("task_grpo", "after_exact_match", "task GRPO exact match"),
-    ("task_reinforce", "after_pass_at_1", "task REINFORCE pass@1"),
-    ("task_grpo", "after_pass_at_1", "task GRPO pass@1"),
+    ("pretrain", "loss", "pretrain val loss (nats/token)", -1),
+    ("finetune", "after_loss", "finetune val loss (nats/token)", -1),
+    ("lora", "after_loss", "lora val loss (nats/token)", -1),
+    ("quantize", "after_loss", "int8 val loss (nats/token)", -1),
+    ("grpo", "after_gold_score", "grpo gold score (held-out)", +1),
+    ("reinforce", "after_gold_score", "reinforce gold score (held-out)", +1),
+    ("task_sft", "after_exact_match", "task SFT exact match", +1),
+    ("task_reinforce", "after_exact_match", "task REINFORCE exact match", +1),
+    ("task_grpo", "after_exact_match", "task GRPO exact match", +1),
+    ("task_reinforce", "after_pass_at_1", "task REINFORCE pass@1", +1),
+    ("task_grpo", "after_pass_at_1", "task GRPO pass@1", +1),
 )
 ALPHA = 0.05
 
@@ -41,6 +47,7 @@ ALPHA = 0.05
 @dataclass(frozen=True)
 class Row:
     label: str
+    better: int  # +1: higher is better; -1: lower is
     base: float
     change: float
     difference: Estimate
@@ -64,7 +71,7 @@ def _git_file(rev: str, path) -> str | None:
 
 
 def _items(text: str | None) -> dict[str, dict] | None:
-    return None if text is None else {row["prompt"]: row for row in json.loads(text)}
+    return None if text is None else {item_id(row): row for row in json.loads(text)}
 
 
 def headline_rows(
@@ -74,7 +81,7 @@ def headline_rows(
     figure both have: paired over the items when they are the same prompts, else the
     difference of two independent means. Holm's correction over the rows."""
     rows = []
-    for stage, column, label in HEADLINE_ITEMS:
+    for stage, column, label, better in HEADLINE_ITEMS:
         a, b = base.get(stage), change.get(stage)
         if not a or not b or column not in next(iter(a.values())):
             continue
@@ -85,23 +92,24 @@ def headline_rows(
             d = paired_difference([a[k][column] for k in keys], [b[k][column] for k in keys])
         else:
             d = Estimate(eb.mean - ea.mean, (ea.se**2 + eb.se**2) ** 0.5, min(ea.n, eb.n))
-        rows.append(Row(label, ea.mean, eb.mean, d, paired))
+        rows.append(Row(label, better, ea.mean, eb.mean, d, paired))
     significant = holm_rejections([two_sided_p(r.difference) for r in rows], ALPHA)
     return [
         Row(
             r.label,
+            r.better,
             r.base,
             r.change,
             r.difference,
             r.paired,
-            ("better" if r.difference.mean > 0 else "worse") if sig else "within noise",
+            ("better" if r.difference.mean * r.better > 0 else "worse") if sig else WITHIN_NOISE,
         )
         for r, sig in zip(rows, significant, strict=True)
     ]
 
 
 def headline_table(rev: str) -> str:
-    stages = {stage for stage, _, _ in HEADLINE_ITEMS}
+    stages = {stage for stage, *_ in HEADLINE_ITEMS}
     base = {s: i for s in stages if (i := _items(_git_file(rev, layout.items_file(s))))}
     change = {
         s: _items(layout.items_file(s).read_text()) for s in stages if layout.items_file(s).exists()

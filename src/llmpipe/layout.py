@@ -117,16 +117,27 @@ STAGES: dict[str, StageFiles] = {
     "download": StageFiles(reads=(), writes=(RAW,)),
     "tokenize": StageFiles(reads=(RAW,), writes=(TOKENIZER, TOKENS)),
     "pretrain": StageFiles(
-        reads=(tokens("pretrain"), TOKENIZER), writes=(PRETRAIN_MODEL,), curves=True
+        reads=(tokens("pretrain"), TOKENIZER),
+        writes=(PRETRAIN_MODEL,),
+        curves=True,
+        in_git=(items_file("pretrain"),),
     ),
     "finetune": StageFiles(
-        reads=(tokens("finetune"), PRETRAIN_MODEL), writes=(FINETUNE_MODEL,), curves=True
+        reads=(tokens("finetune"), PRETRAIN_MODEL),
+        writes=(FINETUNE_MODEL,),
+        curves=True,
+        in_git=(items_file("finetune"),),
     ),
     "lora": StageFiles(
-        reads=(tokens("finetune"), PRETRAIN_MODEL), writes=(LORA_ADAPTER, LORA_MERGED), curves=True
+        reads=(tokens("finetune"), PRETRAIN_MODEL),
+        writes=(LORA_ADAPTER, LORA_MERGED),
+        curves=True,
+        in_git=(items_file("lora"),),
     ),
     "quantize": StageFiles(
-        reads=(tokens("finetune"), FINETUNE_MODEL, LORA_MERGED), writes=(QUANTIZED_MODEL,)
+        reads=(tokens("finetune"), FINETUNE_MODEL, LORA_MERGED),
+        writes=(QUANTIZED_MODEL,),
+        in_git=(items_file("quantize"),),
     ),
     "preferences": StageFiles(reads=(tokens("finetune"), FINETUNE_MODEL), writes=(PREFERENCES,)),
     "reward_model": StageFiles(

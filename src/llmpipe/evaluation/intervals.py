@@ -101,8 +101,9 @@ def holm_rejections(p_values: Sequence[float], alpha: float = 0.05) -> list[bool
 
 
 def scalar_figures(report: dict) -> list[str]:
-    """The report's figures (its samples and items aside)."""
-    return [key for key, value in report.items() if key not in ("samples", "items")]
+    """The report's figures: its numbers and flags (its samples, items and other tables
+    aside)."""
+    return [key for key, value in report.items() if isinstance(value, int | float | str)]
 
 
 def item_values(report: dict, figure: str) -> list[float] | None:
@@ -129,7 +130,7 @@ def paired_gain(before: dict, after: dict, figure: str) -> Estimate:
     """after - before of a figure, paired over the reports' items, which must be the same
     items in the same order."""
     before_items, after_items = before.get("items") or [], after.get("items") or []
-    if [i.get("prompt") for i in before_items] != [i.get("prompt") for i in after_items]:
+    if [item_id(i) for i in before_items] != [item_id(i) for i in after_items]:
         raise DataError(f"{figure}: the two reports were not measured on the same items")
     values = [item_values(r, figure) for r in (before, after)]
     if values[0] is None or values[1] is None:
@@ -147,13 +148,25 @@ def gain_metrics(before: dict, after: dict, gains: dict[str, str]) -> dict:
     return metrics
 
 
-def write_items(path: Path, before: dict, after: dict) -> None:
-    """The per-item results of two reports of the same items, one row per item: its prompt and
-    every per-item figure of each report (`before_<figure>`, `after_<figure>`)."""
-    figures = [key for key in after["items"][0] if key != "prompt"]
+ITEM_IDS = ("prompt", "window")  # what names an item in a per-item row
+
+
+def item_id(item: dict):
+    """An item's name: its prompt (a held-out prompt, a test problem) or its window index."""
+    return next(item[key] for key in ITEM_IDS if key in item)
+
+
+def write_items(path: Path, before: dict, after: dict | None = None) -> None:
+    """The per-item results of a report, or of two reports of the same items: one row per item,
+    its name (prompt or window) and every per-item figure (`<figure>`; of two reports,
+    `before_<figure>` and `after_<figure>`)."""
+    last = after or before
+    key = next(k for k in ITEM_IDS if k in last["items"][0])
+    figures = [f for f in last["items"][0] if f != key]
+    reports = (("before_", before), ("after_", after)) if after is not None else (("", before),)
     columns = {
-        f"{name}_{figure}": item_values(report, figure)
-        for name, report in (("before", before), ("after", after))
+        f"{name}{figure}": item_values(report, figure)
+        for name, report in reports
         for figure in figures
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,8 +174,8 @@ def write_items(path: Path, before: dict, after: dict) -> None:
         path,
         rounded(
             [
-                {"prompt": item["prompt"], **{key: values[i] for key, values in columns.items()}}
-                for i, item in enumerate(after["items"])
+                {key: item[key], **{c: values[i] for c, values in columns.items()}}
+                for i, item in enumerate(last["items"])
             ]
         ),
     )

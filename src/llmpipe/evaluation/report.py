@@ -214,6 +214,8 @@ def plot_models(rows: list[dict], out_dir: Path) -> list[tuple[str, str]]:
 
 
 def _format(value) -> str:
+    if value is None:
+        return "n/a"
     if isinstance(value, bool) or not isinstance(value, int | float):
         return str(value)
     if isinstance(value, int) or abs(value) >= 1000:
@@ -222,13 +224,20 @@ def _format(value) -> str:
 
 
 def gain_text(m: dict, name: str) -> str:
-    """A gain with its paired 95% interval and what it supports: "+0.137 [+0.091, +0.183],
-    up", or "within noise" where the interval covers 0."""
+    """A gain (or change) with its paired 95% interval and what it supports: "+0.137
+    [+0.091, +0.183], up", or "within noise" where the interval covers 0."""
     value, lo, hi = m[name], m.get(f"{name}_lo"), m.get(f"{name}_hi")
     if lo is None or hi is None:
         return f"{value:+.3g} (no interval)"
     verdict = "up" if lo > 0 else "down" if hi < 0 else WITHIN_NOISE
     return f"{value:+.3f} [{lo:+.3f}, {hi:+.3f}], {verdict}"
+
+
+def interval_text(m: dict, name: str) -> str:
+    """A level with its 95% interval: "12.3 [11.9, 12.8]"."""
+    if f"{name}_lo" not in m:
+        return _format(m[name])
+    return f"{_format(m[name])} [{_format(m[name + '_lo'])}, {_format(m[name + '_hi'])}]"
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -268,7 +277,7 @@ def stage_sections() -> list[str]:
                 [
                     "parameters",
                     "tokens seen",
-                    "val perplexity",
+                    "val perplexity [95%]",
                     "baseline: unigram perplexity",
                     "tokens/s",
                     "MFU",
@@ -277,7 +286,7 @@ def stage_sections() -> list[str]:
                     [
                         m["parameters"],
                         m["tokens_seen"],
-                        m["val_perplexity"],
+                        interval_text(m, "val_perplexity"),
                         m["unigram_val_perplexity"],
                         m["perf"]["tokens_per_s"],
                         m["perf"]["mfu"],
@@ -289,7 +298,8 @@ def stage_sections() -> list[str]:
         [
             stage,
             m["base_val_perplexity"],
-            m["val_perplexity"],
+            interval_text(m, "val_perplexity"),
+            gain_text(m, "val_loss_change"),
             m.get("trainable_percent", 100.0),
             m["best_step"],
             m["steps"],
@@ -304,7 +314,8 @@ def stage_sections() -> list[str]:
                 [
                     "stage",
                     "baseline: base perplexity",
-                    "val perplexity",
+                    "val perplexity [95%]",
+                    "val loss change, paired [95%]",
                     "trained %",
                     "best step",
                     "steps",
@@ -320,6 +331,7 @@ def stage_sections() -> list[str]:
                     "method",
                     "MB (fp32 -> int8)",
                     "perplexity (fp32 -> int8)",
+                    "val loss change, paired [95%]",
                     "top-1 agreement",
                     "forward speedup",
                     "generation speedup vs fp32 eager",
@@ -329,6 +341,7 @@ def stage_sections() -> list[str]:
                         m["method"],
                         f"{m['fp32_size_mb']:.2f} -> {m['int8_size_mb']:.2f}",
                         f"{m['fp32_val_perplexity']:.2f} -> {m['int8_val_perplexity']:.2f}",
+                        gain_text(m, "val_loss_change"),
                         m["top1_agreement"],
                         m["perf"]["forward_speedup"],
                         ", ".join(
@@ -372,6 +385,7 @@ def stage_sections() -> list[str]:
             m["completions_sampled"],
             gain_text(m, "gold_gain"),
             gain_text(m, "reward_model_gain"),
+            *(gain_text(m, g) if g in m else "n/a" for g in ("afinn_gain", "textblob_gain")),
             m["after_kl_per_token"],
             m["distinct_2_change"],
             m["perf"]["wall_s"],
@@ -382,13 +396,18 @@ def stage_sections() -> list[str]:
         sections.append(
             "### REINFORCE against GRPO (same prompts, sampling and budget)\n"
             "Gains are paired over the held-out prompts (the same prompts and sampling seed "
-            "before and after), with their 95% interval: *within noise* where it covers 0.\n\n"
+            "before and after), with their 95% interval: *within noise* where it covers 0. "
+            "AFINN and TextBlob are held-out judges: sentiment lexicons that no stage "
+            "optimises, so a gain they do not share belongs to the proxy and the gold scorer "
+            "alone.\n\n"
             + _table(
                 [
                     "stage",
                     "completions sampled",
                     "gold gain [95%]",
                     "reward-model gain [95%]",
+                    "held-out AFINN gain [95%]",
+                    "held-out TextBlob gain [95%]",
                     "KL per token",
                     "distinct bigrams",
                     "wall s (with the curve)",
@@ -412,6 +431,8 @@ def rl_section(stage: str, m: dict) -> str:
                 "",
                 "gold score",
                 "reward-model score",
+                "held-out AFINN",
+                "held-out TextBlob",
                 "KL to reference",
                 "length",
                 "distinct bigrams",
@@ -423,6 +444,8 @@ def rl_section(stage: str, m: dict) -> str:
                     when,
                     m[f"{when}_gold_score"],
                     m[f"{when}_reward_model_score"],
+                    m.get(f"{when}_afinn_score"),
+                    m.get(f"{when}_textblob_score"),
                     m[f"{when}_kl_to_reference"],
                     m[f"{when}_completion_length"],
                     m[f"{when}_distinct_2"],
@@ -436,6 +459,17 @@ def rl_section(stage: str, m: dict) -> str:
             "\n\n**Reward hacking suspected**: the reward model's score rose (its interval is "
             "above 0), the gold score did not (its interval reaches 0)."
             if m.get("reward_hacking_suspected")
+            else ""
+        )
+        + (
+            "\n\n**Over-optimisation suspected**: the reward model's score rose while no "
+            "held-out judge's did, or diversity collapsed."
+            if m.get("overoptimisation_suspected")
+            else ""
+        )
+        + (
+            f"\n\nWords whose share of completions rose most: {m['rising_words']}."
+            if m.get("rising_words")
             else ""
         )
         + (

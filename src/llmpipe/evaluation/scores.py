@@ -18,6 +18,7 @@ import torch
 from torch.nn import functional as F
 
 from llmpipe.data.tokens import TokenBin
+from llmpipe.evaluation.intervals import Z_95, estimate, paired_difference
 
 
 def token_byte_lengths(tokenizer) -> torch.Tensor:
@@ -47,6 +48,34 @@ def token_byte_lengths(tokenizer) -> torch.Tensor:
 class WindowScore:
     loss: float  # mean cross-entropy, nats per token, over every prediction
     bits_per_byte: float | None  # summed loss / (UTF-8 bytes of the targets' text x ln 2)
+    # Each window's mean loss (nats per token), in window order: the items of its interval
+    window_losses: tuple[float, ...] = ()
+
+    def perplexity_metrics(self, name: str = "val_perplexity") -> dict[str, float]:
+        """The perplexity with its 95% interval: exp of the mean loss +- 1.96 standard errors
+        of the per-window losses (windows are the items; neighbouring windows of one text are
+        not quite independent, so the interval is if anything narrow)."""
+        se = estimate(self.window_losses).se
+        return {
+            name: perplexity(self.loss),
+            f"{name}_lo": perplexity(self.loss - Z_95 * se),
+            f"{name}_hi": perplexity(self.loss + Z_95 * se),
+        }
+
+    def items(self) -> list[dict]:
+        return [{"window": i, "loss": loss} for i, loss in enumerate(self.window_losses)]
+
+
+def loss_change_metrics(before: WindowScore, after: WindowScore, name: str) -> dict[str, float]:
+    """after - before of the mean loss (nats per token) on the same windows, paired over them,
+    with its 95% interval: below 0 is better."""
+    paired = paired_difference(before.window_losses, after.window_losses)
+    change = after.loss - before.loss
+    return {
+        name: change,
+        f"{name}_lo": change - Z_95 * paired.se,
+        f"{name}_hi": change + Z_95 * paired.se,
+    }
 
 
 @torch.no_grad()
@@ -75,17 +104,19 @@ def window_scores(
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if token_bytes is not None:
         token_bytes = token_bytes.to(device)
-    sums = {}  # batch index -> (summed loss, targets, summed loss of text tokens, text bytes)
+    # batch index -> (summed loss, targets, summed loss of text tokens, text bytes, each
+    # window's mean loss)
+    sums = {}
     for index, (x, y) in enumerate(bins.eval_batches(block_size, windows, batch_size)):
         if index % world != rank:
             continue
         with autocast():
             logits = model(x.to(device))[0].float().flatten(0, 1)
         targets = y.to(device).flatten()
+        losses = F.cross_entropy(logits, targets, reduction="none")
         text_loss, text_bytes = 0.0, 0
         if token_bytes is not None:
             nbytes = token_bytes[targets]
-            losses = F.cross_entropy(logits, targets, reduction="none")
             text_loss = (losses * (nbytes > 0)).sum().item()
             text_bytes = int(nbytes.sum().item())
         sums[index] = (
@@ -93,21 +124,23 @@ def window_scores(
             targets.numel(),
             text_loss,
             text_bytes,
+            losses.view(len(x), -1).mean(dim=1).tolist(),
         )
     model.train(was_training)
     if world > 1:
         shards = [None] * world
         torch.distributed.all_gather_object(shards, sums)
         sums = {i: s for shard in shards for i, s in shard.items()}
-    total, count, text_loss, text_bytes = 0.0, 0, 0.0, 0
+    total, count, text_loss, text_bytes, window_losses = 0.0, 0, 0.0, 0, []
     for index in sorted(sums):
-        batch_total, batch_count, batch_text_loss, batch_text_bytes = sums[index]
+        batch_total, batch_count, batch_text_loss, batch_text_bytes, batch_windows = sums[index]
         total += batch_total
         count += batch_count
         text_loss += batch_text_loss
         text_bytes += batch_text_bytes
+        window_losses += batch_windows
     bits_per_byte = text_loss / (math.log(2) * text_bytes) if token_bytes is not None else None
-    return WindowScore(total / count, bits_per_byte)
+    return WindowScore(total / count, bits_per_byte, tuple(window_losses))
 
 
 def window_loss(
@@ -238,8 +271,9 @@ def inference_figures(model, bench: InferenceBench) -> dict:
         model, bench.val, bench.block_size, bench.windows, bench.batch_size, bench.token_bytes
     )
     figures = {
-        "val_perplexity": perplexity(score.loss),
+        **score.perplexity_metrics(),
         "val_bits_per_byte": score.bits_per_byte,
+        "score": score,  # its windows, for a paired comparison
         "forward_ms": 1e3 * forward_latency_s(model, bench.batch, bench.repeats),
         "generate_tokens_per_s": generation_tokens_per_s(
             model, bench.prompt, bench.new_tokens, bench.repeats

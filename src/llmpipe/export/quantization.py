@@ -36,7 +36,13 @@ from torch.nn import functional as F
 
 from llmpipe import runtime
 from llmpipe.errors import DataError, ParamsError
-from llmpipe.evaluation.scores import InferenceBench, inference_figures, top1_agreement
+from llmpipe.evaluation.intervals import write_items
+from llmpipe.evaluation.scores import (
+    InferenceBench,
+    inference_figures,
+    loss_change_metrics,
+    top1_agreement,
+)
 
 METHODS = ("dynamic_int8", "weight_only_int8", "static_int8")
 WEIGHTS_FILE = "quantized.safetensors"
@@ -363,15 +369,27 @@ def to_torchao_weight_only(model: nn.Module) -> nn.Module:
     return model
 
 
+PERPLEXITY_KEYS = ("val_perplexity", "val_perplexity_lo", "val_perplexity_hi")
+
+
 def compare_to_fp32(
-    fp32: nn.Module, int8: nn.Module, bench: InferenceBench, fp32_file: Path, int8_file: Path
+    fp32: nn.Module,
+    int8: nn.Module,
+    bench: InferenceBench,
+    fp32_file: Path,
+    int8_file: Path,
+    items_file: Path | None = None,
 ) -> dict:
     """The quantize stage's metrics: size, perplexity, top-1 agreement and speed of the int8
     model against its fp32 source, measured in one process on the same inputs and threads.
-    Every generation speedup is against fp32 eager `generate`, where users start from."""
+    Every generation speedup is against fp32 eager `generate`, where users start from.
+    `items_file`: the loss per validation window of both (fp32 "before", int8 "after")."""
     figures = {
         name: inference_figures(model, bench) for name, model in (("fp32", fp32), ("int8", int8))
     }
+    scores = {name: f.pop("score") for name, f in figures.items()}
+    if items_file is not None:
+        write_items(items_file, *({"items": scores[name].items()} for name in ("fp32", "int8")))
     fp32_mb, int8_mb = fp32_file.stat().st_size / 1e6, int8_file.stat().st_size / 1e6
     ppl32, ppl8 = figures["fp32"]["val_perplexity"], figures["int8"]["val_perplexity"]
     bpb32, bpb8 = figures["fp32"]["val_bits_per_byte"], figures["int8"]["val_bits_per_byte"]
@@ -385,9 +403,10 @@ def compare_to_fp32(
         "fp32_size_mb": fp32_mb,
         "int8_size_mb": int8_mb,
         "size_ratio": int8_mb / fp32_mb,
-        "fp32_val_perplexity": ppl32,
-        "int8_val_perplexity": ppl8,
+        **{f"{name}_{key}": f[key] for name, f in figures.items() for key in PERPLEXITY_KEYS},
         "perplexity_change_percent": 100 * (ppl8 / ppl32 - 1),
+        # paired over the same windows: what int8 costs, with its interval
+        **loss_change_metrics(scores["fp32"], scores["int8"], "val_loss_change"),
         "fp32_val_bits_per_byte": bpb32,
         "int8_val_bits_per_byte": bpb8,
         "top1_agreement": top1_agreement(

@@ -5,6 +5,8 @@ policy (rlhf.policy_report)."""
 
 from __future__ import annotations
 
+import string
+from collections import Counter
 from collections.abc import Sequence
 
 
@@ -34,3 +36,27 @@ def repeated_ngram_share(texts: Sequence[str], n: int = 3) -> float:
             seen.add(gram)
             total += 1
     return repeats / total if total else 0.0
+
+
+def word_shares(texts: Sequence[str], top: int = 100) -> dict[str, float]:
+    """The `top` words that most texts use (lowercased, punctuation stripped), each with the
+    share of texts that use it at least once: where a policy learned one word, its share
+    jumps."""
+    counts = Counter(
+        word
+        for text in texts
+        for word in {w.strip(string.punctuation) for w in _words(text)}
+        if word
+    )
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+    return {word: count / max(len(texts), 1) for word, count in ranked}
+
+
+def rising_words(before: dict[str, float], after: dict[str, float], top: int = 5) -> list[tuple]:
+    """The words whose share of texts rose most: (word, share before, share after)."""
+    words = set(before) | set(after)
+    rises = sorted(
+        ((w, before.get(w, 0.0), after.get(w, 0.0)) for w in words),
+        key=lambda r: (r[1] - r[2], r[0]),
+    )
+    return [r for r in rises[:top] if r[2] > r[1]]

@@ -172,5 +172,7 @@ def finish_rl(run: RlRun, stage: str, directory: Path, policy, steps: int, p, wa
             f"{metrics[gain]:+.3f}, 95% [{metrics[gain + '_lo']:+.3f}, "
             f"{metrics[gain + '_hi']:+.3f}] over {len(after['items'])} paired items"
         )
+    for flag in (key for key, value in metrics.items() if key.endswith("_suspected") and value):
+        print(f"warning: {flag.removesuffix('_suspected').replace('_', ' ')} suspected")
     print(f"-> {directory}")
     return metrics

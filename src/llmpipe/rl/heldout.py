@@ -18,7 +18,9 @@ from llmpipe.errors import DataError, ParamsError
 from llmpipe.evaluation.intervals import level_metrics
 from llmpipe.io import atomic_dir, write_json, write_metrics
 from llmpipe.model.loading import load_causal_lm, load_reward_model, load_tokenizer
+from llmpipe.rl.degeneration import rising_words
 from llmpipe.rl.harness import Rewards, RlRun
+from llmpipe.rl.judges import HELDOUT_JUDGES
 from llmpipe.rl.params import GrpoParams, ReinforceParams, RlBaselineParams
 from llmpipe.rl.preferences import read_gold_spec, read_prompts
 from llmpipe.rl.rlhf import Judges, load_judges, policy_report, reward_scores
@@ -83,7 +85,11 @@ def rlhf_run(p: GrpoParams | ReinforceParams, separate_reward_model: bool = Fals
         rewards=rlhf_rewards(p.reward, p.length_penalty, judges),
         measure=measure,
         before=before,
-        gains={"gold_score": "gold_gain", "reward_model_score": "reward_model_gain"},
+        gains={
+            "gold_score": "gold_gain",
+            "reward_model_score": "reward_model_gain",
+            **HELDOUT_JUDGES,
+        },
         load_reference=lambda: measure.reference,
         verdicts=lambda before, after, metrics: rlhf_verdicts(
             before, after, metrics, p.degeneration_distinct_drop, p.degeneration_fluency_rise
@@ -96,21 +102,31 @@ def rlhf_run(p: GrpoParams | ReinforceParams, separate_reward_model: bool = Fals
 def rlhf_verdicts(
     before: dict, after: dict, metrics: dict, max_distinct_drop: float, max_fluency_rise: float
 ) -> dict:
-    """KL per token and two flags, read from the paired intervals. Reward hacking: the proxy
+    """KL per token and three flags, read from the paired intervals. Reward hacking: the proxy
     rose (its interval above 0) while the gold score did not (its interval reaches 0).
-    Degeneration: the gold score rose while diversity (distinct bigrams fell by more than
-    `max_distinct_drop`, a share) or fluency (the reference's loss rose by more than
-    `max_fluency_rise` nats per token) collapsed: the judges like what is no longer text."""
+    Over-optimisation: the proxy rose while no held-out judge did (llmpipe.rl.judges: the gain
+    is the proxy's and the gold scorer's own, e.g. one word both like), or diversity collapsed
+    (distinct bigrams fell by more than `max_distinct_drop`, a share). Degeneration: the gold
+    score rose while diversity or fluency (the reference's loss rose by more than
+    `max_fluency_rise` nats per token) collapsed: the judges like what is no longer text. The
+    words whose share of completions rose most are returned under "rising_words" (a
+    string, for the report and the samples)."""
     gold_rose = metrics["gold_gain_lo"] > 0
+    proxy_rose = metrics["reward_model_gain_lo"] > 0
+    heldout_rose = any(metrics[f"{gain}_lo"] > 0 for gain in HELDOUT_JUDGES.values())
     distinct_2_change = after["distinct_2"] / max(before["distinct_2"], 1e-9) - 1
     reference_loss_change = after["reference_loss"] - before["reference_loss"]
+    collapsed = distinct_2_change < -max_distinct_drop
+    words = rising_words(before.get("word_shares", {}), after.get("word_shares", {}))
     return {
+        "overoptimisation_suspected": (proxy_rose and not heldout_rose) or collapsed,
+        "rising_words": ", ".join(f"{w} {a:.0%} -> {b:.0%}" for w, a, b in words),
         "after_kl_per_token": after["kl_to_reference"] / max(after["completion_length"], 1),
         "reward_hacking_suspected": metrics["reward_model_gain_lo"] > 0 and not gold_rose,
         "distinct_2_change": distinct_2_change,
         "reference_loss_change": reference_loss_change,
         "degeneration_suspected": gold_rose
-        and (distinct_2_change < -max_distinct_drop or reference_loss_change > max_fluency_rise),
+        and (collapsed or reference_loss_change > max_fluency_rise),
     }
 
 

@@ -17,8 +17,9 @@ from torch.nn import functional as F
 
 from llmpipe.data.chat import PromptFormat, right_padded
 from llmpipe.model.loading import load_reward_model, load_tokenizer
-from llmpipe.rl.degeneration import distinct_n, repeated_ngram_share
+from llmpipe.rl.degeneration import distinct_n, repeated_ngram_share, word_shares
 from llmpipe.rl.gold import GoldScorer
+from llmpipe.rl.judges import Judge, load_heldout_judges
 from llmpipe.rl.params import RewardModelParams
 from llmpipe.rl.preferences import read_gold_spec
 from llmpipe.rl.sampling import Sampling, sample_completions
@@ -35,6 +36,7 @@ class Judges:
     reward_tokenizer: object
     reference: torch.nn.Module
     prompt_format: PromptFormat  # the preference set's: how prompts are sampled and scored
+    heldout: dict[str, Judge]  # judges no RL stage optimises (llmpipe.rl.judges)
 
     def reward_scores(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
         return reward_scores(
@@ -50,6 +52,7 @@ def load_judges(preferences_dir: Path, reward_dir: Path, reference) -> Judges:
         reward_tokenizer,
         reference,
         PromptFormat.read(preferences_dir),
+        load_heldout_judges(),
     )
 
 
@@ -218,11 +221,13 @@ def policy_report(
     gold_scores = judges.gold(texts)
     kl = [a - b for a, b in zip(policy_lp, reference_lp, strict=True)]
     lengths = [len(c.ids) for c in completions]
+    heldout = {name: judge(texts) for name, judge in judges.heldout.items()}
     return {
         "reward_model_score": sum(rm_scores) / n,
         "gold_score": sum(gold_scores) / n,
         "kl_to_reference": sum(kl) / n,
         "completion_length": sum(lengths) / n,
+        **{name: sum(scores) / n for name, scores in heldout.items()},
         "distinct_1": distinct_n(texts, 1),
         "distinct_2": distinct_n(texts, 2),
         "repeated_3gram_share": repeated_ngram_share(texts, 3),
@@ -234,6 +239,8 @@ def policy_report(
                 flat_prompts[: every * 4 : every], completions[: every * 4 : every], strict=True
             )
         ],
+        # the words most completions use, with the share of completions that use them
+        "word_shares": word_shares(texts),
         # per prompt, its completions averaged: the items the intervals are computed from
         "items": [
             {
@@ -245,6 +252,7 @@ def policy_report(
                         ("gold_score", gold_scores),
                         ("kl_to_reference", kl),
                         ("completion_length", lengths),
+                        *heldout.items(),
                     )
                 },
             }

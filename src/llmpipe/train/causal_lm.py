@@ -18,9 +18,17 @@ from pathlib import Path
 
 import torch
 
+from llmpipe import layout
 from llmpipe.data.tokens import TokenBin
 from llmpipe.errors import DataError, ParamsError
-from llmpipe.evaluation.scores import WindowScore, perplexity, token_byte_lengths, window_scores
+from llmpipe.evaluation.intervals import write_items
+from llmpipe.evaluation.scores import (
+    WindowScore,
+    loss_change_metrics,
+    perplexity,
+    token_byte_lengths,
+    window_scores,
+)
 from llmpipe.model.loading import load_causal_lm, token_vocab_size
 from llmpipe.runtime import (
     checkpointing_args,
@@ -215,11 +223,21 @@ class StageRun:
     def perplexity(self) -> float:
         return perplexity(self.score.loss)
 
+    def write_items(self, stage: str) -> None:
+        """The validation loss per window, of the base and after (layout.items_file)."""
+        write_items(
+            layout.items_file(stage),
+            {"items": self.base_score.items()},
+            {"items": self.score.items()},
+        )
+
     def metrics(self, base_spec: str) -> dict:
         return {
             "base": base_spec,
-            "base_val_perplexity": self.base_perplexity,
-            "val_perplexity": self.perplexity,
+            **self.base_score.perplexity_metrics("base_val_perplexity"),
+            **self.score.perplexity_metrics(),
+            # paired over the same windows: below 0, the stage helped
+            **loss_change_metrics(self.base_score, self.score, "val_loss_change"),
             "base_val_bits_per_byte": self.base_score.bits_per_byte,
             "val_bits_per_byte": self.score.bits_per_byte,
             "train_loss": self.result.train_loss,

@@ -62,7 +62,7 @@ class PretrainParams:
     eval_interval: int = param(POSITIVE_INT)
     eval_windows: int = param(POSITIVE_INT)
     checkpoint_interval: int = param(POSITIVE_INT)
-    peak_flops: float | None = param(POSITIVE_NUMBER)  # None: the GPU's data sheet, or measured
+    peak_flops: float | None = param(POSITIVE_NUMBER)  # None: the GPU's data sheet, or no MFU
     trust_remote_code: bool
     sample: SampleParams | None  # null: no sample generations
 

@@ -41,9 +41,10 @@ import torch.distributed as dist
 from llmpipe import runtime
 from llmpipe.data.tokens import EpochSampler, TokenBin, read_meta, unigram_perplexity
 from llmpipe.errors import DataError, LlmpipeError, ParamsError
-from llmpipe.evaluation.scores import perplexity, token_byte_lengths, window_scores
+from llmpipe.evaluation.intervals import write_items
+from llmpipe.evaluation.scores import WindowScore, token_byte_lengths, window_scores
 from llmpipe.io import atomic_dir, atomic_path, remove_stale_temporaries, write_json
-from llmpipe.model.gpt import GPT, GPTConfig, measure_matmul_peak_flops
+from llmpipe.model.gpt import GPT, GPTConfig
 from llmpipe.model.hf import export_hf_gpt2, load_hf_gpt2
 from llmpipe.train.params import PretrainParams, SampleParams
 from llmpipe.train.tracking import curves_live
@@ -62,6 +63,7 @@ class PretrainPaths:
     model_dir: Path  # the Hugging Face export of the final model
     checkpoint_dir: Path  # no DVC output: left alone between runs, so a killed run can resume
     live_dir: Path  # dvclive curves
+    items_file: Path | None = None  # the final validation loss per window (layout.items_file)
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,7 @@ PEAK_BF16_FLOPS = (
 
 
 def known_peak_flops(device: torch.device, dtype: str) -> float | None:
-    """The data-sheet peak of this GPU in bf16/fp16, or None (then it is measured)."""
+    """The data-sheet peak of this GPU in bf16/fp16, or None (then MFU is not given)."""
     if device.type != "cuda" or dtype == "float32":
         return None
     return peak_flops_of_gpu(torch.cuda.get_device_name(device))
@@ -275,7 +277,7 @@ class PretrainRun:
     sampler: EpochSampler
     autocast: Callable
     digest: str
-    peak_flops: float
+    peak_flops: float | None
     curves: CurveLog | None  # rank 0 only
     checkpoints: CheckpointWriter | None = None  # rank 0 only
     start_step: int = 0
@@ -284,6 +286,7 @@ class PretrainRun:
     data_position: int = 0  # training windows drawn so far, over all processes
     val_loss: float | None = None
     val_bits_per_byte: float | None = None
+    val_score: WindowScore | None = None
 
     @cached_property
     def token_bytes(self) -> torch.Tensor:
@@ -312,13 +315,10 @@ def prepare(p: PretrainParams, seed: int, paths: PretrainPaths, rt: Runtime) -> 
             f"pretrain.grad_accum_steps: {p.grad_accum_steps} is not "
             f"divisible by the {rt.world_size} processes"
         )
+    # MFU needs a peak the user declares or a data sheet gives: a peak measured by a short
+    # matmul at start-up moves from run to run (a CPU measured half its usual peak once, and
+    # reported an MFU above 1), so without either MFU is not given.
     peak_flops = p.peak_flops or known_peak_flops(rt.device, p.dtype)
-    if peak_flops is None:  # before seeding: its random matrices must not shift the RNG
-        peak_flops = measure_matmul_peak_flops(
-            dtype=torch.float32 if p.dtype == "float32" else getattr(torch, p.dtype),
-            device=rt.device,
-            n=8192 if rt.device.type == "cuda" else 1024,
-        )
 
     # Every process seeds alike and consumes random numbers alike (dropout on equal shapes;
     # sampling uses its own generator), so rank 0's RNG state is every rank's.
@@ -471,7 +471,7 @@ def evaluate(run: PretrainRun, step: int) -> float:
         run.autocast,
         sharded=True,
     )
-    run.val_loss, run.val_bits_per_byte = score.loss, score.bits_per_byte
+    run.val_loss, run.val_bits_per_byte, run.val_score = score.loss, score.bits_per_byte, score
     if p.sample is not None and run.rt.is_main:
         first = sample(run.raw_model, run.tokenizer, p.sample, run.seed, run.rt.device)[0]
         tqdm.write(f"step {step + 1}: {first['prompt']!r} -> {first['completion']!r}")
@@ -523,13 +523,17 @@ def finish(run: PretrainRun, tokens_per_s: float, started: float) -> dict:
         "train_windows": windows,
         "train_loss": sum(interval) / len(interval),
         "val_loss": run.val_loss,
-        "val_perplexity": perplexity(run.val_loss),
+        **run.val_score.perplexity_metrics(),  # val_perplexity and its interval over windows
         "val_bits_per_byte": run.val_bits_per_byte,
         "unigram_val_perplexity": unigram_perplexity(run.train_bin, val_targets),
         "perf": {
             "tokens_per_s": tokens_per_s,
             # peak_flops is one device's: MFU is per device.
-            "mfu": raw_model.estimate_mfu(tokens_per_s / rt.world_size, run.peak_flops),
+            "mfu": (
+                raw_model.estimate_mfu(tokens_per_s / rt.world_size, run.peak_flops)
+                if run.peak_flops
+                else None  # "n/a": no declared or known peak (pretrain.peak_flops)
+            ),
             "peak_flops": run.peak_flops,
             "wall_s": time.perf_counter() - started,
             "device": str(rt.device),
@@ -540,6 +544,8 @@ def finish(run: PretrainRun, tokens_per_s: float, started: float) -> dict:
     with atomic_dir(run.paths.model_dir) as tmp:
         export_hf_gpt2(raw_model.cpu(), tmp, tokenizer=run.tokenizer)
         write_json(tmp / "samples.json", samples)
+    if run.paths.items_file is not None:
+        write_items(run.paths.items_file, {"items": run.val_score.items()})
     run.curves.close()
     run.checkpoints.close()  # a checkpoint still being written lands before it is removed
     # A finished run leaves no checkpoint behind: a rerun with new params starts afresh.
