@@ -3,6 +3,7 @@ the preference pairs with TRL's RewardTrainer."""
 
 from llmpipe import layout
 from llmpipe.data.chat import PromptFormat
+from llmpipe.evaluation.intervals import estimate, interval_metrics
 from llmpipe.io import atomic_dir, write_metrics
 from llmpipe.params import load_stage_params
 from llmpipe.rl.params import RewardModelParams
@@ -30,7 +31,8 @@ def main() -> None:
     if not is_main_process():  # under a launcher, one process measures and writes
         return
     held = pairwise_report(model, tokenizer, prompt_format, heldout)
-    agreement, counted = gold_agreement(model, tokenizer, prompt_format, fresh)
+    agreed = gold_agreement(model, tokenizer, prompt_format, fresh)
+    agreement = sum(agreed) / max(len(agreed), 1)
     with atomic_dir(layout.REWARD_MODEL) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)  # what grpo, reinforce and evaluate score with
@@ -39,16 +41,21 @@ def main() -> None:
         {
             "train_pairs": trained_pairs,  # RewardTrainer drops pairs longer than max_length
             "dropped_pairs": len(train) - trained_pairs,
-            "heldout_accuracy": held["accuracy"],
+            # with their 95% intervals over the pairs
+            **interval_metrics("heldout_accuracy", estimate(held["correct"])),
             "heldout_mean_margin": held["mean_margin"],
             "train_accuracy": pairwise_report(model, tokenizer, prompt_format, train)["accuracy"],
             "chance_accuracy": 0.5,
-            "gold_agreement_fresh": agreement,
-            "fresh_pairs": counted,
+            **(
+                interval_metrics("gold_agreement_fresh", estimate(agreed))
+                if agreed
+                else {"gold_agreement_fresh": 0.0}
+            ),
+            "fresh_pairs": len(agreed),
         },
     )
     print(
-        f"held-out accuracy {held['accuracy']:.3f}, gold agreement on {counted} fresh pairs "
+        f"held-out accuracy {held['accuracy']:.3f}, gold agreement on {len(agreed)} fresh pairs "
         f"{agreement:.3f} -> {layout.REWARD_MODEL}"
     )
 

@@ -203,6 +203,29 @@ def test_gold_pairs_orders_by_gold_and_drops_ties():
     assert [(q["chosen"], q["rejected"]) for q in pairs] == [("good", "bad"), ("fine", "meh")]
 
 
+def test_a_pair_of_the_same_text_is_dropped_like_a_tie():
+    from llmpipe.rl.preference_pairs import gold_pairs
+
+    gold = {"Good, day!": 0.9, "good  day": 0.1, "bad": 0.0}
+    score = lambda texts: [gold[t] for t in texts]  # noqa: E731
+    same = [Completion(t, []) for t in ("Good, day!", "good  day")]  # the same words
+    assert gold_pairs(["p"], [same], score, 1) == ([], 1)
+    other = [Completion(t, []) for t in ("Good, day!", "bad")]
+    pairs, ties = gold_pairs(["p"], [other], score, 1)
+    assert [(q["chosen"], q["rejected"]) for q in pairs] == [("Good, day!", "bad")] and ties == 0
+
+
+def test_prompts_that_share_a_stem_count_once():
+    from llmpipe.rl.preference_pairs import one_per_stem, prompt_stem
+
+    assert prompt_stem("The  value, of the list -- is: one two three four") == (
+        "the value of the list is one two"
+    )
+    prompts = ["The list is long", "the list, is long!", "A list is short", "The list is long."]
+    assert one_per_stem(prompts) == ["The list is long", "A list is short"]
+    assert one_per_stem(prompts, exclude={"a list is short"}) == ["The list is long"]
+
+
 def test_preference_set_with_missing_columns_is_a_clear_error(tmp_path):
     path = tmp_path / "prefs.parquet"
     pq.write_table(pa.Table.from_pylist([{"prompt": "q", "chosen": "a", "answer": "b"}]), path)

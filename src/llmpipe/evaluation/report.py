@@ -360,18 +360,18 @@ def stage_sections() -> list[str]:
                     "train pairs",
                     "held-out pairs",
                     "tie rate",
-                    "held-out accuracy",
+                    "held-out accuracy [95%]",
                     "baseline: chance",
-                    "gold agreement (fresh pairs)",
+                    "gold agreement (fresh pairs) [95%]",
                 ],
                 [
                     [
                         m["train_pairs"],
                         m["heldout_pairs"],
                         m["tie_rate"],
-                        r["heldout_accuracy"],
+                        interval_text(r, "heldout_accuracy"),
                         r["chance_accuracy"],
-                        r["gold_agreement_fresh"],
+                        interval_text(r, "gold_agreement_fresh"),
                     ]
                 ],
             )

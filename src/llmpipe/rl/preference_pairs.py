@@ -6,11 +6,17 @@ prompt was ever trained on); the finetuned policy samples several completions pe
 scorer picks the best as chosen and the worst as rejected; prompts whose completions all score
 the same are ties and are dropped. Or a ready preference set with prompt/chosen/rejected columns,
 split by prompt.
+
+Prompts that share a stem (their first eight words, lowercased, punctuation and spacing
+collapsed) count as one: one of them is kept, and no train prompt shares a stem with a held-out
+one. A pair whose two completions are the same text up to case, punctuation and spacing is
+dropped like a tie: it teaches the reward model nothing but the gold scorer's noise.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +31,39 @@ from llmpipe.rl.params import PreferencesParams
 from llmpipe.rl.preferences import PAIR_COLUMNS, SPLITS, GoldSpec, PreferenceSet
 from llmpipe.rl.sampling import Completion, Sampling, sample_completions
 
+STEM_WORDS = 8
+
+
+def normalised(text: str) -> list[str]:
+    """The words of a text, lowercased, with punctuation and spacing collapsed."""
+    return re.sub(r"[\W_]+", " ", text.lower()).split()
+
+
+def prompt_stem(text: str) -> str:
+    return " ".join(normalised(text)[:STEM_WORDS])
+
+
+def one_per_stem(prompts: Sequence[str], exclude: Collection[str] = ()) -> list[str]:
+    """The first prompt of each stem, in order, leaving out the stems in `exclude`."""
+    kept: dict[str, str] = {}
+    for prompt in prompts:
+        if (stem := prompt_stem(prompt)) not in exclude:
+            kept.setdefault(stem, prompt)
+    return list(kept.values())
+
 
 def prompts_from_tokens(
-    bins: TokenBin, tokenizer, prompt_tokens: int, count: int, seed: int, min_paragraph_tokens: int
+    bins: TokenBin,
+    tokenizer,
+    prompt_tokens: int,
+    count: int,
+    seed: int,
+    min_paragraph_tokens: int,
+    exclude_stems: Collection[str] = (),
 ) -> list[str]:
-    """`count` distinct prompts: the first `prompt_tokens` tokens of paragraphs (of at least
-    `min_paragraph_tokens` tokens) of the documents in `bins`, drawn with a seeded RNG."""
+    """`count` prompts of distinct stems: the first `prompt_tokens` tokens of paragraphs (of at
+    least `min_paragraph_tokens` tokens) of the documents in `bins`, none whose stem is in
+    `exclude_stems`, drawn with a seeded RNG."""
     tokens = np.asarray(bins.tokens)
     bounds = np.flatnonzero(tokens == bins.eot_id)
     starts = np.concatenate([[0], bounds + 1])[: len(bounds)]
@@ -41,11 +74,11 @@ def prompts_from_tokens(
             ids = tokenizer(paragraph.strip(), add_special_tokens=False).input_ids
             if len(ids) >= min_paragraph_tokens:
                 candidates.append(tokenizer.decode(ids[:prompt_tokens]))
-    candidates = sorted(set(candidates))
+    candidates = one_per_stem(sorted(set(candidates)), exclude_stems)
     if len(candidates) < count:
         raise DataError(
-            f"{bins.path}: only {len(candidates)} distinct paragraph openings of "
-            f"{prompt_tokens} tokens for {count} prompts; ask for fewer prompts"
+            f"{bins.path}: only {len(candidates)} paragraph openings of {prompt_tokens} tokens "
+            f"with distinct stems for {count} prompts; ask for fewer prompts"
         )
     chosen = np.random.default_rng(seed).choice(len(candidates), size=count, replace=False)
     return [candidates[i] for i in sorted(chosen)]
@@ -58,7 +91,8 @@ def gold_pairs(
     pairs_per_prompt: int = 1,
 ) -> tuple[list[dict], int]:
     """Pairs by gold score: the best completion of each prompt against the worst, then the
-    second best against the second worst, ...; a pair whose scores are equal is dropped.
+    second best against the second worst, ...; a pair whose scores are equal, or whose texts
+    are the same up to case, punctuation and spacing, is dropped.
     Returns (pairs, ties), ties counting the prompts that gave no pair at all."""
     scores = gold([c.text for group in completions for c in group])
     pairs, ties, k = [], 0, 0
@@ -69,7 +103,8 @@ def gold_pairs(
         found = 0
         for j in range(min(pairs_per_prompt, len(group) // 2)):
             best, worst = int(order[-1 - j]), int(order[j])
-            if group_scores[best] > group_scores[worst]:
+            same_text = normalised(group[best].text) == normalised(group[worst].text)
+            if group_scores[best] > group_scores[worst] and not same_text:
                 pairs.append(
                     {
                         "prompt": prompt,
@@ -132,7 +167,8 @@ def build_preference_set(
     if p.source == "generate":
         counts = {"train": p.train_prompts, "heldout": p.heldout_prompts}
         prompts, pairs = {}, {}
-        for split, token_split in (("train", "train"), ("heldout", "val")):
+        # Held-out first: no train prompt may share a stem with one.
+        for split, token_split in (("heldout", "val"), ("train", "train")):
             bins = TokenBin.open(tokens_dir, token_split, expected_vocab_size=len(tokenizer))
             prompts[split] = prompts_from_tokens(
                 bins,
@@ -141,6 +177,7 @@ def build_preference_set(
                 counts[split],
                 seed,
                 min_paragraph_tokens=2 * p.prompt_tokens,
+                exclude_stems={prompt_stem(q) for q in prompts.get("heldout", ())},
             )
         for offset, split in enumerate(SPLITS):
             pairs[split], split_ties = gold_pairs(
@@ -154,6 +191,9 @@ def build_preference_set(
         ready = load_preference_set(
             p.source, p.split, (p.prompt_column, p.chosen_column, p.rejected_column)
         )
+        # One prompt per stem (its every pair), so that no stem is on both sides of the split.
+        kept = set(one_per_stem(sorted({q["prompt"] for q in ready})))
+        ready = [q for q in ready if q["prompt"] in kept]
         heldout = set(
             split_by_document([q["prompt"] for q in ready], p.heldout_fraction, seed, p.source)[
                 "val"

@@ -90,24 +90,24 @@ def pairwise_report(model, tokenizer, prompt_format: PromptFormat, pairs: Sequen
     return {
         "accuracy": sum(m > 0 for m in margins) / len(margins),
         "mean_margin": sum(margins) / len(margins),
+        "correct": [float(m > 0) for m in margins],  # per pair: the accuracy's items
     }
 
 
 def gold_agreement(
     model, tokenizer, prompt_format: PromptFormat, fresh: Sequence[dict]
-) -> tuple[float, int]:
-    """How often the reward model orders two fresh completions as the gold scorer does
-    (pairs the gold scorer ties are left out); returns (agreement, pairs counted)."""
+) -> list[float]:
+    """Whether the reward model orders two fresh completions as the gold scorer does, per pair
+    (1.0 or 0.0; pairs the gold scorer ties are left out): their mean is the agreement."""
     rows = [r for r in fresh if r["gold"][0] != r["gold"][1]]
     prompts = [r["prompt"] for r in rows]
     a, b = (
         reward_scores(model, tokenizer, prompt_format, prompts, [r["completions"][i] for r in rows])
         for i in (0, 1)
     )
-    agree = sum(
-        (x > y) == (r["gold"][0] > r["gold"][1]) for x, y, r in zip(a, b, rows, strict=True)
-    )
-    return agree / max(len(rows), 1), len(rows)
+    return [
+        float((x > y) == (r["gold"][0] > r["gold"][1])) for x, y, r in zip(a, b, rows, strict=True)
+    ]
 
 
 def train_reward_model(
