@@ -145,8 +145,8 @@ MICRO_SHAPES = {
     "quantize.batch_size": 8,
     "quantize.generate_tokens": 4,
     "preferences.train_prompts": 32,
-    "preferences.heldout_prompts": 8,
-    "preferences.samples_per_prompt": 4,
+    "preferences.heldout_prompts": 6,  # all the smoke corpus's val split has (distinct stems)
+    "preferences.samples_per_prompt": 8,
     "preferences.completion_tokens": 8,
     "reward_model.max_length": 48,
     "reward_model.batch_size": 8,
