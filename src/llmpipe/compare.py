@@ -11,7 +11,7 @@ import argparse
 import json
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from llmpipe import layout
 from llmpipe.evaluation.intervals import (
@@ -95,14 +95,11 @@ def headline_rows(
         rows.append(Row(label, better, ea.mean, eb.mean, d, paired))
     significant = holm_rejections([two_sided_p(r.difference) for r in rows], ALPHA)
     return [
-        Row(
-            r.label,
-            r.better,
-            r.base,
-            r.change,
-            r.difference,
-            r.paired,
-            ("better" if r.difference.mean * r.better > 0 else "worse") if sig else WITHIN_NOISE,
+        replace(
+            r,
+            verdict=("better" if r.difference.mean * r.better > 0 else "worse")
+            if sig
+            else WITHIN_NOISE,
         )
         for r, sig in zip(rows, significant, strict=True)
     ]
