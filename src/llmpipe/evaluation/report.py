@@ -3,6 +3,10 @@
 It gathers what every stage measured (metrics/*.json), the comparison of every model made by
 the evaluate stage, the training curves (dvclive's TSV files) and sample generations, with the
 baselines each figure should be read against.
+
+Its images are drawn the way `dvc plots show` draws its plots: DVC's own Vega-Lite templates
+(`linear` for the curves, `bar_horizontal` for the models' bars) filled through dvc_render, DVC's
+renderer library, and rendered to PNG offline by vl-convert (vl-convert-python).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import json
 import platform
 from importlib import metadata
 from pathlib import Path
+
+from dvc_render.vega import OPTIONAL_ANCHOR_RANGES, VegaRenderer
 
 from llmpipe import layout
 from llmpipe.evaluation.intervals import WITHIN_NOISE, Z_95
@@ -109,42 +115,73 @@ def _read_curve(path: Path) -> tuple[list[float], list[float]]:
     return [float(r["step"]) for r in rows], [float(r[value]) for r in rows]
 
 
-def _pyplot():
-    import matplotlib
+# `dvc plots show` colours a plot's lines by revision and tells its files apart by dash: the
+# report card shows one revision, the workspace, so every image has DVC's first colour.
+REVISION = "workspace"
+# vl-convert's pixels per Vega-Lite pixel: DVC's templates draw a 300 x 300 plot, which with its
+# axes and legend makes an image about 430 pixels wide.
+PNG_SCALE = 1
 
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
 
-    return plt
+def vega_spec(
+    points: list[dict],
+    template: str,
+    title: str,
+    axes: tuple[str, str],
+    labels: tuple[str, str],
+    sources: tuple[str, ...] = (),
+) -> dict:
+    """A Vega-Lite spec: one of DVC's stock templates filled by dvc_render the way `dvc plots
+    show` fills it, with `axes` the (x, y) fields of the points. `sources` names the curves of
+    a plot that has several (each point's "filename"), which the templates draw with a dash
+    and a legend entry each. Empty where there are no points."""
+    x, y = axes
+    renderer = VegaRenderer(
+        [{**point, "rev": REVISION} for point in points],
+        title,
+        template=template,
+        title=title,
+        x=x,
+        y=y,
+        x_label=labels[0],
+        y_label=labels[1],
+        anchors_y_definitions=[{"filename": source, "field": y} for source in sources],
+    )
+    return renderer.get_filled_template()
 
 
-def _save(fig, out_dir: Path, name: str) -> str:
-    fig.tight_layout()
-    fig.savefig(out_dir / name, dpi=100)
-    _pyplot().close(fig)
+def render_png(spec: dict, out_dir: Path, name: str) -> str:
+    """Writes the spec as out_dir/name, a PNG; returns the name. Offline: the data is inline in
+    the spec and no URL may be loaded."""
+    import vl_convert  # not in the GPU smoke kit: images() checks for it first
+
+    png = vl_convert.vegalite_to_png(spec, scale=PNG_SCALE, allowed_base_urls=[])
+    (out_dir / name).write_bytes(png)
     return name
+
+
+def curve_spec(stage: str, files: tuple[str, ...], title: str) -> dict:
+    """A stage's training curves (dvclive's TSV files that exist) in DVC's default template,
+    `linear`; empty when the stage wrote none."""
+    paths = {Path(f).with_suffix("").as_posix(): layout.curves_dir(stage) / f for f in files}
+    paths = {name: path for name, path in paths.items() if path.exists()}
+    points = [
+        {"step": step, "value": value, "filename": name}
+        for name, path in paths.items()
+        for step, value in zip(*_read_curve(path), strict=True)
+    ]
+    # dvclive names a file's value column after the file: "loss", or "reward / kl"
+    y_label = " / ".join(dict.fromkeys(Path(name).name for name in paths))
+    return vega_spec(points, "linear", title, ("step", "value"), ("step", y_label), tuple(paths))
 
 
 def plot_curves(out_dir: Path) -> list[tuple[str, str]]:
     """PNG files of the training curves that exist; returns (title, file name)."""
-    plt = _pyplot()
-    images = []
-    for stage, files, title in CURVES:
-        paths = [layout.curves_dir(stage) / f for f in files]
-        if not any(p.exists() for p in paths):
-            continue
-        fig, ax = plt.subplots(figsize=(5, 3))
-        for path in paths:
-            if path.exists():
-                ax.plot(
-                    *_read_curve(path),
-                    label=path.relative_to(layout.curves_dir(stage)).with_suffix("").as_posix(),
-                )
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.legend()
-        images.append((title, _save(fig, out_dir, f"curve_{stage}.png")))
-    return images
+    return [
+        (title, render_png(spec, out_dir, f"curve_{stage}.png"))
+        for stage, files, title in CURVES
+        if (spec := curve_spec(stage, files, title))
+    ]
 
 
 def overoptimisation(stage: str) -> dict | None:
@@ -167,50 +204,84 @@ def overoptimisation(stage: str) -> dict | None:
     }
 
 
+GAIN_AXES = ("KL to the reference (nats per completion)", "gain since step 0")
+
+
+def _gains(c: dict, key: str, name: str) -> list[dict]:
+    return [
+        {"kl": kl, "gain": value - c[key][0], "filename": name}
+        for kl, value in zip(c["kl"], c[key], strict=True)
+    ]
+
+
+def overoptimisation_spec(stage: str, c: dict) -> dict:
+    """Gold and reward-model gains since step 0 against KL to the reference, in the `linear`
+    template, under them the gold gain's 95% band where its standard errors were logged."""
+    gold, proxy = _gains(c, "gold", "gold score"), _gains(c, "proxy", "reward-model score")
+    band = c["gold_se"] is not None
+    if band:  # each point's own interval, not paired with step 0 (the table has the paired one)
+        for point, se in zip(gold, c["gold_se"], strict=True):
+            point["lo"], point["hi"] = point["gain"] - Z_95 * se, point["gain"] + Z_95 * se
+    spec = vega_spec(
+        gold + proxy,
+        "linear",
+        f"{stage}: gains against KL, gold with its 95% band",
+        ("kl", "gain"),
+        GAIN_AXES,
+        ("gold score", "reward-model score"),
+    )
+    if band and spec:
+        spec["layer"].insert(0, _band_layer())  # first: drawn under the lines
+    return spec
+
+
+def _band_layer() -> dict:
+    """No stock template draws a band, so the over-optimisation spec adds this layer: an area
+    between each gold point's "lo" and "hi" (the rows that have them). It takes the plot's colour
+    as a value: the colour field's legend would otherwise take the area's faint fill."""
+    colour = OPTIONAL_ANCHOR_RANGES["color"][0]  # what dvc_render gives the one revision
+    return {
+        "transform": [{"filter": "isValid(datum.lo)"}],
+        "mark": {"type": "area", "opacity": 0.2},
+        "encoding": {
+            "y": {"field": "lo", "type": "quantitative", "title": GAIN_AXES[1]},
+            "y2": {"field": "hi"},
+            "color": {"value": colour},
+        },
+    }
+
+
 def plot_overoptimisation(out_dir: Path) -> list[tuple[str, str]]:
     """Gold and proxy gains against KL to the reference, one plot per RL stage."""
-    plt = _pyplot()
     images = []
     for stage in layout.STAGES:
-        if (c := overoptimisation(stage)) is None:
-            continue
-        fig, ax = plt.subplots(figsize=(5, 3))
-        for key, label in (("gold", "gold score"), ("proxy", "reward-model score")):
-            ax.plot(c["kl"], [v - c[key][0] for v in c[key]], marker="o", label=label)
-        if c["gold_se"] is not None:  # each point's own 95% interval (not paired with step 0)
-            gains = [v - c["gold"][0] for v in c["gold"]]
-            ax.fill_between(
-                c["kl"],
-                [g - Z_95 * se for g, se in zip(gains, c["gold_se"], strict=True)],
-                [g + Z_95 * se for g, se in zip(gains, c["gold_se"], strict=True)],
-                alpha=0.2,
-                label="gold, 95% band",
-            )
-        ax.set_xlabel("KL to the reference (nats per completion)")
-        ax.set_ylabel("gain since step 0")
-        ax.set_title(f"{stage}: over-optimisation")
-        ax.legend()
-        images.append(
-            (
-                f"{stage}: gold and proxy against KL",
-                _save(fig, out_dir, f"overoptimisation_{stage}.png"),
-            )
-        )
+        c = overoptimisation(stage)
+        if c is not None and (spec := overoptimisation_spec(stage, c)):
+            name = render_png(spec, out_dir, f"overoptimisation_{stage}.png")
+            images.append((f"{stage}: gold and proxy against KL", name))
     return images
+
+
+# (metrics/evaluate_models.json's field, title): two of dvc.yaml's top-level bar plots
+MODEL_BARS = (
+    ("val_perplexity_finetune", "validation perplexity, finetune corpus"),
+    ("gold_score", "gold score of held-out completions"),
+)
+
+
+def model_spec(rows: list[dict], key: str, title: str) -> dict:
+    """One figure of every model in `bar_horizontal`, as dvc.yaml's top-level plots draw it (x:
+    the figure, y: the model); a model without the figure has no bar."""
+    points = [{"model": r["model"], key: r[key]} for r in rows if r.get(key) is not None]
+    return vega_spec(points, "bar_horizontal", title, (key, "model"), (key, "model"))
 
 
 def plot_models(rows: list[dict], out_dir: Path) -> list[tuple[str, str]]:
-    plt = _pyplot()
-    images = []
-    for key, title in (
-        ("val_perplexity_finetune", "validation perplexity, finetune corpus"),
-        ("gold_score", "gold score of held-out completions"),
-    ):
-        fig, ax = plt.subplots(figsize=(5, 2.6))
-        ax.barh([r["model"] for r in rows], [r[key] for r in rows])
-        ax.set_title(title)
-        images.append((title, _save(fig, out_dir, f"models_{key}.png")))
-    return images
+    return [
+        (title, render_png(spec, out_dir, f"models_{key}.png"))
+        for key, title in MODEL_BARS
+        if (spec := model_spec(rows, key, title))
+    ]
 
 
 def _format(value) -> str:
@@ -317,7 +388,7 @@ def stage_sections() -> list[str]:
                     "val perplexity [95%]",
                     "val loss change, paired [95%]",
                     "trained %",
-                    "best step",
+                    "best step (on the selection split)",
                     "steps",
                 ],
                 rows,
@@ -360,6 +431,7 @@ def stage_sections() -> list[str]:
                     "train pairs",
                     "held-out pairs",
                     "tie rate",
+                    "gold margin, chosen - rejected [95%]",
                     "held-out accuracy [95%]",
                     "baseline: chance",
                     "gold agreement (fresh pairs) [95%]",
@@ -369,11 +441,19 @@ def stage_sections() -> list[str]:
                         m["train_pairs"],
                         m["heldout_pairs"],
                         m["tie_rate"],
+                        interval_text(m, "gold_margin") if "gold_margin" in m else "n/a",
                         interval_text(r, "heldout_accuracy"),
                         r["chance_accuracy"],
                         interval_text(r, "gold_agreement_fresh"),
                     ]
                 ],
+            )
+            + (
+                f"\n\nThe gold scorer reads {m['gold_neutral_words']} words of its lexicon as "
+                "neutral: the finetune corpus's own vocabulary (`preferences.gold_domain_share`;"
+                " the list is in data/preferences/gold.json)."
+                if m.get("gold_neutral_words")
+                else ""
             )
         )
     for stage in RL_STAGES:
@@ -386,7 +466,7 @@ def stage_sections() -> list[str]:
             gain_text(m, "gold_gain"),
             gain_text(m, "reward_model_gain"),
             *(gain_text(m, g) if g in m else "n/a" for g in ("afinn_gain", "textblob_gain")),
-            m["after_kl_per_token"],
+            interval_text(m, "after_kl_per_token"),
             m["distinct_2_change"],
             m["perf"]["wall_s"],
         ]
@@ -408,7 +488,7 @@ def stage_sections() -> list[str]:
                     "reward-model gain [95%]",
                     "held-out AFINN gain [95%]",
                     "held-out TextBlob gain [95%]",
-                    "KL per token",
+                    "KL per token [95%]",
                     "distinct bigrams",
                     "wall s (with the curve)",
                 ],
@@ -496,7 +576,7 @@ def task_section() -> str:
     """The checkable task: every model of the branch on the test problems."""
     if not (sft := read_metrics("task_sft")):
         return ""
-    k = next(key for key in sft if key.startswith("pass_at_") and key != "pass_at_1")
+    k = f"pass_at_{sft['pass_k']}"
     figures = (*TASK_FIGURES, k, "malformed_share")
     rows = [
         ["pretrained (base)", *(sft[f"base_{f}"] for f in figures)],
@@ -535,7 +615,7 @@ def task_section() -> str:
                 "teacher-forced whole answers",
                 "free-running exact match (greedy)",
                 "pass@1 (sampled)",
-                k.replace("pass_at_", "pass@"),
+                f"pass@{sft['pass_k']} (from {sft['pass_samples']} samples)",
                 "malformed",
             ],
             rows,
@@ -597,15 +677,16 @@ def harness_section(models: list[dict]) -> str:
 
 
 NO_PLOTS = (
-    "(No images: matplotlib is not installed here, as in the GPU smoke kit "
-    "(scripts/gpu_kit.py); `pip install matplotlib` draws them.)"
+    "(No images: vl-convert-python, which renders DVC's plot templates to PNG, is not installed "
+    "here, as in the GPU smoke kit (scripts/gpu_kit.py); `pip install vl-convert-python` draws "
+    "them.)"
 )
 
 
 def images(plot, *args) -> list[str]:
-    """Markdown image lines from a plot function, or one note where matplotlib is missing (the
-    GPU smoke kit leaves it out; every full install has it)."""
-    if importlib.util.find_spec("matplotlib") is None:
+    """Markdown image lines from a plot function, or one note where vl-convert-python is missing
+    (the GPU smoke kit leaves out its 33 MB wheel; every full install has it)."""
+    if importlib.util.find_spec("vl_convert") is None:
         return [NO_PLOTS]
     return [f"![{title}]({name})" for title, name in plot(*args)]
 
@@ -632,11 +713,12 @@ def write_report(out_dir: Path, models: list[dict], samples: dict[str, list[dict
         _table(
             [
                 "model",
-                "val ppl (pretrain corpus)",
-                "val ppl (finetune corpus)",
+                "val ppl (pretrain corpus) [95%]",
+                "val ppl (finetune corpus) [95%]",
                 "bits per byte (pretrain / finetune)",
                 "reward-model score",
                 "gold score",
+                "gold vs finetune, paired [95%]",
                 "KL to finetune",
                 "size MB",
                 "generation tokens/s",
@@ -645,12 +727,13 @@ def write_report(out_dir: Path, models: list[dict], samples: dict[str, list[dict
             [
                 [
                     r["model"],
-                    r["val_perplexity_pretrain"],
-                    r["val_perplexity_finetune"],
+                    interval_text(r, "val_perplexity_pretrain"),
+                    interval_text(r, "val_perplexity_finetune"),
                     f"{r['val_bits_per_byte_pretrain']:.4f} / "
                     f"{r['val_bits_per_byte_finetune']:.4f}",
                     r["reward_model_score"],
                     r["gold_score"],
+                    gain_text(r, "gold_vs_finetune") if "gold_vs_finetune" in r else "",
                     r["kl_to_finetune"],
                     r["size_mb"],
                     r["generate_tokens_per_s"],
