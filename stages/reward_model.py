@@ -4,7 +4,7 @@ the preference pairs with TRL's RewardTrainer."""
 from llmpipe import layout
 from llmpipe.data.chat import PromptFormat
 from llmpipe.evaluation.intervals import estimate, interval_metrics
-from llmpipe.io import atomic_dir, write_metrics
+from llmpipe.io import atomic_dir, rounded, write_json, write_metrics
 from llmpipe.params import load_stage_params
 from llmpipe.rl.params import RewardModelParams
 from llmpipe.rl.preferences import read_fresh, read_pairs
@@ -43,7 +43,7 @@ def main() -> None:
             "dropped_pairs": len(train) - trained_pairs,
             # with their 95% intervals over the pairs
             **interval_metrics("heldout_accuracy", estimate(held["correct"])),
-            "heldout_mean_margin": held["mean_margin"],
+            **interval_metrics("heldout_mean_margin", estimate(held["margins"])),
             "train_accuracy": pairwise_report(model, tokenizer, prompt_format, train)["accuracy"],
             "chance_accuracy": 0.5,
             **(
@@ -53,6 +53,18 @@ def main() -> None:
             ),
             "fresh_pairs": len(agreed),
         },
+    )
+    # per held-out pair: what the accuracy and the margin are computed from
+    write_json(
+        layout.items_file("reward_model"),
+        rounded(
+            [
+                {"pair": i, "prompt": q["prompt"], "correct": c, "margin": m}
+                for i, (q, c, m) in enumerate(
+                    zip(heldout, held["correct"], held["margins"], strict=True)
+                )
+            ]
+        ),
     )
     print(
         f"held-out accuracy {held['accuracy']:.3f}, gold agreement on {len(agreed)} fresh pairs "

@@ -35,11 +35,15 @@ def main() -> None:
     )
     task.write(layout.TASK_PROBLEMS)
     test = task.problems["test"]
-    before = task_report(base, tokenizer, test, p.kind, p.pass_k, shared.seed, prompt_format)
+    before = task_report(
+        base, tokenizer, test, p.kind, p.pass_k, p.pass_samples, shared.seed, prompt_format
+    )
     model, wall_s = run_sft(
         p, task.problems["train"], prompt_format, shared.seed, layout.live_dir("task_sft")
     )
-    after = task_report(model, tokenizer, test, p.kind, p.pass_k, shared.seed, prompt_format)
+    after = task_report(
+        model, tokenizer, test, p.kind, p.pass_k, p.pass_samples, shared.seed, prompt_format
+    )
     save_task_model(layout.TASK_SFT_MODEL, model, tokenizer, after)
     write_items(layout.items_file("task_sft"), before, after)  # the base model, then SFT
     metrics = {

@@ -3,6 +3,8 @@ between two revisions, labelled with Holm's correction."""
 
 import random
 
+import pytest
+
 from llmpipe.compare import headline_rows
 from llmpipe.evaluation.report import gain_text
 
@@ -54,3 +56,53 @@ def test_a_loss_that_fell_is_better():
         {"finetune": windows(base)}, {"finetune": windows([v - 0.05 for v in base])}
     )
     assert row.paired and row.verdict == "better" and row.difference.mean < 0
+
+
+def test_the_seeds_spread_widens_the_interval_of_a_small_shift():
+    rng = random.Random(4)
+    base = [4.0 + rng.gauss(0, 0.3) for _ in range(64)]
+    windows = lambda losses: {i: {"window": i, "after_loss": v} for i, v in enumerate(losses)}  # noqa: E731
+    shifted = {"finetune": windows([v - 0.02 for v in base])}
+    [alone] = headline_rows({"finetune": windows(base)}, shifted)
+    [seeded] = headline_rows(
+        {"finetune": windows(base)}, shifted, {("finetune", "after_loss"): 0.05}
+    )
+    assert alone.verdict == "better"  # the same windows, 0.02 nats lower on each: sure...
+    assert seeded.verdict == "within noise"  # ...but seeds move the loss by 0.05 nats
+    assert seeded.difference.se == pytest.approx((alone.difference.se**2 + 2 * 0.05**2) ** 0.5)
+
+
+def test_an_experiment_name_resolves_to_its_ref_and_seed_experiments_give_the_spread(
+    tmp_path, monkeypatch
+):
+    import json
+    import subprocess
+
+    from llmpipe import compare, layout
+
+    monkeypatch.chdir(tmp_path)
+    git = lambda *a: subprocess.run(["git", *a], check=True, capture_output=True, text=True)  # noqa: E731
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "0")
+    for seed, loss in enumerate([4.0, 4.1, 4.2]):  # as DVC keeps experiments: one ref each
+        path = layout.items_file("finetune")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps([{"window": 0, "after_loss": loss}]))
+        git("add", "-f", str(path))
+        git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", f"s{seed}")
+        head = git("rev-parse", "HEAD").stdout.strip()
+        git("reset", "-q", "--hard", "HEAD~1")
+        base = git("rev-parse", "HEAD").stdout.strip()  # DVC files an experiment by baseline
+        prefix = f"refs/exps/{base[:2]}/{base[2:]}"
+        git("update-ref", f"{prefix}/seeds-baseline-s{seed}", head)
+    assert compare.resolve("seeds-baseline-s1") == f"{prefix}/seeds-baseline-s1"
+    assert compare.resolve("HEAD") == "HEAD"
+    with pytest.raises(SystemExit, match="neither a git revision nor a DVC experiment"):
+        compare.resolve("no-such-experiment")
+    spread, seeds = compare.seed_spread("HEAD")
+    assert seeds == 3 and spread == {("finetune", "after_loss"): pytest.approx(0.1)}
+    # the same name on another baseline: ambiguous by name, and not this baseline's spread
+    git("update-ref", "refs/exps/cd/ef/seeds-baseline-s1", head)
+    with pytest.raises(SystemExit, match="names experiments of 2 baselines"):
+        compare.resolve("seeds-baseline-s1")
+    assert compare.seed_spread("HEAD")[1] == 3

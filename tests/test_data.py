@@ -63,6 +63,20 @@ def test_roundtrip_and_windows(tmp_path):
     assert val.eval_starts(8, 10) == [round(i * last / 9) for i in range(10)]
 
 
+def test_the_selection_tail_is_whole_documents_cut_from_the_train_split(tmp_path):
+    train = TokenBin.open(make_corpus(tmp_path), "train")  # 15 documents of 51 tokens
+    head, tail = train.split_tail(0.1)  # 76.5 tokens: the tail starts at the next document
+    assert len(head) + len(tail) == len(train)
+    assert len(head) == 14 * 51 and len(tail) == 51
+    assert head.tokens[-1] == train.eot_id  # no document on both sides
+    assert np.array_equal(np.concatenate([head.tokens, tail.tokens]), train.tokens)
+    assert tail.eval_starts(8, 4)[-1] + 9 <= len(tail)  # its windows stay inside it
+    assert len(train.split_tail(0.01)[1]) == 0  # the last document already started: no tail
+    # a cut on a document's first token keeps that document for the tail
+    assert len(train.split_tail(2 / 15)[1]) == 2 * 51
+    assert len(train.split_tail(2 / 15 + 1 / len(train))[1]) == 2 * 51  # on the end of text
+
+
 def test_uint32_above_65536_tokens_of_vocabulary(tmp_path):
     corpus = make_corpus(tmp_path, vocab_size=70_000, big=69_000)
     train = TokenBin.open(corpus, "train")

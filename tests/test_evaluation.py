@@ -4,6 +4,7 @@ on the shipped offline task (llmpipe.evaluation.harness)."""
 
 import json
 import math
+import re
 import sys
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from torch.nn import functional as F
 
 from llmpipe import layout
+from llmpipe.errors import DataError
 from llmpipe.evaluation.scores import token_byte_lengths, window_scores
 from llmpipe.model.loading import load_causal_lm
 
@@ -101,20 +103,84 @@ def test_token_bytes_of_a_sentencepiece_vocabulary():
     assert lengths == [0, 4, 1, 2, 1, 3]  # special; " the"; " "; é is 2 bytes; one byte; "ing"
 
 
+def cloze_corpus(tmp_path, seed, tokenizer):
+    """A corpus of documents whose sentences each name their document, split by tokenize's
+    rule under `seed`: (the token directory, {split: documents})."""
+    from llmpipe.data.tokenization import (
+        DocumentSplit,
+        FastEncoder,
+        split_by_document,
+        write_corpus,
+    )
+
+    docs = [
+        " ".join(
+            f"In document d{d} sentence {s} the words run on and on until it ends at w{d}x{s}."
+            for s in range(6)
+        )
+        for d in range(40)
+    ]
+    rule = DocumentSplit.fit(docs, 0.25, seed, "cloze")
+    write_corpus(tmp_path, iter(docs), rule, FastEncoder(tokenizer), len(tokenizer), "test")
+    return tmp_path, split_by_document(docs, 0.25, seed, "cloze")
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_cloze_items_come_from_the_validation_split_of_the_seed_that_drew_it(tmp_path, seed):
+    from llmpipe.data.tokenization import train_bpe
+    from llmpipe.data.tokens import TokenBin
+    from llmpipe.evaluation.cloze import build_cloze
+
+    tokenizer = train_bpe(
+        [f"In document d{d} sentence the words run on until it ends at w{d}x." for d in range(40)],
+        vocab_size=400,
+        min_frequency=1,
+    )
+    corpus, split = cloze_corpus(tmp_path, seed, tokenizer)
+    items = build_cloze(TokenBin.open(corpus, "val"), tokenizer, seed, count=50)
+    assert len(items) >= 20
+    val_names = {doc.split()[2] for doc in split["val"]}
+    train_names = {doc.split()[2] for doc in split["train"]}
+    for item in items:  # every sentence names its document
+        sources = set(re.findall(r"\bd\d+\b", " ".join([item["context"], *item["choices"]])))
+        assert sources and sources <= val_names and not sources & train_names
+    # another seed draws another split, and the items follow it
+    other, moved = cloze_corpus(tmp_path / "other", seed + 10, tokenizer)
+    assert {d.split()[2] for d in moved["val"]} != val_names
+    again = build_cloze(TokenBin.open(other, "val"), tokenizer, seed + 10, count=50)
+    assert {i["context"] for i in again} != {i["context"] for i in items}
+    with pytest.raises(DataError, match=r"val\.bin: \d+ cloze items .* tokenize\.val_fraction"):
+        build_cloze(TokenBin.open(corpus, "val"), tokenizer, seed, count=5)
+
+
 def test_the_harness_runs_the_shipped_offline_task_on_a_micro_model(
-    model_and_tokenizer, monkeypatch
+    model_and_tokenizer, monkeypatch, tmp_path
 ):
-    from llmpipe.evaluation.cloze import CLOZE_FILE
+    from llmpipe.evaluation.cloze import cloze_items
     from llmpipe.evaluation.harness import run_harness
+    from llmpipe.io import write_jsonl
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model, tokenizer = model_and_tokenizer
-    items = [json.loads(line) for line in CLOZE_FILE.read_text().splitlines()]
-    assert len(items) == 200 and all(
+    docs = [
+        " ".join(f"Item {d} says that sentence {s} of it ends in word w{d}x{s}." for s in range(4))
+        for d in range(10)
+    ]
+    items = cloze_items(docs, 8, seed=0)
+    assert len(items) == 8 and all(
         len(i["choices"]) == 4 and i["choices"][i["label"]] for i in items
     )
-    figures = run_harness(model, tokenizer, ["llmpipe_cloze"], limit=8, batch_size=8, seed=0)
+    write_jsonl(tmp_path / "cloze.jsonl", items)
+    figures = run_harness(
+        model,
+        tokenizer,
+        ["llmpipe_cloze"],
+        limit=8,
+        batch_size=8,
+        seed=0,
+        cloze_items=tmp_path / "cloze.jsonl",
+    )
     acc = figures["llmpipe_cloze"]["acc"]
     assert acc * 8 == round(acc * 8) and 0 <= acc <= 1  # a share of the 8 items
     assert figures["llmpipe_cloze"]["acc_stderr"] > 0

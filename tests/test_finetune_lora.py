@@ -89,6 +89,36 @@ def test_early_stopping_keeps_the_best_checkpoint(micro_pretrained, tmp_path):
     assert hf_eval_loss(result.model, val_bin, p) == pytest.approx(min(losses), abs=1e-4)
 
 
+def test_the_checkpoint_is_chosen_on_the_selection_split_not_the_reported_windows(
+    micro_pretrained, tmp_path
+):
+    from llmpipe.train.causal_lm import run_stage, selection_split
+
+    seed, p = stage_params(
+        micro_pretrained,
+        "finetune",
+        base=str(micro_pretrained / layout.PRETRAIN_MODEL),
+        max_steps=4,
+        eval_interval=2,
+    )
+    run = run_stage(
+        "finetune",
+        p,
+        seed,
+        micro_pretrained / layout.tokens("finetune"),
+        tmp_path / "work",
+        tmp_path / "live",
+    )
+    _, _, train_bin, val_bin = base_and_data(micro_pretrained, p)
+    _, selection_bin = selection_split(train_bin, p, "finetune")
+    best = dict(run.result.eval_losses)[run.result.best_step]
+    assert hf_eval_loss(run.result.model, selection_bin, p) == pytest.approx(best, abs=1e-4)
+    assert hf_eval_loss(run.result.model, val_bin, p) != pytest.approx(best, abs=1e-3)
+    too_small = dataclasses.replace(p, selection_fraction=1e-6)  # inside the last document
+    with pytest.raises(ParamsError, match=r"^finetune\.selection_fraction: 1e-06 of .* leaves 0 "):
+        selection_split(train_bin, too_small, "finetune")
+
+
 def test_vocabulary_mismatch_names_both_sizes(micro_pretrained, tmp_path):
     other_tokenizer = train_bpe(SAMPLE_DOCS, vocab_size=300, min_frequency=1)
     size = len(other_tokenizer)

@@ -14,6 +14,7 @@ from llmpipe.evaluation.intervals import (
     holm_rejections,
     level_metrics,
     paired_difference,
+    ratio_estimate,
     two_sided_p,
 )
 
@@ -42,6 +43,21 @@ def test_a_paired_difference_of_identical_runs_is_exactly_zero_with_zero_width()
     d = paired_difference(run, list(run))
     assert (d.mean, d.se, d.lo, d.hi) == (0.0, 0.0, 0.0, 0.0)
     assert d.direction() == "within noise" and two_sided_p(d) == 1.0
+
+
+def test_a_ratio_over_items_is_the_ratio_of_sums_with_the_delta_method_error():
+    rng = random.Random(3)
+    kl = [rng.expovariate(1.0) for _ in range(150)]
+    same_length = ratio_estimate(kl, [8.0] * len(kl))  # then it is a plain mean over 8
+    assert same_length.mean == pytest.approx(sum(kl) / (8 * len(kl)))
+    assert same_length.se == pytest.approx(estimate(kl).se / 8)
+    lengths = [rng.randint(4, 24) for _ in kl]
+    per_token = [0.05 * n + rng.gauss(0, 0.1) for n in lengths]  # 0.05 nats a token
+    e = ratio_estimate(per_token, lengths)
+    assert e.mean == pytest.approx(sum(per_token) / sum(lengths))
+    assert e.lo < 0.05 < e.hi and e.hi - e.lo < 0.01
+    with pytest.raises(DataError, match="differ in number"):
+        ratio_estimate([1.0], [1.0, 2.0])
 
 
 def test_pairing_removes_what_the_items_share():

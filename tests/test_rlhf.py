@@ -255,14 +255,15 @@ def test_the_preference_directory_round_trips(tmp_path):
     pairs = {"train": toy_pairs(0, 3), "heldout": toy_pairs(1, 2)}
     prompts = {split: sorted({q["prompt"] for q in rows}) for split, rows in pairs.items()}
     fresh = [{"prompt": "q", "completions": ["a", "b"], "gold": [0.1, -0.2]}]
-    PreferenceSet(pairs, prompts, fresh, GoldSpec("vader", None)).write(tmp_path / "prefs")
+    gold = GoldSpec("vader", None, 1.0, ("argument", "value"))
+    PreferenceSet(pairs, prompts, fresh, gold).write(tmp_path / "prefs")
     assert [read_pairs(tmp_path / "prefs", s) for s in ("train", "heldout")] == [
         pairs["train"],
         pairs["heldout"],
     ]
     assert read_prompts(tmp_path / "prefs", "heldout") == prompts["heldout"]
     assert read_fresh(tmp_path / "prefs") == fresh
-    assert read_gold_spec(tmp_path / "prefs") == GoldSpec("vader", None)
+    assert read_gold_spec(tmp_path / "prefs") == gold
     assert not list(tmp_path.glob(".prefs*"))  # written as a whole, no temporary left
     with pytest.raises(DataError, match=r"gold\.json: not found"):
         read_gold_spec(tmp_path)
@@ -377,6 +378,21 @@ def test_the_overoptimisation_flag_fires_when_the_heldout_judges_do_not_follow()
     assert not flags(before, report_of(VARIED, 0.4, 4.0, proxy=0.3))["overoptimisation_suspected"]
     # Diversity collapses: fires whatever the judges say.
     assert flags(before, report_of(LOOPING, 0.4, 4.0, proxy=0.3))["overoptimisation_suspected"]
+
+
+def test_the_domain_vocabulary_of_the_corpus_scores_nothing():
+    from llmpipe.rl.gold import domain_words, load_gold_scorer, scorer_lexicon
+
+    paragraphs = (
+        ["Return the value of x."] * 30 + ["A great, wonderful day."] + ["Plain text."] * 69
+    )
+    words = domain_words(paragraphs, scorer_lexicon("vader"), 0.05)
+    assert words == ["value"]  # in 30% of the paragraphs; "great" in 1%: sentiment
+    assert scorer_lexicon("hf:some/classifier") is None  # nothing to neutralise
+    plain, neutral = load_gold_scorer("vader"), load_gold_scorer("vader", neutral_words=words)
+    assert plain(["Return the value."])[0] > 0 and neutral(["Return the value."]) == [0.0]
+    assert neutral(["A great day."]) == plain(["A great day."]) and plain(["A great day."])[0] > 0
+    assert load_gold_scorer("vader")(["Return the value."]) == plain(["Return the value."])
 
 
 def test_the_heldout_judges_do_not_pay_for_the_word_the_gold_scorer_likes():

@@ -19,7 +19,7 @@ from llmpipe.task.checkable import (
 
 
 def test_train_and_test_problems_are_disjoint_and_the_same_for_the_same_seed():
-    for kind, digits in (("add", 2), ("reverse", 3)):
+    for kind, digits in (("add", 2), ("add_reversed", 2), ("reverse", 3)):
         problems = make_problems(kind, digits, 500, 100, seed=7)
         again = make_problems(kind, digits, 500, 100, seed=7)
         assert problems == again
@@ -35,6 +35,12 @@ def test_problems_are_right():
     for p in make_problems("add", 2, 50, 10, seed=0)["train"]:
         a, b = (int(side.replace(" ", "")) for side in p.prompt.removesuffix(" =").split(" + "))
         assert p.answer == " " + " ".join(str(a + b))
+    for p in make_problems("add_reversed", 2, 500, 10, seed=0)["train"]:
+        a, b = (int(side.replace(" ", "")) for side in p.prompt.removesuffix(" =").split(" + "))
+        assert int(p.answer.replace(" ", "")[::-1]) == a + b  # least significant digit first
+        assert exact_match(p.answer, p.answer, "add_reversed")  # the checker reads it back
+        if a + b >= 100 and (a + b) % 10 == 0:  # a trailing zero leads: "0 2 1" is 120
+            assert p.answer.startswith(" 0 ")
     for p in make_problems("reverse", 3, 50, 10, seed=0)["train"]:
         digits = p.prompt.removeprefix("reverse ").removesuffix(" =").split()
         assert p.answer.split() == digits[::-1]
@@ -113,6 +119,20 @@ def test_gsm8k_problems_from_a_source_are_disjoint_and_seeded(tmp_path):
         load_problems("gsm8k", source, 0, 8, 1, seed=3)
 
 
+def test_pass_at_k_is_chen_et_al_s_unbiased_estimator():
+    from math import comb
+
+    from llmpipe.task.checkable import pass_at_k
+
+    for n, k in ((8, 8), (16, 8), (20, 5), (3, 2)):
+        for right in range(n + 1):
+            expected = 1 - comb(n - right, k) / comb(n, k)
+            assert pass_at_k(n, right, k) == pytest.approx(expected, abs=1e-12)
+    assert pass_at_k(8, 0, 8) == 0.0 and pass_at_k(8, 1, 8) == 1.0  # n = k: any right
+    assert pass_at_k(16, 1, 8) == pytest.approx(0.5)  # half of the 8-subsets hold the right one
+    assert pass_at_k(16, 1, 1) == pytest.approx(1 / 16)  # pass@1: the share right
+
+
 def test_the_task_on_an_instruct_model_through_its_chat_template(tmp_path):
     from llmpipe.model.loading import load_causal_lm
     from llmpipe.task.checkable import _encode, run_sft, task_report
@@ -136,6 +156,7 @@ def test_the_task_on_an_instruct_model_through_its_chat_template(tmp_path):
         train_problems=16,
         test_problems=4,
         pass_k=2,
+        pass_samples=3,
         max_steps=3,
         batch_size=4,
         learning_rate=1e-3,
@@ -147,6 +168,7 @@ def test_the_task_on_an_instruct_model_through_its_chat_template(tmp_path):
     assert any(getattr(m, "gradient_checkpointing", False) is True for m in trained.modules())
     # and trained float32 master weights of the bf16 checkpoint
     assert {param.dtype for param in trained.parameters()} == {torch.float32}
-    report = task_report(trained, tokenizer, problems["test"], "gsm8k", 2, 0, chat)
+    report = task_report(trained, tokenizer, problems["test"], "gsm8k", 2, 3, 0, chat)
     assert 0 <= report["teacher_forced_token_accuracy"] <= 1
+    assert report["pass_samples"] == 3 and 0 <= report["pass_at_2"] <= 1
     assert report["samples"][0]["prompt"] == problems["test"][0].prompt

@@ -39,7 +39,9 @@ TASK_PROBLEMS = DATA / "task/problems"
 TASK_SFT_MODEL = DATA / "task/sft/model"
 TASK_REINFORCE_MODEL = DATA / "task/reinforce/model"
 TASK_GRPO_MODEL = DATA / "task/grpo/model"
-EVALUATE_SAMPLES = DATA / "evaluate"  # samples.json: each model's generations for the report
+# samples.json: each model's generations for the report; items.json: per model, what its figures
+# are computed from; cloze.jsonl: the harness task's items (llmpipe.evaluation.cloze)
+EVALUATE_SAMPLES = DATA / "evaluate"
 REPORT = DATA / "report"  # report.md with its images
 EVALUATE_MODELS = METRICS / "evaluate_models.json"  # one row per model: dvc.yaml's bar plots
 
@@ -141,7 +143,10 @@ STAGES: dict[str, StageFiles] = {
     ),
     "preferences": StageFiles(reads=(tokens("finetune"), FINETUNE_MODEL), writes=(PREFERENCES,)),
     "reward_model": StageFiles(
-        reads=(PREFERENCES, FINETUNE_MODEL), writes=(REWARD_MODEL,), curves=True
+        reads=(PREFERENCES, FINETUNE_MODEL),
+        writes=(REWARD_MODEL,),
+        curves=True,
+        in_git=(items_file("reward_model"),),
     ),
     "rl_baseline": StageFiles(
         reads=(PREFERENCES, REWARD_MODEL, FINETUNE_MODEL), writes=(RL_BASELINE,)

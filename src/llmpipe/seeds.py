@@ -51,6 +51,11 @@ def experiment_name(variant: Sequence[str], seed: int) -> str:
     return f"seeds-{slug}-s{seed}"
 
 
+def is_baseline_seed(name: str) -> bool:
+    """Whether an experiment is one seed of the workspace's params (no variant)."""
+    return re.fullmatch(r"seeds-baseline-s\d+", name) is not None
+
+
 def _experiments(show: list) -> Iterator[tuple[str, dict]]:
     """(name, data) of every experiment that finished in `dvc exp show --json`'s nested answer
     (a failed one shows its baseline's metrics: left out)."""

@@ -57,10 +57,10 @@ def distribution_name(spec: str) -> str:
     return re.split(r"[\s<>=!~;\[]", spec, maxsplit=1)[0]
 
 
-# pyproject.toml's dependencies that no stage imports: the server's stack, and matplotlib, without
-# which the report card is written without images. The smoke kit leaves them out
+# pyproject.toml's dependencies that no stage needs: the server's stack, and vl-convert-python,
+# without which the report card is written without images. The smoke kit leaves them out
 # (scripts/gpu_kit.py, NOT_CARRIED; tests/test_gpu_kit.py checks the two agree).
-NOT_FOR_STAGES = ("fastapi", "uvicorn", "httptools", "uvloop", "sse-starlette", "matplotlib")
+NOT_FOR_STAGES = ("fastapi", "uvicorn", "httptools", "uvloop", "sse-starlette", "vl-convert-python")
 
 
 def requirements() -> list[str]:
@@ -170,6 +170,7 @@ MICRO_SHAPES = {
     "task_sft.train_problems": 64,
     "task_sft.test_problems": 16,
     "task_sft.pass_k": 2,
+    "task_sft.pass_samples": 2,
     "task_sft.max_steps": 10,
     "task_sft.batch_size": 8,
     **{

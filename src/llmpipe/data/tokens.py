@@ -10,7 +10,8 @@ Layout of one corpus directory (e.g. data/tokens/pretrain/):
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,25 @@ class TokenBin:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    def documents(self) -> Iterator[np.ndarray]:
+        """Each document's token ids, without its end-of-text token."""
+        tokens = np.asarray(self.tokens)
+        bounds = np.flatnonzero(tokens == self.eot_id)
+        starts = np.concatenate([[0], bounds + 1])[: len(bounds)]
+        for start, end in zip(starts, bounds, strict=True):
+            yield tokens[start:end]
+
+    def split_tail(self, fraction: float) -> tuple[TokenBin, TokenBin]:
+        """(head, tail): the split cut where the first document to start in its last
+        `fraction` of tokens starts, so that no document is on both sides (a tail without a
+        document start is empty). The documents are in corpus order: the tail is the split's
+        last documents, not a random draw of them."""
+        cut = max(int(len(self) * (1 - fraction)), 1)
+        # A document starts after an end of text: look from the token before the cut.
+        ends = np.flatnonzero(np.asarray(self.tokens[cut - 1 :]) == self.eot_id)
+        start = cut + int(ends[0]) if len(ends) else len(self)
+        return replace(self, tokens=self.tokens[:start]), replace(self, tokens=self.tokens[start:])
 
     def check_block(self, block_size: int) -> None:
         if len(self) < block_size + 1:

@@ -1,20 +1,38 @@
 """The harness task that ships offline, `llmpipe_cloze` (llmpipe.evaluation.harness):
-multiple-choice cloze items from the embedded default's held-out finetune documents, written
-once into src/llmpipe/evaluation/harness_tasks/ and kept in git.
+multiple-choice cloze items from the finetune corpus's validation documents.
 
-    python -m llmpipe.evaluation.cloze [--count 200]    # after `dvc repro download`
+The evaluate stage builds the items from the validation split of the run it evaluates (its
+token file, decoded), so they come from documents no stage trained on, whatever the seed or
+val_fraction that drew the split; the harness reads them through the task's metadata
+(`items_file`).
 """
 
 from __future__ import annotations
 
-import argparse
 import random
 from collections.abc import Sequence
-from pathlib import Path
 
-from llmpipe.evaluation.harness import TASKS_DIR
+from llmpipe.data.tokens import TokenBin
+from llmpipe.errors import DataError
 
-CLOZE_FILE = TASKS_DIR / "llmpipe_cloze.jsonl"
+CLOZE_ITEMS = 200  # the items the task asks for (fewer where the documents run out)
+CLOZE_FILE = "cloze.jsonl"  # in layout.EVALUATE_SAMPLES, beside the samples
+
+
+MIN_ITEMS = 20  # fewer, and the task's accuracy says nothing
+
+
+def build_cloze(val_bin: TokenBin, tokenizer, seed: int, count: int = CLOZE_ITEMS) -> list[dict]:
+    """The task's items from a validation split's documents, decoded."""
+    texts = [tokenizer.decode(ids.tolist()) for ids in val_bin.documents()]
+    items = cloze_items(texts, count, seed)
+    if len(items) < MIN_ITEMS:
+        raise DataError(
+            f"{val_bin.path}: {len(items)} cloze items from {len(texts)} validation documents, "
+            f"fewer than {MIN_ITEMS}: raise tokenize.val_fraction, or leave llmpipe_cloze out "
+            "of evaluate.harness_tasks"
+        )
+    return items
 
 
 def cloze_items(
@@ -49,27 +67,3 @@ def cloze_items(
         if len(items) == count:
             break
     return items
-
-
-def build_cloze(count: int = 200) -> Path:
-    """The shipped task's items from the embedded default's held-out finetune documents."""
-    from llmpipe import layout
-    from llmpipe.data.corpus import read_texts
-    from llmpipe.data.tokenization import split_by_document
-    from llmpipe.io import write_jsonl
-    from llmpipe.params import PARAMS_FILE, read_params_file
-
-    raw = read_params_file(PARAMS_FILE)
-    docs = list(read_texts(layout.raw_corpus("finetune")))
-    held_out = split_by_document(docs, raw["tokenize"]["val_fraction"], raw["seed"], "finetune")[
-        "val"
-    ]
-    write_jsonl(CLOZE_FILE, cloze_items(held_out, count, raw["seed"]))
-    return CLOZE_FILE
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--count", type=int, default=200)
-    args = parser.parse_args()
-    print(f"wrote {build_cloze(args.count)}")

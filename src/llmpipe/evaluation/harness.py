@@ -3,10 +3,11 @@
 ships here, through the harness's own local-task support (`include_path`).
 
 The shipped task, `llmpipe_cloze`, is multiple-choice cloze: the opening of a sentence from a
-held-out document of the embedded finetune corpus (the Python reference, its validation split),
-and four endings, one of them true, three taken from other held-out sentences. Chance is 25%.
-It is built once by `python -m llmpipe.evaluation.cloze` and kept in git, so that every
-machine scores the same items (the corpus follows the Python version that built it).
+held-out document of the finetune corpus (the embedded default: the Python reference, its
+validation split), and four endings, one of them true, three taken from other held-out
+sentences. Chance is 25%. The evaluate stage builds the items from the run's own validation
+split (llmpipe.evaluation.cloze), so no item comes from a document a stage trained on, for any
+seed; `cloze_items` names their file.
 
 lm-eval is an optional extra (`pip install -e '.[eval]'`, part of `.[dev]`).
 """
@@ -46,26 +47,37 @@ def check_harness(tasks: Sequence[str] | None, param: str = "evaluate.harness_ta
 
 
 @functools.cache
-def _task_manager(shipped_only: bool):
+def _task_manager(shipped_only: bool, cloze_items: str | None):
     """The harness's task index. Indexing its own thousands of tasks takes about 10 s, skipped
-    when every task asked for ships here."""
+    when every task asked for ships here. Its metadata reaches each task's dataset loader."""
     from lm_eval.tasks import TaskManager
 
     return TaskManager(
-        verbosity="ERROR", include_path=str(TASKS_DIR), include_defaults=not shipped_only
+        verbosity="ERROR",
+        include_path=str(TASKS_DIR),
+        include_defaults=not shipped_only,
+        metadata={"items_file": cloze_items} if cloze_items else None,
     )
 
 
-def _task_manager_for(tasks: Sequence[str]):
+def _task_manager_for(tasks: Sequence[str], cloze_items: Path | None = None):
     shipped = {path.stem for path in TASKS_DIR.glob("*.yaml")}  # file name = task name
-    return _task_manager(all(task in shipped for task in tasks))
+    return _task_manager(
+        all(task in shipped for task in tasks), str(cloze_items) if cloze_items else None
+    )
 
 
 def run_harness(
-    model, tokenizer, tasks: Sequence[str] | None, limit: int | None, batch_size: int, seed: int
+    model,
+    tokenizer,
+    tasks: Sequence[str] | None,
+    limit: int | None,
+    batch_size: int,
+    seed: int,
+    cloze_items: Path | None = None,
 ) -> dict[str, dict[str, float]]:
     """{task: {acc, acc_stderr, (acc_norm, acc_norm_stderr)}} for a loaded model, zero-shot;
-    nothing for no tasks."""
+    nothing for no tasks. `cloze_items`: the llmpipe_cloze task's items file."""
     if not tasks:
         return {}
     import os
@@ -73,8 +85,7 @@ def run_harness(
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    # The shipped task's data path is relative to the repository root, where DVC runs stages;
-    # hub tasks download unless the machine is offline.
+    # Hub tasks download unless the machine is offline.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     device = next(model.parameters()).device
     lm = HFLM(
@@ -87,7 +98,7 @@ def run_harness(
     out = simple_evaluate(
         model=lm,
         tasks=list(tasks),
-        task_manager=_task_manager_for(tasks),
+        task_manager=_task_manager_for(tasks, cloze_items),
         limit=limit,
         log_samples=False,
         bootstrap_iters=1000,

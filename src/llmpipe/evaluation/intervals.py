@@ -64,6 +64,21 @@ def estimate(values: Sequence[float]) -> Estimate:
     return Estimate(mean, math.sqrt(variance / n), n)
 
 
+def ratio_estimate(numerators: Sequence[float], denominators: Sequence[float]) -> Estimate:
+    """sum(numerators) / sum(denominators) over items (e.g. KL per token: each prompt's KL over
+    its tokens), with the delta method's standard error: that of the items' residuals
+    numerator - ratio x denominator, over the mean denominator."""
+    if len(numerators) != len(denominators):
+        raise DataError(f"ratio items differ in number: {len(numerators)} and {len(denominators)}")
+    n = len(numerators)
+    mean_denominator = math.fsum(denominators) / n
+    if mean_denominator == 0:
+        raise DataError("ratio: the denominators sum to 0")
+    ratio = math.fsum(numerators) / math.fsum(denominators)
+    residuals = estimate([a - ratio * b for a, b in zip(numerators, denominators, strict=True)])
+    return Estimate(ratio, residuals.se / abs(mean_denominator), n)
+
+
 def paired_difference(before: Sequence[float], after: Sequence[float]) -> Estimate:
     """after - before over the same items, in the same order."""
     if len(before) != len(after):
@@ -148,11 +163,12 @@ def gain_metrics(before: dict, after: dict, gains: dict[str, str]) -> dict:
     return metrics
 
 
-ITEM_IDS = ("prompt", "window")  # what names an item in a per-item row
+ITEM_IDS = ("pair", "prompt", "window")  # what names an item in a per-item row
 
 
 def item_id(item: dict):
-    """An item's name: its prompt (a held-out prompt, a test problem) or its window index."""
+    """An item's name: its pair index (a preference pair), its prompt (a held-out prompt, a
+    test problem) or its window index."""
     return next(item[key] for key in ITEM_IDS if key in item)
 
 

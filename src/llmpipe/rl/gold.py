@@ -12,12 +12,19 @@ VADER counts "value" as positive once per use). So VADER reads each word of its 
 times the share of the text's word trigrams that repeat an earlier one (0 for varied text,
 near 1 for a loop). At weight 1 a text that only loops scores no better than neutral text
 (VADER's compound and a classifier's probability are at most 1).
+
+A lexicon also scores words that carry no sentiment in the corpus's domain: in the Python
+reference "value" (VADER +1.4), "true", "support" and "argument" (-1.5) are vocabulary, and a
+policy rewarded for "value" learns to say it (it rose from 7% to 74% of REINFORCE's
+completions). `domain_words` finds them from the corpus itself, as the lexicon words used in
+more than a share of its paragraphs, and VADER reads them as neutral (`neutral_words`).
 """
 
 from __future__ import annotations
 
 import string
-from collections.abc import Callable, Container, Sequence
+from collections import Counter
+from collections.abc import Callable, Collection, Container, Iterable, Sequence
 
 from llmpipe.errors import DataError, ParamsError
 from llmpipe.rl.degeneration import repeated_ngram_share
@@ -26,9 +33,13 @@ GoldScorer = Callable[[Sequence[str]], list[float]]
 
 
 def load_gold_scorer(
-    spec: str, label: str | None = None, repetition_penalty: float = 0.0, batch_size: int = 32
+    spec: str,
+    label: str | None = None,
+    repetition_penalty: float = 0.0,
+    neutral_words: Collection[str] = (),
+    batch_size: int = 32,
 ) -> GoldScorer:
-    score = _scorer(spec, label, batch_size)
+    score = _scorer(spec, label, neutral_words, batch_size)
     if repetition_penalty == 0:
         return score
     return lambda texts: [
@@ -37,15 +48,39 @@ def load_gold_scorer(
     ]
 
 
-def _scorer(spec: str, label: str | None, batch_size: int) -> GoldScorer:
+def _scorer(
+    spec: str, label: str | None, neutral_words: Collection[str], batch_size: int
+) -> GoldScorer:
     if spec == "vader":
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-        analyzer = SentimentIntensityAnalyzer()
+        analyzer = _vader()
+        for word in neutral_words:  # this analyzer's own copy of the lexicon
+            analyzer.lexicon.pop(word, None)
         return lambda texts: [
             analyzer.polarity_scores(each_word_once(t, analyzer.lexicon))["compound"] for t in texts
         ]
     return _classifier_scorer(spec, label, batch_size)
+
+
+def _vader():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    return SentimentIntensityAnalyzer()
+
+
+def scorer_lexicon(spec: str) -> Container[str] | None:
+    """The scorer's word list, or None for a classifier (it has none to neutralise)."""
+    return _vader().lexicon if spec == "vader" else None
+
+
+def domain_words(paragraphs: Iterable[str], lexicon: Container[str], share: float) -> list[str]:
+    """The lexicon's words used in more than `share` of the paragraphs (case and punctuation
+    aside): the domain's vocabulary rather than its sentiment, sorted."""
+    used: Counter[str] = Counter()
+    total = 0
+    for paragraph in paragraphs:
+        total += 1
+        used.update({w.strip(string.punctuation).lower() for w in paragraph.split()})
+    return sorted(w for w, n in used.items() if w in lexicon and n > share * total)
 
 
 def each_word_once(text: str, lexicon: Container[str]) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from llmpipe import layout
 from llmpipe.data.chat import PromptFormat, message_text
 from llmpipe.errors import DataError, ParamsError
-from llmpipe.evaluation.intervals import level_metrics
+from llmpipe.evaluation.intervals import Estimate, interval_metrics, level_metrics, ratio_estimate
 from llmpipe.io import atomic_dir, write_json, write_metrics
 from llmpipe.model.loading import load_causal_lm, load_reward_model, load_tokenizer
 from llmpipe.rl.degeneration import rising_words
@@ -99,6 +99,15 @@ def rlhf_run(p: GrpoParams | ReinforceParams, separate_reward_model: bool = Fals
     )
 
 
+def kl_per_token(report: dict) -> Estimate:
+    """KL to the reference per completion token: each prompt's KL over its tokens, as a ratio
+    over the prompts (llmpipe.evaluation.intervals.ratio_estimate)."""
+    items = report["items"]
+    return ratio_estimate(
+        [i["kl_to_reference"] for i in items], [i["completion_length"] for i in items]
+    )
+
+
 def rlhf_verdicts(
     before: dict, after: dict, metrics: dict, max_distinct_drop: float, max_fluency_rise: float
 ) -> dict:
@@ -121,7 +130,7 @@ def rlhf_verdicts(
     return {
         "overoptimisation_suspected": (proxy_rose and not heldout_rose) or collapsed,
         "rising_words": ", ".join(f"{w} {a:.0%} -> {b:.0%}" for w, a, b in words),
-        "after_kl_per_token": after["kl_to_reference"] / max(after["completion_length"], 1),
+        **interval_metrics("after_kl_per_token", kl_per_token(after)),
         "reward_hacking_suspected": metrics["reward_model_gain_lo"] > 0 and not gold_rose,
         "distinct_2_change": distinct_2_change,
         "reference_loss_change": reference_loss_change,

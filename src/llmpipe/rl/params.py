@@ -29,6 +29,9 @@ class PreferencesParams:
     gold_label: str | None  # the label to reward, for a classifier gold scorer
     # minus this weight x the share of repeated word trigrams (llmpipe.rl.gold): loops don't pay
     gold_repetition_penalty: float = param(NON_NEGATIVE_NUMBER)
+    # vader: its words used in more than this share of the finetune corpus's train paragraphs
+    # are the domain's vocabulary and score 0 (llmpipe.rl.gold.domain_words); null: none
+    gold_domain_share: float | None = param(OPEN_UNIT_INTERVAL)
     split: str  # hf:/file: sets
     heldout_fraction: float = param(OPEN_UNIT_INTERVAL)  # hf:/file: sets
     # hf:/file: sets: the columns holding the prompt and the two completions (plain text)

@@ -7,7 +7,8 @@ readers):
     fresh.jsonl                                held-out prompts with two new completions each
                                                and their gold scores (the reward model's
                                                agreement with the gold scorer)
-    gold.json                                  the gold scorer that labelled them: scorer, label
+    gold.json                                  the gold scorer that labelled them: scorer, label,
+                                               repetition penalty, the words it reads as neutral
     prompt_format.json                         plain text or chat template (llmpipe.data.chat)
 """
 
@@ -41,9 +42,12 @@ class GoldSpec:
     scorer: str  # vader, hf:<name> or a directory
     label: str | None  # the label rewarded, for a classifier
     repetition_penalty: float = 0.0  # weight of the repeated-trigram share (llmpipe.rl.gold)
+    neutral_words: tuple[str, ...] = ()  # the domain's vocabulary, scored 0 (llmpipe.rl.gold)
 
     def load(self) -> GoldScorer:
-        return load_gold_scorer(self.scorer, self.label, self.repetition_penalty)
+        return load_gold_scorer(
+            self.scorer, self.label, self.repetition_penalty, self.neutral_words
+        )
 
 
 @dataclass(frozen=True)
@@ -84,4 +88,4 @@ def read_gold_spec(directory: Path) -> GoldSpec:
     if not path.exists():
         raise DataError(f"{path}: not found (run the preferences stage first)")
     spec = json.loads(path.read_text())
-    return GoldSpec(**spec)
+    return GoldSpec(**{**spec, "neutral_words": tuple(spec.get("neutral_words", ()))})

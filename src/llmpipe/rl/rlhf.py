@@ -91,6 +91,7 @@ def pairwise_report(model, tokenizer, prompt_format: PromptFormat, pairs: Sequen
         "accuracy": sum(m > 0 for m in margins) / len(margins),
         "mean_margin": sum(margins) / len(margins),
         "correct": [float(m > 0) for m in margins],  # per pair: the accuracy's items
+        "margins": margins,
     }
 
 

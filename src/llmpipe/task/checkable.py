@@ -1,19 +1,23 @@
 """A task whose answers a program can check: the pipeline's branch for RL with verifiable rewards.
 
 Problems are generated from a seed: `add` (two numbers of `digits` digits, e.g. "7 5 + 4 8 =" ->
-" 1 2 3") or `reverse` (a digit string, e.g. "reverse 3 1 4 =" -> " 4 1 3"). Digits are
-written with spaces so that a tokenizer that splits digits (byte-level BPEs: GPT-2's, the
-embedded one) sees one token per digit. Train and test problems are disjoint: each possible
+" 1 2 3"), `add_reversed` (the same sum written least significant digit first, " 3 2 1": the
+order a model computes it in, carries flowing forward, which small transformers learn from far
+fewer examples; Lee et al. 2023, "Teaching Arithmetic to Small Transformers") or `reverse` (a
+digit string, e.g. "reverse 3 1 4 =" -> " 4 1 3"). Digits are written with spaces so that a
+tokenizer that splits digits (byte-level BPEs: GPT-2's, the embedded one) sees one token per
+digit. Train and test problems are disjoint: each possible
 problem falls on one side by a hash of its text (for `add`, of the unordered pair: a + b and
 b + a fall on the same side), before any is drawn. A completion is right when its text up to
 the end of text (or a newline) is the answer, spaces aside (`exact_match`).
 
 Measured on held-out problems: teacher-forced token accuracy (the answer's tokens and the
 end-of-text token predicted from the true prefix), free-running exact match (greedy decoding,
-the model feeding itself) and pass@k (k samples at temperature 1: the share of problems with at
-least one right answer). Teacher-forced accuracy is high long before free-running answers are
-right: an error early in an answer changes every token after it (exposure bias). The report
-card shows what the embedded default measured, whatever it is.
+the model feeding itself) and pass@k (the chance that at least one of k samples at temperature 1
+is right, estimated from n >= k samples per problem with Chen et al. 2021's unbiased estimator:
+more samples than k make it less noisy). Teacher-forced accuracy is high long before
+free-running answers are right: an error early in an answer changes every token after it
+(exposure bias). The report card shows what the embedded default measured, whatever it is.
 
 At the GPU scale the same branch runs on GSM8K (`gsm8k`: grade-school word problems from a
 source, the dataset's own train and test splits; the model learns the worked solution, and a
@@ -26,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import random
 import re
 import shutil
@@ -43,7 +48,7 @@ from llmpipe.data.chat import PLAIN, TEMPLATE_KWARGS, PromptFormat, message_text
 from llmpipe.errors import DataError
 from llmpipe.io import atomic_dir, read_jsonl, write_json, write_jsonl
 
-GENERATED_KINDS = ("add", "reverse")  # all_problems; gsm8k comes from a source
+GENERATED_KINDS = ("add", "add_reversed", "reverse")  # all_problems; gsm8k comes from a source
 
 
 @dataclass(frozen=True)
@@ -68,10 +73,11 @@ def _spaced(digits: str) -> str:
 
 
 def all_problems(kind: str, digits: int) -> list[Problem]:
-    if kind == "add":
+    if kind in ("add", "add_reversed"):
         numbers = range(10 ** (digits - 1) if digits > 1 else 0, 10**digits)
+        order = -1 if kind == "add_reversed" else 1  # the sum's digits, last first
         return [
-            Problem(f"{_spaced(str(a))} + {_spaced(str(b))} =", " " + _spaced(str(a + b)))
+            Problem(f"{_spaced(str(a))} + {_spaced(str(b))} =", " " + _spaced(str(a + b)[::order]))
             for a, b in itertools.product(numbers, numbers)
         ]
     if kind == "reverse":
@@ -301,22 +307,32 @@ def answer_tokens(tokenizer, problems: Sequence[Problem], prompt_format: PromptF
     return max(len(answer) for _, answer in _encode(tokenizer, problems, prompt_format)) + 1
 
 
+def pass_at_k(n: int, right: int, k: int) -> float:
+    """The chance that k of a problem's n samples, `right` of them right, drawn without
+    replacement include a right one: 1 - C(n - right, k) / C(n, k) (Chen et al. 2021),
+    as a product, which stays exact for large n."""
+    if n - right < k:
+        return 1.0
+    return 1.0 - math.prod(1 - k / i for i in range(n - right + 1, n + 1))
+
+
 def task_report(
     model,
     tokenizer,
     problems: Sequence[Problem],
     kind: str,
     k: int,
+    n: int,
     seed: int,
     prompt_format: PromptFormat = PLAIN,
 ) -> dict:
     """Teacher-forced token accuracy, free-running exact match (greedy), pass@1 and pass@k
-    (k samples at temperature 1), and a few greedy answers to read."""
+    (from n samples at temperature 1), and a few greedy answers to read."""
     room = answer_tokens(tokenizer, problems, prompt_format)
     greedy = [
         g[0] for g in completions(model, tokenizer, problems, 1, 0.0, room, seed, prompt_format)
     ]
-    sampled = completions(model, tokenizer, problems, k, 1.0, room, seed, prompt_format)
+    sampled = completions(model, tokenizer, problems, n, 1.0, room, seed, prompt_format)
     right = [
         [exact_match(c, p.answer, kind) for c in group]
         for group, p in zip(sampled, problems, strict=True)
@@ -329,8 +345,10 @@ def task_report(
         "teacher_forced_token_accuracy": token_accuracy,
         "teacher_forced_sequence_accuracy": sequence_accuracy,
         "exact_match": sum(greedy_right) / len(problems),
-        "pass_at_1": sum(sum(r) for r in right) / (k * len(problems)),
-        f"pass_at_{k}": sum(any(r) for r in right) / len(problems),
+        "pass_at_1": sum(sum(r) for r in right) / (n * len(problems)),
+        f"pass_at_{k}": sum(pass_at_k(n, sum(r), k) for r in right) / len(problems),
+        "pass_k": k,
+        "pass_samples": n,
         "malformed_share": sum(parsed(c, kind) is None for c in greedy) / len(problems),
         "samples": [
             {"prompt": p.prompt, "answer": p.answer, "completion": c}
@@ -341,8 +359,8 @@ def task_report(
             {
                 "prompt": p.prompt,
                 "exact_match": float(g),
-                "pass_at_1": sum(r) / k,
-                f"pass_at_{k}": float(any(r)),
+                "pass_at_1": sum(r) / n,
+                f"pass_at_{k}": pass_at_k(n, sum(r), k),
             }
             for p, g, r in zip(problems, greedy_right, right, strict=True)
         ],
@@ -467,11 +485,13 @@ def read_task_report(directory: Path) -> dict:
 
 @dataclass
 class TaskMeasure:
-    """A policy on the test problems: task_report's figures, with pass@k at task_sft's k."""
+    """A policy on the test problems: task_report's figures, with pass@k at task_sft's k and
+    n."""
 
     task: TaskSet
     tokenizer: object
     k: int
+    n: int
     seed: int
 
     def report(self, model, first: int | None = None) -> dict:
@@ -481,6 +501,7 @@ class TaskMeasure:
             self.task.problems["test"][:first],
             self.task.kind,
             self.k,
+            self.n,
             self.seed,
             self.task.prompt_format,
         )
@@ -495,17 +516,18 @@ def task_run(seed: int):
 
     task = TaskSet.read(layout.TASK_PROBLEMS)
     before = read_task_report(layout.TASK_SFT_MODEL)
-    k = next(
-        int(key.removeprefix("pass_at_"))
-        for key in before
-        if key.startswith("pass_at_") and key != "pass_at_1"
-    )
     return RlRun(
         policy_dir=layout.TASK_SFT_MODEL,
         rows=task.rl_rows(),
         prompt_format=task.prompt_format,
         rewards=[(exact_match_reward, 1.0)],
-        measure=TaskMeasure(task, load_tokenizer(layout.TASK_SFT_MODEL), k, seed),
+        measure=TaskMeasure(
+            task,
+            load_tokenizer(layout.TASK_SFT_MODEL),
+            before["pass_k"],
+            before["pass_samples"],
+            seed,
+        ),
         before=before,
         gains={"exact_match": "exact_match_gain", "pass_at_1": "pass_at_1_gain"},
         load_reference=lambda: load_causal_lm(layout.TASK_SFT_MODEL)[0],

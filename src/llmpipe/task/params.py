@@ -15,7 +15,7 @@ from llmpipe.rl.params import GrpoTrainingParams, PolicyGradientParams
 class TaskSftParams:
     SECTION: ClassVar[str] = "task_sft"
     base: str  # pretrain, hf:<name> or a model directory
-    kind: Literal["add", "reverse", "gsm8k"]
+    kind: Literal["add", "add_reversed", "reverse", "gsm8k"]
     # gsm8k: hf:openai/gsm8k:main or file:<dir> with train.jsonl and test.jsonl (question,
     # answer ending in "#### <number>"); the generated kinds ignore it
     source: str | None
@@ -24,6 +24,8 @@ class TaskSftParams:
     train_problems: int = param(POSITIVE_INT)
     test_problems: int = param(POSITIVE_INT)
     pass_k: int = param(Check("an integer of at least 2", lambda v: v >= 2))
+    # samples per test problem that pass@k is estimated from (at least pass_k; more: less noise)
+    pass_samples: int = param(POSITIVE_INT)
     max_steps: int = param(POSITIVE_INT)
     batch_size: int = param(POSITIVE_INT)
     learning_rate: float = param(POSITIVE_NUMBER)
@@ -31,7 +33,9 @@ class TaskSftParams:
     gradient_checkpointing: bool  # less activation memory, ~30% more compute
 
     def cross_field_problems(self) -> list[tuple[str, str]]:
-        if self.kind == "add" and self.digits > 3:  # 81M pairs to enumerate and hash
+        if self.pass_samples < self.pass_k:
+            return [("pass_samples", f"{self.pass_samples} is fewer than pass_k {self.pass_k}")]
+        if self.kind in ("add", "add_reversed") and self.digits > 3:  # 81M pairs to hash
             return [("digits", f"{self.digits} is more than add's 3")]
         if self.kind == "gsm8k" and self.source is None:
             return [

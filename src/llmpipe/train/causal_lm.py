@@ -2,9 +2,13 @@
 
 The finetune stage (every weight) and the lora stage (a peft adapter) share all of it: the
 base model, the check that base and token data share a vocabulary, the datasets of windows,
-the Trainer with warmup + cosine, early stopping on validation loss (the best checkpoint is the
-one kept), the curves, and the perplexity on fixed validation windows, measured the same way as
-for pretrain.
+the Trainer with warmup + cosine, early stopping on a selection split (the best checkpoint is
+the one kept), the curves, and the perplexity on fixed validation windows, measured the same way
+as for pretrain.
+
+The checkpoint is chosen on the train split's last documents (`selection_fraction`), never on
+the validation windows that are reported: a step picked for its score on the reported windows
+would make that score look better than the model is.
 """
 
 from __future__ import annotations
@@ -58,6 +62,22 @@ def open_token_data(
         )
     except DataError as e:
         raise DataError(f"{e} (base {base_spec!r})") from e
+
+
+def selection_split(
+    train_bin: TokenBin, p: CausalLMTrainingParams, stage: str
+) -> tuple[TokenBin, TokenBin]:
+    """(train, selection): the train split without its last documents, and those documents,
+    which the best checkpoint is chosen on."""
+    train, selection = train_bin.split_tail(p.selection_fraction)
+    for part, name in ((train, "train"), (selection, "selection")):
+        if len(part) < p.block_size + 1:
+            raise ParamsError(
+                f"{stage}.selection_fraction: {p.selection_fraction} of {train_bin.path}'s "
+                f"{len(train_bin)} tokens leaves {len(part)} for {name}, fewer than one window "
+                f"of block_size + 1 = {p.block_size + 1}"
+            )
+    return train, selection
 
 
 def check_block_size(model, block_size: int, key: str) -> None:
@@ -114,16 +134,16 @@ def train(
     p: CausalLMTrainingParams,
     seed: int,
     train_bin: TokenBin,
-    val_bin: TokenBin,
+    selection_bin: TokenBin,
     work_dir: Path,
     live_dir: Path,
     accumulation: int,
     rebuild: Callable[[], torch.nn.Module] | None = None,
 ) -> TrainResult:
-    """Train with early stopping and return the best checkpoint's model (in the main process;
-    None in the others). `accumulation` is this process's share of p.grad_accum_steps
-    (per_process); `rebuild()` makes `model` afresh, to hold the gathered weights of a sharded
-    run (FSDP, DeepSpeed: runtime.trained_model)."""
+    """Train with early stopping on `selection_bin`'s windows and return the best checkpoint's
+    model (in the main process; None in the others). `accumulation` is this process's share of
+    p.grad_accum_steps (per_process); `rebuild()` makes `model` afresh, to hold the gathered
+    weights of a sharded run (FSDP, DeepSpeed: runtime.trained_model)."""
     from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 
     if is_main_process():  # the one that saves Trainer checkpoints
@@ -159,7 +179,7 @@ def train(
         args=args,
         train_dataset=WindowDataset.tiling(train_bin, p.block_size),
         eval_dataset=WindowDataset(
-            val_bin, p.block_size, val_bin.eval_starts(p.block_size, p.eval_windows)
+            selection_bin, p.block_size, selection_bin.eval_starts(p.block_size, p.eval_windows)
         ),
         callbacks=[
             EarlyStoppingCallback(early_stopping_patience=p.early_stopping_patience),
@@ -280,6 +300,7 @@ def run_stage(
         fp32_master_weights(model)
     check_block_size(model, p.block_size, f"{stage}.block_size")
     train_bin, val_bin = open_token_data(tokens_dir, model, tokenizer, p.base)
+    train_bin, selection_bin = selection_split(train_bin, p, stage)
     main = is_main_process()
     token_bytes = token_byte_lengths(tokenizer)
     base_score = val_score(model, val_bin, p, token_bytes) if main else None
@@ -293,7 +314,7 @@ def run_stage(
         p,
         seed,
         train_bin,
-        val_bin,
+        selection_bin,
         work_dir,
         live_dir,
         accumulation,

@@ -106,6 +106,9 @@ class CausalLMTrainingParams:
     weight_decay: float = param(NON_NEGATIVE_NUMBER)
     eval_interval: int = param(POSITIVE_INT)
     eval_windows: int = param(POSITIVE_INT)
+    # the train split's last share of tokens (whole documents) that early stopping and the best
+    # checkpoint are chosen on: the reported validation windows play no part in the choice
+    selection_fraction: float = param(OPEN_UNIT_INTERVAL)
     early_stopping_patience: int = param(POSITIVE_INT)
     bf16: bool | Literal["auto"]  # auto: bf16 on CUDA only
     # recompute each layer's activations in the backward pass: less memory, ~30% more compute

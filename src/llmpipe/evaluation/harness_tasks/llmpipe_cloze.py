@@ -1,13 +1,19 @@
-"""The llmpipe_cloze task's items (llmpipe_cloze.jsonl beside this file), for the harness's
-`custom_dataset`: a path in the task's yaml would be relative to wherever the harness runs."""
+"""The llmpipe_cloze task's items, for the harness's `custom_dataset`: the JSONL file the
+evaluate stage built from the current validation split (llmpipe.evaluation.cloze), named by
+the task manager's metadata (`items_file`)."""
 
 import json
 from pathlib import Path
 
 
-def load(**kwargs):
+def load(items_file=None, **kwargs):
     import datasets
 
-    path = Path(__file__).with_suffix(".jsonl")
-    items = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if items_file is None:
+        raise ValueError(
+            "llmpipe_cloze: no items_file in the task metadata (the evaluate stage builds the "
+            "items from the finetune corpus's validation split: dvc repro evaluate)"
+        )
+    lines = Path(items_file).read_text().splitlines()
+    items = [json.loads(line) for line in lines if line.strip()]
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(items)})
