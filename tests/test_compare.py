@@ -2,6 +2,7 @@
 between two revisions, labelled with Holm's correction."""
 
 import random
+import statistics
 
 import pytest
 
@@ -106,3 +107,47 @@ def test_an_experiment_name_resolves_to_its_ref_and_seed_experiments_give_the_sp
     with pytest.raises(SystemExit, match="names experiments of 2 baselines"):
         compare.resolve("seeds-baseline-s1")
     assert compare.seed_spread("HEAD")[1] == 3
+
+
+def test_micro_finetunes_differing_in_seed_are_within_noise_and_learning_rate_0_is_worse(
+    micro_pretrained, tmp_path
+):
+    """Real runs: the micro finetune under three seeds (the seeds command's spread), a fourth
+    seed compared with the first, and a run whose learning rate is 0 (nothing learned)."""
+    import dataclasses
+
+    from llmpipe import layout
+    from llmpipe.params import load_stage_params
+    from llmpipe.pipeline import STAGE_SCHEMAS
+    from llmpipe.train.causal_lm import run_stage
+
+    _, p = load_stage_params(STAGE_SCHEMAS["finetune"], micro_pretrained / "params.yaml")
+    p = dataclasses.replace(
+        p,
+        base=str(micro_pretrained / layout.PRETRAIN_MODEL),
+        block_size=32,
+        batch_size=8,
+        max_steps=20,
+        eval_interval=10,
+        eval_windows=16,
+        warmup_steps=2,
+        learning_rate=3e-3,
+    )
+
+    def finetune(seed: int, learning_rate: float) -> dict:
+        q = dataclasses.replace(p, learning_rate=learning_rate)
+        work = tmp_path / f"{seed}-{learning_rate}"
+        run = run_stage(
+            "finetune", q, seed, micro_pretrained / layout.tokens("finetune"), work, work / "live"
+        )
+        return {
+            "finetune": {i["window"]: {**i, "after_loss": i["loss"]} for i in run.score.items()}
+        }
+
+    seeds = [finetune(seed, 3e-3) for seed in (0, 1, 2)]
+    means = [sum(r["after_loss"] for r in s["finetune"].values()) / 16 for s in seeds]
+    spread = {("finetune", "after_loss"): statistics.stdev(means)}
+    [reseeded] = headline_rows(seeds[0], finetune(3, 3e-3), spread)
+    [broken] = headline_rows(seeds[0], finetune(0, 0.0), spread)
+    assert reseeded.paired and reseeded.seeds_widened and reseeded.verdict == "within noise"
+    assert broken.verdict == "worse" and broken.difference.mean > 0  # the loss of the base

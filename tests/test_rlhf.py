@@ -106,6 +106,9 @@ def test_grpo_raises_a_simple_reward_and_calls_it_as_trl_documents(policy_dir, t
         policy_dir, [(target_frequency, 1.0)], prompts, PLAIN, grpo_params(), 0, tmp_path / "live"
     )
     assert steps == 15
+    # the learning rate stays where it was set, as REINFORCE keeps it: one schedule for both
+    rates = (tmp_path / "live/plots/metrics/train/learning_rate.tsv").read_text().split("\n")[1:]
+    assert {float(row.split("\t")[1]) for row in rates if row} == {grpo_params().learning_rate}
     after_ids = sampled_ids(model)
     before, after = mean_frequency(base_ids), mean_frequency(after_ids)
     # A rise far beyond sampling noise: the binomial standard error of the difference of the

@@ -1,0 +1,98 @@
+"""Which learning rate and group size let RL improve the checkable task: task_reinforce's and
+task_grpo's recipes from the workspace's task_sft model (`dvc repro task_sft` first), over
+learning rates and completions per prompt, at the stages' budget (50 steps of 8 prompts).
+
+Measured on selection problems (train-side problems that task_sft did not draw; never the test
+problems the pipeline reports): sampled pass@1 and greedy exact match before and after, the
+gains paired over the problems and sampling seeds.
+
+    python bench/task_rl_sweep.py --lr 1e-5 1e-4 3e-4 --generations 4 8 [--completions 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+
+from task_sft_sweep import selection_problems
+
+from llmpipe import layout
+from llmpipe.evaluation.intervals import paired_gain
+from llmpipe.model.loading import load_causal_lm, load_tokenizer
+from llmpipe.params import load_stage_params
+from llmpipe.rl.harness import RlRun, train_with_grpo, train_with_reinforce
+from llmpipe.task.checkable import TaskMeasure, TaskSet, exact_match_reward
+from llmpipe.task.params import TaskGrpoParams, TaskReinforceParams, TaskSftParams
+
+STAGE = "task_rl_sweep"  # its curves go to dvclive/task_rl_sweep, removed at the end
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lr", nargs="+", type=float, default=[1e-5, 1e-4, 3e-4])
+    parser.add_argument("--generations", nargs="+", type=int, default=[4])
+    parser.add_argument("--completions", type=int, default=32, help="completions a step")
+    parser.add_argument("--algorithms", nargs="+", default=["reinforce", "grpo"])
+    parser.add_argument("--selection", type=int, default=200)
+    args = parser.parse_args()
+    shared, sft = load_stage_params(TaskSftParams)
+    task = TaskSet.read(layout.TASK_PROBLEMS)
+    _, selection = selection_problems(sft.kind, sft.digits, sft, shared.seed, args.selection)
+    on_selection = dataclasses.replace(task, problems={**task.problems, "test": selection})
+    tokenizer = load_tokenizer(layout.TASK_SFT_MODEL)
+    measure = TaskMeasure(on_selection, tokenizer, 8, 8, shared.seed)
+    before = measure.report(load_causal_lm(layout.TASK_SFT_MODEL)[0])
+    print(
+        f"task_sft on {len(selection)} selection problems: exact match "
+        f"{before['exact_match']:.3f}, pass@1 {before['pass_at_1']:.3f}",
+        flush=True,
+    )
+    rows = []
+    for algorithm in args.algorithms:
+        schema, train = {
+            "reinforce": (TaskReinforceParams, train_with_reinforce),
+            "grpo": (TaskGrpoParams, train_with_grpo),
+        }[algorithm]
+        _, base = load_stage_params(schema)
+        for generations in args.generations:
+            for lr in args.lr:
+                # the same completions a step for every group size
+                p = dataclasses.replace(
+                    base,
+                    learning_rate=lr,
+                    num_generations=generations,
+                    prompts_per_step=args.completions // generations,
+                )
+                run = RlRun(
+                    policy_dir=layout.TASK_SFT_MODEL,
+                    rows=task.rl_rows(),
+                    prompt_format=task.prompt_format,
+                    rewards=[(exact_match_reward, 1.0)],
+                    measure=measure,
+                    before=before,
+                    gains={},
+                    load_reference=lambda: load_causal_lm(layout.TASK_SFT_MODEL)[0],
+                )
+                policy, _, wall_s = train(run, p, shared.seed, STAGE)
+                after = measure.report(policy)
+                pass1 = paired_gain(before, after, "pass_at_1")
+                em = paired_gain(before, after, "exact_match")
+                rows.append(
+                    f"| {algorithm} | {generations} x {args.completions // generations} | {lr:g} | "
+                    f"{after['pass_at_1']:.3f} | {pass1.text()} | {em.text()} | {wall_s:.0f} |"
+                )
+                print(rows[-1], flush=True)
+    shutil.rmtree(layout.live_dir(STAGE), ignore_errors=True)
+    print(
+        f"\nBefore RL (task_sft): pass@1 {before['pass_at_1']:.3f}, exact match "
+        f"{before['exact_match']:.3f}\n\n"
+        "| algorithm | completions x prompts a step | learning rate | pass@1 after | "
+        "pass@1 gain [95%] | exact match gain [95%] | RL wall s |\n"
+        "|---|---|---:|---:|---|---|---:|"
+    )
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
