@@ -11,7 +11,7 @@ from llmpipe.task.params import TaskGrpoParams
 
 def main() -> None:
     shared, p = load_stage_params(TaskGrpoParams)
-    run = task_run(shared.seed)
+    run = task_run(shared.seed, p.reward)
     policy, steps, wall_s = train_with_grpo(run, p, shared.seed, "task_grpo")
     if policy is not None:  # the main process
         finish_rl(run, "task_grpo", layout.TASK_GRPO_MODEL, policy, steps, p, wall_s)

@@ -11,7 +11,7 @@ from llmpipe.task.params import TaskReinforceParams
 
 def main() -> None:
     shared, p = load_stage_params(TaskReinforceParams)
-    run = task_run(shared.seed)
+    run = task_run(shared.seed, p.reward)
     policy, steps, wall_s = train_with_reinforce(run, p, shared.seed, "task_reinforce")
     finish_rl(run, "task_reinforce", layout.TASK_REINFORCE_MODEL, policy, steps, p, wall_s)
 

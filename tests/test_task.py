@@ -172,3 +172,17 @@ def test_the_task_on_an_instruct_model_through_its_chat_template(tmp_path):
     assert 0 <= report["teacher_forced_token_accuracy"] <= 1
     assert report["pass_samples"] == 3 and 0 <= report["pass_at_2"] <= 1
     assert report["samples"][0]["prompt"] == problems["test"][0].prompt
+
+
+def test_the_random_reward_ignores_the_answer_and_pays_at_its_probability():
+    from llmpipe.task.checkable import random_reward
+
+    reward = random_reward(0.3, seed=5)
+    problems = make_problems("add", 2, 2000, 10, seed=0)["train"]
+    right = reward([q.prompt for q in problems], [q.answer for q in problems])  # every answer right
+    wrong = reward([q.prompt for q in problems], [" 0" for _ in problems])  # every answer wrong
+    for paid in (right, wrong):
+        assert set(paid) == {0.0, 1.0}
+        assert abs(sum(paid) / len(paid) - 0.3) < 4 * (0.3 * 0.7 / len(paid)) ** 0.5
+    assert random_reward(0.3, seed=5)(["q"] * 50, ["a"] * 50) == right[:50]  # seeded
+    assert exact_match_reward(["q"], [" 1 2"], [" 1 2"], ["add"]) == [1.0]  # the checker's

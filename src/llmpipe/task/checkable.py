@@ -214,6 +214,27 @@ def exact_match(completion: str, answer: str, kind: str) -> bool:
     return parsed(completion, kind) == answer.replace(" ", "")
 
 
+def random_reward(probability: float, seed: int):
+    """A reward that ignores the completion: 1 with `probability`, else 0, from a seeded draw
+    (the random-reward control: a gain under it is the training's, not the checker's)."""
+    rng = random.Random(seed)
+
+    def random_reward(prompts, completions, **kwargs) -> list[float]:
+        return [float(rng.random() < probability) for _ in completions]
+
+    return random_reward
+
+
+def sampled_pass_rate(model, tokenizer, problems, kind, seed, prompt_format, n: int = 4) -> float:
+    """The share of `n` samples a problem (temperature 1) that are right."""
+    room = answer_tokens(tokenizer, problems, prompt_format)
+    groups = completions(model, tokenizer, problems, n, 1.0, room, seed, prompt_format)
+    right = [
+        exact_match(c, q.answer, kind) for g, q in zip(groups, problems, strict=True) for c in g
+    ]
+    return sum(right) / len(right)
+
+
 def exact_match_reward(prompts, completions, answer, kind, **kwargs) -> list[float]:
     """The checker as a reward function (TRL's signature; `answer` and `kind` are the
     dataset's columns, completions text or, under a chat format, messages): 1 for the exact
@@ -507,28 +528,40 @@ class TaskMeasure:
         )
 
 
-def task_run(seed: int):
+CONTROL_PROBLEMS = 200  # train problems the random reward's probability is measured on
+
+
+def task_run(seed: int, reward: str = "checker"):
     """The task pair's RL run (llmpipe.rl.harness): from task_sft's model on the train
-    problems, rewarded by the exact-match checker, measured on the test problems against
-    task_sft's report of the same model."""
+    problems, rewarded by the exact-match checker (or, `reward: random`, by the random-reward
+    control at the SFT model's sampled pass rate on the train problems), measured on the test
+    problems against task_sft's report of the same model."""
     from llmpipe.model.loading import load_causal_lm, load_tokenizer
     from llmpipe.rl.harness import RlRun
 
     task = TaskSet.read(layout.TASK_PROBLEMS)
     before = read_task_report(layout.TASK_SFT_MODEL)
+    tokenizer = load_tokenizer(layout.TASK_SFT_MODEL)
+    rewards, control = [(exact_match_reward, 1.0)], {}
+    if reward == "random":
+        rate = sampled_pass_rate(
+            load_causal_lm(layout.TASK_SFT_MODEL)[0],
+            tokenizer,
+            task.problems["train"][:CONTROL_PROBLEMS],
+            task.kind,
+            seed,
+            task.prompt_format,
+        )
+        rewards, control = [(random_reward(rate, seed), 1.0)], {"random_reward_probability": rate}
     return RlRun(
         policy_dir=layout.TASK_SFT_MODEL,
         rows=task.rl_rows(),
         prompt_format=task.prompt_format,
-        rewards=[(exact_match_reward, 1.0)],
-        measure=TaskMeasure(
-            task,
-            load_tokenizer(layout.TASK_SFT_MODEL),
-            before["pass_k"],
-            before["pass_samples"],
-            seed,
-        ),
+        rewards=rewards,
+        measure=TaskMeasure(task, tokenizer, before["pass_k"], before["pass_samples"], seed),
         before=before,
         gains={"exact_match": "exact_match_gain", "pass_at_1": "pass_at_1_gain"},
         load_reference=lambda: load_causal_lm(layout.TASK_SFT_MODEL)[0],
+        # the metrics say which reward trained the policy
+        verdicts=lambda before, after, metrics: {"reward": reward, **control},
     )

@@ -49,13 +49,18 @@ class TaskSftParams:
         return []
 
 
+# checker: 1 for the exact answer, else 0; random: a control (Shao et al. 2025, "Spurious
+# Rewards"): 1 with the SFT model's sampled pass rate on the train problems, whatever the answer
+TaskReward = Literal["checker", "random"]
+
+
 @dataclass(frozen=True, kw_only=True)
 class TaskReinforceParams(PolicyGradientParams):
     SECTION: ClassVar[str] = "task_reinforce"
-    pass
+    reward: TaskReward
 
 
 @dataclass(frozen=True, kw_only=True)
 class TaskGrpoParams(GrpoTrainingParams):
     SECTION: ClassVar[str] = "task_grpo"
-    pass
+    reward: TaskReward
