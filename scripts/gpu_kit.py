@@ -77,6 +77,9 @@ NOT_CARRIED = {
         ),
         "DVC's experiment-queue workers (dvc-task): the smoke run queues nothing",
     ),
+    # celery 5.7 pins python-dateutil 2.9, which needs six; the kit carries python-dateutil 4
+    "six": "python-dateutil 2.9's dependency, there only where celery (not carried) pins it; "
+    "the kit's python-dateutil 4 needs none",
     "hf-xet": "the hub's download protocol (no network there); the image has its own",
     "tokenizers": "the image's transformers 5.17 already needs >= 0.23.1, all llmpipe needs",
 }

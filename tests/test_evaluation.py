@@ -103,7 +103,7 @@ def test_token_bytes_of_a_sentencepiece_vocabulary():
     assert lengths == [0, 4, 1, 2, 1, 3]  # special; " the"; " "; é is 2 bytes; one byte; "ing"
 
 
-def cloze_corpus(tmp_path, seed, tokenizer):
+def cloze_corpus(tmp_path, seed, tokenizer, val_fraction=0.25):
     """A corpus of documents whose sentences each name their document, split by tokenize's
     rule under `seed`: (the token directory, {split: documents})."""
     from llmpipe.data.tokenization import (
@@ -120,9 +120,9 @@ def cloze_corpus(tmp_path, seed, tokenizer):
         )
         for d in range(40)
     ]
-    rule = DocumentSplit.fit(docs, 0.25, seed, "cloze")
+    rule = DocumentSplit.fit(docs, val_fraction, seed, "cloze")
     write_corpus(tmp_path, iter(docs), rule, FastEncoder(tokenizer), len(tokenizer), "test")
-    return tmp_path, split_by_document(docs, 0.25, seed, "cloze")
+    return tmp_path, split_by_document(docs, val_fraction, seed, "cloze")
 
 
 @pytest.mark.parametrize("seed", [1, 2])
@@ -149,8 +149,9 @@ def test_cloze_items_come_from_the_validation_split_of_the_seed_that_drew_it(tmp
     assert {d.split()[2] for d in moved["val"]} != val_names
     again = build_cloze(TokenBin.open(other, "val"), tokenizer, seed + 10, count=50)
     assert {i["context"] for i in again} != {i["context"] for i in items}
-    with pytest.raises(DataError, match=r"val\.bin: \d+ cloze items .* tokenize\.val_fraction"):
-        build_cloze(TokenBin.open(corpus, "val"), tokenizer, seed, count=5)
+    one_document, _ = cloze_corpus(tmp_path / "one", seed, tokenizer, val_fraction=0.03)
+    with pytest.raises(DataError, match=r"val\.bin: no cloze item from 1 validation doc"):
+        build_cloze(TokenBin.open(one_document, "val"), tokenizer, seed)
 
 
 def test_the_harness_runs_the_shipped_offline_task_on_a_micro_model(

@@ -19,18 +19,15 @@ CLOZE_ITEMS = 200  # the items the task asks for (fewer where the documents run 
 CLOZE_FILE = "cloze.jsonl"  # in layout.EVALUATE_SAMPLES, beside the samples
 
 
-MIN_ITEMS = 20  # fewer, and the task's accuracy says nothing
-
-
 def build_cloze(val_bin: TokenBin, tokenizer, seed: int, count: int = CLOZE_ITEMS) -> list[dict]:
     """The task's items from a validation split's documents, decoded."""
     texts = [tokenizer.decode(ids.tolist()) for ids in val_bin.documents()]
     items = cloze_items(texts, count, seed)
-    if len(items) < MIN_ITEMS:
+    if not items:  # few items still score, with a wide standard error; none cannot
         raise DataError(
-            f"{val_bin.path}: {len(items)} cloze items from {len(texts)} validation documents, "
-            f"fewer than {MIN_ITEMS}: raise tokenize.val_fraction, or leave llmpipe_cloze out "
-            "of evaluate.harness_tasks"
+            f"{val_bin.path}: no cloze item from {len(texts)} validation document(s) (an item "
+            "takes its wrong endings from other documents): raise tokenize.val_fraction, or "
+            "leave llmpipe_cloze out of evaluate.harness_tasks"
         )
     return items
 
