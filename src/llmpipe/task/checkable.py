@@ -6,9 +6,9 @@ order a model computes it in, carries flowing forward, which small transformers 
 fewer examples; Lee et al. 2023, "Teaching Arithmetic to Small Transformers") or `reverse` (a
 digit string, e.g. "reverse 3 1 4 =" -> " 4 1 3"). Digits are written with spaces so that a
 tokenizer that splits digits (byte-level BPEs: GPT-2's, the embedded one) sees one token per
-digit. Train and test problems are disjoint: each possible
-problem falls on one side by a hash of its text (for `add`, of the unordered pair: a + b and
-b + a fall on the same side), before any is drawn. A completion is right when its text up to
+digit. Train and test problems are disjoint: each possible problem falls on one side by a hash
+of its text (for `add`, of the unordered pair: a + b and b + a fall on the same side), before
+any is drawn. A completion is right when its text up to
 the end of text (or a newline) is the answer, spaces aside (`exact_match`).
 
 Measured on held-out problems: teacher-forced token accuracy (the answer's tokens and the
@@ -228,11 +228,8 @@ def random_reward(probability: float, seed: int):
 def sampled_pass_rate(model, tokenizer, problems, kind, seed, prompt_format, n: int = 4) -> float:
     """The share of `n` samples a problem (temperature 1) that are right."""
     room = answer_tokens(tokenizer, problems, prompt_format)
-    groups = completions(model, tokenizer, problems, n, 1.0, room, seed, prompt_format)
-    right = [
-        exact_match(c, q.answer, kind) for g, q in zip(groups, problems, strict=True) for c in g
-    ]
-    return sum(right) / len(right)
+    right = sampled_right(model, tokenizer, problems, kind, n, room, seed, prompt_format)
+    return sum(map(sum, right)) / (n * len(problems))
 
 
 def exact_match_reward(prompts, completions, answer, kind, **kwargs) -> list[float]:
@@ -328,6 +325,24 @@ def answer_tokens(tokenizer, problems: Sequence[Problem], prompt_format: PromptF
     return max(len(answer) for _, answer in _encode(tokenizer, problems, prompt_format)) + 1
 
 
+def sampled_right(
+    model,
+    tokenizer,
+    problems: Sequence[Problem],
+    kind: str,
+    n: int,
+    room: int,
+    seed: int,
+    prompt_format: PromptFormat,
+) -> list[list[bool]]:
+    """Per problem, whether each of `n` samples at temperature 1 is right."""
+    sampled = completions(model, tokenizer, problems, n, 1.0, room, seed, prompt_format)
+    return [
+        [exact_match(c, p.answer, kind) for c in group]
+        for group, p in zip(sampled, problems, strict=True)
+    ]
+
+
 def pass_at_k(n: int, right: int, k: int) -> float:
     """The chance that k of a problem's n samples, `right` of them right, drawn without
     replacement include a right one: 1 - C(n - right, k) / C(n, k) (Chen et al. 2021),
@@ -353,11 +368,7 @@ def task_report(
     greedy = [
         g[0] for g in completions(model, tokenizer, problems, 1, 0.0, room, seed, prompt_format)
     ]
-    sampled = completions(model, tokenizer, problems, n, 1.0, room, seed, prompt_format)
-    right = [
-        [exact_match(c, p.answer, kind) for c in group]
-        for group, p in zip(sampled, problems, strict=True)
-    ]
+    right = sampled_right(model, tokenizer, problems, kind, n, room, seed, prompt_format)
     token_accuracy, sequence_accuracy = teacher_forced_accuracy(
         model, tokenizer, problems, prompt_format
     )
