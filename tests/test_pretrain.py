@@ -160,6 +160,8 @@ def test_the_parts_of_the_loop_one_by_one(micro_workspace, tmp_path):
     assert math.isfinite(loss) and run.tokens_seen == p.batch_size * p.model.block_size
     assert evaluate(run, 0) == run.val_loss > 0
     checkpoint(run, 1)
+    # written in the background; a resume is a later process, after the write has finished
+    run.checkpoints.wait()
     resumed = prepare(p, seed, paths, rt)  # finds the checkpoint of the same run
     assert resumed.start_step == 1 and resumed.tokens_seen == run.tokens_seen
     assert all(
