@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import shutil
 
 from task_sft_sweep import selection_problems
@@ -33,6 +34,7 @@ def main() -> None:
     parser.add_argument("--lr", nargs="+", type=float, default=[1e-5, 1e-4, 3e-4])
     parser.add_argument("--generations", nargs="+", type=int, default=[4])
     parser.add_argument("--completions", type=int, default=32, help="completions a step")
+    parser.add_argument("--steps", nargs="+", type=int, default=[50], help="optimizer steps")
     parser.add_argument("--algorithms", nargs="+", default=["reinforce", "grpo"])
     parser.add_argument("--selection", type=int, default=200)
     args = parser.parse_args()
@@ -55,41 +57,42 @@ def main() -> None:
             "grpo": (TaskGrpoParams, train_with_grpo),
         }[algorithm]
         _, base = load_stage_params(schema)
-        for generations in args.generations:
-            for lr in args.lr:
-                # the same completions a step for every group size
-                p = dataclasses.replace(
-                    base,
-                    learning_rate=lr,
-                    num_generations=generations,
-                    prompts_per_step=args.completions // generations,
-                )
-                run = RlRun(
-                    policy_dir=layout.TASK_SFT_MODEL,
-                    rows=task.rl_rows(),
-                    prompt_format=task.prompt_format,
-                    rewards=[(exact_match_reward, 1.0)],
-                    measure=measure,
-                    before=before,
-                    gains={},
-                    load_reference=lambda: load_causal_lm(layout.TASK_SFT_MODEL)[0],
-                )
-                policy, _, wall_s = train(run, p, shared.seed, STAGE)
-                after = measure.report(policy)
-                pass1 = paired_gain(before, after, "pass_at_1")
-                em = paired_gain(before, after, "exact_match")
-                rows.append(
-                    f"| {algorithm} | {generations} x {args.completions // generations} | {lr:g} | "
-                    f"{after['pass_at_1']:.3f} | {pass1.text()} | {em.text()} | {wall_s:.0f} |"
-                )
-                print(rows[-1], flush=True)
+        for generations, steps, lr in itertools.product(args.generations, args.steps, args.lr):
+            # the same completions a step for every group size
+            p = dataclasses.replace(
+                base,
+                learning_rate=lr,
+                num_generations=generations,
+                prompts_per_step=args.completions // generations,
+                max_steps=steps,
+            )
+            run = RlRun(
+                policy_dir=layout.TASK_SFT_MODEL,
+                rows=task.rl_rows(),
+                prompt_format=task.prompt_format,
+                rewards=[(exact_match_reward, 1.0)],
+                measure=measure,
+                before=before,
+                gains={},
+                load_reference=lambda: load_causal_lm(layout.TASK_SFT_MODEL)[0],
+            )
+            policy, _, wall_s = train(run, p, shared.seed, STAGE)
+            after = measure.report(policy)
+            pass1 = paired_gain(before, after, "pass_at_1")
+            em = paired_gain(before, after, "exact_match")
+            rows.append(
+                f"| {algorithm} | {generations} x {args.completions // generations} | {steps} "
+                f"| {lr:g} | "
+                f"{after['pass_at_1']:.3f} | {pass1.text()} | {em.text()} | {wall_s:.0f} |"
+            )
+            print(rows[-1], flush=True)
     shutil.rmtree(layout.live_dir(STAGE), ignore_errors=True)
     print(
         f"\nBefore RL (task_sft): pass@1 {before['pass_at_1']:.3f}, exact match "
         f"{before['exact_match']:.3f}\n\n"
-        "| algorithm | completions x prompts a step | learning rate | pass@1 after | "
+        "| algorithm | completions x prompts a step | steps | learning rate | pass@1 after | "
         "pass@1 gain [95%] | exact match gain [95%] | RL wall s |\n"
-        "|---|---|---:|---:|---|---|---:|"
+        "|---|---|---:|---:|---:|---|---|---:|"
     )
     print("\n".join(rows))
 

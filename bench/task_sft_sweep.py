@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 from llmpipe import layout
 from llmpipe.data.chat import PLAIN
 from llmpipe.evaluation.intervals import estimate
@@ -47,8 +49,14 @@ def main() -> None:
     parser.add_argument("--steps", nargs="+", type=int, default=[300])
     parser.add_argument("--lr", nargs="+", type=float, default=[1e-3])
     parser.add_argument("--selection", type=int, default=200)
+    parser.add_argument(
+        "--set", nargs="*", default=[], help="other task_sft params: key=value (batch_size=64)"
+    )
     args = parser.parse_args()
     shared, p = load_stage_params(TaskSftParams)
+    changes = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+    p = dataclasses.replace(p, **changes)
+    print(f"task_sft with {changes or 'its params'}", flush=True)
     rows = []
     for kind in args.kinds:
         train, selection = selection_problems(kind, p.digits, p, shared.seed, args.selection)
@@ -62,16 +70,18 @@ def main() -> None:
                     model, _ = run_sft(q, train, PLAIN, shared.seed, Path(live))
                 wall = time.perf_counter() - started
                 _, tokenizer = load_causal_lm(layout.PRETRAIN_MODEL)
-                report = task_report(model, tokenizer, selection, kind, 1, 1, shared.seed)
+                report = task_report(model, tokenizer, selection, kind, 2, 8, shared.seed)
                 em = estimate([i["exact_match"] for i in report["items"]])
                 rows.append(
                     f"| {kind} | {steps} | {lr:g} | {em.mean:.3f} [{em.lo:.3f}, {em.hi:.3f}] | "
-                    f"{report['teacher_forced_token_accuracy']:.3f} | {wall:.0f} |"
+                    f"{report['pass_at_1']:.3f} | {report['teacher_forced_token_accuracy']:.3f} "
+                    f"| {wall:.0f} |"
                 )
                 print(rows[-1], flush=True)
     print(
         "\n| kind | steps | learning rate | exact match, selection problems [95%] | "
-        "teacher-forced token accuracy | SFT wall s |\n|---|---:|---:|---|---:|---:|"
+        "pass@1 (8 samples) | teacher-forced token accuracy | SFT wall s |\n"
+        "|---|---:|---:|---|---:|---:|---:|"
     )
     print("\n".join(rows))
 

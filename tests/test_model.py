@@ -285,6 +285,41 @@ def test_configure_optimizers_decays_only_matrices() -> None:
     assert optimizer.defaults["fused"]
 
 
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest() -> None:
+    model = tiny_gpt()
+    optimizers = model.configure_optimizers(
+        weight_decay=0.1,
+        learning_rate=1e-3,
+        betas=(0.9, 0.95),
+        device_type="cpu",
+        optimizer="muon",
+    )
+    muon, adamw = optimizers.optimizers
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    in_adamw = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert in_muon == {
+        n for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2
+    }
+    assert {"transformer.wte.weight", "transformer.wpe.weight"} <= in_adamw  # wte is the head
+    assert not in_muon & in_adamw and in_muon | in_adamw == set(names.values())
+    # The schedule sets every group's rate; one step moves every parameter; the state round-trips.
+    for group in optimizers.param_groups:
+        group["lr"] = 1e-2
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.randint(0, VOCAB_SIZE, (2, BLOCK_SIZE))
+    model(x, x)[1].backward()
+    optimizers.step()
+    optimizers.zero_grad()
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters())
+    state = optimizers.state_dict()
+    again = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", "muon")
+    again.load_state_dict(state)
+    momentum = next(iter(again.optimizers[0].state.values()))["momentum_buffer"]
+    assert torch.equal(momentum, next(iter(muon.state.values()))["momentum_buffer"])
+
+
 def test_estimate_mfu_by_hand() -> None:
     model = tiny_gpt()
     head_size = N_EMBD // N_HEAD

@@ -141,8 +141,8 @@ def test_bad_params_stop_the_stage_with_one_line(tmp_path):
             "pretrain.sample.prompts: [] is not a non-empty list",
         ),
         (
-            "  dtype: float32 ",
-            "  dtype: float64 ",
+            "  dtype: bfloat16        # autocast over float32 master",
+            "  dtype: float64 #",
             "pretrain.dtype: 'float64' is not one of 'float32', 'bfloat16', 'float16'",
         ),
     ],
@@ -159,24 +159,15 @@ def test_optional_and_union_values(tmp_path):
         PretrainParams, write(tmp_path, BASE.replace("  peak_flops: null", "  peak_flops: 1.0e12"))
     )
     assert p.peak_flops == 1e12
+    finetune_dtype = "  dtype: bfloat16        # autocast over float32 weights"
+    assert finetune_dtype in BASE
     _, f = load_stage_params(
-        FinetuneParams,
-        write(
-            tmp_path,
-            BASE.replace("  bf16: auto             # auto: bf16 on CUDA only", "  bf16: true"),
-        ),
+        FinetuneParams, write(tmp_path, BASE.replace(finetune_dtype, "  dtype: float32 #"))
     )
-    assert f.bf16 is True
-    with pytest.raises(ParamsError, match=r"^finetune\.bf16: 'yes' is not one of 'auto'$"):
+    assert f.dtype == "float32"
+    with pytest.raises(ParamsError, match=r"^finetune\.dtype: 'auto' is not one of "):
         load_stage_params(
-            FinetuneParams,
-            write(
-                tmp_path,
-                BASE.replace(
-                    "  bf16: auto             # auto: bf16 on CUDA only",
-                    "  bf16: yes-ish".replace("yes-ish", "'yes'"),
-                ),
-            ),
+            FinetuneParams, write(tmp_path, BASE.replace(finetune_dtype, "  dtype: auto #"))
         )
 
 

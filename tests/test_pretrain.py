@@ -49,14 +49,37 @@ def without_perf(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k != "perf"}
 
 
-def test_lr_schedule_warms_up_then_decays_to_min_lr(micro_workspace):
+def test_cosine_schedule_warms_up_then_decays_to_min_lr(micro_workspace):
     _, p = micro_params(
-        micro_workspace, warmup_steps=10, max_steps=100, learning_rate=1.0, min_lr=0.1
+        micro_workspace,
+        warmup_steps=10,
+        max_steps=100,
+        learning_rate=1.0,
+        min_lr=0.1,
+        schedule="cosine",
     )
     lrs = [lr_at(s, p) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
+    assert all(a > b for a, b in zip(lrs[10:], lrs[11:], strict=False))  # decays from the top
     assert lr_at(100, p) == pytest.approx(0.1)
+
+
+def test_wsd_schedule_holds_the_rate_then_decays_linearly_over_the_cooldown(micro_workspace):
+    _, p = micro_params(
+        micro_workspace,
+        warmup_steps=10,
+        max_steps=100,
+        learning_rate=1.0,
+        min_lr=0.1,
+        schedule="wsd",
+        cooldown_fraction=0.2,
+    )
+    lrs = [lr_at(s, p) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10:80] == [1.0] * 70  # stable
+    steps = [a - b for a, b in zip(lrs[79:], lrs[80:], strict=False)]
+    assert steps == pytest.approx([0.9 / 20] * 20)  # linear, down to min_lr at the last step
+    assert lrs[-1] == pytest.approx(0.1)
 
 
 def test_loss_falls_and_beats_the_unigram_baseline(micro_workspace, tmp_path):
@@ -97,9 +120,13 @@ def test_same_seed_same_metrics_and_weights(micro_workspace, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_interrupted_run_resumes_to_the_same_weights(micro_workspace, tmp_path, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_interrupted_run_resumes_to_the_same_weights(
+    micro_workspace, tmp_path, monkeypatch, optimizer
+):
     # Dropout makes the RNG state matter. Without a declared peak (CPU), MFU is not given.
-    seed, p = micro_params(micro_workspace, peak_flops=None)
+    # Muon's momentum lives in a second optimizer: the checkpoint holds both.
+    seed, p = micro_params(micro_workspace, peak_flops=None, optimizer=optimizer)
     p = dataclasses.replace(p, model=dataclasses.replace(p.model, dropout=0.1))
     reference = pretrain(p, seed, paths_in(micro_workspace, tmp_path / "ref"))
 
@@ -361,3 +388,34 @@ def test_the_trainer_stages_do_not_fall_back_to_the_cpu_either(unusable_gpu, mon
         runtime.runtime_args(seed=0)
     monkeypatch.setattr(runtime, "nvidia_gpu_present", lambda: False)  # e.g. GPUs hidden
     assert runtime.runtime_args(seed=0)["use_cpu"] is True
+
+
+@pytest.mark.parametrize(
+    "cpuinfo, native",
+    [
+        ("flags\t\t: fpu sse avx512f avx512_bf16\n", True),  # x86 with AVX512-BF16
+        ("flags\t\t: fpu sse amx_bf16 amx_tile\n", True),  # x86 with AMX
+        ("Features\t: fp asimd bf16 i8mm\n", True),  # Arm with BF16
+        ("flags\t\t: fpu sse avx2 avx512f\n", False),
+        (None, None),  # no /proc/cpuinfo: cannot tell, so no warning
+    ],
+)
+def test_bf16_on_a_cpu_that_emulates_it_warns_naming_the_param(
+    tmp_path, monkeypatch, capsys, cpuinfo, native
+):
+    from llmpipe import runtime
+
+    path = tmp_path / "cpuinfo"
+    if cpuinfo is not None:
+        path.write_text(cpuinfo)
+    assert runtime.cpu_has_native_bf16(path) is native
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+    warning = runtime.warn_if_slow_bf16("bfloat16", "cpu", "pretrain.dtype")
+    if native is False:
+        assert "pretrain.dtype: bfloat16" in warning and "set pretrain.dtype: float32" in warning
+        assert warning in capsys.readouterr().out
+    else:
+        assert warning is None
+    # float32, or a GPU, never warns
+    assert runtime.warn_if_slow_bf16("float32", "cpu", "pretrain.dtype") is None
+    assert runtime.warn_if_slow_bf16("bfloat16", "cuda", "pretrain.dtype") is None

@@ -186,3 +186,91 @@ def test_the_random_reward_ignores_the_answer_and_pays_at_its_probability():
         assert abs(sum(paid) / len(paid) - 0.3) < 4 * (0.3 * 0.7 / len(paid)) ** 0.5
     assert random_reward(0.3, seed=5)(["q"] * 50, ["a"] * 50) == right[:50]  # seeded
     assert exact_match_reward(["q"], [" 1 2"], [" 1 2"], ["add"]) == [1.0]  # the checker's
+
+
+def _task_items(before, after):
+    return [
+        {
+            "prompt": f"{i} + {i} =",
+            "before_exact_match": b,
+            "before_pass_at_1": b / 2,
+            "after_exact_match": a,
+            "after_pass_at_1": a / 2,
+        }
+        for i, (b, a) in enumerate(zip(before, after, strict=True))
+    ]
+
+
+def _gain_metrics(items, reward):
+    from llmpipe.evaluation.intervals import interval_metrics, paired_difference
+
+    metrics = {"reward": reward, "random_reward_probability": 0.4}
+    for figure in ("pass_at_1", "exact_match"):
+        metrics |= interval_metrics(
+            f"{figure}_gain",
+            paired_difference(
+                [i[f"before_{figure}"] for i in items], [i[f"after_{figure}"] for i in items]
+            ),
+        )
+    return metrics
+
+
+def test_the_control_is_recorded_from_its_experiment_and_paired_in_the_report(
+    tmp_path, monkeypatch
+):
+    """llmpipe.task.control reads the control experiment's metrics and per-problem results from
+    its git ref; the report card prints the checker's gain, the control's and the checker over
+    the control, paired problem by problem; a control from another SFT model is stale."""
+    import random
+    import subprocess
+
+    from llmpipe import layout
+    from llmpipe.evaluation.report import control_text
+    from llmpipe.io import write_json
+    from llmpipe.task import control
+
+    rng = random.Random(0)
+    before = [float(rng.random() < 0.4) for _ in range(200)]
+    checker = [1.0 if b else float(rng.random() < 0.3) for b in before]  # learns
+    # moves at random and as much down as up: 20 problems right before are wrong after, and 20
+    # the other way
+    flipped = rng.sample([i for i, b in enumerate(before) if b], 20) + rng.sample(
+        [i for i, b in enumerate(before) if not b], 20
+    )
+    noise = [1.0 - b if i in flipped else b for i, b in enumerate(before)]
+    monkeypatch.chdir(tmp_path)
+    git = lambda *args: subprocess.run(["git", *args], check=True, capture_output=True)  # noqa: E731
+    git("init", "-q")
+    for stage in control.STAGES:  # the experiment's commit: the random reward's results
+        write_json(layout.items_file(stage), _task_items(before, noise))
+        write_json(layout.metrics_file(stage), _gain_metrics(_task_items(before, noise), "random"))
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "exp")
+    git("update-ref", "refs/exps/ab/cdef/control-random-reward", "HEAD")
+    recorded = control.record("refs/exps/ab/cdef/control-random-reward", "control-random-reward")
+    assert recorded["stages"]["task_grpo"]["items"] == _task_items(before, noise)
+    write_json(layout.TASK_CONTROL, recorded)
+    for stage in control.STAGES:  # the workspace: the checker's run from the same SFT model
+        write_json(layout.items_file(stage), _task_items(before, checker))
+        write_json(
+            layout.metrics_file(stage), _gain_metrics(_task_items(before, checker), "checker")
+        )
+
+    text = control_text()
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if "|" in line}
+    assert rows["reinforce: checker reward"].count(", up") == 2
+    assert "within noise" in rows["reinforce: random reward, p = 0.400 (control)"]
+    assert rows["grpo: checker over control"].count(", up") == 2
+    # another SFT model (other results before RL): stale, not paired
+    write_json(layout.items_file("task_grpo"), _task_items(checker, checker))
+    text = control_text()
+    assert "Stale for grpo" in text and "grpo: checker over control" not in text
+    assert "reinforce: checker over control" in text
+    # a control that did not use the random reward is refused
+    write_json(
+        layout.metrics_file("task_reinforce"), _gain_metrics(_task_items(before, noise), "checker")
+    )
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "not a control")
+    with pytest.raises(DataError, match="task_reinforce did not run with the random reward"):
+        control.record("HEAD", "x")

@@ -44,6 +44,9 @@ TASK_GRPO_MODEL = DATA / "task/grpo/model"
 EVALUATE_SAMPLES = DATA / "evaluate"
 REPORT = DATA / "report"  # report.md with its images
 EVALUATE_MODELS = METRICS / "evaluate_models.json"  # one row per model: dvc.yaml's bar plots
+# The random-reward control of the task's RL stages, a DVC experiment's results recorded by
+# `python -m llmpipe.task.control`: in git, written by no stage, read by the report card.
+TASK_CONTROL = METRICS / "task_control.json"
 
 
 def raw_corpus(corpus: str) -> Path:
@@ -196,6 +199,10 @@ STAGES["report"] = StageFiles(
         EVALUATE_MODELS,
         *(metrics_file(stage) for stage in STAGES if stage != "download"),
         *(curves_dir(stage) for stage, files in STAGES.items() if files.curves),
+        # the checker's per-problem results, paired with the control's
+        items_file("task_reinforce"),
+        items_file("task_grpo"),
+        TASK_CONTROL,
     ),
     writes=(REPORT,),
     metrics=False,

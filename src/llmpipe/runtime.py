@@ -123,6 +123,45 @@ def use_cuda(device_param: str, key: str | None = None) -> bool:
     return False
 
 
+# CPU flags (/proc/cpuinfo) of instructions that compute in bf16 natively: x86's AVX512-BF16
+# and AMX, Arm's BF16 extension. Without them oneDNN emulates bf16 in float32, slower than
+# float32 itself.
+NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
+
+
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | None:
+    """Whether this CPU computes in bf16 natively; None where it cannot be told (no
+    /proc/cpuinfo: macOS, Windows)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return None
+    flags = set()
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() in ("flags", "Features"):  # x86, Arm
+            flags.update(value.split())
+    return bool(flags & NATIVE_BF16_FLAGS)
+
+
+def warn_if_slow_bf16(dtype: str, device: torch.device | str, key: str) -> str | None:
+    """A bf16 run on a CPU that emulates bf16 is slower than float32: say so, naming the param
+    that changes it (the dtype stays the param's: the stage hash says what ran). Returns the
+    warning printed, or None."""
+    if (
+        dtype != "bfloat16"
+        or torch.device(device).type != "cpu"
+        or cpu_has_native_bf16() is not False
+    ):
+        return None
+    message = (
+        f"warning: {key}: bfloat16 on a CPU without native bf16 instructions (AVX512-BF16, AMX, "
+        f"Arm BF16) is emulated and slower than float32; set {key}: float32 on this machine"
+    )
+    print(message, flush=True)
+    return message
+
+
 def sharded_launch() -> bool:
     """Launched by accelerate with an FSDP or DeepSpeed config: the model is sharded."""
     return any(

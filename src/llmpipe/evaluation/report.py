@@ -22,7 +22,12 @@ from pathlib import Path
 from dvc_render.vega import OPTIONAL_ANCHOR_RANGES, VegaRenderer
 
 from llmpipe import layout
-from llmpipe.evaluation.intervals import WITHIN_NOISE, Z_95
+from llmpipe.evaluation.intervals import (
+    WITHIN_NOISE,
+    Z_95,
+    interval_metrics,
+    paired_difference,
+)
 from llmpipe.params import PARAMS_FILE, read_params_file
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "tokenizers", "dvc", "dvclive")
@@ -632,8 +637,68 @@ def task_section() -> str:
         "match by construction (greedy decoding follows the top prediction). RL: "
         + "; ".join(budget)
         + ".\n\nGains, paired over the same test problems (and sampling seeds), with their "
-        "95% interval:\n\n" + _table(["step", "exact match (greedy)", "pass@1 (sampled)"], gains)
+        "95% interval:\n\n"
+        + _table(["step", "exact match (greedy)", "pass@1 (sampled)"], gains)
+        + "\n\n"
+        + control_text()
     )
+
+
+CONTROL_KEYS = ("prompt", "before_pass_at_1", "before_exact_match")  # what makes a record current
+CONTROL_GAINS = ("pass_at_1_gain", "exact_match_gain")
+
+
+def control_text() -> str:
+    """The random-reward control (llmpipe.task.control) beside the checker's gains, and the two
+    paired problem by problem: same SFT model, same sampling seeds, so the difference is the
+    reward's. A record measured from another SFT model is named stale and not paired."""
+    control = json.loads(layout.TASK_CONTROL.read_text()) if layout.TASK_CONTROL.exists() else {}
+    if not control.get("stages"):
+        return (
+            "No random-reward control is recorded: `python -m llmpipe.task.control` runs it "
+            "(a DVC experiment) and records it for this table."
+        )
+    rows, stale = [], []
+    for stage, c in control["stages"].items():
+        m, items_path = read_metrics(stage), layout.items_file(stage)
+        if m.get("reward") != "checker" or not items_path.exists():
+            continue  # not run, or this run is a control itself
+        name = stage.removeprefix("task_")
+        items = json.loads(items_path.read_text())
+        current = [[i[k] for k in CONTROL_KEYS] for i in items]
+        if current != [[i[k] for k in CONTROL_KEYS] for i in c["items"]]:
+            stale.append(name)
+            continue
+        over = {}  # the checker's results after RL minus the control's, problem by problem
+        for gain in CONTROL_GAINS:
+            figure = f"after_{gain.removesuffix('_gain')}"
+            over |= interval_metrics(
+                gain,
+                paired_difference([i[figure] for i in c["items"]], [i[figure] for i in items]),
+            )
+        rows += [
+            [f"{name}: checker reward", *(gain_text(m, g) for g in CONTROL_GAINS)],
+            [
+                f"{name}: random reward, p = {c['random_reward_probability']:.3f} (control)",
+                *(gain_text(c, g) for g in CONTROL_GAINS),
+            ],
+            [f"{name}: checker over control", *(gain_text(over, g) for g in CONTROL_GAINS)],
+        ]
+    text = (
+        f"The random-reward control (Shao et al. 2025; experiment `{control['experiment']}`): "
+        "the same RL with a reward drawn at the SFT model's sampled pass rate, whatever the "
+        "answer. What the checker adds over it is the reward's; what the control gains alone "
+        "comes from training on the task's prompts, not from the answers being right."
+    )
+    if rows:
+        text += "\n\n" + _table(["run", "pass@1 gain (sampled)", "exact match gain (greedy)"], rows)
+    if stale:
+        text += (
+            f"\n\nStale for {', '.join(stale)}: the control was measured from another SFT model "
+            "(its results before RL differ from this run's); `python -m llmpipe.task.control "
+            "--rerun` measures it again."
+        )
+    return text
 
 
 def _overoptimisation_text(stage: str) -> str:

@@ -233,22 +233,45 @@ class GPT(nn.Module):
         learning_rate: float,
         betas: tuple[float, float],
         device_type: str,
-    ) -> torch.optim.AdamW:
-        """AdamW that decays matmul weights and embeddings only.
+        optimizer: str = "adamw",
+    ) -> torch.optim.Optimizer | Optimizers:
+        """AdamW that decays matmul weights and embeddings only; or, for `optimizer="muon"`,
+        Muon for the blocks' 2-D weights beside that AdamW for the rest.
 
         Biases and LayerNorm gains (the 1-D tensors) are left undecayed: shrinking
-        them towards zero only fights the normalisation.
+        them towards zero only fights the normalisation. Muon orthogonalises the update of a
+        hidden matrix; the embeddings (the token embedding is also the head) and the gains stay
+        with AdamW, as in Jordan et al.'s and Moonshot's Muon. Muon's step is scaled to
+        AdamW's update size (`match_rms_adamw`, Liu et al. 2025), so the two share the learning
+        rate, its schedule and the weight decay.
         """
         params = [p for p in self.parameters() if p.requires_grad]
+        hidden = (
+            {id(p) for p in self.transformer.h.parameters() if p.dim() == 2}
+            if optimizer == "muon"
+            else set()
+        )
+        matrices = [p for p in params if p.dim() >= 2 and id(p) not in hidden]
         param_groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": matrices, "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
         # The fused kernel (one pass over all parameters) exists on CUDA and CPU; on this
         # project's 2-core CPU it is 6x faster than the per-parameter loop (bench/README.md).
-        return torch.optim.AdamW(
+        adamw = torch.optim.AdamW(
             param_groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu")
         )
+        if optimizer == "adamw":
+            return adamw
+        if optimizer != "muon":
+            raise ValueError(f"optimizer {optimizer!r}: not adamw or muon")
+        muon = torch.optim.Muon(
+            [p for p in params if id(p) in hidden],
+            lr=learning_rate,
+            weight_decay=weight_decay,  # momentum: Muon's 0.95, Nesterov
+            adjust_lr_fn="match_rms_adamw",
+        )
+        return Optimizers(muon, adamw)
 
     def flops_per_token(self) -> int:
         """Training FLOPs (forward + backward) per token, PaLM appendix B.
@@ -365,3 +388,32 @@ def measure_matmul_peak_flops(
         synchronize()
         best_seconds = min(best_seconds, time.perf_counter() - start)
     return 2 * n**3 / best_seconds
+
+
+class Optimizers:
+    """Several optimizers over disjoint parameters, stepped, zeroed and saved as one (Muon for
+    the hidden matrices beside AdamW for the rest). What the training loop and GradScaler use
+    of an optimizer: param_groups (the schedule sets each group's lr), step, zero_grad and the
+    state dict."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for o in self.optimizers for group in o.param_groups]
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for o, s in zip(self.optimizers, state["optimizers"], strict=True):
+            o.load_state_dict(s)

@@ -471,7 +471,7 @@ def run_sft(p, problems: Sequence[Problem], prompt_format: PromptFormat, seed: i
         learning_rate=p.learning_rate,
         warmup_steps=p.warmup_steps,
         lr_scheduler_type="cosine",
-        weight_decay=0.0,
+        weight_decay=p.weight_decay,
         completion_only_loss=True,
         packing=False,
         **checkpointing_args(p.gradient_checkpointing),

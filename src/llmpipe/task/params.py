@@ -7,7 +7,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from llmpipe.params import NON_NEGATIVE_INT, POSITIVE_INT, POSITIVE_NUMBER, Check, param
+from llmpipe.params import (
+    NON_NEGATIVE_INT,
+    NON_NEGATIVE_NUMBER,
+    POSITIVE_INT,
+    POSITIVE_NUMBER,
+    Check,
+    param,
+)
 from llmpipe.rl.params import GrpoTrainingParams, PolicyGradientParams
 
 
@@ -30,6 +37,7 @@ class TaskSftParams:
     batch_size: int = param(POSITIVE_INT)
     learning_rate: float = param(POSITIVE_NUMBER)
     warmup_steps: int = param(NON_NEGATIVE_INT)
+    weight_decay: float = param(NON_NEGATIVE_NUMBER)
     gradient_checkpointing: bool  # less activation memory, ~30% more compute
 
     def cross_field_problems(self) -> list[tuple[str, str]]:

@@ -43,7 +43,9 @@ from llmpipe.runtime import (
     runtime_args,
     sharded_launch,
     trained_model,
+    use_cuda,
     wait_for_everyone,
+    warn_if_slow_bf16,
     world_size,
 )
 from llmpipe.train.callbacks import TrainerCurves
@@ -124,11 +126,6 @@ class TrainResult:
     peak_memory_mb: float
 
 
-def use_bf16(p: CausalLMTrainingParams) -> bool:
-    """auto: bf16 on CUDA; on CPU only when asked (it pays off on AMX CPUs at larger sizes)."""
-    return p.bf16 is True or (p.bf16 == "auto" and torch.cuda.is_available())
-
-
 def train(
     model,
     p: CausalLMTrainingParams,
@@ -148,6 +145,8 @@ def train(
 
     if is_main_process():  # the one that saves Trainer checkpoints
         shutil.rmtree(work_dir, ignore_errors=True)  # a crashed run's must not rotate in
+        if not use_cuda("auto"):
+            warn_if_slow_bf16(p.dtype, "cpu", f"{p.SECTION}.dtype")
     curves = TrainerCurves(live_dir)
     args = TrainingArguments(
         output_dir=str(work_dir),
@@ -172,7 +171,7 @@ def train(
         greater_is_better=False,
         logging_steps=max(1, p.eval_interval // 5),
         **checkpointing_args(p.gradient_checkpointing),
-        **runtime_args(seed, use_bf16(p)),
+        **runtime_args(seed, p.dtype == "bfloat16"),
     )
     trainer = Trainer(
         model=model,
@@ -287,7 +286,7 @@ def run_stage(
     Under a launcher every process trains; the main one alone scores.
 
     Trained weights are float32 whatever the base's dtype (a hub model saved in bf16 loads in
-    bf16): bf16 is the Trainer's autocast (p.bf16), not the weights'. A full finetune casts
+    bf16): bf16 is the Trainer's autocast (p.dtype), not the weights'. A full finetune casts
     the base before scoring it, so that both scores use the same weights' precision; a LoRA's
     frozen base keeps its dtype."""
     from transformers import set_seed

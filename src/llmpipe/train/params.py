@@ -47,9 +47,12 @@ class PretrainParams:
     batch_size: int = param(POSITIVE_INT)  # per process and micro-step
     grad_accum_steps: int = param(POSITIVE_INT)  # for the whole run, over all processes
     max_steps: int = param(POSITIVE_INT)
+    optimizer: Literal["adamw", "muon"]  # muon: Muon for the blocks' matrices, AdamW the rest
     learning_rate: float = param(POSITIVE_NUMBER)
     min_lr: float = param(NON_NEGATIVE_NUMBER)
     warmup_steps: int = param(NON_NEGATIVE_INT)
+    schedule: Literal["cosine", "wsd"]  # after the warmup: cosine to min_lr, or warmup-stable-decay
+    cooldown_fraction: float = param(OPEN_UNIT_INTERVAL)  # wsd: the last share of steps decaying
     weight_decay: float = param(NON_NEGATIVE_NUMBER)
     beta1: float = param(OPEN_UNIT_INTERVAL)
     beta2: float = param(OPEN_UNIT_INTERVAL)
@@ -110,7 +113,8 @@ class CausalLMTrainingParams:
     # checkpoint are chosen on: the reported validation windows play no part in the choice
     selection_fraction: float = param(OPEN_UNIT_INTERVAL)
     early_stopping_patience: int = param(POSITIVE_INT)
-    bf16: bool | Literal["auto"]  # auto: bf16 on CUDA only
+    # the compute dtype: bfloat16 is autocast over float32 weights (the Trainer's bf16)
+    dtype: Literal["float32", "bfloat16"]
     # recompute each layer's activations in the backward pass: less memory, ~30% more compute
     gradient_checkpointing: bool
     trust_remote_code: bool

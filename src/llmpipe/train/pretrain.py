@@ -1,6 +1,7 @@
 """The pretraining loop for llmpipe's own GPT: nanoGPT's loop, resumable and distributed.
 
-- AdamW, linear warmup then cosine decay to min_lr, gradient clipping, gradient accumulation;
+- AdamW (or Muon for the hidden matrices), linear warmup then a cosine or warmup-stable-decay
+  schedule to min_lr, gradient clipping, gradient accumulation;
 - autocast in the dtype from params, optional torch.compile;
 - several processes under torchrun with DistributedDataParallel: every process draws the same
   window starts for a step and takes its share, so the global batch (and the loss curve) equals
@@ -44,7 +45,7 @@ from llmpipe.errors import DataError, LlmpipeError, ParamsError
 from llmpipe.evaluation.intervals import write_items
 from llmpipe.evaluation.scores import WindowScore, token_byte_lengths, window_scores
 from llmpipe.io import atomic_dir, atomic_path, remove_stale_temporaries, write_json
-from llmpipe.model.gpt import GPT, GPTConfig
+from llmpipe.model.gpt import GPT, GPTConfig, Optimizers
 from llmpipe.model.hf import export_hf_gpt2, load_hf_gpt2
 from llmpipe.train.params import PretrainParams, SampleParams
 from llmpipe.train.tracking import curves_live
@@ -127,9 +128,15 @@ def peak_flops_of_gpu(name: str) -> float | None:
 
 
 def lr_at(step: int, p: PretrainParams) -> float:
-    """Linear warmup to learning_rate, then cosine decay to min_lr at max_steps."""
+    """Linear warmup to learning_rate, then to min_lr at max_steps: a cosine decay, or (wsd)
+    constant until the last cooldown_fraction of the steps and a linear decay over those
+    (warmup-stable-decay: Hu et al. 2024, Hägele et al. 2024)."""
     if step < p.warmup_steps:
         return p.learning_rate * (step + 1) / p.warmup_steps
+    if p.schedule == "wsd":
+        cooldown = max(round(p.cooldown_fraction * p.max_steps), 1)
+        progress = min(max(step - (p.max_steps - cooldown) + 1, 0) / cooldown, 1.0)
+        return p.learning_rate + progress * (p.min_lr - p.learning_rate)
     decay_steps = max(p.max_steps - p.warmup_steps, 1)
     progress = min((step - p.warmup_steps) / decay_steps, 1.0)
     return p.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (p.learning_rate - p.min_lr)
@@ -272,7 +279,7 @@ class PretrainRun:
     tokenizer: object
     raw_model: GPT  # the module whose weights are saved
     model: torch.nn.Module | None  # what is called: raw_model, compiled and/or DDP-wrapped
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | Optimizers
     scaler: torch.amp.GradScaler
     sampler: EpochSampler
     autocast: Callable
@@ -319,6 +326,8 @@ def prepare(p: PretrainParams, seed: int, paths: PretrainPaths, rt: Runtime) -> 
     # matmul at start-up moves from run to run (a CPU measured half its usual peak once, and
     # reported an MFU above 1), so without either MFU is not given.
     peak_flops = p.peak_flops or known_peak_flops(rt.device, p.dtype)
+    if rt.is_main:
+        runtime.warn_if_slow_bf16(p.dtype, rt.device, "pretrain.dtype")
 
     # Every process seeds alike and consumes random numbers alike (dropout on equal shapes;
     # sampling uses its own generator), so rank 0's RNG state is every rank's.
@@ -327,7 +336,7 @@ def prepare(p: PretrainParams, seed: int, paths: PretrainPaths, rt: Runtime) -> 
     raw_model.config.chunked_loss = p.chunked_loss
     raw_model.config.gradient_checkpointing = p.gradient_checkpointing
     optimizer = raw_model.configure_optimizers(
-        p.weight_decay, p.learning_rate, (p.beta1, p.beta2), rt.device.type
+        p.weight_decay, p.learning_rate, (p.beta1, p.beta2), rt.device.type, p.optimizer
     )
     run = PretrainRun(
         p=p,
@@ -516,6 +525,9 @@ def finish(run: PretrainRun, tokens_per_s: float, started: float) -> dict:
         "parameters": raw_model.num_params(),
         "steps": p.max_steps,
         "tokens_seen": run.tokens_seen,
+        # Chinchilla's measure of how fed a model is (Hoffmann et al. 2022: about 20 is
+        # compute-optimal), over all parameters: the embedding is a large share of a small model.
+        "tokens_per_parameter": run.tokens_seen / raw_model.num_params(),
         # Different training tokens the model saw (each window's block_size inputs): the epoch
         # sampler draws a window again only in the next epoch.
         "unique_tokens_seen": run.sampler.unique_windows(run.data_position) * p.model.block_size,
