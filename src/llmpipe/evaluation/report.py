@@ -687,8 +687,9 @@ def control_text() -> str:
     text = (
         f"The random-reward control (Shao et al. 2025; experiment `{control['experiment']}`): "
         "the same RL with a reward drawn at the SFT model's sampled pass rate, whatever the "
-        "answer. What the checker adds over it is the reward's; what the control gains alone "
-        "comes from training on the task's prompts, not from the answers being right."
+        "answer, the same prompts and steps. What the checker adds over it is the reward's: a "
+        "gain under the control is not the answers being right, and a loss under it is what "
+        "the updates alone do to the model."
     )
     if rows:
         text += "\n\n" + _table(["run", "pass@1 gain (sampled)", "exact match gain (greedy)"], rows)
