@@ -32,6 +32,7 @@ LAYERS = (
             "llmpipe.pipeline",
             "llmpipe.serve",
             "llmpipe.compare",
+            "llmpipe.control",
             "llmpipe.preset",
             "llmpipe.seeds",
             "llmpipe.share",
@@ -41,7 +42,7 @@ LAYERS = (
     ),
 )
 RANK = {prefix: rank for rank, (_, prefixes) in enumerate(LAYERS) for prefix in prefixes}
-MAX_TOP_LEVEL_FILES = 12
+MAX_TOP_LEVEL_FILES = 13  # the core and the commands: anything else lives in a family
 
 
 def module_name(path) -> str:
@@ -107,7 +108,7 @@ def test_the_checks_find_an_upward_import_and_a_circle():
     assert ["llmpipe.data.chat", "llmpipe.rl.rlhf", "llmpipe.data.chat"] in cycles(graph)
 
 
-def test_the_package_root_holds_at_most_twelve_files():
+def test_the_package_root_holds_at_most_thirteen_files():
     files = sorted(path.name for path in (SRC / "llmpipe").glob("*.py"))
     assert len(files) <= MAX_TOP_LEVEL_FILES, files
 

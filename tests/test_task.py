@@ -218,16 +218,15 @@ def _gain_metrics(items, reward):
 def test_the_control_is_recorded_from_its_experiment_and_paired_in_the_report(
     tmp_path, monkeypatch
 ):
-    """llmpipe.task.control reads the control experiment's metrics and per-problem results from
+    """llmpipe.control reads the control experiment's metrics and per-problem results from
     its git ref; the report card prints the checker's gain, the control's and the checker over
     the control, paired problem by problem; a control from another SFT model is stale."""
     import random
     import subprocess
 
-    from llmpipe import layout
+    from llmpipe import control, layout
     from llmpipe.evaluation.report import control_text
     from llmpipe.io import write_json
-    from llmpipe.task import control
 
     rng = random.Random(0)
     before = [float(rng.random() < 0.4) for _ in range(200)]

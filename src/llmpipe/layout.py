@@ -45,7 +45,7 @@ EVALUATE_SAMPLES = DATA / "evaluate"
 REPORT = DATA / "report"  # report.md with its images
 EVALUATE_MODELS = METRICS / "evaluate_models.json"  # one row per model: dvc.yaml's bar plots
 # The random-reward control of the task's RL stages, a DVC experiment's results recorded by
-# `python -m llmpipe.task.control`: in git, written by no stage, read by the report card.
+# `python -m llmpipe.control`: in git, written by no stage, read by the report card.
 TASK_CONTROL = METRICS / "task_control.json"
 
 

@@ -649,13 +649,13 @@ CONTROL_GAINS = ("pass_at_1_gain", "exact_match_gain")
 
 
 def control_text() -> str:
-    """The random-reward control (llmpipe.task.control) beside the checker's gains, and the two
+    """The random-reward control (llmpipe.control) beside the checker's gains, and the two
     paired problem by problem: same SFT model, same sampling seeds, so the difference is the
     reward's. A record measured from another SFT model is named stale and not paired."""
     control = json.loads(layout.TASK_CONTROL.read_text()) if layout.TASK_CONTROL.exists() else {}
     if not control.get("stages"):
         return (
-            "No random-reward control is recorded: `python -m llmpipe.task.control` runs it "
+            "No random-reward control is recorded: `python -m llmpipe.control` runs it "
             "(a DVC experiment) and records it for this table."
         )
     rows, stale = [], []
@@ -696,7 +696,7 @@ def control_text() -> str:
     if stale:
         text += (
             f"\n\nStale for {', '.join(stale)}: the control was measured from another SFT model "
-            "(its results before RL differ from this run's); `python -m llmpipe.task.control "
+            "(its results before RL differ from this run's); `python -m llmpipe.control "
             "--rerun` measures it again."
         )
     return text

@@ -2,7 +2,7 @@
 same RL with a reward that ignores the answer, run as a DVC experiment and recorded for the
 report card.
 
-    python -m llmpipe.task.control [--name control-random-reward] [--rerun]
+    python -m llmpipe.control [--name control-random-reward] [--rerun]
 
 runs `dvc exp run --temp --name <name> -S task_reinforce.reward=random -S task_grpo.reward=random`
 (from the workspace's outputs, only the task RL stages and what reads them rerun; the workspace
