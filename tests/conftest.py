@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = (
     "dvc.yaml",
     "params.yaml",
+    "metrics/task_control.json",  # the report card reads it (recorded by llmpipe.control)
     "pyproject.toml",
     "stages",
     "src",
@@ -65,6 +66,7 @@ def project_copy(tmp_path: Path) -> Path:
                 src, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
             )
         elif src.exists():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, repo / name)
     run(["git", "init", "-q", "-b", "main"], repo)
     run(["git", "config", "user.email", "test@llmpipe.local"], repo)

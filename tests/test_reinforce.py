@@ -84,6 +84,7 @@ def test_reinforce_raises_a_toy_reward_in_a_few_steps(micro_pretrained):
     assert {"reward", "baseline", "advantage_std", "entropy", "kl", "completion_length"} <= set(
         curve[0]
     )
+    assert all(0 <= s["frac_reward_zero_std"] <= 1 for s in curve)
     first, last = (sum(s["reward"] for s in part) / 3 for part in (curve[:3], curve[-3:]))
     assert last > first + 0.2, [round(s["reward"], 3) for s in curve]  # from about 0.01
     assert curve[0]["kl"] == pytest.approx(0.0, abs=1e-5) and curve[-1]["kl"] > 0
@@ -333,10 +334,18 @@ def test_bad_gpu_settings_are_one_line_errors(stage, key, value, message):
     from llmpipe.params import build, read_params_file
     from llmpipe.pipeline import STAGE_SCHEMAS
 
-    raw = read_params_file(ROOT / "params.yaml")[stage]
-    assert raw["num_generations"] == 4
+    # groups of 4 (the message's numbers), whatever params.yaml's group size is
+    raw = {**read_params_file(ROOT / "params.yaml")[stage], "num_generations": 4}
     built = build(STAGE_SCHEMAS[stage], {**raw, "generation_batch_size": 8}, stage)
     assert built.generation_batch_size == 8
     with pytest.raises(ParamsError, match=rf"^{stage}\.{message}") as error:
         build(STAGE_SCHEMAS[stage], {**raw, key: value}, stage)
     assert "\n" not in str(error.value)
+
+
+def test_the_share_of_groups_without_a_gradient():
+    from llmpipe.rl.reinforce import zero_std_share
+
+    rewards = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0])
+    assert zero_std_share(rewards, 4) == pytest.approx(2 / 3)  # all right, mixed, all wrong
+    assert zero_std_share(rewards, 2) == pytest.approx(4 / 6)

@@ -161,6 +161,7 @@ def test_the_task_on_an_instruct_model_through_its_chat_template(tmp_path):
         batch_size=4,
         learning_rate=1e-3,
         warmup_steps=0,
+        weight_decay=0.0,
         gradient_checkpointing=True,
     )
     trained, _ = run_sft(p, problems["train"], chat, 0, tmp_path / "live")

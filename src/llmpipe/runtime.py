@@ -174,9 +174,13 @@ def trained_model(trainer, rebuild):
     """The trained model, whole, in the main process (None in the others). Under FSDP or
     DeepSpeed (an accelerate config) each process holds a shard: every process joins the
     gather of the full weights, and the main one loads them into `rebuild()`, the model as it
-    was before training. Otherwise the trainer's model is already whole."""
+    was before training. Otherwise the trainer's model is already whole; under bf16 accelerate
+    wrapped its forward in autocast, which is taken off (in place), so that the model scores and
+    generates afterwards as it did before training: in its weights' precision."""
     if not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
-        return trainer.model if is_main_process() else None
+        if not is_main_process():
+            return None
+        return trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     # A collective, every process; on the wrapped model (DeepSpeed's engine gathers ZeRO-3).
     state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
     if not is_main_process():

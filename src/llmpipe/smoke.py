@@ -197,6 +197,10 @@ CPU_REHEARSAL = {
     "pretrain.device": "cpu",
     "pretrain.dtype": "float32",
     "pretrain.compile": False,
+    # GPT-2 124M's rate (the preset's 6e-4) leaves a 32-wide model near uniform after 12 steps,
+    # and then every preference completion ties: micro shapes take the embedded default's
+    "pretrain.learning_rate": 3.0e-3,
+    "pretrain.min_lr": 3.0e-4,
     **{
         f"{stage}.{key}": value
         for stage in ("finetune", "lora")

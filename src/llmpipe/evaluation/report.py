@@ -43,13 +43,13 @@ CURVES = (
     ("task_sft", ("train/loss.tsv",), "task SFT: loss"),
     (
         "task_reinforce",
-        ("train/reward.tsv", "train/entropy.tsv"),
-        "task REINFORCE: exact-match reward and entropy",
+        ("train/reward.tsv", "train/entropy.tsv", "train/frac_reward_zero_std.tsv"),
+        "task REINFORCE: exact-match reward, entropy and the share of groups without a gradient",
     ),
     (
         "task_grpo",
-        ("train/reward.tsv", "train/entropy.tsv"),
-        "task GRPO: exact-match reward and entropy",
+        ("train/reward.tsv", "train/entropy.tsv", "train/frac_reward_zero_std.tsv"),
+        "task GRPO: exact-match reward, entropy and the share of groups without a gradient",
     ),
 )
 

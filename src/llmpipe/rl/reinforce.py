@@ -78,6 +78,12 @@ def group_mean_baseline(rewards: torch.Tensor) -> torch.Tensor:
 BASELINES = {"rloo": rloo_baseline, "group_mean": group_mean_baseline}
 
 
+def zero_std_share(rewards: torch.Tensor, k: int) -> float:
+    """The share of prompt groups whose k completions all scored alike: their advantages are 0,
+    so they give no gradient (TRL's GRPO logs it as frac_reward_zero_std)."""
+    return (rewards.view(-1, k).std(dim=1) == 0).float().mean().item()
+
+
 @dataclass
 class Rollout:
     """k completions for each prompt of a batch, padded: prompts on the left, completions on
@@ -304,6 +310,7 @@ def backward_step(
     lengths = torch.cat([m.sum(dim=1) for m in masks])
     figures = {
         "reward": reward.mean().item(),
+        "frac_reward_zero_std": zero_std_share(reward, cfg.num_generations),
         "baseline": baseline.mean().item(),
         "advantage_std": advantages.std().item(),
         "entropy": (entropy_sum / lengths.sum().clamp(min=1)).item(),
