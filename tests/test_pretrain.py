@@ -49,32 +49,23 @@ def without_perf(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k != "perf"}
 
 
-def test_cosine_schedule_warms_up_then_decays_to_min_lr(micro_workspace):
+def schedule(workspace, **changes) -> tuple[list[float], PretrainParams]:
+    """The learning rate of 100 steps: 10 of warmup to 1.0, then down to min_lr 0.1."""
     _, p = micro_params(
-        micro_workspace,
-        warmup_steps=10,
-        max_steps=100,
-        learning_rate=1.0,
-        min_lr=0.1,
-        schedule="cosine",
+        workspace, warmup_steps=10, max_steps=100, learning_rate=1.0, min_lr=0.1, **changes
     )
-    lrs = [lr_at(s, p) for s in range(100)]
+    return [lr_at(s, p) for s in range(100)], p
+
+
+def test_cosine_schedule_warms_up_then_decays_to_min_lr(micro_workspace):
+    lrs, p = schedule(micro_workspace, schedule="cosine")
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a > b for a, b in zip(lrs[10:], lrs[11:], strict=False))  # decays from the top
     assert lr_at(100, p) == pytest.approx(0.1)
 
 
 def test_wsd_schedule_holds_the_rate_then_decays_linearly_over_the_cooldown(micro_workspace):
-    _, p = micro_params(
-        micro_workspace,
-        warmup_steps=10,
-        max_steps=100,
-        learning_rate=1.0,
-        min_lr=0.1,
-        schedule="wsd",
-        cooldown_fraction=0.2,
-    )
-    lrs = [lr_at(s, p) for s in range(100)]
+    lrs, _ = schedule(micro_workspace, schedule="wsd", cooldown_fraction=0.2)
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[10:80] == [1.0] * 70  # stable
     steps = [a - b for a, b in zip(lrs[79:], lrs[80:], strict=False)]

@@ -33,10 +33,6 @@ KEPT = ("reward", "random_reward_probability", "steps", "completions_sampled")
 GAINS = ("pass_at_1_gain", "exact_match_gain")
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(args, capture_output=True, text=True)
-
-
 def experiment_ref(name: str) -> str | None:
     """The ref of the experiment `name` on this commit's baseline, if it exists."""
     from llmpipe.compare import experiment_refs
@@ -60,10 +56,12 @@ def run_control(name: str) -> str:
 
 
 def read_json_at(ref: str, path) -> dict | list:
-    shown = _run("git", "show", f"{ref}:{path.as_posix()}")
-    if shown.returncode != 0:
-        raise DataError(f"{ref}: no {path} ({shown.stderr.strip()})")
-    return json.loads(shown.stdout)
+    from llmpipe.compare import _git_file
+
+    text = _git_file(ref, path)
+    if text is None:
+        raise DataError(f"{ref}: no {path}")
+    return json.loads(text)
 
 
 def record(ref: str, name: str) -> dict:
