@@ -15,6 +15,7 @@ from llmpipe.params import load_stage_params
 from llmpipe.rl.preferences import read_prompts
 from llmpipe.rl.rlhf import load_judges, policy_report
 from llmpipe.rl.sampling import Sampling, sample_completions
+from llmpipe.runtime import visible_devices
 from llmpipe.stage import run_main
 
 REFERENCE = "finetune"  # the SFT policy: KL is measured against it
@@ -94,6 +95,7 @@ def main() -> None:
                     model, prompt, p.generate_tokens, p.repeats
                 ),
                 "device": str(next(model.parameters()).device),
+                "visible_devices": visible_devices(),
             }
             groups = sample_completions(
                 model, tokenizer, p.sample.prompts, shown, judges.prompt_format

@@ -1,3 +1,4 @@
+import json
 import os
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars are for people, not test logs
@@ -54,10 +55,8 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **env: str):
     return result
 
 
-@pytest.fixture
-def project_copy(tmp_path: Path) -> Path:
-    """A fresh git + DVC repository holding a copy of the project's pipeline files."""
-    repo = tmp_path / "repo"
+def make_project(repo: Path) -> Path:
+    """A fresh git + DVC repository at repo holding a copy of the project's pipeline files."""
     repo.mkdir()
     for name in PROJECT_FILES:
         src = ROOT / name
@@ -74,6 +73,12 @@ def project_copy(tmp_path: Path) -> Path:
     run(["dvc", "init", "-q"], repo)
     shutil.copy2(ROOT / ".dvc/config", repo / ".dvc/config")  # remote and cache link type
     return repo
+
+
+@pytest.fixture
+def project_copy(tmp_path: Path) -> Path:
+    """A fresh git + DVC repository holding a copy of the project's pipeline files."""
+    return make_project(tmp_path / "repo")
 
 
 def set_params(repo: Path, updates: dict) -> None:
@@ -131,6 +136,45 @@ def micro_pretrained(micro_workspace) -> Path:
     """micro_workspace with the pretrain stage's model (data/pretrain/model) as well."""
     run(["python", "-m", "stages.pretrain"], micro_workspace)
     return micro_workspace
+
+
+def write_toy_preferences(repo: Path) -> dict:
+    """A ready preference set (a micro model's own samples all tie on sentiment); returns the
+    micro params that read it."""
+    rows = [
+        {"prompt": f"Item {i} is", "chosen": " good and useful", "rejected": " bad and broken"}
+        for i in range(40)
+    ]
+    (repo / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {
+        **MICRO_PARAMS,
+        "preferences.source": "file:prefs.jsonl",
+        "preferences.heldout_fraction": 0.2,
+        "finetune.grad_accum_steps": 2,  # two processes can share it (tests/test_executors.py)
+    }
+
+
+@pytest.fixture(scope="session")
+def micro_repro(tmp_path_factory) -> tuple[Path, str]:
+    """The whole micro pipeline reproduced once and committed, with `dvc repro`'s output: the
+    end-to-end DVC tests start from copies of it (reproduced_project) instead of each running
+    the chain again (about 2 minutes a time here)."""
+    repo = make_project(tmp_path_factory.mktemp("reproduced") / "repo")
+    set_params(repo, write_toy_preferences(repo))
+    output = run(["dvc", "repro"], repo).stdout
+    git_commit_all(repo, "micro pipeline")
+    return repo, output
+
+
+@pytest.fixture
+def reproduced_project(micro_repro, tmp_path: Path) -> Path:
+    """A copy of micro_repro's repository, its own to change (git, DVC cache and workspace).
+    `cp -a` keeps the hard links between the cache and the workspace; DVC's temporary state
+    (per-path hashes keyed by inode) is left behind and rebuilt."""
+    repo = tmp_path / "repo"
+    subprocess.run(["cp", "-a", str(micro_repro[0]), str(repo)], check=True)
+    shutil.rmtree(repo / ".dvc/tmp", ignore_errors=True)
+    return repo
 
 
 TOY_WORDS = ["value", "object", "return", "list", "the", "file", "name", "of", "a", "is"]

@@ -50,7 +50,11 @@ def imported_modules(path: Path) -> set[str]:
 
 def import_closure(stage: str) -> set[str]:
     """The stage script and every llmpipe file it imports, transitively (repo-relative)."""
-    script = ROOT / "stages" / f"{stage}.py"
+    return file_closure(ROOT / "stages" / f"{stage}.py")
+
+
+def file_closure(script: Path) -> set[str]:
+    """A file and every llmpipe file it imports, transitively (repo-relative)."""
     files, todo = {script}, [script]
     while todo:
         for module in imported_modules(todo.pop()):

@@ -72,7 +72,6 @@ def test_the_reward_model_trains_on_the_tokens_it_scores(
     monkeypatch.setattr(trl, "RewardTrainer", Recording)
     train, heldout = toy_pairs(0, 128), toy_pairs(1, 32)
     p = RewardModelParams(
-        launcher="python",
         learning_rate=3e-3,
         warmup_steps=0,
         epochs=3,

@@ -18,7 +18,7 @@ import typing
 from pathlib import Path
 
 import pytest
-from import_graph import import_closure
+from import_graph import file_closure, import_closure
 from ruamel.yaml import YAML
 
 from conftest import ROOT
@@ -27,6 +27,9 @@ from llmpipe.params import read_params_file
 from llmpipe.pipeline import STAGE_SCHEMAS
 
 CODE_ROOTS = ("src/", "stages/")
+# Every stage's command: stages/<stage>.py under this machine's executor (llmpipe.launch).
+ENTRY_POINT = "python -m llmpipe.launch {stage}"
+LAUNCH = "src/llmpipe/launch/"
 # Files that ship beside a module and that it reads: a stage importing the module depends on them.
 READS_BESIDE = {"src/llmpipe/evaluation/harness.py": ("src/llmpipe/evaluation/harness_tasks",)}
 
@@ -47,7 +50,7 @@ def _paths(entries) -> list[str]:
 def code_dep_problems(dvc: dict) -> list[str]:
     problems = []
     for stage, spec in dvc["stages"].items():
-        if not spec["cmd"].endswith(f"-m stages.{stage}"):
+        if spec["cmd"] != ENTRY_POINT.format(stage=stage):
             problems.append(f"{stage}: its cmd does not run stages/{stage}.py")
         deps = [d for d in _paths(spec.get("deps")) if d.startswith(CODE_ROOTS)]
         closure = import_closure(stage)
@@ -203,6 +206,35 @@ def test_evaluate_measures_models_and_the_report_only_renders():
 
 
 # --- each check fails on one line taken out ------------------------------------------------
+
+
+def test_where_a_stage_runs_is_no_dep_of_it():
+    """The entry point starts the stage's script unchanged and is in no stage's deps, so that
+    moving a stage to torchrun or Slurm reruns nothing: it imports nothing of llmpipe but its
+    errors and layout, which are every stage's deps anyway."""
+    closure = file_closure(ROOT / LAUNCH / "__main__.py")
+    assert {f for f in closure if not f.startswith(LAUNCH)} == {
+        "src/llmpipe/__init__.py",
+        "src/llmpipe/errors.py",
+        "src/llmpipe/layout.py",
+    }
+    for stage, spec in read_dvc_yaml()["stages"].items():
+        assert not any(d.startswith(LAUNCH) for d in _paths(spec.get("deps"))), stage
+        assert not any(f.startswith(LAUNCH) for f in import_closure(stage)), stage
+
+
+def test_a_new_tokenizer_reaches_every_stage_but_download():
+    """DVC reruns a stage whose deps changed, so a tokenize.vocab_size experiment reruns the
+    stages downstream of tokenize in DVC's own graph of dvc.yaml: every one but download. (The
+    end-to-end experiment test once ran that experiment: the whole chain again, 2.5 minutes.)"""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:
+        graph = repo.index.graph  # edges from a stage to the stages it depends on
+        tokenize = next(stage for stage in graph if stage.addressing == "tokenize")
+        downstream = {stage.addressing for stage in nx.ancestors(graph, tokenize)}
+    assert downstream == set(read_dvc_yaml()["stages"]) - {"download", "tokenize"}
 
 
 def test_a_missing_code_dep_is_named():

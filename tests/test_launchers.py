@@ -1,5 +1,6 @@
-"""Every training stage under a launcher: N processes train, one writes, and the global batch
-(so the run) does not depend on N. On CPU with gloo, one thread per process.
+"""Every training stage on several processes (what the torchrun and accelerate executors start,
+llmpipe.launch): N processes train, one writes, and the global batch (so the run) does not
+depend on N. On CPU with gloo, one thread per process.
 
 Each stage runs on copies of the same micro workspace: `python -m stages.<name>` with
 grad_accum_steps 2 (or the global batch), then 2 processes with the same params
@@ -7,8 +8,9 @@ grad_accum_steps 2 (or the global batch), then 2 processes with the same params
 lora and the reward model see the same data in the same order
 and differ by float reassociation only (the all-reduce sums in another order): 1e-4 relative.
 GRPO samples on every process with its own random stream (TRL seeds each device apart), so two
-processes draw other completions than one: its before-figures are equal exactly (measured once,
-by the main process), and the run's shape (steps, completions per step) is equal.
+processes draw other completions than one: its process count is a param (grpo.processes), its
+before-figures are equal exactly (measured once, by the main process), and the run's shape
+(steps, completions per step) is equal.
 """
 
 import json
@@ -87,10 +89,10 @@ SINGLE_RUNS: dict[tuple, Path] = {}  # one process, once per stage and params
 
 
 def one_and_two_processes(
-    stage: str, source: Path, tmp_path: Path, params: dict, launcher: list[str]
+    stage: str, source: Path, tmp_path: Path, params: dict, launcher: list[str], two_only=None
 ):
-    """Runs the stage alone (once per module) and under `launcher` with 2 processes; returns
-    both workspaces and the 2-process run's output."""
+    """Runs the stage alone (once per module) and under `launcher` with 2 processes (with
+    `two_only` params besides); returns both workspaces and the 2-process run's output."""
     key = (stage, str(source), tuple(sorted(params.items())))
     if key not in SINGLE_RUNS:
         workspace = copy_workspace(source, tmp_path / "one")
@@ -98,7 +100,7 @@ def one_and_two_processes(
         run_stage(stage, ONE_PROCESS, workspace)
         SINGLE_RUNS[key] = workspace
     two = copy_workspace(source, tmp_path / "two")
-    set_params(two, params)
+    set_params(two, {**params, **(two_only or {})})
     return SINGLE_RUNS[key], two, run_stage(stage, launcher, two)
 
 
@@ -200,6 +202,7 @@ def test_grpo_on_two_processes_has_the_runs_shape(micro_rlhf_with_reward_model, 
         tmp_path,
         {"grpo.prompts_per_step": 2, "grpo.num_generations": 2, "grpo.max_steps": 2},
         TWO_PROCESSES,
+        {"grpo.processes": 2},  # GRPO's count is a param: another run than one process's
     )
     m1, m2 = metrics_of(one, "grpo"), metrics_of(two, "grpo")
     assert m1["steps"] == m2["steps"] == 2
@@ -332,9 +335,7 @@ def test_pretrain_on_two_nodes_resumes_from_node_0s_checkpoint(
         ("5", "5", None),
     ],
 )
-def test_without_a_launcher_a_stage_sees_one_gpu_and_says_so(
-    monkeypatch, capsys, visible, gpus_seen, note
-):
+def test_one_process_sees_one_gpu_and_says_so(monkeypatch, capsys, visible, gpus_seen, note):
     from llmpipe import stage
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
@@ -348,7 +349,7 @@ def test_without_a_launcher_a_stage_sees_one_gpu_and_says_so(
     err = capsys.readouterr().err
     assert (note in err) if note else err == ""
     if note:
-        assert "finetune.launcher to 'torchrun --standalone --nproc_per_node 2'" in err
+        assert "the executor decides how many a stage runs on" in err
 
 
 class ShardedTrainer:
@@ -406,9 +407,13 @@ def test_vllm_generation_is_checked_before_anything_loads(monkeypatch):
     ):
         check_grpo_launch(dataclasses.replace(p, use_vllm=True))
     monkeypatch.setenv("WORLD_SIZE", "3")
+    # GRPO's completions depend on the count: another count than params' is refused...
+    with pytest.raises(ParamsError, match=r"^grpo\.processes: 1, but 3 processes run it"):
+        check_grpo_launch(p)
+    # ...and params' count must divide the step's completions.
     with pytest.raises(
         ParamsError,
         match=r"^grpo\.prompts_per_step: 8 prompts x 4 generations "
         r"= 32 completions is not divisible by the 3",
     ):
-        check_grpo_launch(p)
+        check_grpo_launch(dataclasses.replace(p, processes=3))

@@ -33,6 +33,7 @@ LAYERS = (
             "llmpipe.serve",
             "llmpipe.compare",
             "llmpipe.control",
+            "llmpipe.launch",
             "llmpipe.preset",
             "llmpipe.seeds",
             "llmpipe.share",

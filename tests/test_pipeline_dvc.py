@@ -49,20 +49,6 @@ BITS_PER_BYTE = {
 }
 
 
-def write_toy_preferences(repo):
-    """A ready preference set: a micro model's samples all tie on sentiment."""
-    rows = [
-        {"prompt": f"Item {i} is", "chosen": " good and useful", "rejected": " bad and broken"}
-        for i in range(40)
-    ]
-    (repo / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return {
-        **MICRO_PARAMS,
-        "preferences.source": "file:prefs.jsonl",
-        "preferences.heldout_fraction": 0.2,
-    }
-
-
 def ran(output: str) -> set[str]:
     return {stage for stage in STAGES if f"Running stage '{stage}'" in output}
 
@@ -71,12 +57,11 @@ def exp_rows(repo) -> list[dict]:
     return list(csv.DictReader(io.StringIO(run(["dvc", "exp", "show", "--csv"], repo).stdout)))
 
 
-def test_the_experiment_workflow(project_copy):
-    repo = project_copy
-    set_params(repo, write_toy_preferences(repo))
+def test_the_experiment_workflow(micro_repro, reproduced_project):
+    repo = reproduced_project
 
-    # The whole chain, then the report card and one comparable table.
-    assert ran(run(["dvc", "repro"], repo).stdout) == set(STAGES)
+    # The whole chain ran (micro_repro), then the report card and one comparable table.
+    assert ran(micro_repro[1]) == set(STAGES)
     evaluate = json.loads((repo / "metrics/evaluate.json").read_text())
     for model in MODELS:
         assert set(FIGURES) <= set(evaluate[model]), model
@@ -149,10 +134,9 @@ def test_the_experiment_workflow(project_copy):
     assert "### the checkable task: add, 2 digits" in report
     assert not (repo / "data/pretrain/checkpoint/checkpoint.pt").exists()
 
-    # A second repro does nothing.
+    # A second repro (here in a copy of the repository) does nothing.
     second = run(["dvc", "repro"], repo).stdout
     assert not ran(second) and "up to date" in second
-    git_commit_all(repo, "micro pipeline")
 
     # An experiment on REINFORCE reruns it, evaluate and the report only.
     exp = run(["dvc", "exp", "run", "-S", "reinforce.beta=0.2"], repo).stdout
@@ -214,12 +198,6 @@ def test_the_experiment_workflow(project_copy):
         repo,
     ).stdout
     assert again == table and table.startswith("| figure |")
-
-    # A change of tokenizer reruns tokenize and everything after it, never download.
-    run(["git", "checkout", "--", "."], repo)
-    exp = run(["dvc", "exp", "run", "-S", "tokenize.vocab_size=400"], repo).stdout
-    assert ran(exp) == set(STAGES) - {"download"}
-    assert json.loads((repo / "metrics/tokenize.json").read_text())["vocab_size"] == 400
 
 
 def test_failing_stage_reports_one_line(project_copy):

@@ -34,7 +34,6 @@ def policy_dir(micro_pretrained):
 def test_reward_trainer_learns_a_separable_preference(policy_dir, tmp_path):
     train, heldout = toy_pairs(0, 256), toy_pairs(1, 64)
     p = RewardModelParams(
-        launcher="python",
         learning_rate=1e-3,
         warmup_steps=0,
         epochs=3,
@@ -51,7 +50,7 @@ def test_reward_trainer_learns_a_separable_preference(policy_dir, tmp_path):
 
 def grpo_params(**changes) -> GrpoParams:
     values = dict(
-        launcher="python",
+        processes=1,
         use_vllm=False,
         degeneration_distinct_drop=0.3,
         degeneration_fluency_rise=1.0,

@@ -7,9 +7,9 @@ import io
 import json
 
 import pytest
-from test_pipeline_dvc import STAGES, ran, write_toy_preferences
+from test_pipeline_dvc import STAGES, ran
 
-from conftest import git_commit_all, run, set_params
+from conftest import run, set_params
 
 pytestmark = pytest.mark.slow
 
@@ -28,11 +28,9 @@ def experiments(repo) -> dict[str, dict]:
     return {row["Experiment"]: row for row in rows if row["Experiment"]}
 
 
-def test_a_second_clone_pulls_what_the_first_computed(project_copy, tmp_path):
-    first, server, second = project_copy, tmp_path / "server.git", tmp_path / "second"
-    set_params(first, write_toy_preferences(first))
-    assert ran(run(["dvc", "repro"], first).stdout) == set(STAGES)
-    git_commit_all(first, "micro pipeline")
+def test_a_second_clone_pulls_what_the_first_computed(reproduced_project, tmp_path):
+    # The first clone has run the micro pipeline and committed it (conftest.micro_repro).
+    first, server, second = reproduced_project, tmp_path / "server.git", tmp_path / "second"
     run(["git", "init", "-q", "--bare", "-b", "main", str(server)], tmp_path)
     run(["git", "remote", "add", "origin", str(server)], first)
     run(["git", "push", "-q", "origin", "main"], first)

@@ -4,7 +4,6 @@ itself imports only its own family's schema (llmpipe/<family>/params.py)."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +42,6 @@ STAGE_SCHEMAS: dict[str, type] = {
         EvaluateParams,
     )
 }
-# Stages whose dvc.yaml command is `${<stage>.launcher} -m stages.<stage>`.
-LAUNCHED_STAGES = tuple(
-    stage
-    for stage, schema in STAGE_SCHEMAS.items()
-    if "launcher" in {f.name for f in dataclasses.fields(schema)}
-)
 
 
 def validate_all(path: str | Path = PARAMS_FILE) -> dict[str, Any]:

@@ -22,6 +22,9 @@ from llmpipe.params import PARAMS_FILE, flatten, read_params_file
 from llmpipe.pipeline import validate_mapping
 
 PRESETS_DIR = Path(__file__).parent / "presets"
+# A preset's one section that is not params: the machine it is sized for (GPU type and count,
+# disk), which llmpipe.launch.skypilot asks a cloud for. No stage reads it.
+MACHINE = "machine"
 
 
 def available() -> list[str]:
@@ -34,7 +37,9 @@ def load_preset(name: str) -> dict[str, Any]:
     path = PRESETS_DIR / f"{name}.yaml"
     if not path.exists():
         raise ParamsError(f"preset {name!r}: not found (available: {', '.join(available())})")
-    return YAML(typ="safe").load(path.read_text()) or {}
+    overrides = YAML(typ="safe").load(path.read_text()) or {}
+    overrides.pop(MACHINE, None)
+    return overrides
 
 
 def set_dotted(mapping: dict, dotted: str, value: Any) -> None:

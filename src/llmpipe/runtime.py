@@ -1,8 +1,9 @@
-"""Where a stage runs: one process, or one of N started by a launcher (torchrun, accelerate
-launch); the device of this process; and the TrainingArguments that every trainer here
-(transformers' Trainer, TRL's RewardConfig and GRPOConfig) shares.
+"""How a stage's process sees its run: one process, or one of N started by torchrun or
+accelerate (the executor decides: llmpipe.launch); the device of this process; and the
+TrainingArguments that every trainer here (transformers' Trainer, TRL's RewardConfig and
+GRPOConfig) shares.
 
-Under a launcher every process trains, and the main one alone measures, writes outputs,
+On N processes every process trains, and the main one alone measures, writes outputs,
 metrics and curves. The global batch (batch_size x grad_accum_steps, with grad_accum_steps
 counted over all processes; or a whole step's pairs or prompts) is what params set, so a run on
 N processes takes the same optimizer steps on the same data as a run on one.
@@ -22,12 +23,19 @@ from llmpipe.errors import DeviceError, ParamsError
 
 
 def world_size() -> int:
-    """Processes the launcher started (1 without a launcher)."""
+    """Processes the run has (1 for a plain `python -m stages.<name>`)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def visible_devices() -> str:
+    """The GPUs this process was given (CUDA_VISIBLE_DEVICES, '' when unset): beside the device,
+    it says where a figure comes from, e.g. which GPUs of a box a queued experiment had
+    (llmpipe.launch.queue)."""
+    return os.environ.get("CUDA_VISIBLE_DEVICES", "")
 
 
 def default_device() -> str:

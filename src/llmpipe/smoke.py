@@ -10,7 +10,8 @@ some of llmpipe's pure-Python dependencies. So this runner needs neither DVC nor
 `pip install -e .`: it runs from the repository with the project on PYTHONPATH, installs the
 distributions of pyproject.toml that are missing from a folder of wheels made beforehand on a
 connected machine (`make smoke-wheels`), composes params.yaml with the preset (and --set
-overrides) into a run directory, runs `<launcher> -m stages.<name>` there for every stage in
+overrides) into a run directory, runs `python -m llmpipe.launch <name>` there (dvc.yaml's
+command: the stage under this machine's executor, llmpipe.launch) for every stage in
 dvc.yaml's order, and prints each stage's wall time with pretrain's tokens/s and MFU. The run
 directory gets the outputs, metrics and `smoke.json`, the table, rewritten after every stage
 (a run stopped by a time limit still says how far it got). scripts/gpu_check.sh runs it.
@@ -243,25 +244,14 @@ def compose_params(
     return composed
 
 
-# Launchers as modules of this interpreter, the one the wheels went into (a `torchrun` on PATH
-# may belong to another Python).
-LAUNCHER_MODULES = {
-    "python": [],
-    "python3": [],
-    "torchrun": ["-m", "torch.distributed.run"],
-    "accelerate": ["-m", "accelerate.commands.accelerate_cli"],
-}
-
-
-def stage_command(stage: str, params: dict) -> list[str]:
-    """The stage's launcher from params (python for the stages that have none, or no section:
-    report), as dvc.yaml runs it, through this interpreter."""
-    program, *options = shlex.split(params.get(stage, {}).get("launcher", "python"))
-    return [sys.executable, *LAUNCHER_MODULES[program], *options, "-m", f"stages.{stage}"]
+def stage_command(stage: str) -> list[str]:
+    """dvc.yaml's command for the stage, through this interpreter (the one the wheels went
+    into): the executor comes from this machine's setting (llmpipe.launch.executors)."""
+    return [sys.executable, "-m", "llmpipe.launch", stage]
 
 
 def run_stages(
-    params: dict, run_dir: Path, stages: tuple[str, ...] = STAGES, after_stage=lambda rows: None
+    run_dir: Path, stages: tuple[str, ...] = STAGES, after_stage=lambda rows: None
 ) -> list[dict]:
     """Each stage in a process of its own; `after_stage(rows)` after each one (and after a
     failure, before the error)."""
@@ -271,7 +261,7 @@ def run_stages(
     )
     rows = []
     for stage in stages:
-        command = stage_command(stage, params)
+        command = stage_command(stage)
         print(f"\n== {stage}: {shlex.join(command)}", flush=True)
         started = time.perf_counter()
         code = subprocess.run(command, cwd=run_dir, env=env).returncode
@@ -356,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
             f"missing: {', '.join(missing)} (give --wheels <folder>, a folder made "
             "on a connected machine with `make smoke-wheels`)"
         )
-    params = compose_params(args.preset, args.set, run_dir, args.cpu_rehearsal)
+    compose_params(args.preset, args.set, run_dir, args.cpu_rehearsal)
     started = time.perf_counter()
 
     def write_summary(rows: list[dict], finished: bool = False) -> dict:
@@ -372,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
         write_json(run_dir / "smoke.json", summary)
         return summary
 
-    rows = run_stages(params, run_dir, after_stage=write_summary)
+    rows = run_stages(run_dir, after_stage=write_summary)
     summary = write_summary(rows, finished=True)
     print(f"\n{table(rows, summary['pretrain'])}\n-> {run_dir / 'smoke.json'}")
 

@@ -12,7 +12,6 @@ from typing import Any
 
 from llmpipe import layout
 from llmpipe.errors import LlmpipeError
-from llmpipe.params import read_params_file
 
 EXIT_USER_ERROR = 2
 NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")  # one entry per GPU, read without CUDA
@@ -55,7 +54,7 @@ def way_back(stage: str | None) -> str:
 
 
 def one_gpu_unless_launched(stage: str) -> None:
-    """Without a launcher a stage is one process on one GPU, and says so on a box with several:
+    """A stage started as one process uses one GPU, and says so on a box with several:
     transformers' Trainer would otherwise wrap the model in nn.DataParallel over every GPU
     (one process, a batch silently multiplied by the GPU count), and TRL's trainers refuse
     several GPUs. CUDA reads the variable when it starts, so this runs before any CUDA call."""
@@ -69,21 +68,11 @@ def one_gpu_unless_launched(stage: str) -> None:
         gpus = len(list(NVIDIA_GPUS.iterdir())) if NVIDIA_GPUS.is_dir() else 0
         os.environ["CUDA_VISIBLE_DEVICES"] = "0"
     if gpus > 1:
-        how = (
-            f"set {stage}.launcher to 'torchrun --standalone --nproc_per_node {gpus}', with "
-            f"a global batch that {gpus} processes divide, to use them all"
-            if _has_launcher(stage)
-            else "this stage runs in one process"
+        print(
+            f"{stage}: {gpus} GPUs visible, using the first (one process; the executor "
+            "decides how many a stage runs on: docs/several-boxes.md)",
+            file=sys.stderr,
         )
-        print(f"{stage}: {gpus} GPUs visible, using the first ({how})", file=sys.stderr)
-
-
-def _has_launcher(stage: str) -> bool:
-    """Whether the stage's section has a launcher (params.yaml spells out every key)."""
-    try:
-        return "launcher" in read_params_file().get(stage, {})
-    except LlmpipeError:  # a bad params.yaml: the stage itself says what is wrong
-        return False
 
 
 def end_distributed() -> None:

@@ -92,24 +92,6 @@ PREFERENCE_SOURCE = Check(
 )
 
 
-def _is_launcher(value: str) -> bool:
-    words = value.split()
-    if any(w == "-m" or w.startswith("stages.") for w in words):
-        return False  # dvc.yaml appends `-m stages.<name>` itself
-    return (
-        words in (["python"], ["python3"])
-        or words[:1] == ["torchrun"]
-        or words[:2] == ["accelerate", "launch"]
-    )
-
-
-LAUNCHER = Check(
-    "a launcher: python, torchrun <options> or accelerate launch <options> "
-    "(dvc.yaml appends -m stages.<name>)",
-    _is_launcher,
-)
-
-
 def param(check: Check) -> Any:
     return dataclasses.field(metadata={"check": check})
 

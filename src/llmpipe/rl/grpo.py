@@ -14,7 +14,7 @@ from llmpipe.data.chat import TEMPLATE_KWARGS, PromptFormat
 from llmpipe.errors import ParamsError
 from llmpipe.model.loading import load_tokenizer
 from llmpipe.rl.params import GrpoParams, GrpoTrainingParams
-from llmpipe.runtime import per_process, runtime_args, trained_model
+from llmpipe.runtime import per_process, runtime_args, trained_model, world_size
 from llmpipe.train.lora import adapter_config
 
 
@@ -134,9 +134,16 @@ def _section(p) -> str:
 
 
 def check_grpo_launch(p: GrpoTrainingParams) -> int:
-    """What GRPO needs of the machine and the launcher; returns the completions per process.
+    """What GRPO needs of the machine and its processes; returns the completions per process.
     Cheap: the stage calls it before its first measurement."""
     check_vllm(p)
+    if world_size() != p.processes:
+        raise ParamsError(
+            f"{_section(p)}.processes: {p.processes}, but {world_size()} processes run it (its "
+            f"completions depend on the count, so the count is a param: set "
+            f"{_section(p)}.processes: {world_size()}, or run it through python -m "
+            "llmpipe.launch, which starts that many)"
+        )
     completions = p.prompts_per_step * p.num_generations
     return per_process(
         completions,

@@ -9,7 +9,6 @@ from typing import ClassVar, Literal
 
 from llmpipe.params import (
     GOLD_SCORER,
-    LAUNCHER,
     NON_NEGATIVE_INT,
     NON_NEGATIVE_NUMBER,
     OPEN_UNIT_INTERVAL,
@@ -65,7 +64,6 @@ class PreferencesParams:
 @dataclass(frozen=True, kw_only=True)
 class RewardModelParams:
     SECTION: ClassVar[str] = "reward_model"
-    launcher: str = param(LAUNCHER)
     learning_rate: float = param(POSITIVE_NUMBER)
     warmup_steps: int = param(NON_NEGATIVE_INT)
     epochs: int = param(POSITIVE_INT)
@@ -80,7 +78,9 @@ AT_LEAST_TWO = Check("an integer of at least 2 (a group)", lambda v: v >= 2)
 class GrpoTrainingParams:
     """How TRL's GRPO trains (grpo, task_grpo)."""
 
-    launcher: str = param(LAUNCHER)
+    # The processes it runs on: in the hash, as GRPO's completions depend on it (TRL seeds each
+    # process apart); every executor starts this many (llmpipe.launch.executors).
+    processes: int = param(POSITIVE_INT)
     use_vllm: bool  # generation in vLLM (TRL's colocate mode; CUDA, the [gpu] extra)
     use_lora: bool
     lora_r: int = param(POSITIVE_INT)

@@ -10,7 +10,6 @@ from typing import Any, ClassVar, Literal
 from llmpipe.params import (
     BASE_MODEL,
     HALF_OPEN_UNIT_INTERVAL,
-    LAUNCHER,
     MODEL_SOURCE,
     NON_NEGATIVE_INT,
     NON_NEGATIVE_NUMBER,
@@ -41,7 +40,6 @@ class ModelParams:
 @dataclass(frozen=True, kw_only=True)
 class PretrainParams:
     SECTION: ClassVar[str] = "pretrain"
-    launcher: str = param(LAUNCHER)  # dvc.yaml runs `<launcher> -m stages.pretrain`
     init: str = param(MODEL_SOURCE)
     model: ModelParams
     batch_size: int = param(POSITIVE_INT)  # per process and micro-step
@@ -96,9 +94,8 @@ def _schedule_problems(p: Any) -> list[tuple[str, str]]:
 
 @dataclass(frozen=True, kw_only=True)
 class CausalLMTrainingParams:
-    """What finetune and lora share: the launcher, the base, the data and the optimisation."""
+    """What finetune and lora share: the base, the data and the optimisation."""
 
-    launcher: str = param(LAUNCHER)
     base: str = param(BASE_MODEL)
     block_size: int = param(POSITIVE_INT)
     batch_size: int = param(POSITIVE_INT)  # windows per process and micro-step

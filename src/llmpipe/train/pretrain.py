@@ -186,7 +186,7 @@ def run_digest(p: PretrainParams, seed: int, meta: dict) -> str:
     count is not part of it: the global batch, the data order and so the run are the same on
     any number of processes, and a run may resume on another."""
     payload = {
-        "params": {k: v for k, v in dataclasses.asdict(p).items() if k != "launcher"},
+        "params": dataclasses.asdict(p),
         "seed": seed,
         "data": {s: i["sha256"] for s, i in meta["splits"].items()},
     }
