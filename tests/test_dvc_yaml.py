@@ -223,18 +223,29 @@ def test_where_a_stage_runs_is_no_dep_of_it():
         assert not any(f.startswith(LAUNCH) for f in import_closure(stage)), stage
 
 
-def test_a_new_tokenizer_reaches_every_stage_but_download():
-    """DVC reruns a stage whose deps changed, so a tokenize.vocab_size experiment reruns the
-    stages downstream of tokenize in DVC's own graph of dvc.yaml: every one but download. (The
-    end-to-end experiment test once ran that experiment: the whole chain again, 2.5 minutes.)"""
+@pytest.mark.parametrize(
+    ("changed", "rerun"),
+    [
+        ("tokenize", "every stage but download"),
+        ("reinforce", {"evaluate", "report"}),
+        ("task_reinforce", {"report"}),
+    ],
+)
+def test_an_experiment_reruns_the_stages_downstream_of_what_it_changed(changed, rerun):
+    """DVC reruns a stage whose deps changed, so an experiment on one stage's params reruns the
+    stages downstream of it in DVC's own graph of dvc.yaml, and nothing upstream. (The
+    end-to-end experiment test runs one such experiment, on lora; it once ran these too: a
+    tokenizer change is the whole chain again, 2.5 minutes.)"""
     import networkx as nx
     from dvc.repo import Repo
 
     with Repo(str(ROOT)) as repo:
         graph = repo.index.graph  # edges from a stage to the stages it depends on
-        tokenize = next(stage for stage in graph if stage.addressing == "tokenize")
-        downstream = {stage.addressing for stage in nx.ancestors(graph, tokenize)}
-    assert downstream == set(read_dvc_yaml()["stages"]) - {"download", "tokenize"}
+        stage = next(node for node in graph if node.addressing == changed)
+        downstream = {node.addressing for node in nx.ancestors(graph, stage)}
+    if rerun == "every stage but download":
+        rerun = set(read_dvc_yaml()["stages"]) - {"download", "tokenize"}
+    assert downstream == rerun
 
 
 def test_a_missing_code_dep_is_named():

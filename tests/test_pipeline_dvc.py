@@ -138,12 +138,6 @@ def test_the_experiment_workflow(micro_repro, reproduced_project):
     second = run(["dvc", "repro"], repo).stdout
     assert not ran(second) and "up to date" in second
 
-    # An experiment on REINFORCE reruns it, evaluate and the report only.
-    exp = run(["dvc", "exp", "run", "-S", "reinforce.beta=0.2"], repo).stdout
-    assert ran(exp) == {"reinforce", "evaluate", "report"}
-    run(["git", "checkout", "--", "."], repo)
-    run(["dvc", "checkout"], repo)
-
     # An experiment on lora reruns lora and what depends on it, nothing upstream.
     exp = run(["dvc", "exp", "run", "-S", "lora.r=4"], repo).stdout
     assert ran(exp) == {"lora", "quantize", "evaluate", "report"}

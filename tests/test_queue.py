@@ -1,7 +1,7 @@
 """The GPU-aware queue on the CPU with pretend devices: two experiments queued with
 `dvc exp run --queue` run at once, one per device group, each seeing only its own
-CUDA_VISIBLE_DEVICES (evaluate records it in its perf), and both appear in `dvc exp show` with
-their metrics, as DVC's own queue leaves them."""
+CUDA_VISIBLE_DEVICES, and both appear in `dvc exp show` with their metrics, as DVC's own queue
+leaves them."""
 
 import json
 import sys
@@ -34,22 +34,55 @@ def test_a_bad_device_list_is_a_one_line_error(devices, per, message):
         device_groups(devices, per)
 
 
+PROBE = """import json, os, time
+from ruamel.yaml import YAML
+x = YAML(typ="safe").load(open("params.yaml"))["x"]
+time.sleep(3)  # long enough for the two experiments to overlap
+json.dump({"x": x, "devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "ended": time.time(),
+           "began": time.time() - 3}, open("probe.json", "w"))
+"""
+
+
+@pytest.fixture
+def probe_project(tmp_path):
+    """A DVC project of one stage that records the devices it saw: DVC's queue machinery, in
+    seconds (the pipeline's own stages take minutes; the executor tests cover them)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "probe.py").write_text(PROBE)
+    (repo / "params.yaml").write_text("x: 1\n")
+    (repo / "dvc.yaml").write_text(
+        "stages:\n  probe:\n    cmd: python probe.py\n    deps: [probe.py]\n"
+        "    params: [x]\n    metrics:\n      - probe.json:\n          cache: false\n"
+    )
+    for command in (
+        ["git", "init", "-q", "-b", "main"],
+        ["git", "config", "user.email", "test@llmpipe.local"],
+        ["git", "config", "user.name", "llmpipe test"],
+        ["dvc", "init", "-q"],
+        ["dvc", "repro", "-q"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-q", "-m", "probe"],
+    ):
+        run(command, repo)
+    return repo
+
+
 @pytest.mark.slow
-def test_queued_experiments_run_one_per_device_group(reproduced_project):
-    repo = reproduced_project
-    for name, repeats in (("queued-a", 2), ("queued-b", 3)):
-        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"evaluate.repeats={repeats}"], repo)
+def test_queued_experiments_run_at_once_one_per_device_group(probe_project):
+    repo = probe_project
+    for name, x in (("queued-a", 2), ("queued-b", 3)):
+        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"x={x}"], repo)
     out = run([sys.executable, "-m", "llmpipe.launch.queue", "--devices", "0,1"], repo).stdout
     assert "2 queued experiments on 2 device groups" in out
     assert "queued-a: done" in out and "queued-b: done" in out, out
 
     shown = dict(seeds._experiments(json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)))
-    seen = {}
-    for name, repeats in (("queued-a", 2), ("queued-b", 3)):
-        data = shown[name]
-        assert data["params"]["params.yaml"]["data"]["evaluate"]["repeats"] == repeats
-        evaluate = data["metrics"]["metrics/evaluate.json"]["data"]
-        assert evaluate["finetune"]["val_perplexity_finetune"] > 1
-        seen[name] = {perf["visible_devices"] for perf in evaluate["perf"].values()}
-    assert sorted(seen.values(), key=sorted) == [{"0"}, {"1"}], seen
+    probes = {
+        name: shown[name]["metrics"]["probe.json"]["data"] for name in ("queued-a", "queued-b")
+    }
+    assert {name: probe["x"] for name, probe in probes.items()} == {"queued-a": 2, "queued-b": 3}
+    assert sorted(probe["devices"] for probe in probes.values()) == ["0", "1"]
+    a, b = probes.values()
+    assert a["began"] < b["ended"] and b["began"] < a["ended"]  # they ran at the same time
     assert "Queued" not in run(["dvc", "queue", "status"], repo).stdout

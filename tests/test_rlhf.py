@@ -173,6 +173,53 @@ def test_kl_of_a_policy_to_itself_is_zero_and_positive_to_another(policy_dir):
     assert kl > 0  # on the policy's own samples, the expected log-ratio is a KL
 
 
+def test_completion_logprobs_batched_equal_one_at_a_time(policy_dir, monkeypatch):
+    """Right padding after every real token changes nothing but the sums' float order; an
+    empty completion is 0; a batch is cut to the logits budget."""
+    from transformers import AutoModelForCausalLM
+
+    from llmpipe.rl import rlhf
+
+    tokenizer = load_tokenizer(policy_dir)
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir)
+    prompts = ["the value of", "a list is", "return", "a much longer prompt about the file name"]
+    prompt_ids = [tokenizer(q, add_special_tokens=False).input_ids for q in prompts]
+    completions = [[5, 9, 11], [], [7] * 9, [3, 4]]
+    alone = completion_logprobs(policy, prompt_ids, completions, 0.7, max_rows=1)
+    together = completion_logprobs(policy, prompt_ids, completions, 0.7)
+    assert together == pytest.approx(alone, rel=1e-5, abs=1e-5) and together[1] == 0.0
+    monkeypatch.setattr(rlhf, "LOGPROB_BATCH_LOGITS", 1)  # one row a batch, however small
+    assert completion_logprobs(policy, prompt_ids, completions, 0.7) == alone
+
+
+def test_the_sampler_draws_from_the_distribution_and_never_a_cut_token():
+    from llmpipe.rl.sampling import InverseCdfSample
+
+    torch.manual_seed(0)
+    probs = torch.tensor([0.2, 0.5, 0.0, 0.3])
+    scores = probs.log().expand(20000, 4)  # log 0 = -inf: a token top-k or top-p cut
+    drawn = InverseCdfSample()(None, scores).argmax(-1)
+    shares = torch.bincount(drawn, minlength=4) / len(drawn)
+    assert shares[2] == 0 and torch.allclose(shares, probs, atol=0.015), shares
+
+
+def test_sampling_is_reproducible_and_top_k_1_is_greedy(policy_dir):
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(policy_dir)
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir)
+    prompts = ["the value of", "a list is"]
+
+    def texts(sampling):
+        groups = sample_completions(policy, tokenizer, prompts, sampling)
+        return [c.ids for g in groups for c in g]
+
+    assert texts(Sampling(3, 8, 1.0, seed=1)) == texts(Sampling(3, 8, 1.0, seed=1))
+    assert texts(Sampling(3, 8, 1.0, seed=1)) != texts(Sampling(3, 8, 1.0, seed=2))
+    greedy = texts(Sampling(1, 8, 0.0, seed=0))
+    assert texts(Sampling(1, 8, 1.3, seed=5, top_k=1)) == greedy
+
+
 def test_reward_scores_do_not_depend_on_padding(policy_dir):
     tokenizer = load_tokenizer(policy_dir)
     model = load_reward_model(policy_dir, tokenizer)

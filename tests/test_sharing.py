@@ -69,10 +69,8 @@ def test_a_second_clone_pulls_what_the_first_computed(reproduced_project, tmp_pa
     assert json.loads((second / "metrics/lora.json").read_text()) == json.loads(
         (first / "metrics/lora.json").read_text()
     )
-    # ...and a value never seen reruns lora and what depends on it, nothing upstream.
+    # (A value never seen reruns lora and what depends on it: tests/test_pipeline_dvc.py.)
     run(["git", "checkout", "--", "params.yaml"], second)
-    exp = run(["dvc", "exp", "run", "-S", "lora.r=2"], second).stdout
-    assert ran(exp) == {"lora", "quantize", "evaluate", "report"}
 
     # The first clone's experiment, with its metrics, in the second.
     run(["dvc", "exp", "pull", "origin", "lora-r4"], second)

@@ -176,28 +176,54 @@ def train_reward_model(
     return model, tokenizer, len(trainer.train_dataset)
 
 
+# Logits a batch of completion_logprobs may hold (rows x tokens x vocabulary, float32: 1 GiB).
+LOGPROB_BATCH_LOGITS = 2**28
+
+
 @torch.no_grad()
 def completion_logprobs(
     model,
     prompt_ids: Sequence[list[int]],
     completion_ids: Sequence[list[int]],
     temperature: float = 1.0,
+    max_rows: int = 32,
 ) -> list[float]:
     """Sum of log p(completion token | prefix) per sequence, under the model's distribution
-    at the sampling temperature (as TRL computes its log-ratios)."""
+    at the sampling temperature (as TRL computes its log-ratios). Sequences of similar length
+    go through the model together, right-padded: the padding comes after every real token, so
+    no real token attends to it or moves position."""
     model.eval()
     device = next(model.parameters()).device
-    sums = []
-    for prompt, completion in zip(prompt_ids, completion_ids, strict=True):
-        if not completion:
-            sums.append(0.0)
-            continue
-        ids = torch.tensor([prompt + completion], device=device)
-        logits = model(ids).logits[0, :-1].float() / (temperature if temperature > 0 else 1.0)
-        logprobs = F.log_softmax(logits, dim=-1)
-        targets = ids[0, 1:]
-        token_lp = logprobs.gather(-1, targets[:, None])[:, 0]
-        sums.append(token_lp[len(prompt) - 1 :].sum().item())
+    vocab = model.config.vocab_size  # (an int8 head has no float weight to read it from)
+    sums = [0.0] * len(prompt_ids)
+    order = sorted(
+        (i for i, completion in enumerate(completion_ids) if completion),
+        key=lambda i: len(prompt_ids[i]) + len(completion_ids[i]),
+    )
+    while order:
+        width = len(prompt_ids[order[0]]) + len(completion_ids[order[0]])
+        rows = []
+        for i in order:
+            longest = max(width, len(prompt_ids[i]) + len(completion_ids[i]))
+            if rows and (len(rows) == max_rows or
+                         (len(rows) + 1) * longest * vocab > LOGPROB_BATCH_LOGITS):  # fmt: skip
+                break
+            rows.append(i)
+            width = longest
+        order = order[len(rows) :]
+        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            sequence = prompt_ids[i] + completion_ids[i]
+            ids[r, : len(sequence)] = torch.tensor(sequence)
+            mask[r, : len(sequence)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(ids, attention_mask=mask).logits[:, :-1].float()
+        logprobs = F.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)
+        token_lp = logprobs.gather(-1, ids[:, 1:, None])[..., 0]
+        for r, i in enumerate(rows):
+            start = len(prompt_ids[i]) - 1
+            sums[i] = token_lp[r, start : start + len(completion_ids[i])].sum().item()
     return sums
 
 

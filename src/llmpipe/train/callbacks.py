@@ -53,8 +53,9 @@ class TrainerCurves(TrainerCallback):
                 and not any(word in key for word in _NOT_CURVES)
             ):
                 name = key.replace("eval_", "eval/") if key.startswith("eval_") else f"train/{key}"
-                self.live.log_metric(name, value)
-        self.live.next_step()
+                self.live.log_metric(name, value)  # a row of the curve's file, now
+        # No next_step(): it rewrites dvclive's summary and report, 12 ms a call here (3.6 s of
+        # task_grpo's 300 steps); end() writes them once.
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.live is not None:
