@@ -16,7 +16,7 @@ import torch
 
 from conftest import MICRO_CHAT_TEMPLATE, browser_path, save_micro_instruct, save_micro_model
 from llmpipe import layout
-from llmpipe.serve.app import create_app, main
+from llmpipe.serve.app import check_bind, create_app, main
 from llmpipe.serve.engine import Limits, StopText, build_engine, pipeline_models
 
 torch.set_num_threads(1)  # two cores, shared: one thread for the server, none for the rest
@@ -74,7 +74,7 @@ class LiveServer:
     """uvicorn on a free port in a thread of this process, on an event loop the tests can
     reach (to hold the generation queue)."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, api_key: str | None = None):
         import uvicorn
 
         self.engine = engine
@@ -84,7 +84,7 @@ class LiveServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(
             uvicorn.Config(
-                create_app(engine), host="127.0.0.1", port=self.port, log_level="warning"
+                create_app(engine, api_key), host="127.0.0.1", port=self.port, log_level="warning"
             )
         )
         self.loop = asyncio.new_event_loop()
@@ -589,4 +589,108 @@ def test_the_page_streams_two_models_side_by_side(server, tmp_path):
         updates = page.evaluate("window.updates")
         assert updates["finetune"] > 3 and updates["grpo"] > 3, updates
         page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        browser.close()
+
+
+KEY = "sk-llmpipe-test-4f1b9c"
+
+
+@pytest.fixture(scope="module")
+def keyed_server(root):
+    live = LiveServer(build_engine(root, {}, scores=False, limits=LIMITS), api_key=KEY)
+    yield live
+    live.stop()
+
+
+def test_a_key_guards_every_route_but_the_page(keyed_server):
+    from openai import AuthenticationError, OpenAI
+
+    url = f"{keyed_server.url}/v1"
+    for key in ("", "wrong", KEY[:-1]):
+        with pytest.raises(AuthenticationError, match="a valid API key is needed"):
+            OpenAI(base_url=url, api_key=key or "none", max_retries=0).models.list()
+    response = httpx.post(f"{url}/completions", json={"model": "finetune", "prompt": "x"})
+    assert response.status_code == 401
+    assert response.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(f"{keyed_server.url}/llmpipe/scorers").status_code == 401
+    assert httpx.get(keyed_server.url).status_code == 200  # the page, which asks for the key
+    client = OpenAI(base_url=url, api_key=KEY, max_retries=0)
+    assert "finetune" in {m.id for m in client.models.list()}
+    done = client.completions.create(model="finetune", prompt=PROMPT, max_tokens=4, seed=1)
+    assert done.usage.completion_tokens >= 1
+
+
+def test_another_address_than_this_machines_needs_a_key_or_insecure(capsys):
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        check_bind(host, None, insecure=False)
+    check_bind("0.0.0.0", "a key", insecure=False)
+    check_bind("0.0.0.0", None, insecure=True)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--host", "0.0.0.0", "--no-pipeline", "--model", "x=/nonexistent"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --host 0.0.0.0: other machines could use this server (and its GPU) without a "
+        "key; give --api-key (or LLMPIPE_API_KEY), or --insecure to serve without one"
+    )
+
+
+def test_the_key_never_reaches_the_log(root, tmp_path):
+    """The command run as users run it, the key from the environment: whatever requests come,
+    its output never holds the key."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "llmpipe.serve", "--root", str(root), "--no-scores"]
+    server = subprocess.Popen(
+        [*command, "--port", str(port), "--threads", "1"],
+        env=subprocess_env(LLMPIPE_API_KEY=KEY),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(url, timeout=1)
+                break
+            except httpx.TransportError:
+                assert server.poll() is None and time.monotonic() < deadline, "no server"
+                time.sleep(0.3)
+        headers = {"Authorization": f"Bearer {KEY}"}
+        assert httpx.get(f"{url}/v1/models", headers=headers).status_code == 200
+        assert (
+            httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer no"}).status_code == 401
+        )
+        body = {"model": "finetune", "prompt": KEY, "max_tokens": 2}
+        assert httpx.post(f"{url}/v1/completions", json=body, headers=headers).status_code == 200
+    finally:
+        server.terminate()
+        output = server.communicate(timeout=30)[0]
+    assert "API key: required" in output and '"GET /v1/models HTTP/1.1" 401' in output
+    assert KEY not in output
+
+
+def test_the_page_asks_for_the_key_once_a_session(keyed_server):
+    from playwright.sync_api import expect, sync_playwright
+
+    executable = browser_path()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=executable, headless=True, args=["--no-sandbox"]
+        )
+        page = browser.new_page()
+        asked = []
+        page.on("dialog", lambda dialog: (asked.append(dialog.message), dialog.accept(KEY)))
+        page.goto(keyed_server.url)
+        expect(page.locator("#models input")).not_to_have_count(0)
+        page.reload()  # the same tab: the key is kept for its session
+        expect(page.locator("#models input")).not_to_have_count(0)
+        assert asked == ["This server needs its API key:"]
         browser.close()

@@ -59,6 +59,9 @@ def slurm_conf(directory: Path) -> Path:
                 "SelectType=select/cons_tres",
                 "SelectTypeParameters=CR_Core",
                 "ReturnToService=2",
+                # A cancelled job's processes get 2 s between SIGTERM and SIGKILL (30 by
+                # default), so the next test's job does not wait for its cores.
+                "KillWait=2",
                 "MpiDefault=none",
                 f"SlurmctldPort={free_port()}",
                 f"SlurmdPort={free_port()}",

@@ -53,6 +53,12 @@ through the model's chat template with the pinned date of `chat.TEMPLATE_KWARGS`
 stages, their reports and evaluation render chat prompts: a served chat model reads the tokens
 it was trained and evaluated on (a template that prints today's date prints that one).
 
+Keys: with `--api-key` (or LLMPIPE_API_KEY) every route but the page itself needs the header
+`Authorization: Bearer <key>`, as OpenAI's clients send it; without it, 401. The page asks for
+the key once and keeps it for the browser tab's session. Without a key the server binds to
+this machine only: `--host` another address stops with a one-line error unless `--insecure`
+says so on purpose. The key is compared in constant time and never printed or logged.
+
 The parts: `schema` (the requests, the errors), `engine` (the models, the jobs, the queue,
 generation), `streaming` (the responses, whole or as server-sent events), `page` (the
 comparison page) and this module (the routes and the command).
@@ -61,6 +67,9 @@ comparison page) and this module (the routes and the command).
 from __future__ import annotations
 
 import argparse
+import hmac
+import ipaddress
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -84,7 +93,35 @@ from llmpipe.serve.streaming import event_stream, whole_response
 # --- the app ------------------------------------------------------------------------------
 
 
-def create_app(engine: Engine):
+API_KEY_ENV = "LLMPIPE_API_KEY"
+KEY_FREE_PATHS = ("/",)  # the page: it loads, then asks for the key
+
+
+class RequireKey:
+    """ASGI middleware: a request without the key gets 401 before any route runs. Plain ASGI,
+    not Starlette's BaseHTTPMiddleware, which would wrap the event streams and hide a client's
+    disconnect from them."""
+
+    def __init__(self, app, expected: bytes):
+        self.app, self.expected = app, expected
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in KEY_FREE_PATHS:
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if hmac.compare_digest(given, self.expected):
+            return await self.app(scope, receive, send)
+        from fastapi.responses import JSONResponse
+
+        error = ApiError(
+            401,
+            "a valid API key is needed (header Authorization: Bearer <key>)",
+            kind="authentication_error",
+        )
+        await JSONResponse(error_body(error), status_code=401)(scope, receive, send)
+
+
+def create_app(engine: Engine, api_key: str | None = None):
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse
@@ -94,6 +131,9 @@ def create_app(engine: Engine):
 
     app = FastAPI(title="llmpipe", summary="The pipeline's models over the OpenAI API")
     app.state.engine = engine
+
+    if api_key:
+        app.add_middleware(RequireKey, expected=f"Bearer {api_key}".encode())
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
@@ -178,6 +218,21 @@ def parse_model_args(values: Sequence[str]) -> dict[str, Path]:
     return models
 
 
+def check_bind(host: str, api_key: str | None, insecure: bool) -> None:
+    """Another address than this machine's own needs a key, or --insecure said on purpose."""
+    if api_key or insecure or host == "localhost":
+        return
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return
+    except ValueError:  # a host name: it may resolve to any interface
+        pass
+    raise DataError(
+        f"--host {host}: other machines could use this server (and its GPU) without a key; "
+        f"give --api-key (or {API_KEY_ENV}), or --insecure to serve without one"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m llmpipe.serve",
@@ -206,6 +261,16 @@ def main(argv: list[str] | None = None) -> None:
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV) or None,
+        help=f"the key every request must bear (default: ${API_KEY_ENV}; none: no key)",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="bind to another address than this machine's without a key",
+    )
     parser.add_argument("--max-tokens-cap", type=int, default=Limits.max_tokens_cap)
     parser.add_argument("--max-n", type=int, default=Limits.max_n)
     parser.add_argument(
@@ -237,6 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        check_bind(args.host, args.api_key, args.insecure)
         engine = build_engine(
             args.root,
             parse_model_args(args.model),
@@ -260,7 +326,9 @@ def main(argv: list[str] | None = None) -> None:
         f"gold {s.gold_name or 'no'}"
     )
     print(f"the page: http://{args.host}:{args.port}/  the API: http://{args.host}:{args.port}/v1")
-    uvicorn.run(create_app(engine), host=args.host, port=args.port, log_level="info")
+    print("API key: " + ("required (Authorization: Bearer ...)" if args.api_key else "none"))
+    app = create_app(engine, args.api_key)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 
 if __name__ == "__main__":
