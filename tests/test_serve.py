@@ -694,3 +694,22 @@ def test_the_page_asks_for_the_key_once_a_session(keyed_server):
         expect(page.locator("#models input")).not_to_have_count(0)
         assert asked == ["This server needs its API key:"]
         browser.close()
+
+
+def test_tokenize_and_detokenize_round_trip_as_a_completion_reads_the_prompt(server, client):
+    text = "Return the sum of a and b. Ünïcödé too"
+    tokens = httpx.post(f"{server.url}/tokenize", json={"model": "finetune", "prompt": text})
+    body = tokens.json()
+    assert tokens.status_code == 200 and body["count"] == len(body["tokens"]) > 3
+    assert body["max_model_len"] == CONTEXT
+    done = client.completions.create(model="finetune", prompt=text, max_tokens=1)
+    assert done.usage.prompt_tokens == body["count"]  # the ids a completion reads
+    back = httpx.post(
+        f"{server.url}/detokenize", json={"model": "finetune", "tokens": body["tokens"]}
+    )
+    assert back.json() == {"prompt": text}
+    bad = httpx.post(f"{server.url}/detokenize", json={"model": "finetune", "tokens": [10**6]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    assert "is not a token id of 'finetune'" in bad.json()["error"]["message"]
+    unknown = httpx.post(f"{server.url}/tokenize", json={"model": "nope", "prompt": "x"})
+    assert unknown.status_code == 404

@@ -8,7 +8,9 @@ It serves each model of `layout.MODEL_OUTPUTS` that exists (a new model stage ap
 itself), `lora` as the merged model or, where only the adapter is there, the adapter on its
 base, and any Hugging Face model directory given with `--model name=dir`:
 `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (models whose tokenizer
-has a chat template), streamed as server-sent events or not.
+has a chat template), streamed as server-sent events or not, and `POST /tokenize` and
+`POST /detokenize` as vLLM's server has them (a prompt's ids as a completion reads it, and
+back).
 
 Why these parts: FastAPI validates each request against a pydantic model, so a wrong type or a
 missing field is a 400 naming the field without code of ours; uvicorn and sse-starlette
@@ -83,8 +85,10 @@ from llmpipe.serve.schema import (
     ApiError,
     ChatRequest,
     CompletionRequest,
+    DetokenizeRequest,
     SamplingRequest,
     ScoreRequest,
+    TokenizeRequest,
     error_body,
     validation_message,
 )
@@ -193,6 +197,14 @@ def create_app(engine: Engine, api_key: str | None = None):
             event_stream(engine, job, turn, chat, include_usage),
             background=BackgroundTask(turn.close),
         )
+
+    @app.post("/tokenize")
+    async def tokenize(request: TokenizeRequest):
+        return engine.tokenize(request.model, request.prompt)
+
+    @app.post("/detokenize")
+    async def detokenize(request: DetokenizeRequest):
+        return engine.detokenize(request.model, request.tokens)
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest):

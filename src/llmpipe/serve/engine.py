@@ -538,6 +538,24 @@ class Engine:
             n,
         )
 
+    def tokenize(self, name: str, text: str) -> dict:
+        """A prompt's ids as a completion request encodes it (PLAIN: no special tokens added)."""
+        served = self.model(name)
+        ids = PLAIN.prompt_ids(served.tokenizer, text)
+        return {"tokens": ids, "count": len(ids), "max_model_len": served.context}
+
+    def detokenize(self, name: str, ids: list[int]) -> dict:
+        served = self.model(name)
+        vocabulary = len(served.tokenizer)
+        if unknown := [i for i in ids if i >= vocabulary]:
+            raise ApiError(
+                400,
+                f"tokens: {unknown[0]} is not a token id of {name!r} (its vocabulary has "
+                f"{vocabulary})",
+                "tokens",
+            )
+        return {"prompt": served.tokenizer.decode(ids)}
+
     def completion_job(self, request: CompletionRequest) -> Job:
         served = self.model(request.model)
         prompt = request.prompt

@@ -85,9 +85,33 @@ class ScoreRequest(BaseModel):
     completion: str
 
 
+class TokenizeRequest(BaseModel):
+    """POST /tokenize, as vLLM's server takes it: a prompt's token ids as /v1/completions reads
+    the prompt."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    model: str
+    prompt: str
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    model: str
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
 FIELD_NAMES = {
     name
-    for model in (CompletionRequest, ChatRequest, Message, TextPart, StreamOptions, ScoreRequest)
+    for model in (
+        CompletionRequest,
+        ChatRequest,
+        Message,
+        TextPart,
+        StreamOptions,
+        ScoreRequest,
+        TokenizeRequest,
+        DetokenizeRequest,
+    )
     for name in model.model_fields
 }
 # What a field must be, for the one-line message when a value fits none of a union's types.
