@@ -634,6 +634,7 @@ def test_another_address_than_this_machines_needs_a_key_or_insecure(capsys):
     )
 
 
+@pytest.mark.slow  # the command in a process of its own, as users run it
 def test_the_key_never_reaches_the_log(root, tmp_path):
     """The command run as users run it, the key from the environment: whatever requests come,
     its output never holds the key."""
