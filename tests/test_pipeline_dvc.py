@@ -150,47 +150,24 @@ def test_the_experiment_workflow(micro_repro, reproduced_project):
     assert "### Headline figures" in markdown and "| better |" not in markdown
     assert "lora.r" in markdown  # the params diff
 
-    # Noise bars: two seeds of a variant queued from lora on, run one at a time, aggregated.
-    table = run(
-        [
-            "python",
-            "-m",
-            "llmpipe.seeds",
-            "--seeds",
-            "2",
-            "--from",
-            "lora",
-            "--variant",
-            "lora.r=2",
-        ],
-        repo,
-    ).stdout
+    # Noise bars: two seeds of a variant queued from reinforce on (reinforce, evaluate, report),
+    # run one at a time, aggregated.
+    variant = "reinforce.learning_rate=2.0e-05"
+    command = ["python", "-m", "llmpipe.seeds", "--seeds", "2", "--from", "reinforce"]
+    table = run([*command, "--variant", variant], repo).stdout
     experiments = dict(
         seeds._experiments(json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout))
     )
-    names = [f"seeds-lora-r-2-s{seed}" for seed in (0, 1)]
+    names = [seeds.experiment_name([variant], seed) for seed in (0, 1)]
     assert [experiments[name]["params"]["params.yaml"]["data"]["seed"] for name in names] == [0, 1]
-    lora_row = next(line for line in table.splitlines() if line.startswith("| lora val perplexity"))
-    assert "± " in lora_row and "(2 seeds)" in lora_row, table
-    values = [seeds.headline_figures(experiments[name])["lora val perplexity"] for name in names]
+    title = "reinforce KL per token"
+    row = next(line for line in table.splitlines() if line.startswith(f"| {title}"))
+    assert "± " in row and "(2 seeds)" in row, table
+    values = [seeds.headline_figures(experiments[name])[title] for name in names]
     assert values[0] != values[1]
-    assert lora_row.split("|")[2].strip().startswith(f"{sum(values) / 2:.4g} ± ")
+    assert row.split("|")[2].strip().startswith(f"{sum(values) / 2:.4g} ± ")
     # ...and read again without running anything.
-    again = run(
-        [
-            "python",
-            "-m",
-            "llmpipe.seeds",
-            "--seeds",
-            "2",
-            "--from",
-            "lora",
-            "--variant",
-            "lora.r=2",
-            "--report",
-        ],
-        repo,
-    ).stdout
+    again = run([*command, "--variant", variant, "--report"], repo).stdout
     assert again == table and table.startswith("| figure |")
 
 
