@@ -182,6 +182,21 @@ def test_a_failing_job_fails_dvc_repro_with_the_stages_error(slurm, project_copy
     assert "Slurm job" in result.stderr and "ended FAILED (exit code 2:0)" in result.stderr
 
 
+def test_the_several_node_path_runs_two_torchrun_agents_under_srun(
+    slurm, micro_workspace, tmp_path
+):
+    workspace = tmp_path / "ws"
+    shutil.copytree(micro_workspace, workspace)
+    set_params(workspace, {"pretrain.grad_accum_steps": 2, "pretrain.max_steps": 6})
+    executor(workspace, "kind: slurm\nprocesses: 1\nslurm: {tasks: 2}\n")
+    out = run([sys.executable, "-m", "llmpipe.launch", "pretrain"], workspace, **slurm).stdout
+    assert "--ntasks 2" in out
+    metrics = json.loads((workspace / "metrics/pretrain.json").read_text())
+    assert metrics["perf"]["processes"] == 2 and metrics["steps"] == 6
+
+
+# Last: a cancelled job's processes may hold the node's cores a while after it ends, and a
+# job after it would wait for them (42 s of CI's 15 minutes, once).
 def test_a_cancelled_job_fails_the_stage_cleanly(slurm, micro_workspace, tmp_path):
     workspace = tmp_path / "ws"
     shutil.copytree(micro_workspace, workspace)
@@ -209,16 +224,3 @@ def test_a_cancelled_job_fails_the_stage_cleanly(slurm, micro_workspace, tmp_pat
         stage.kill()
     assert stage.returncode != 0
     assert "ended CANCELLED" in err, (out, err)
-
-
-def test_the_several_node_path_runs_two_torchrun_agents_under_srun(
-    slurm, micro_workspace, tmp_path
-):
-    workspace = tmp_path / "ws"
-    shutil.copytree(micro_workspace, workspace)
-    set_params(workspace, {"pretrain.grad_accum_steps": 2, "pretrain.max_steps": 6})
-    executor(workspace, "kind: slurm\nprocesses: 1\nslurm: {tasks: 2}\n")
-    out = run([sys.executable, "-m", "llmpipe.launch", "pretrain"], workspace, **slurm).stdout
-    assert "--ntasks 2" in out
-    metrics = json.loads((workspace / "metrics/pretrain.json").read_text())
-    assert metrics["perf"]["processes"] == 2 and metrics["steps"] == 6

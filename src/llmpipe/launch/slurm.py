@@ -208,10 +208,21 @@ def _copy(stream) -> None:
         sys.stdout.flush()
 
 
+# States a job passes through before its end state: `sbatch --wait` may return while the job is
+# still COMPLETING (its processes being killed), so the end state is waited for.
+UNSETTLED = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "STAGE_OUT")
+SETTLE_S = 30.0
+
+
 def job_state(job_id: str) -> tuple[str, str]:
     """The job's end state and exit code from scontrol ('' when Slurm no longer knows it)."""
-    out = subprocess.run(
-        ["scontrol", "show", "job", job_id], capture_output=True, text=True, check=False
-    ).stdout
-    fields = dict(f.split("=", 1) for f in out.split() if "=" in f)
-    return fields.get("JobState", ""), fields.get("ExitCode", "")
+    deadline = time.monotonic() + SETTLE_S
+    while True:
+        out = subprocess.run(
+            ["scontrol", "show", "job", job_id], capture_output=True, text=True, check=False
+        ).stdout
+        fields = dict(f.split("=", 1) for f in out.split() if "=" in f)
+        state = fields.get("JobState", "")
+        if state not in UNSETTLED or time.monotonic() > deadline:
+            return state, fields.get("ExitCode", "")
+        time.sleep(POLL_S)
