@@ -174,7 +174,7 @@ def test_a_slurm_job_runs_the_node_command_or_srun_over_nodes(tmp_path, monkeypa
     )
     assert slurm.batch_script("evaluate", one).splitlines()[-1] == f"exec {PY} -m stages.evaluate"
     command = slurm.sbatch_command("pretrain", one, tmp_path / "s.sh", tmp_path / "s.log")
-    assert command[:3] == ["sbatch", "--wait", "--parsable"]
+    assert command[:2] == ["sbatch", "--parsable"]
     assert ["--partition", "gpu"] == command[command.index("--partition") :][:2]
     assert ["--gpus-per-node", "4"] == command[command.index("--gpus-per-node") :][:2]
 

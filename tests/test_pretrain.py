@@ -1,14 +1,11 @@
 import dataclasses
-import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run, set_params
 from llmpipe import layout
 from llmpipe.data.tokens import EpochSampler
 from llmpipe.errors import ParamsError
@@ -294,31 +291,6 @@ def test_hf_init_checks_the_architecture(micro_workspace, tmp_path):
     wrong = dataclasses.replace(p, model=dataclasses.replace(p.model, n_layer=3))
     with pytest.raises(ParamsError, match=r"pretrain\.model\.n_layer: 3 differs from .*'s 2"):
         pretrain(wrong, seed, paths_in(micro_workspace, tmp_path / "out2"))
-
-
-@pytest.mark.slow
-def test_torchrun_two_processes_match_one(micro_workspace, tmp_path):
-    curves = {}
-    for name, launcher in (
-        ("single", ["python", "-m"]),
-        ("ddp", ["torchrun", "--standalone", "--nproc_per_node", "2", "-m"]),
-    ):
-        work = tmp_path / name
-        work.mkdir()
-        shutil.copytree(micro_workspace / "data", work / "data")
-        shutil.copy2(micro_workspace / "params.yaml", work / "params.yaml")
-        set_params(work, {"pretrain.grad_accum_steps": 2, "pretrain.max_steps": 8})
-        run([*launcher, "stages.pretrain"], work, PYTHONPATH=f"{ROOT}:{ROOT / 'src'}")
-        curves[name] = [
-            float(line.split("\t")[-1])
-            for line in (work / "dvclive/pretrain/plots/metrics/train/loss.tsv")
-            .read_text()
-            .splitlines()[1:]
-        ]
-        metrics = json.loads((work / "metrics/pretrain.json").read_text())
-        assert metrics["perf"]["processes"] == (2 if name == "ddp" else 1)
-    assert len(curves["single"]) == len(curves["ddp"]) == 8
-    assert curves["ddp"] == pytest.approx(curves["single"], abs=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,13 @@
 """The slurm executor: a stage as one Slurm job, waited for, its log streamed.
 
-`sbatch --wait` submits a batch script (kept beside the job's log in `slurm.log_dir`) and returns
-when the job ends, with the job's exit status: that is the stage's, so `dvc repro` stops on a
-failed job as on a failed local stage. A cancelled job (`scancel`) or one past its time limit
-fails the stage with a line that says so; interrupting `dvc repro` cancels the job.
+`sbatch --parsable` submits a batch script (kept beside the job's log in `slurm.log_dir`); the
+launch then streams the log and polls the job until its end state, whose exit status is the
+stage's, so `dvc repro` stops on a failed job as on a failed local stage. A cancelled job
+(`scancel`) or one past its time limit fails the stage with a line that says so; interrupting
+`dvc repro` cancels the job.
+
+It polls instead of `sbatch --wait`, whose polls come at 2, 10, 42, 74... s after submission
+(slurm 22.05's sbatch doubles its sleep twice over, up to 32 s): a 10.2 s job took 42 s.
 
 On one node the job runs the stage's node command (executors.node_command). On several nodes
 (or `slurm.tasks` > 1) `srun` starts one torchrun agent per node, and the agents meet at node 0
@@ -15,7 +19,6 @@ writes the stage's outputs there.
 
 from __future__ import annotations
 
-import contextlib
 import shlex
 import signal
 import subprocess
@@ -34,6 +37,10 @@ from llmpipe.launch.executors import (
 )
 
 POLL_S = 0.2  # how often the log is read while the job runs
+# How often Slurm is asked for the job's state: every second at first, then a tenth of the time
+# waited so far (an end seen at most 10% late), never more than twice a minute: one RPC to
+# slurmctld per stage, as gentle as sbatch --wait's own polls on a long job.
+QUERY_S, MAX_QUERY_S = 1.0, 30.0
 
 
 def agents(executor: Executor, stage: str) -> int:
@@ -106,7 +113,6 @@ def sbatch_command(stage: str, executor: Executor, script: Path, log: Path) -> l
     count = agents(executor, stage)
     command = [
         "sbatch",
-        "--wait",
         "--parsable",
         "--job-name",
         f"llmpipe-{stage}",
@@ -148,55 +154,62 @@ def run_stage(stage: str, executor: Executor, dry_run: bool = False) -> int:
         print(script.read_text(), end="")
         return 0
     try:
-        job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        submitted = subprocess.run(command, capture_output=True, text=True, check=False)
     except FileNotFoundError:
         raise ExecutorError(
             f"{executor.source}: kind: slurm, but sbatch is not on PATH (run where Slurm's "
             "commands are, e.g. a login node)"
         ) from None
-    job_id = job.stdout.readline().strip().split(";")[0]  # --parsable: printed on submission
-    if not job_id:
-        job.wait()
-        raise ExecutorError(f"sbatch refused {stage}'s job: {job.stderr.read().strip()}")
+    job_id = submitted.stdout.strip().split(";")[0]  # --parsable: id[;cluster]
+    if submitted.returncode != 0 or not job_id:
+        raise ExecutorError(f"sbatch refused {stage}'s job: {submitted.stderr.strip()}")
     print(f"{stage}: Slurm job {job_id}, log {log}", flush=True)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        with open_when_there(log, job) as stream:
-            while job.poll() is None:
-                _copy(stream)
-                time.sleep(POLL_S)
-            _copy(stream)
+        state, exit_code = wait_for(job_id, log)
     except KeyboardInterrupt:
         subprocess.run(["scancel", job_id], check=False)
         print(f"error: {stage}: interrupted; Slurm job {job_id} cancelled", file=sys.stderr)
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
-    state, exit_code = job_state(job_id)
-    if job.returncode == 0 and state in ("", "COMPLETED"):
+    if state == "COMPLETED":
         return 0
     print(
-        f"error: {stage}: Slurm job {job_id} ended {state or 'with an error'}"
+        f"error: {stage}: Slurm job {job_id} ended {state or 'unseen (Slurm no longer knows it)'}"
         f"{f' (exit code {exit_code})' if exit_code else ''}; its log: {log}",
         file=sys.stderr,
     )
-    return job.returncode or 1
+    status = exit_code.split(":")[0]
+    return int(status) if status.isdigit() and int(status) else 1
+
+
+def wait_for(job_id: str, log: Path) -> tuple[str, str]:
+    """Copy the job's log as it grows until the job reaches an end state: (state, exit code)."""
+    started = time.monotonic()
+    next_query = started
+    stream = None
+    try:
+        while True:
+            now = time.monotonic()
+            if now >= next_query:
+                state, exit_code = job_state(job_id)
+                if state not in UNSETTLED:
+                    stream = stream or (open(log, "rb") if log.exists() else None)
+                    _copy(stream)  # the job has ended: its log is whole
+                    return state, exit_code
+                next_query = now + min(MAX_QUERY_S, max(QUERY_S, (now - started) / 10))
+            if stream is None and log.exists():
+                stream = open(log, "rb")
+            _copy(stream)
+            time.sleep(POLL_S)
+    finally:
+        if stream is not None:
+            stream.close()
 
 
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def open_when_there(log: Path, job: subprocess.Popen):
-    """The job's log, once Slurm has created it (or an empty stream if the job never ran)."""
-    while not log.exists() and job.poll() is None:
-        time.sleep(POLL_S)
-    if not log.exists():
-        yield None
-        return
-    with open(log, "rb") as stream:
-        yield stream
 
 
 def _copy(stream) -> None:
@@ -208,21 +221,20 @@ def _copy(stream) -> None:
         sys.stdout.flush()
 
 
-# States a job passes through before its end state: `sbatch --wait` may return while the job is
-# still COMPLETING (its processes being killed), so the end state is waited for.
+# States a job passes through before its end state (COMPLETING: its processes being killed).
 UNSETTLED = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "STAGE_OUT")
-SETTLE_S = 30.0
+# What scontrol says of a job id it does not know (a job purged MinJobAge after its end; the
+# polls above come well within Slurm's default 300 s).
+UNKNOWN_JOB = "Invalid job id"
 
 
 def job_state(job_id: str) -> tuple[str, str]:
-    """The job's end state and exit code from scontrol ('' when Slurm no longer knows it)."""
-    deadline = time.monotonic() + SETTLE_S
-    while True:
-        out = subprocess.run(
-            ["scontrol", "show", "job", job_id], capture_output=True, text=True, check=False
-        ).stdout
-        fields = dict(f.split("=", 1) for f in out.split() if "=" in f)
-        state = fields.get("JobState", "")
-        if state not in UNSETTLED or time.monotonic() > deadline:
-            return state, fields.get("ExitCode", "")
-        time.sleep(POLL_S)
+    """The job's state and exit code from scontrol; ('', '') once Slurm no longer knows it. A
+    failed query (slurmctld busy or restarting) reads as PENDING: ask again later."""
+    result = subprocess.run(
+        ["scontrol", "show", "job", job_id], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        return ("", "") if UNKNOWN_JOB in result.stderr else ("PENDING", "")
+    fields = dict(f.split("=", 1) for f in result.stdout.split() if "=" in f)
+    return fields.get("JobState", ""), fields.get("ExitCode", "")
