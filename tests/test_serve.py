@@ -282,7 +282,7 @@ def test_a_chat_request_is_the_prompt_the_pipeline_evaluates_token_for_token(tmp
 
     def served(messages: list[dict]) -> list[int]:
         body = json.dumps({"model": "instruct", "messages": messages})  # as the route gets it
-        return engine.chat_job(ChatRequest.model_validate_json(body)).prompt_ids
+        return engine.chat_job(ChatRequest.model_validate_json(body)).prompts[0]
 
     question = [{"role": "user", "content": PROMPT}]
     expected = pipeline.prompt_ids(tokenizer, PROMPT)
@@ -334,7 +334,7 @@ BAD_REQUESTS = [
         "/v1/completions",
         {"model": "finetune", "prompt": 5},
         400,
-        "prompt: expected a string or a list of token ids (got 5)",
+        "prompt: expected a string, a list of token ids, or a list of either (got 5)",
     ),
     (
         "/v1/completions",
@@ -714,3 +714,85 @@ def test_tokenize_and_detokenize_round_trip_as_a_completion_reads_the_prompt(ser
     assert "is not a token id of 'finetune'" in bad.json()["error"]["message"]
     unknown = httpx.post(f"{server.url}/tokenize", json={"model": "nope", "prompt": "x"})
     assert unknown.status_code == 404
+
+
+def hf_log_likelihood(model_dir: Path, context: list[int], continuation: list[int]) -> float:
+    """log p(continuation | context), summed over its tokens, in-process from the HF model."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = torch.tensor([context + continuation])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+    return sum(logprobs[len(context) + i - 1, token].item() for i, token in enumerate(continuation))
+
+
+def test_echoed_logprobs_are_the_models_log_likelihood_for_a_list_of_prompts(client, root):
+    """The evaluation clients' scoring request (lm-eval's local-completions): token-id prompts
+    in a list, echo, logprobs, nothing generated; each choice's summed logprobs over the
+    continuation are its log-likelihood."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(root / layout.FINETUNE_MODEL)
+    context = tokenizer("Question: what is two and two? Answer:").input_ids
+    continuations = [tokenizer(" four").input_ids, tokenizer(" five apples").input_ids]
+    out = client.completions.create(
+        model="finetune",
+        prompt=[context + c for c in continuations],
+        echo=True,
+        logprobs=2,
+        max_tokens=0,
+        temperature=0,
+    )
+    assert [c.index for c in out.choices] == [0, 1]
+    assert out.usage.completion_tokens == 0
+    assert out.usage.prompt_tokens == sum(len(context + c) for c in continuations)
+    for choice, continuation in zip(out.choices, continuations, strict=True):
+        logprobs = choice.logprobs
+        ids = context + continuation
+        assert choice.text == tokenizer.decode(ids)  # the prompt, echoed
+        assert logprobs.tokens == [tokenizer.decode([i]) for i in ids]
+        assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+        assert logprobs.text_offset[:2] == [0, len(logprobs.tokens[0])]
+        served = sum(logprobs.token_logprobs[len(context) :])
+        expected = hf_log_likelihood(root / layout.FINETUNE_MODEL, context, continuation)
+        assert served == pytest.approx(expected, abs=1e-4)
+        for lp, top in zip(logprobs.token_logprobs[1:], logprobs.top_logprobs[1:], strict=True):
+            assert 2 <= len(top) <= 3 and max(top.values()) >= lp  # the chosen one beside
+
+
+def test_greedy_tokens_come_with_their_logprobs_and_a_prompt_list_answers_each_alone(client, root):
+    out = client.completions.create(
+        model="grpo", prompt=PROMPT, max_tokens=5, temperature=0, logprobs=3
+    )
+    logprobs = out.choices[0].logprobs
+    assert len(logprobs.tokens) == out.usage.completion_tokens
+    # greedy: each token is its position's likeliest
+    for lp, top in zip(logprobs.token_logprobs, logprobs.top_logprobs, strict=True):
+        assert lp == pytest.approx(max(top.values()), abs=1e-6) and 1 <= len(top) <= 3
+    assert logprobs.text_offset[0] == len(PROMPT)  # offsets count from the prompt's start
+
+    prompts = [PROMPT, "Another prompt"]
+    request = dict(model="grpo", max_tokens=6, seed=5, n=2, **SAMPLING)
+    together = client.completions.create(prompt=prompts, **request)
+    assert [c.index for c in together.choices] == [0, 1, 2, 3]  # prompt i's: 2i, 2i + 1
+    for i, prompt in enumerate(prompts):
+        alone = client.completions.create(prompt=prompt, **request)
+        assert [c.text for c in together.choices[2 * i : 2 * i + 2]] == [
+            c.text for c in alone.choices
+        ]
+        assert all(c.logprobs is None for c in alone.choices)  # not asked for
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"prompt": "x", "logprobs": 1, "stream": True}, "stream: logprobs and echo are answered"),
+        ({"prompt": ["x", ""]}, "prompt.1: empty"),
+        ({"prompt": "x", "logprobs": 21}, "logprobs: Input should be less than or equal to 20"),
+        ({"prompt": [["x"]]}, "prompt: expected a string, a list of token ids, or a list of"),
+    ],
+)
+def test_bad_scoring_requests_name_the_field(server, body, message):
+    r = httpx.post(f"{server.url}/v1/completions", json={"model": "finetune", **body})
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text

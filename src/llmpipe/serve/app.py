@@ -10,7 +10,8 @@ base, and any Hugging Face model directory given with `--model name=dir`:
 `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (models whose tokenizer
 has a chat template), streamed as server-sent events or not, and `POST /tokenize` and
 `POST /detokenize` as vLLM's server has them (a prompt's ids as a completion reads it, and
-back).
+back). Completions also take a list of prompts, `logprobs`, `echo` and `max_tokens: 0`, the
+scoring requests of evaluation clients (`engine.choice_logprobs`; answered whole, not streamed).
 
 Why these parts: FastAPI validates each request against a pydantic model, so a wrong type or a
 missing field is a 400 naming the field without code of ours; uvicorn and sse-starlette
@@ -37,7 +38,8 @@ streamed or not (tests/test_serve.py checks both through the openai client). `st
 draw at the token that completes a stop string (transformers' `stop_strings`) and cuts the
 text before it; the tokens drawn until then are the same. With `n` > 1 the choices are drawn
 one after another after that one `torch.manual_seed(s)`, so choice i is the (i+1)-th of n
-successive `generate` calls, and choice 0 is the call above. Equal on one device and machine:
+successive `generate` calls, and choice 0 is the call above; each prompt of a list of prompts
+is seeded anew, so it draws what it draws alone. Equal on one device and machine:
 another CPU or a GPU may draw other tokens from the same seed. Without a seed, the process's
 random stream goes on.
 

@@ -185,17 +185,28 @@ class Job:
     """A validated request: what to generate, and how."""
 
     model: ServedModel
-    prompt_ids: list[int]
+    prompts: list[list[int]]  # token ids; several: a completion request's list of prompts
     max_new_tokens: int
     temperature: float
     top_p: float
     top_k: int
     stop: list[str]
     seed: int | None
-    n: int
+    n: int  # choices a prompt
+    logprobs: int | None = None  # the top log-probabilities given a token; None: no logprobs
+    echo: bool = False  # the prompt's tokens (and text) before the completion's
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
     arrived: float = field(default_factory=time.perf_counter)
+
+    @property
+    def choices(self) -> int:
+        """Choice i is prompt i // n's (i % n)-th, as OpenAI numbers a list of prompts' choices."""
+        return len(self.prompts) * self.n
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
 
     def generate_kwargs(self) -> dict:
         """model.generate's arguments besides the prompt (the module docstring's equivalence)."""
@@ -333,6 +344,7 @@ class Finished:
     index: int
     reason: str  # stop or length
     completion_tokens: int
+    logprobs: dict | None = None  # OpenAI's completions logprobs object (choice_logprobs)
 
 
 @dataclass(frozen=True)
@@ -344,6 +356,44 @@ class Record:
     model: str
     completion_tokens: int
     cancelled: bool
+
+
+def choice_logprobs(
+    served: ServedModel, prompt: list[int], completion: list[int], top: int, echo: bool
+) -> dict:
+    """OpenAI's completions `logprobs` of one choice, from one forward pass over its prompt and
+    completion: each token's log-probability under the model's own distribution (before
+    temperature, top-p or top-k, as vLLM reports it), the `top` likeliest tokens at each position
+    and the chosen one beside them, and each token's offset in the text. With `echo` the prompt's
+    tokens come first, the first with null (nothing predicts it). Tokens are every id drawn, the
+    end-of-text included, as usage counts them."""
+    tokenizer, ids = served.tokenizer, prompt + completion
+    with torch.no_grad():
+        logits = served.model(torch.tensor([ids], device=served.device)).logits[0]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # row i: the token after position i
+    first = 0 if echo else len(prompt)
+    offset = 0 if echo else len(tokenizer.decode(prompt))
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for position in range(first, len(ids)):
+        piece = tokenizer.decode([ids[position]])
+        out["tokens"].append(piece)
+        out["text_offset"].append(offset)
+        offset += len(piece)
+        if position == 0:
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+            continue
+        row = logprobs[position - 1]
+        chosen = row[ids[position]].item()
+        values, indices = row.topk(top)
+        likeliest: dict[str, float] = {}
+        for i, value in zip(indices.tolist(), values.tolist(), strict=True):
+            # Two ids may decode alike (bytes of one character): the likelier keeps the key.
+            likeliest.setdefault(tokenizer.decode([i]), value)
+        likeliest.setdefault(piece, chosen)
+        out["token_logprobs"].append(chosen)
+        out["top_logprobs"].append(likeliest)
+    return out
 
 
 class Run:
@@ -374,8 +424,14 @@ class Run:
     def _generate(self, index: int, streamer=None) -> list[int]:
         """Choice `index`'s new token ids (the end-of-text included); runs in a worker thread."""
         job, model = self.job, self.job.model
-        ids = torch.tensor([job.prompt_ids], device=model.device)
-        if index == 0 and job.seed is not None:  # safe: one generation at a time
+        if job.max_new_tokens == 0:  # scoring only (echo with logprobs)
+            if streamer is not None:
+                streamer.end()
+            return []
+        ids = torch.tensor([job.prompts[index // job.n]], device=model.device)
+        # Each prompt's first choice seeds (safe: one generation at a time), so a prompt of a
+        # list draws what it draws alone.
+        if index % job.n == 0 and job.seed is not None:
             torch.manual_seed(job.seed)
         with torch.no_grad():
             out = model.model.generate(
@@ -387,28 +443,46 @@ class Run:
             )
         return out[0, ids.shape[1] :].tolist()
 
-    def _finished(self, index: int, ids: list[int], stopped: bool) -> Finished:
+    def _finished(
+        self, index: int, ids: list[int], stopped: bool, logprobs: dict | None = None
+    ) -> Finished:
         self.completion_tokens += len(ids)
         eos = self.job.model.tokenizer.eos_token_id
         ended = stopped or (eos is not None and eos in ids)
         return Finished(
-            index, "stop" if ended or len(ids) < self.job.max_new_tokens else "length", len(ids)
+            index,
+            "stop" if ended or len(ids) < self.job.max_new_tokens else "length",
+            len(ids),
+            logprobs,
         )
 
+    def _generate_whole(self, index: int) -> tuple[list[int], dict | None]:
+        """A choice's ids and, when asked for, its logprobs (one forward pass more)."""
+        job = self.job
+        ids = self._generate(index)
+        if job.logprobs is None and not job.echo:
+            return ids, None
+        prompt = job.prompts[index // job.n]
+        return ids, choice_logprobs(job.model, prompt, ids, job.logprobs or 0, job.echo)
+
     async def events(self, stream: bool) -> AsyncIterator[Delta | Finished]:
-        for index in range(self.job.n):
+        tokenizer = self.job.model.tokenizer
+        for index in range(self.job.choices):
             stop = StopText(self.job.stop)
             if stream:
                 async for event in self._streamed(index, stop):
                     yield event
                 continue
             try:  # anyio waits for the thread even if this task is cancelled
-                ids = await anyio.to_thread.run_sync(self._generate, index)
+                ids, logprobs = await anyio.to_thread.run_sync(self._generate_whole, index)
             except Exception as e:  # reported to the client; the server goes on
                 raise ApiError(500, f"generation failed: {e}", kind="server_error") from e
-            text = self.job.model.tokenizer.decode(ids, skip_special_tokens=True)
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            if self.job.echo:
+                prompt = tokenizer.decode(self.job.prompts[index // self.job.n])
+                yield Delta(index, prompt)
             yield Delta(index, stop.feed(text) + stop.flush())
-            yield self._finished(index, ids, stop.stopped)
+            yield self._finished(index, ids, stop.stopped, logprobs)
         self.completed = True
 
     async def _streamed(self, index: int, stop: StopText) -> AsyncIterator[Delta | Finished]:
@@ -484,29 +558,33 @@ class Engine:
     def job(
         self,
         request: SamplingRequest,
-        prompt_ids: list[int],
+        prompts: list[list[int]],
         served: ServedModel,
         default_max_tokens: int | None,
+        logprobs: int | None = None,
+        echo: bool = False,
     ) -> Job:
         """Checks the request against the model and the limits."""
         limits, context = self.limits, served.context
-        if not prompt_ids:
-            raise ApiError(400, "prompt: empty (give at least one token)", "prompt")
-        if context is not None and len(prompt_ids) >= context:
-            raise ApiError(
-                400,
-                f"prompt: {len(prompt_ids)} tokens leave no room in the "
-                f"context of {served.name!r} ({context} tokens)",
-                "prompt",
-            )
         vocab = served.model.config.vocab_size
-        if bad := [i for i in prompt_ids if not 0 <= i < vocab]:
-            raise ApiError(
-                400,
-                f"prompt: token id {bad[0]} is outside the vocabulary of "
-                f"{served.name!r} (0..{vocab - 1})",
-                "prompt",
-            )
+        for i, prompt_ids in enumerate(prompts):
+            where = "prompt" if len(prompts) == 1 else f"prompt.{i}"
+            if not prompt_ids:
+                raise ApiError(400, f"{where}: empty (give at least one token)", "prompt")
+            if context is not None and len(prompt_ids) >= context:
+                raise ApiError(
+                    400,
+                    f"{where}: {len(prompt_ids)} tokens leave no room in the "
+                    f"context of {served.name!r} ({context} tokens)",
+                    "prompt",
+                )
+            if bad := [i for i in prompt_ids if not 0 <= i < vocab]:
+                raise ApiError(
+                    400,
+                    f"{where}: token id {bad[0]} is outside the vocabulary of "
+                    f"{served.name!r} (0..{vocab - 1})",
+                    "prompt",
+                )
         max_tokens = request.max_tokens
         if max_tokens is not None and max_tokens > limits.max_tokens_cap:
             raise ApiError(
@@ -523,12 +601,15 @@ class Engine:
         stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
         if "" in stop:
             raise ApiError(400, "stop: an empty string would stop at once", "stop")
-        room = context - len(prompt_ids) if context is not None else limits.max_tokens_cap
+        longest = max(len(p) for p in prompts)
+        room = context - longest if context is not None else limits.max_tokens_cap
         # Beyond the context: cut to what fits, and finish_reason says "length".
-        wanted = max_tokens or default_max_tokens or limits.max_tokens_cap
+        wanted = (
+            max_tokens if max_tokens is not None else default_max_tokens or limits.max_tokens_cap
+        )
         return Job(
             served,
-            prompt_ids,
+            prompts,
             min(wanted, room, limits.max_tokens_cap),
             1.0 if request.temperature is None else request.temperature,
             1.0 if request.top_p is None else request.top_p,
@@ -536,6 +617,8 @@ class Engine:
             stop,
             request.seed,
             n,
+            logprobs,
+            echo,
         )
 
     def tokenize(self, name: str, text: str) -> dict:
@@ -559,10 +642,26 @@ class Engine:
     def completion_job(self, request: CompletionRequest) -> Job:
         served = self.model(request.model)
         prompt = request.prompt
-        ids = (
-            PLAIN.prompt_ids(served.tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
+        # One prompt (a string, or token ids), or a list of them.
+        several = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
+        prompts = [
+            PLAIN.prompt_ids(served.tokenizer, p) if isinstance(p, str) else list(p)
+            for p in (prompt if several else [prompt])
+        ]
+        if request.stream and (request.logprobs is not None or request.echo):
+            raise ApiError(
+                400,
+                "stream: logprobs and echo are answered whole here (set stream to false)",
+                "stream",
+            )
+        return self.job(
+            request,
+            prompts,
+            served,
+            default_max_tokens=16,  # OpenAI's default
+            logprobs=request.logprobs,
+            echo=request.echo,
         )
-        return self.job(request, ids, served, default_max_tokens=16)  # OpenAI's default
 
     def chat_job(self, request: ChatRequest) -> Job:
         served = self.model(request.model)
@@ -582,7 +681,7 @@ class Engine:
                 f"messages: the chat template of {served.name!r} refused them ({e})",
                 "messages",
             ) from e
-        return self.job(request, ids, served, default_max_tokens=None)  # to the context
+        return self.job(request, [ids], served, default_max_tokens=None)  # to the context
 
     async def run(
         self, job: Job, turn: Turn, stream: bool

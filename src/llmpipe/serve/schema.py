@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_STOP_STRINGS = 4  # as OpenAI's API
+MAX_LOGPROBS = 20  # top log-probabilities a token (OpenAI's completions allow 5, vLLM 20)
 
 
 # --- requests -----------------------------------------------------------------------------
@@ -53,7 +54,12 @@ class SamplingRequest(BaseModel):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[int]
+    # A prompt (text or token ids) or a list of them: each one's choices in turn.
+    prompt: str | list[int] | list[str] | list[list[int]]
+    # 0 with echo: the prompt's logprobs alone, nothing generated (scoring)
+    max_tokens: Annotated[int, Field(ge=0)] | None = None
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    echo: bool = False
 
 
 class TextPart(BaseModel):
@@ -116,7 +122,7 @@ FIELD_NAMES = {
 }
 # What a field must be, for the one-line message when a value fits none of a union's types.
 EXPECTED = {
-    "prompt": "a string or a list of token ids",
+    "prompt": "a string, a list of token ids, or a list of either",
     "stop": f"a string or a list of at most {MAX_STOP_STRINGS} strings",
     "content": "a string or a list of {type: text, text} parts",
 }

@@ -14,17 +14,22 @@ from llmpipe.serve.schema import ApiError, error_body
 
 def usage(job: Job, completion_tokens: int) -> dict:
     return {
-        "prompt_tokens": len(job.prompt_ids),
+        "prompt_tokens": job.prompt_tokens,
         "completion_tokens": completion_tokens,
-        "total_tokens": len(job.prompt_ids) + completion_tokens,
+        "total_tokens": job.prompt_tokens + completion_tokens,
     }
 
 
 def completion_choice(
-    index: int, text: str, reason: str | None, chat: bool, chunk: bool = False
+    index: int,
+    text: str,
+    reason: str | None,
+    chat: bool,
+    chunk: bool = False,
+    logprobs: dict | None = None,
 ) -> dict:
     if not chat:
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
     if chunk:
         return {
             "index": index,
@@ -60,7 +65,7 @@ def timing(job: Job, started: float) -> dict:
 
 
 async def whole_response(engine: Engine, job: Job, turn: Turn, chat: bool) -> dict:
-    texts, reasons = [""] * job.n, [None] * job.n
+    texts, reasons, logprobs = [""] * job.choices, [None] * job.choices, [None] * job.choices
     tokens, started = 0, 0.0
     async for event in engine.run(job, turn, stream=False):
         if isinstance(event, Started):
@@ -69,10 +74,14 @@ async def whole_response(engine: Engine, job: Job, turn: Turn, chat: bool) -> di
             texts[event.index] += event.text
         elif isinstance(event, Finished):
             reasons[event.index] = event.reason
+            logprobs[event.index] = event.logprobs
             tokens += event.completion_tokens
     return {
         **response_head(job, chat, chunk=False),
-        "choices": [completion_choice(i, texts[i], reasons[i], chat) for i in range(job.n)],
+        "choices": [
+            completion_choice(i, texts[i], reasons[i], chat, logprobs=logprobs[i])
+            for i in range(job.choices)
+        ],
         "usage": usage(job, tokens),
         "timing": timing(job, started),
     }
@@ -104,7 +113,7 @@ async def event_stream(
                         }
                         if chat
                         else completion_choice(i, "", None, chat=False)
-                        for i in range(job.n)
+                        for i in range(job.choices)
                     ]
                 )
             elif isinstance(event, Delta):
