@@ -7,7 +7,6 @@ problems the pipeline reports): sampled pass@1 and greedy exact match before and
 gains paired over the problems and sampling seeds.
 
     python bench/task_rl_sweep.py --lr 1e-5 1e-4 3e-4 --generations 4 8 [--completions 32]
-        [--algorithms reinforce reinforce-batch grpo]
 """
 
 from __future__ import annotations
@@ -36,13 +35,7 @@ def main() -> None:
     parser.add_argument("--generations", nargs="+", type=int, default=[4])
     parser.add_argument("--completions", type=int, default=32, help="completions a step")
     parser.add_argument("--steps", nargs="+", type=int, default=[50], help="optimizer steps")
-    parser.add_argument(
-        "--algorithms",
-        nargs="+",
-        default=["reinforce", "grpo"],
-        choices=["reinforce", "reinforce-batch", "grpo"],
-        help="reinforce-batch: REINFORCE with advantage_scale: batch",
-    )
+    parser.add_argument("--algorithms", nargs="+", default=["reinforce", "grpo"])
     parser.add_argument("--selection", type=int, default=200)
     args = parser.parse_args()
     shared, sft = load_stage_params(TaskSftParams)
@@ -61,12 +54,9 @@ def main() -> None:
     for algorithm in args.algorithms:
         schema, train = {
             "reinforce": (TaskReinforceParams, train_with_reinforce),
-            "reinforce-batch": (TaskReinforceParams, train_with_reinforce),
             "grpo": (TaskGrpoParams, train_with_grpo),
         }[algorithm]
         _, base = load_stage_params(schema)
-        if algorithm == "reinforce-batch":
-            base = dataclasses.replace(base, advantage_scale="batch")
         for generations, steps, lr in itertools.product(args.generations, args.steps, args.lr):
             # the same completions a step for every group size
             p = dataclasses.replace(

@@ -148,8 +148,6 @@ class PolicyGradientParams:
     temperature: float = param(POSITIVE_NUMBER)
     baseline: Literal["rloo", "group_mean"]
     loss_normalisation: Literal["token", "sequence"]
-    # none, or batch: the step's advantages divided by their standard deviation (REINFORCE++)
-    advantage_scale: Literal["none", "batch"]
     beta: float = param(NON_NEGATIVE_NUMBER)  # x the completion's KL, subtracted from its reward
     grad_clip: float = param(POSITIVE_NUMBER)
     # The compute dtype: bfloat16 is autocast over float32 master weights (sampling, log-probs

@@ -58,7 +58,6 @@ class ReinforceConfig:
     dtype: str = "float32"  # float32 | bfloat16 (autocast over float32 master weights)
     generation_batch_size: int | None = None  # completions per forward pass; None: the step's
     reference_device: str = "same"  # same (as the policy) | cpu
-    advantage_scale: str = "none"  # none | batch (divided by the step's standard deviation)
 
 
 def config_from(p) -> ReinforceConfig:
@@ -77,18 +76,6 @@ def group_mean_baseline(rewards: torch.Tensor) -> torch.Tensor:
 
 
 BASELINES = {"rloo": rloo_baseline, "group_mean": group_mean_baseline}
-
-
-def scale_advantages(advantages: torch.Tensor, scale: str) -> torch.Tensor:
-    """`batch`: the step's advantages divided by their standard deviation over the step
-    (REINFORCE++'s global normalisation, Hu 2025): under Adam a step whose few non-zero
-    advantages are small (a nearly solved batch) then moves the policy as far as any other,
-    where unscaled it is drowned by Adam's running second moment. A step without reward
-    variance stays all zero."""
-    if scale == "none":
-        return advantages
-    std = advantages.std()
-    return advantages / std if std > 0 else advantages
 
 
 def zero_std_share(rewards: torch.Tensor, k: int) -> float:
@@ -288,7 +275,7 @@ def backward_step(
     shaped = reward - cfg.beta * kl if kl is not None else reward
     groups = shaped.view(-1, cfg.num_generations)
     baseline = BASELINES[cfg.baseline](groups)
-    advantages = scale_advantages((groups - baseline).reshape(-1), cfg.advantage_scale).to(device)
+    advantages = (groups - baseline).reshape(-1).to(device)
 
     if kept is not None:
         logprobs, entropy = kept
