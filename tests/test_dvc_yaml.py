@@ -227,7 +227,7 @@ def test_where_a_stage_runs_is_no_dep_of_it():
     ("changed", "rerun"),
     [
         ("tokenize", "every stage but download"),
-        ("reinforce", {"evaluate", "report"}),
+        ("reinforce", {"gguf", "evaluate", "report"}),
         ("task_reinforce", {"report"}),
     ],
 )

@@ -140,7 +140,7 @@ def test_the_experiment_workflow(micro_repro, reproduced_project):
 
     # An experiment on lora reruns lora and what depends on it, nothing upstream.
     exp = run(["dvc", "exp", "run", "-S", "lora.r=4"], repo).stdout
-    assert ran(exp) == {"lora", "quantize", "evaluate", "report"}
+    assert ran(exp) == {"lora", "quantize", "gguf", "evaluate", "report"}
     assert {"16", "4"} <= {row["lora.r"] for row in exp_rows(repo)}
     diff = json.loads(run(["dvc", "metrics", "diff", "HEAD", "--json"], repo).stdout)
     assert diff["metrics/lora.json"]["trainable_parameters"]["diff"] < 0

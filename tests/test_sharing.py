@@ -39,7 +39,7 @@ def test_a_second_clone_pulls_what_the_first_computed(reproduced_project, tmp_pa
 
     # An experiment on the first clone, shared through git and the DVC remote.
     exp = run(["dvc", "exp", "run", "-n", "lora-r4", "-S", "lora.r=4"], first).stdout
-    assert ran(exp) == {"lora", "quantize", "evaluate", "report"}
+    assert ran(exp) == {"lora", "quantize", "gguf", "evaluate", "report"}
     run(["dvc", "exp", "push", "origin", "lora-r4"], first)
     run(["python", "-m", "llmpipe.share"], first)
     # The pull-request comment: the one param, the metrics it changed, nothing else.
@@ -65,7 +65,13 @@ def test_a_second_clone_pulls_what_the_first_computed(reproduced_project, tmp_pa
     # A value seen on the first clone comes from the run-cache, not from a rerun...
     set_params(second, {"lora.r": 4})
     repro = run(["dvc", "repro", "--pull"], second).stdout
-    assert not ran(repro) and restored(repro) == {"lora", "quantize", "evaluate", "report"}, repro
+    assert not ran(repro) and restored(repro) == {
+        "lora",
+        "quantize",
+        "gguf",
+        "evaluate",
+        "report",
+    }, repro
     assert json.loads((second / "metrics/lora.json").read_text()) == json.loads(
         (first / "metrics/lora.json").read_text()
     )

@@ -28,6 +28,7 @@ FINETUNE_MODEL = DATA / "finetune/model"
 LORA_ADAPTER = DATA / "lora/adapter"
 LORA_MERGED = DATA / "lora/merged"
 QUANTIZED_MODEL = DATA / "quantize/model"
+GGUF = DATA / "gguf"  # <model>-<file type>.gguf (export.gguf)
 PREFERENCES = DATA / "preferences"
 REWARD_MODEL = DATA / "reward_model/model"
 # The finetuned policy measured once on the held-out prompts: grpo's and reinforce's "before".
@@ -185,6 +186,12 @@ STAGES: dict[str, StageFiles] = {
         in_git=(items_file("task_grpo"),),
     ),
 }
+# llama.cpp's files of the trained models; evaluate and the report read none of them, so a
+# change here reruns only this stage (and the report, which lists every stage's metrics).
+STAGES["gguf"] = StageFiles(
+    reads=(PRETRAIN_MODEL, FINETUNE_MODEL, LORA_MERGED, GRPO_MODEL, REINFORCE_MODEL),
+    writes=(GGUF,),
+)
 # evaluate measures every model on the same data; the report card then gathers its table,
 # every stage's metrics and the training curves, and measures nothing: a new timing in a
 # stage's perf block, or a changed param, reruns only the report.

@@ -1,4 +1,4 @@
-"""The params schema of the quantize stage.
+"""The params schemas of the export stages: quantize and gguf.
 
 The rules every schema follows, and the shared keys: llmpipe.params."""
 
@@ -33,4 +33,24 @@ class QuantizeParams:
                     "weight_only_int8 (torchao's kernels), or set device: cpu",
                 )
             ]
+        return []
+
+
+@dataclass(frozen=True, kw_only=True)
+class GgufParams:
+    SECTION: ClassVar[str] = "gguf"
+    # The models written as GGUF (layout.MODEL_OUTPUTS' names; lora: the merged model). The
+    # quantized model is torch's int8: Q8_0 is GGUF's own.
+    models: list[Literal["pretrain", "finetune", "lora", "grpo", "reinforce"]]
+    file_types: list[Literal["f16", "q8_0"]]
+    check_prompt: str  # the NumPy check: logits on this prompt, then greedy tokens after it
+    check_tokens: int = param(POSITIVE_INT)
+
+    def cross_field_problems(self) -> list[tuple[str, str]]:
+        for key in ("models", "file_types"):
+            values = getattr(self, key)
+            if len(set(values)) != len(values):
+                return [(key, f"{values} names one twice")]
+        if not self.check_prompt:
+            return [("check_prompt", "empty: the check needs at least one token")]
         return []
