@@ -5,13 +5,13 @@ time to first token, and requests/s with several concurrent clients.
 
 MODEL_DIR is any Hugging Face model directory (default: data/finetune/model, the pipeline's
 finetuned model). The server runs in a subprocess (`python -m llmpipe.serve --model
-bench=MODEL_DIR`) with as many torch threads as this process. Every request and every direct
-call draws the same tokens: the same prompt, seed and sampling, which a seeded request
-reproduces (the equivalence in llmpipe.serve's docstring), so each contender does the same work.
-Direct calls, whole responses and streamed ones alternate, `--repeats` times each; the table
+bench=MODEL_DIR`) with as many torch threads as this process. Direct calls, whole responses
+and streamed ones are greedy (temperature 0), where a request's tokens are `model.generate`'s,
+so each contender does the same work; they alternate, `--repeats` times each, and the table
 gives the best of each (timings drift on a shared machine, ratios less). Then 1, 4 and 16
-clients send requests at once: one generation runs at a time, so requests/s should hold while
-each request waits longer.
+clients send requests at once, all the same greedy request (the same tokens, so the same work,
+whatever the server's sampler): the server batches concurrent requests
+(llmpipe.serve.batching), so requests/s should rise with the clients.
 """
 
 import argparse
@@ -79,16 +79,13 @@ def start_server(model_dir: Path, port: int, threads: int) -> subprocess.Popen:
 
 
 def direct(model, ids: torch.Tensor, tokens: int) -> tuple[float, int]:
-    """Seconds and new tokens of model.generate, seeded as a request with `seed` is."""
-    torch.manual_seed(SEED)
+    """Seconds and new tokens of greedy model.generate, as a request at temperature 0."""
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(
             ids,
-            do_sample=True,
-            temperature=1.0,
-            top_p=1.0,
-            top_k=0,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
             max_new_tokens=tokens,
             pad_token_id=model.config.eos_token_id,
         )
@@ -101,7 +98,7 @@ def body(tokens: int, **more) -> dict:
 
 def whole(http: httpx.Client, tokens: int) -> tuple[float, int]:
     start = time.perf_counter()
-    r = http.post("/v1/completions", json=body(tokens))
+    r = http.post("/v1/completions", json=body(tokens, temperature=0))
     r.raise_for_status()
     return time.perf_counter() - start, r.json()["usage"]["completion_tokens"]
 
@@ -112,7 +109,7 @@ def streamed(http: httpx.Client, tokens: int) -> tuple[float, float, int]:
     with http.stream(
         "POST",
         "/v1/completions",
-        json=body(tokens, stream=True, stream_options={"include_usage": True}),
+        json=body(tokens, temperature=0, stream=True, stream_options={"include_usage": True}),
     ) as r:
         for line in r.iter_lines():
             if not line.startswith("data: {"):
@@ -132,7 +129,7 @@ async def concurrent(url: str, clients: int, per_client: int, tokens: int) -> di
             latencies = []
             for _ in range(per_client):
                 start = time.perf_counter()
-                r = await http.post("/v1/completions", json=body(tokens))
+                r = await http.post("/v1/completions", json=body(tokens, temperature=0))
                 r.raise_for_status()
                 latencies.append(time.perf_counter() - start)
             return latencies

@@ -21,7 +21,7 @@ from llmpipe.serve.engine import Limits, StopText, build_engine, pipeline_models
 
 torch.set_num_threads(1)  # two cores, shared: one thread for the server, none for the rest
 CONTEXT = 512
-LIMITS = Limits(max_tokens_cap=600, max_n=4, max_waiting=3)
+LIMITS = Limits(max_tokens_cap=600, max_n=4, max_waiting=4)
 PROMPT = "Return the sum of"
 
 
@@ -74,7 +74,7 @@ class LiveServer:
     """uvicorn on a free port in a thread of this process, on an event loop the tests can
     reach (to hold the generation queue)."""
 
-    def __init__(self, engine, api_key: str | None = None):
+    def __init__(self, engine, api_key: str | None = None, vllm=None):
         import uvicorn
 
         self.engine = engine
@@ -84,7 +84,10 @@ class LiveServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(
             uvicorn.Config(
-                create_app(engine, api_key), host="127.0.0.1", port=self.port, log_level="warning"
+                create_app(engine, api_key, vllm),
+                host="127.0.0.1",
+                port=self.port,
+                log_level="warning",
             )
         )
         self.loop = asyncio.new_event_loop()
@@ -166,22 +169,40 @@ def test_models_lists_every_pipeline_model_and_the_extra_one(client, root):
 SAMPLING = {"temperature": 0.9, "top_p": 0.95}
 
 
+def completion_texts(client, stream: bool, **request) -> tuple[list[str], object]:
+    """The choices' texts and the usage, streamed or not."""
+    if not stream:
+        out = client.completions.create(**request)
+        return [c.text for c in out.choices], out.usage
+    texts, usage = [""] * request.get("n", 1), None
+    for chunk in client.completions.create(
+        stream=True, stream_options={"include_usage": True}, **request
+    ):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+        usage = chunk.usage or usage
+    return texts, usage
+
+
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_seeded_completion_is_model_generate_after_manual_seed(client, root, stream):
+def test_at_temperature_0_a_completion_is_model_generate(client, root, stream):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(root / layout.FINETUNE_MODEL)
     prompt_ids = tokenizer(PROMPT).input_ids
-    expected = reference_generate(
-        root / layout.FINETUNE_MODEL,
-        prompt_ids,
-        seed=7,
-        calls=2,
-        do_sample=True,
-        top_k=50,
-        max_new_tokens=24,
-        **SAMPLING,
+    [expected] = reference_generate(
+        root / layout.FINETUNE_MODEL, prompt_ids, seed=0, do_sample=False, max_new_tokens=24
     )
+    texts, usage = completion_texts(
+        client, stream, model="finetune", prompt=PROMPT, max_tokens=24, temperature=0, n=2
+    )
+    assert texts == [tokenizer.decode(expected, skip_special_tokens=True)] * 2
+    assert usage.completion_tokens == 2 * len(expected)
+    assert usage.prompt_tokens == len(prompt_ids)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_seeded_completion_draws_the_same_again_and_the_seed_decides(client, stream):
     request = dict(
         model="finetune",
         prompt=PROMPT,
@@ -191,22 +212,43 @@ def test_a_seeded_completion_is_model_generate_after_manual_seed(client, root, s
         extra_body={"top_k": 50},
         **SAMPLING,
     )
-    if stream:
-        texts, usage = ["", ""], None
-        for chunk in client.completions.create(
-            stream=True, stream_options={"include_usage": True}, **request
-        ):
-            for choice in chunk.choices:
-                texts[choice.index] += choice.text
-            usage = chunk.usage or usage
-    else:
-        out = client.completions.create(**request)
-        texts, usage = [c.text for c in out.choices], out.usage
-    assert texts == [tokenizer.decode(ids, skip_special_tokens=True) for ids in expected]
-    assert usage.completion_tokens == sum(len(ids) for ids in expected)
-    assert usage.prompt_tokens == len(prompt_ids)
-    other = client.completions.create(**{**request, "seed": 8, "n": 1})
-    assert other.choices[0].text != texts[0]  # the seed decides
+    texts, usage = completion_texts(client, stream, **request)
+    assert texts == completion_texts(client, not stream, **request)[0]
+    assert texts[0] != texts[1]  # choice i draws from seed + i
+    assert completion_texts(client, stream, **{**request, "seed": 8, "n": 1})[0][0] == texts[1]
+    assert completion_texts(client, stream, **{**request, "seed": 9, "n": 1})[0][0] != texts[0]
+
+
+def test_concurrent_requests_are_batched_and_answer_as_they_do_alone(root):
+    """8 requests at once, greedy and seeded, prompts of several lengths: each answer is its
+    one-at-a-time answer, and the worker generated them in batches."""
+    from openai import OpenAI
+
+    limits = Limits(max_tokens_cap=600, max_waiting=16, max_batch=8, batch_window_ms=50)
+    server = LiveServer(build_engine(root, {}, scores=False, limits=limits))
+    try:
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        requests = [
+            dict(model="finetune", prompt=f"{PROMPT} {i}" * (1 + i % 3), max_tokens=12 + i)
+            | ({"temperature": 0} if i % 2 else {"seed": i, **SAMPLING})
+            for i in range(8)
+        ]
+        alone = [client.completions.create(**r).choices[0].text for r in requests]
+        assert set(server.engine.batcher.batch_sizes) == {1}
+        together: dict[int, str] = {}
+
+        def ask(i: int) -> None:
+            together[i] = client.completions.create(**requests[i]).choices[0].text
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert [together.get(i) for i in range(8)] == alone
+        assert max(server.engine.batcher.batch_sizes) > 1
+    finally:
+        server.stop()
 
 
 def test_stop_strings_cut_the_text_streamed_or_not(client, root):
@@ -241,18 +283,17 @@ def test_chat_applies_the_template_and_a_model_without_one_is_a_400(client, root
         root / "chat",
         tokenizer(text, add_special_tokens=False).input_ids,
         seed=5,
-        do_sample=True,
-        top_k=0,
-        top_p=1.0,
-        temperature=1.0,
+        do_sample=False,
         max_new_tokens=12,
     )
-    out = client.chat.completions.create(model="chat", messages=messages, seed=5, max_tokens=12)
+    out = client.chat.completions.create(
+        model="chat", messages=messages, temperature=0, max_tokens=12
+    )
     assert out.choices[0].message.content == tokenizer.decode(ids, skip_special_tokens=True)
     assert out.object == "chat.completion" and out.choices[0].message.role == "assistant"
     chunks = list(
         client.chat.completions.create(
-            model="chat", messages=messages, seed=5, max_tokens=12, stream=True
+            model="chat", messages=messages, temperature=0, max_tokens=12, stream=True
         )
     )
     assert (
@@ -448,15 +489,22 @@ def test_a_client_gone_mid_stream_stops_its_generation(server):
         assert ok.status_code == 200
 
 
-def test_requests_wait_in_order_of_arrival_and_a_full_queue_is_429(server):
+def hold_the_worker(engine) -> threading.Event:
+    """The worker busy (a call that waits) until the returned event is set."""
+    release, running = threading.Event(), threading.Event()
+
+    def busy():
+        running.set()
+        release.wait(30)
+
+    engine.batcher.call(busy)
+    assert running.wait(10)
+    return release
+
+
+def test_requests_wait_in_order_of_arrival_and_a_full_queue_is_503(server):
     engine = server.engine
-
-    async def hold():
-        turn = engine.enter()
-        await turn.wait()
-        return turn
-
-    turn = server.call(hold)  # the worker is busy until the test lets go
+    release = hold_the_worker(engine)
     answers: dict[int, dict] = {}
 
     def ask(i: int) -> None:
@@ -470,46 +518,45 @@ def test_requests_wait_in_order_of_arrival_and_a_full_queue_is_429(server):
         threads.append(threading.Thread(target=ask, args=(i,)))
         threads[-1].start()
         deadline = time.monotonic() + 10
-        while server.call(lambda: engine.queue.waiting) < i + 1:  # arrived, in this order
+        while engine.batcher.waiting < i + 1:  # arrived, in this order
             assert time.monotonic() < deadline
             time.sleep(0.02)
     with httpx.Client(base_url=server.url, timeout=30) as http:
         busy = http.post("/v1/completions", json={"model": "finetune", "prompt": "x"})
-    assert busy.status_code == 429
+    assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
     assert busy.json()["error"]["message"] == (
-        "server busy: 3 requests are waiting (at most 3); retry later"
+        f"server busy: {LIMITS.max_waiting} sequences are waiting (at most "
+        f"{LIMITS.max_waiting}, --max-waiting); retry later"
     )
-    server.call(turn.close)
+    release.set()
     for t in threads:
         t.join(timeout=60)
     ids = [answers[i]["id"].removeprefix("cmpl-") for i in range(LIMITS.max_waiting)]
     assert list(engine.started)[-LIMITS.max_waiting :] == ids
-    assert server.call(lambda: engine.queue.waiting) == 0
+    assert engine.batcher.waiting == 0
 
 
 def test_a_client_gone_while_waiting_gives_back_its_place(server):
     engine = server.engine
-
-    async def hold():
-        turn = engine.enter()
-        await turn.wait()
-        return turn
-
-    turn = server.call(hold)
-    with httpx.Client(base_url=server.url, timeout=30) as http:
-        body = {"model": "finetune", "prompt": PROMPT, "max_tokens": 2, "stream": True}
-        with http.stream("POST", "/v1/completions", json=body) as r:
-            assert r.status_code == 200  # the stream has begun; its generation waits
-            assert server.call(lambda: engine.queue.waiting) == 1
-        deadline = time.monotonic() + 10
-        while server.call(lambda: engine.queue.waiting):
-            assert time.monotonic() < deadline, "the gone client still holds its place"
-            time.sleep(0.02)
-        server.call(turn.close)
-        ok = http.post(
-            "/v1/completions", json={"model": "finetune", "prompt": "x", "max_tokens": 2}
-        )
-        assert ok.status_code == 200
+    release = hold_the_worker(engine)
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            body = {"model": "finetune", "prompt": PROMPT, "max_tokens": 2, "stream": True}
+            with http.stream("POST", "/v1/completions", json=body) as r:
+                assert r.status_code == 200  # the stream has begun; its generation waits
+                assert engine.batcher.waiting == 1
+            deadline = time.monotonic() + 10
+            while engine.batcher.waiting:
+                assert time.monotonic() < deadline, "the gone client still holds its place"
+                time.sleep(0.02)
+    finally:
+        release.set()
+    ok = httpx.post(
+        f"{server.url}/v1/completions",
+        json={"model": "finetune", "prompt": "x", "max_tokens": 2},
+        timeout=30,
+    )
+    assert ok.status_code == 200
 
 
 def test_scores_come_from_the_reward_model_and_the_gold_scorer(server):
@@ -796,3 +843,86 @@ def test_greedy_tokens_come_with_their_logprobs_and_a_prompt_list_answers_each_a
 def test_bad_scoring_requests_name_the_field(server, body, message):
     r = httpx.post(f"{server.url}/v1/completions", json={"model": "finetune", **body})
     assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+
+
+def test_vllm_gets_every_model_it_can_load_with_its_own_port_and_a_share_of_the_gpu(root):
+    from llmpipe.serve.engine import served_sources
+    from llmpipe.serve.vllm import VllmFleet, split_for_vllm
+
+    on_vllm, elsewhere = split_for_vllm(served_sources(root, {"chat": root / "chat"}))
+    assert list(on_vllm) == ["pretrain", "finetune", "grpo", "reinforce", "chat"]
+    assert set(elsewhere) == {"quantized", "lora"}  # torch's int8; the adapter alone
+    fleet = VllmFleet(on_vllm, 9001, root / "logs")
+    commands = fleet.commands(Path("/venv/bin/vllm"))
+    assert commands["finetune"] == [
+        "/venv/bin/vllm",
+        "serve",
+        str(root / layout.FINETUNE_MODEL),
+        "--served-model-name",
+        "finetune",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "9002",
+        "--gpu-memory-utilization",
+        "0.18",  # 0.9 split five ways
+        "--dtype",
+        "auto",
+        "--max-model-len",
+        str(CONTEXT),
+    ]
+    assert fleet.models["chat"].chat and not fleet.models["finetune"].chat
+    assert all(fleet.key not in " ".join(c) for c in commands.values())  # in VLLM_API_KEY
+
+
+def test_without_vllm_the_engine_option_is_a_one_line_error(capsys, root):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--root", str(root), "--engine", "vllm", "--no-scores"])
+    assert exit_.value.code == 2
+    assert "error: --engine vllm: vLLM is not installed in this environment" in (
+        capsys.readouterr().err
+    )
+
+
+def test_requests_for_a_vllm_model_pass_through_with_the_fleets_key(root, server):
+    """The front server forwards a vLLM model's requests as they came and answers as the
+    upstream does, streamed or not; llmpipe's own server, with a key, stands in for vLLM."""
+    from openai import OpenAI
+
+    from llmpipe.serve.vllm import VllmFleet
+
+    upstream = LiveServer(build_engine(root, {}, scores=False, limits=LIMITS), api_key="fleet")
+    fleet = VllmFleet({"finetune": root / layout.FINETUNE_MODEL}, upstream.port, root, key="fleet")
+    engine = build_engine(
+        root, {}, pipeline=False, scores=False, limits=LIMITS, served_elsewhere=["finetune"]
+    )
+    front = LiveServer(engine, api_key=KEY, vllm=fleet)
+    try:
+        client = OpenAI(base_url=f"{front.url}/v1", api_key=KEY, max_retries=0)
+        direct = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        models = {m.id: m.owned_by for m in client.models.list().data}
+        assert models == {"finetune": "vllm"}
+        request = dict(model="finetune", prompt=PROMPT, max_tokens=8, seed=3, **SAMPLING)
+        assert (
+            client.completions.create(**request).choices[0].text
+            == direct.completions.create(**request).choices[0].text
+        )
+        streamed = "".join(
+            c.choices[0].text for c in client.completions.create(stream=True, **request)
+        )
+        assert streamed == direct.completions.create(**request).choices[0].text
+        scored = client.completions.create(
+            model="finetune", prompt=PROMPT, echo=True, logprobs=1, max_tokens=0
+        )
+        assert scored.choices[0].logprobs.token_logprobs[0] is None  # the body went whole
+        no_key = httpx.post(f"{front.url}/v1/completions", json=request)
+        assert no_key.status_code == 401  # the front's key, before any forwarding
+        unknown = httpx.post(
+            f"{front.url}/v1/completions",
+            json={**request, "model": "nope"},
+            headers={"Authorization": f"Bearer {KEY}"},
+        )
+        assert unknown.status_code == 404  # not vLLM's: llmpipe's own answer
+    finally:
+        front.stop()
+        upstream.stop()

@@ -20,28 +20,28 @@ missing field is a 400 naming the field without code of ours; uvicorn and sse-st
 knows the pipeline's model list, its int8 model (`llmpipe.export.quantization`), its LoRA adapter on
 its base, its reward model and gold scorer, or runs GPT-2 from the pipeline on a laptop CPU.
 
-Generation is transformers' `model.generate` in a worker thread, streamed through its
-`AsyncTextIteratorStreamer` (the asyncio form of `TextIteratorStreamer`), not a decoding loop of
-ours. One generation runs at a time per process (two would share the same cores and each go
-slower), in order of arrival: `GenerationQueue` is an asyncio.Lock (FIFO) with at most
-`max_waiting` requests waiting; one more is answered 429 at once. Scoring for the page takes
-the same queue.
+Generation is transformers' `model.generate`, not a decoding loop of ours, in one worker thread
+that batches: concurrent requests to one model are generated together, each with its own
+max_tokens, temperature, top-p, top-k, stop strings and seed (`llmpipe.serve.batching`). Two
+generations at once would share the same cores and each go slower; a batch shares one forward
+pass. At most `--max-waiting` sequences (a request's choices) wait for the worker; a request
+that would pass it is answered 503 with Retry-After at once. Scoring for the page runs in the
+same worker, in its turn.
 
-Seeds: a request with `seed` s, prompt ids p and `n` 1 gives the tokens of
-
-    torch.manual_seed(s)
-    model.generate(p, do_sample=True, temperature=t, top_p=top_p, top_k=top_k, max_new_tokens=m)
-
-(temperature 0: `do_sample=False`, greedy; `top_k` 0 is no cut), the model's own generation
-config applying to both. The text is `tokenizer.decode(new_ids, skip_special_tokens=True)`,
-streamed or not (tests/test_serve.py checks both through the openai client). `stop` ends the
-draw at the token that completes a stop string (transformers' `stop_strings`) and cuts the
-text before it; the tokens drawn until then are the same. With `n` > 1 the choices are drawn
-one after another after that one `torch.manual_seed(s)`, so choice i is the (i+1)-th of n
-successive `generate` calls, and choice 0 is the call above; each prompt of a list of prompts
-is seeded anew, so it draws what it draws alone. Equal on one device and machine:
-another CPU or a GPU may draw other tokens from the same seed. Without a seed, the process's
-random stream goes on.
+Seeds: choice i of a prompt draws from a random generator of its own, seeded `seed` + i, by the
+inverse of its cumulative distribution after temperature, top-k (0: no cut) and top-p
+(transformers' warpers), so a seeded request draws the same tokens again, alone or batched with
+any others, and its choice i equals choice 0 of the same request seeded `seed` + i; each
+prompt of a list of prompts draws what it draws alone. It is not what `torch.manual_seed(s)`
+then `model.generate(do_sample=True)` draws (transformers samples with torch.multinomial from
+the process's one random stream, which a batch would share). At temperature 0 a completion is
+`model.generate(p, do_sample=False)`'s greedy tokens, alone or batched (tests/test_serve.py),
+the model's own generation config applying to both; in a left-padded batch the arithmetic
+differs in its last bits, which could break a near tie between two tokens the other way. The
+text is `tokenizer.decode(new_ids, skip_special_tokens=True)`, streamed or not. `stop` ends the
+draw at the token that completes a stop string and cuts the text before it. Equal on one device
+and machine: another CPU or a GPU may draw other tokens from the same seed. Without a seed, the
+seed comes from the process's random stream.
 
 Limits, each a 4xx with a one-line message naming the field, after which the server goes on
 serving: an unknown model (404), a prompt that leaves no room in the model's context (400), a
@@ -63,9 +63,14 @@ the key once and keeps it for the browser tab's session. Without a key the serve
 this machine only: `--host` another address stops with a one-line error unless `--insecure`
 says so on purpose. The key is compared in constant time and never printed or logged.
 
+`--engine vllm` (a GPU box with vLLM installed): every model vLLM can load is served by a vLLM
+server of its own behind this one, which keeps the page, the keys and the rest
+(`llmpipe.serve.vllm`).
+
 The parts: `schema` (the requests, the errors), `engine` (the models, the jobs, the queue,
-generation), `streaming` (the responses, whole or as server-sent events), `page` (the
-comparison page) and this module (the routes and the command).
+generation), `streaming` (the responses, whole or as server-sent events), `vllm` (the vLLM
+servers and the forwarding to them), `page` (the comparison page) and this module (the routes
+and the command).
 """
 
 from __future__ import annotations
@@ -81,7 +86,7 @@ from pathlib import Path
 import torch
 
 from llmpipe.errors import DataError, LlmpipeError
-from llmpipe.serve.engine import Engine, Job, Limits, build_engine
+from llmpipe.serve.engine import Engine, Job, Limits, build_engine, served_sources
 from llmpipe.serve.page import page_html
 from llmpipe.serve.schema import (
     ApiError,
@@ -95,6 +100,7 @@ from llmpipe.serve.schema import (
     validation_message,
 )
 from llmpipe.serve.streaming import event_stream, whole_response
+from llmpipe.serve.vllm import ForwardToVllm, VllmFleet, split_for_vllm
 
 # --- the app ------------------------------------------------------------------------------
 
@@ -127,7 +133,7 @@ class RequireKey:
         await JSONResponse(error_body(error), status_code=401)(scope, receive, send)
 
 
-def create_app(engine: Engine, api_key: str | None = None):
+def create_app(engine: Engine, api_key: str | None = None, vllm: VllmFleet | None = None):
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse
@@ -138,12 +144,15 @@ def create_app(engine: Engine, api_key: str | None = None):
     app = FastAPI(title="llmpipe", summary="The pipeline's models over the OpenAI API")
     app.state.engine = engine
 
+    upstreams = vllm.models if vllm is not None else {}
+    if upstreams:  # inside the key check: added first, so it wraps the routes only
+        app.add_middleware(ForwardToVllm, upstreams=upstreams, key=vllm.key)
     if api_key:
         app.add_middleware(RequireKey, expected=f"Bearer {api_key}".encode())
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
-        return JSONResponse(error_body(e), status_code=e.status)
+        return JSONResponse(error_body(e), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, e: RequestValidationError):
@@ -176,6 +185,18 @@ def create_app(engine: Engine, api_key: str | None = None):
                     "source": served.source,
                 }
                 for name, served in engine.models.items()
+            ]
+            + [
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "vllm",
+                    "context_length": model.context,
+                    "chat": model.chat,
+                    "source": str(model.source),
+                }
+                for name, model in upstreams.items()
             ],
         }
 
@@ -189,15 +210,15 @@ def create_app(engine: Engine, api_key: str | None = None):
         return await engine.score(request)
 
     async def respond(job: Job, request: SamplingRequest, chat: bool):
-        turn = engine.enter()  # 429 now, before any generation, when the queue is full
+        run = engine.start(job)  # queued now; 503 before any generation when the queue is full
         if not request.stream:
-            return await whole_response(engine, job, turn, chat)
+            return await whole_response(engine, run, chat)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        # The background task closes a turn whose stream never started (a client gone at
-        # once); a started stream closes its own.
+        # The background task withdraws the rows of a stream that never started (a client gone
+        # at once); a started stream withdraws its own.
         return EventSourceResponse(
-            event_stream(engine, job, turn, chat, include_usage),
-            background=BackgroundTask(turn.close),
+            event_stream(engine, run, chat, include_usage),
+            background=BackgroundTask(run.close),
         )
 
     @app.post("/tokenize")
@@ -291,12 +312,44 @@ def main(argv: list[str] | None = None) -> None:
         "--max-waiting",
         type=int,
         default=Limits.max_waiting,
-        help="requests that may wait for the generation worker (more: 429)",
+        help="sequences (a request's choices) that may wait for the worker (more: 503)",
+    )
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=Limits.max_batch,
+        help="sequences generated together in one batch",
+    )
+    parser.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=Limits.batch_window_ms,
+        help="how long the worker waits for more sequences after the first of a batch",
+    )
+    parser.add_argument(
+        "--stream-interval-ms",
+        type=float,
+        default=Limits.stream_interval_ms,
+        help="a stream's text goes out at most this often (0: every token as it comes)",
     )
     parser.add_argument(
         "--no-scores", action="store_true", help="do not load the reward model and the gold scorer"
     )
     parser.add_argument("--device", default="auto", help="auto (a GPU if any), cpu, cuda:0")
+    parser.add_argument(
+        "--engine",
+        choices=("llmpipe", "vllm"),
+        default="llmpipe",
+        help="vllm: each model vLLM can load in a vLLM server of its own, behind this one "
+        "(a GPU box with vLLM installed; llmpipe.serve.vllm)",
+    )
+    parser.add_argument(
+        "--vllm-port",
+        type=int,
+        default=None,
+        help="--engine vllm: the first model's vLLM port on 127.0.0.1, the next +1, ... "
+        "(default: --port + 1)",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -315,18 +368,42 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    fleet = None
     try:
         check_bind(args.host, args.api_key, args.insecure)
+        extra = parse_model_args(args.model)
+        if args.engine == "vllm":
+            sources = served_sources(args.root, extra, not args.no_pipeline)
+            on_vllm, elsewhere = split_for_vllm(sources)
+            for name, why in elsewhere.items():
+                print(f"{name}: served by llmpipe, not vLLM ({why})")
+            fleet = VllmFleet(
+                on_vllm,
+                args.vllm_port or args.port + 1,
+                args.root / ".llmpipe" / "vllm",
+                args.trust_remote_code,
+            )
+            fleet.start()
         engine = build_engine(
             args.root,
-            parse_model_args(args.model),
+            extra,
             not args.no_pipeline,
             not args.no_scores,
-            Limits(args.max_tokens_cap, args.max_n, args.max_waiting),
+            Limits(
+                args.max_tokens_cap,
+                args.max_n,
+                args.max_waiting,
+                args.max_batch,
+                args.batch_window_ms,
+                args.stream_interval_ms,
+            ),
             args.trust_remote_code,
             args.device,
+            served_elsewhere=list(fleet.sources) if fleet else (),
         )
     except LlmpipeError as e:
+        if fleet is not None:
+            fleet.stop()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     for served in engine.models.values():
@@ -341,8 +418,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(f"the page: http://{args.host}:{args.port}/  the API: http://{args.host}:{args.port}/v1")
     print("API key: " + ("required (Authorization: Bearer ...)" if args.api_key else "none"))
-    app = create_app(engine, args.api_key)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    app = create_app(engine, args.api_key, fleet)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    finally:
+        if fleet is not None:
+            fleet.stop()
 
 
 if __name__ == "__main__":

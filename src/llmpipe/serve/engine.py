@@ -7,8 +7,8 @@ seeded request equals, and why these parts: the docstring of `llmpipe.serve.app`
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
-import threading
 import time
 import uuid
 from collections import deque
@@ -17,9 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import anyio
 import torch
-from transformers import AsyncTextIteratorStreamer, StoppingCriteria, StoppingCriteriaList
 
 from llmpipe import layout
 from llmpipe.data.chat import PLAIN, PromptFormat
@@ -28,6 +26,7 @@ from llmpipe.export.quantization import RECIPE_FILE, load_for_inference
 from llmpipe.model.loading import load_causal_lm, load_reward_model, load_tokenizer
 from llmpipe.rl.preferences import GOLD_FILE, read_gold_spec
 from llmpipe.rl.rlhf import reward_scores
+from llmpipe.serve.batching import Batcher, Busy, Row
 from llmpipe.serve.schema import (
     ApiError,
     ChatRequest,
@@ -208,96 +207,20 @@ class Job:
     def prompt_tokens(self) -> int:
         return sum(len(p) for p in self.prompts)
 
-    def generate_kwargs(self) -> dict:
-        """model.generate's arguments besides the prompt (the module docstring's equivalence)."""
-        tokenizer = self.model.tokenizer
-        sampling = (
-            {
-                "do_sample": True,
-                "temperature": self.temperature,
-                "top_p": self.top_p,
-                "top_k": self.top_k,
-            }
-            if self.temperature > 0
-            else {"do_sample": False}
-        )
-        stops = {"stop_strings": self.stop, "tokenizer": tokenizer} if self.stop else {}
-        return {
-            **sampling,
-            **stops,
-            "max_new_tokens": self.max_new_tokens,
-            "pad_token_id": self.model.pad_token_id,
-        }
-
 
 @dataclass(frozen=True)
 class Limits:
     max_tokens_cap: int = 1024
     max_n: int = 8
-    max_waiting: int = 16
+    max_waiting: int = 64  # sequences (choices) waiting for the worker; more: 503
+    max_batch: int = 16  # sequences generated together (llmpipe.serve.batching)
+    batch_window_ms: float = 5.0  # how long the worker waits for more after the first
+    # A stream's text goes out at most this often (its first text at once): one event for
+    # the tokens of 20 ms, not one a token, halves what streaming costs (bench/README.md)
+    stream_interval_ms: float = 20.0
 
 
 # --- generation ---------------------------------------------------------------------------
-
-
-class Busy(Exception):
-    pass
-
-
-class GenerationQueue:
-    """One generation at a time, in order of arrival, at most `max_waiting` waiting.
-    asyncio.Lock wakes its waiters first come, first served, and a newcomer does not jump
-    ahead of them."""
-
-    def __init__(self, max_waiting: int):
-        self.max_waiting = max_waiting
-        self.waiting = 0
-        self._lock = asyncio.Lock()
-
-    def enter(self) -> Turn:
-        """A place in the queue, taken at once (Busy when the queue is full)."""
-        if self._lock.locked() and self.waiting >= self.max_waiting:
-            raise Busy
-        return Turn(self)
-
-
-class Turn:
-    """One request's place: wait() for it, close() when done (idempotent: the response's
-    clean-up and its fallback may both call it)."""
-
-    def __init__(self, queue: GenerationQueue):
-        self.queue = queue
-        self.state = "waiting"
-        queue.waiting += 1
-
-    async def wait(self) -> None:
-        try:
-            await self.queue._lock.acquire()
-        except BaseException:
-            self.close()
-            raise
-        self.queue.waiting -= 1
-        self.state = "running"
-
-    def close(self) -> None:
-        if self.state == "waiting":
-            self.queue.waiting -= 1
-        elif self.state == "running":
-            self.queue._lock.release()
-        self.state = "closed"
-
-
-class Cancelled(StoppingCriteria):
-    """A stopping criterion (transformers calls it after every token) that ends generation
-    once the client has gone."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        return torch.full(
-            (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
-        )
 
 
 class StopText:
@@ -397,51 +320,52 @@ def choice_logprobs(
 
 
 class Run:
-    """One job's generations, one choice after another, in a worker thread: streamed, each
-    piece of text as it comes; whole, the text decoded once at the end (no streamer and no
-    wake-up of the event loop per token: that path is as fast as `generate` itself)."""
+    """One job's rows in the batcher (llmpipe.serve.batching), and its events: whole (each
+    choice decoded once, at its end) or streamed (each choice's text as its tokens come; the
+    choices one after another, generated together)."""
 
-    def __init__(self, job: Job, turn: Turn):
-        self.job, self.turn = job, turn
-        self.cancel = threading.Event()
-        self.thread: threading.Thread | None = None
+    def __init__(
+        self,
+        job: Job,
+        batcher: Batcher,
+        loop: asyncio.AbstractEventLoop,
+        stream_interval_s: float = 0.0,
+    ):
+        self.job, self.batcher, self.stream_interval_s = job, batcher, stream_interval_s
+        self.queues: list[asyncio.Queue] = []
+        self.rows: list[Row] = []
+        for index in range(job.choices):
+            queue: asyncio.Queue = asyncio.Queue()
+            # Choice i of a prompt draws from a generator of its own, seeded seed + i: the same
+            # tokens alone and in any batch. Unseeded: a seed from the process's random stream.
+            seed = (
+                job.seed + index % job.n
+                if job.seed is not None
+                else int(torch.randint(0, 2**62, (1,)).item())
+            )
+            generator = torch.Generator(device=job.model.device).manual_seed(seed % 2**64)
+            self.queues.append(queue)
+            self.rows.append(
+                Row(
+                    job.model,
+                    job.prompts[index // job.n],
+                    job.max_new_tokens,
+                    job.temperature,
+                    job.top_p,
+                    job.top_k,
+                    job.stop,
+                    generator,
+                    emit=functools.partial(_emit, loop, queue),
+                    job_id=job.id,
+                )
+            )
         self.completion_tokens = 0
         self.completed = False  # every choice generated (else the client went, or it failed)
-        self._closed = False
 
-    async def close(self) -> None:
-        """Stop generating, wait for the thread (a generation never outlives its turn), then
-        let the next request in. Shielded: it runs while a cancelled stream unwinds."""
-        if self._closed:
-            return
-        self._closed = True
-        self.cancel.set()
-        if self.thread is not None:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self.thread.join)
-        self.turn.close()
-
-    def _generate(self, index: int, streamer=None) -> list[int]:
-        """Choice `index`'s new token ids (the end-of-text included); runs in a worker thread."""
-        job, model = self.job, self.job.model
-        if job.max_new_tokens == 0:  # scoring only (echo with logprobs)
-            if streamer is not None:
-                streamer.end()
-            return []
-        ids = torch.tensor([job.prompts[index // job.n]], device=model.device)
-        # Each prompt's first choice seeds (safe: one generation at a time), so a prompt of a
-        # list draws what it draws alone.
-        if index % job.n == 0 and job.seed is not None:
-            torch.manual_seed(job.seed)
-        with torch.no_grad():
-            out = model.model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                streamer=streamer,
-                stopping_criteria=StoppingCriteriaList([Cancelled(self.cancel)]),
-                **job.generate_kwargs(),
-            )
-        return out[0, ids.shape[1] :].tolist()
+    def close(self) -> None:
+        """The client has gone or the response is done: rows still waiting leave the queue,
+        running ones end at their next token. Idempotent."""
+        self.batcher.withdraw([r for r in self.rows if not r.done])
 
     def _finished(
         self, index: int, ids: list[int], stopped: bool, logprobs: dict | None = None
@@ -456,63 +380,65 @@ class Run:
             logprobs,
         )
 
-    def _generate_whole(self, index: int) -> tuple[list[int], dict | None]:
-        """A choice's ids and, when asked for, its logprobs (one forward pass more)."""
-        job = self.job
-        ids = self._generate(index)
-        if job.logprobs is None and not job.echo:
-            return ids, None
-        prompt = job.prompts[index // job.n]
-        return ids, choice_logprobs(job.model, prompt, ids, job.logprobs or 0, job.echo)
-
-    async def events(self, stream: bool) -> AsyncIterator[Delta | Finished]:
-        tokenizer = self.job.model.tokenizer
-        for index in range(self.job.choices):
-            stop = StopText(self.job.stop)
-            if stream:
-                async for event in self._streamed(index, stop):
-                    yield event
-                continue
-            try:  # anyio waits for the thread even if this task is cancelled
-                ids, logprobs = await anyio.to_thread.run_sync(self._generate_whole, index)
-            except Exception as e:  # reported to the client; the server goes on
-                raise ApiError(500, f"generation failed: {e}", kind="server_error") from e
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            if self.job.echo:
-                prompt = tokenizer.decode(self.job.prompts[index // self.job.n])
-                yield Delta(index, prompt)
-            yield Delta(index, stop.feed(text) + stop.flush())
-            yield self._finished(index, ids, stop.stopped, logprobs)
+    async def events(self, stream: bool) -> AsyncIterator[Started | Delta | Finished]:
+        job, tokenizer = self.job, self.job.model.tokenizer
+        started, sent_at = False, 0.0
+        for index, (row, queue) in enumerate(zip(self.rows, self.queues, strict=True)):
+            stop, ids, sent = StopText(job.stop), [], ""
+            held = False  # tokens told of, held back until the stream interval has passed
+            while True:
+                wait = sent_at + self.stream_interval_s - time.perf_counter() if held else None
+                try:
+                    kind, value = await asyncio.wait_for(queue.get(), wait)
+                except TimeoutError:
+                    kind, value = "tokens", None  # the interval has passed
+                if kind == "start" and not started:
+                    started = True
+                    yield Started()
+                elif kind == "error":  # reported to the client; the server goes on
+                    raise ApiError(500, f"generation failed: {value}", kind="server_error")
+                elif kind == "tokens" and stream:
+                    held = time.perf_counter() < sent_at + self.stream_interval_s
+                    if held:
+                        continue  # sent when the interval has passed, or at the end
+                    ids += row.take_tokens(len(ids))
+                    text = tokenizer.decode(ids, skip_special_tokens=True)
+                    if not text.endswith("\ufffd") and len(text) > len(sent):  # whole characters
+                        piece, sent = text[len(sent) :], text
+                        if out := stop.feed(piece):
+                            sent_at = time.perf_counter()
+                            yield Delta(index, out)
+                elif kind == "end":
+                    break
+            text = tokenizer.decode(row.tokens, skip_special_tokens=True)
+            if job.echo:
+                yield Delta(index, tokenizer.decode(row.prompt))
+            if out := stop.feed(text[len(sent) :]) + stop.flush():
+                yield Delta(index, out)
+            logprobs = None
+            if job.logprobs is not None or job.echo:
+                logprobs = await asyncio.wrap_future(
+                    self.batcher.call(
+                        functools.partial(
+                            choice_logprobs,
+                            job.model,
+                            row.prompt,
+                            row.tokens,
+                            job.logprobs or 0,
+                            job.echo,
+                        )
+                    )
+                )
+            yield self._finished(index, row.tokens, stop.stopped or row.stopped, logprobs)
         self.completed = True
 
-    async def _streamed(self, index: int, stop: StopText) -> AsyncIterator[Delta | Finished]:
-        # transformers' streamer hands its text to this event loop through an asyncio queue.
-        streamer = AsyncTextIteratorStreamer(
-            self.job.model.tokenizer, skip_prompt=True, skip_special_tokens=True
-        )
-        result: dict = {}
 
-        def generate():
-            try:
-                result["ids"] = self._generate(index, streamer)
-            except Exception as e:
-                result["error"] = e
-                streamer.end()  # the consumer waits for the end of the stream
-
-        self.thread = threading.Thread(target=generate, name=f"generate-{self.job.id}", daemon=True)
-        self.thread.start()
-        async for piece in streamer:
-            if text := stop.feed(piece):
-                yield Delta(index, text)
-            if stop.stopped:  # the stop string is in: no need for more tokens
-                self.cancel.set()
-        await anyio.to_thread.run_sync(self.thread.join)
-        self.cancel.clear()
-        if "error" in result:
-            raise ApiError(500, f"generation failed: {result['error']}", kind="server_error")
-        if text := stop.flush():
-            yield Delta(index, text)
-        yield self._finished(index, result["ids"], stop.stopped)
+def _emit(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, kind: str, value) -> None:
+    """From the worker thread to the request's event loop."""
+    try:
+        loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+    except RuntimeError:  # the loop has closed: the server is shutting down
+        pass
 
 
 class Engine:
@@ -523,27 +449,38 @@ class Engine:
         models: dict[str, ServedModel],
         scorers: Scorers | None = None,
         limits: Limits = Limits(),
+        others_serve: bool = False,  # --engine vllm: vLLM may serve every model
     ):
-        if not models:
+        if not models and not others_serve:
             raise DataError(
                 "no models to serve: run `dvc repro` (or its stages up to "
                 "pretrain), or give --model name=directory"
             )
         self.models, self.scorers, self.limits = models, scorers or Scorers(), limits
-        self.queue = GenerationQueue(limits.max_waiting)
+        self.batcher = Batcher(limits.max_batch, limits.batch_window_ms / 1000, limits.max_waiting)
         self.records: deque[Record] = deque(maxlen=1000)
-        self.started: deque[str] = deque(maxlen=1000)  # job ids in the order they ran
 
-    def enter(self) -> Turn:
+    @property
+    def started(self) -> deque[str]:
+        """Job ids in the order their generation began."""
+        return self.batcher.started
+
+    def start(self, job: Job) -> Run:
+        """The job's rows queued for the worker at once; 503 when they would pass max_waiting."""
+        run = Run(
+            job, self.batcher, asyncio.get_running_loop(), self.limits.stream_interval_ms / 1000
+        )
         try:
-            return self.queue.enter()
-        except Busy:
+            self.batcher.submit(run.rows)
+        except Busy as busy:
             raise ApiError(
-                429,
-                f"server busy: {self.queue.waiting} requests are waiting "
-                f"(at most {self.queue.max_waiting}); retry later",
-                kind="rate_limit_error",
+                503,
+                f"server busy: {busy.args[0]} sequences are waiting (at most "
+                f"{self.limits.max_waiting}, --max-waiting); retry later",
+                kind="server_error",
+                headers={"Retry-After": "1"},
             ) from None
+        return run
 
     def model(self, name: str) -> ServedModel:
         if name not in self.models:
@@ -683,20 +620,14 @@ class Engine:
             ) from e
         return self.job(request, [ids], served, default_max_tokens=None)  # to the context
 
-    async def run(
-        self, job: Job, turn: Turn, stream: bool
-    ) -> AsyncIterator[Started | Delta | Finished]:
-        """Waits for the turn, then generates; the turn is released however this ends."""
-        run = Run(job, turn)
+    async def events(self, run: Run, stream: bool) -> AsyncIterator[Started | Delta | Finished]:
+        """The run's events; its rows leave the batcher however this ends."""
         try:
-            await turn.wait()
-            self.started.append(job.id)
-            yield Started()
             async for event in run.events(stream):
                 yield event
         finally:
-            with anyio.CancelScope(shield=True):
-                await run.close()
+            run.close()
+            job = run.job
             self.records.append(
                 Record(job.id, job.model.name, run.completion_tokens, cancelled=not run.completed)
             )
@@ -704,14 +635,12 @@ class Engine:
     async def score(self, request: ScoreRequest) -> dict[str, float | None]:
         if not self.scorers.any:
             return {"reward_model": None, "gold": None}
-        turn = self.enter()  # scoring takes the same cores as generating: same queue
-        try:
-            await turn.wait()
-            return await anyio.to_thread.run_sync(
-                self.scorers.score, request.prompt, request.completion
+        # scoring takes the same cores as generating: the same worker, in its turn
+        return await asyncio.wrap_future(
+            self.batcher.call(
+                functools.partial(self.scorers.score, request.prompt, request.completion)
             )
-        finally:
-            turn.close()
+        )
 
 
 def build_engine(
@@ -722,10 +651,23 @@ def build_engine(
     limits: Limits = Limits(),
     trust_remote_code: bool = False,
     device: str = "auto",
+    served_elsewhere: Sequence[str] = (),
 ) -> Engine:
-    sources = {**(pipeline_models(root) if pipeline else {}), **extra}
+    """The engine of every model in `sources` (the pipeline's, and `extra`) but those
+    `served_elsewhere` (by vLLM)."""
     models = {
         name: load_served_model(name, directory, root, trust_remote_code, device)
-        for name, directory in sources.items()
+        for name, directory in served_sources(root, extra, pipeline).items()
+        if name not in served_elsewhere
     }
-    return Engine(models, load_scorers(root) if scores else Scorers(), limits)
+    return Engine(
+        models,
+        load_scorers(root) if scores else Scorers(),
+        limits,
+        others_serve=bool(served_elsewhere),
+    )
+
+
+def served_sources(root: Path, extra: dict[str, Path], pipeline: bool = True) -> dict[str, Path]:
+    """Every model to serve, by name: the pipeline's (unless `pipeline` is false), then `extra`."""
+    return {**(pipeline_models(root) if pipeline else {}), **extra}

@@ -8,7 +8,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 
-from llmpipe.serve.engine import Delta, Engine, Finished, Job, Started, Turn
+from llmpipe.serve.engine import Delta, Engine, Finished, Job, Run, Started
 from llmpipe.serve.schema import ApiError, error_body
 
 
@@ -64,10 +64,11 @@ def timing(job: Job, started: float) -> dict:
     }
 
 
-async def whole_response(engine: Engine, job: Job, turn: Turn, chat: bool) -> dict:
+async def whole_response(engine: Engine, run: Run, chat: bool) -> dict:
+    job = run.job
     texts, reasons, logprobs = [""] * job.choices, [None] * job.choices, [None] * job.choices
     tokens, started = 0, 0.0
-    async for event in engine.run(job, turn, stream=False):
+    async for event in engine.events(run, stream=False):
         if isinstance(event, Started):
             started = time.perf_counter()
         elif isinstance(event, Delta):
@@ -88,11 +89,12 @@ async def whole_response(engine: Engine, job: Job, turn: Turn, chat: bool) -> di
 
 
 async def event_stream(
-    engine: Engine, job: Job, turn: Turn, chat: bool, include_usage: bool
+    engine: Engine, run: Run, chat: bool, include_usage: bool
 ) -> AsyncIterator[dict]:
     """OpenAI's chunks as server-sent events; sse-starlette writes the framing. The first
     chunk (the assistant role; empty text for completions) says generation has begun: until
     then the request was waiting its turn."""
+    job = run.job
     head = response_head(job, chat, chunk=True)
 
     def chunk(choices: list[dict], **more) -> dict:
@@ -100,7 +102,7 @@ async def event_stream(
 
     tokens, started = 0, 0.0
     try:
-        async for event in engine.run(job, turn, stream=True):
+        async for event in engine.events(run, stream=True):
             if isinstance(event, Started):
                 started = time.perf_counter()
                 yield chunk(
