@@ -11,7 +11,7 @@ MACHINE_PATH := $(PATH)
 export PATH := $(BIN):$(PATH)
 
 .PHONY: setup pipeline test test-fast lint bench serve compare push pull gpu-smoke smoke-wheels \
-	gpu-rehearsal gpu-check
+	gpu-rehearsal gpu-check gguf-parity
 
 setup: $(VENV)/.installed
 
@@ -65,6 +65,15 @@ bench: setup
 SERVE_ARGS ?=
 serve: setup
 	python -m llmpipe.serve $(SERVE_ARGS)
+
+# llama.cpp itself on the gguf stage's files (docs/serving.md): llama-cpp-python built once from
+# its sdist (it vendors llama.cpp: minutes of compiling on two cores, so not in CI), then
+# scripts/gguf_parity.py: tokens, greedy continuations and log-probabilities against the HF models.
+LLAMA_CPP_PYTHON ?= llama-cpp-python==0.3.36
+gguf-parity: setup
+	python -c "import llama_cpp" 2>/dev/null || \
+		$(BIN)/uv pip install --python $(BIN)/python "$(LLAMA_CPP_PYTHON)"
+	python scripts/gguf_parity.py
 
 # The DVC remote (.dvc/config: a folder beside the repository unless switched;
 # docs/sharing-and-experiments.md) with the run-cache and the outputs its runs name, so that
