@@ -10,8 +10,8 @@ in front: the page, the keys (`--api-key`, the bind rules), /v1/models, the scor
 models vLLM cannot load, which llmpipe's engine serves as without `--engine vllm`. A request
 for a vLLM model goes to its process as it came (`ForwardToVllm`: the body untouched, the answer
 streamed back byte for byte), so clients get vLLM's own behaviour: its sampling, its logprobs,
-its errors. vLLM is not a dependency: install it on the GPU box (`pip install vllm`, which
-brings the torch it is built against); without it, `--engine vllm` stops with a one-line error.
+its errors. vLLM is an optional extra (`pip install -e '.[vllm]'` on the GPU box; it brings the
+torch it is built against); without it, `--engine vllm` stops with a one-line error.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def vllm_executable() -> Path:
     if not executable.exists():
         raise DataError(
             f"--engine vllm: vLLM is not installed in this environment (no {executable}); "
-            "on a GPU box: pip install vllm"
+            "on a GPU box: pip install -e '.[vllm]'"
         )
     return executable
 
