@@ -7,28 +7,11 @@ import json
 import pytest
 
 from conftest import MICRO_PARAMS, git_commit_all, run, set_params
-from llmpipe import seeds
+from llmpipe import layout, seeds
 
 pytestmark = pytest.mark.slow
 
-STAGES = (
-    "download",
-    "tokenize",
-    "pretrain",
-    "finetune",
-    "lora",
-    "quantize",
-    "preferences",
-    "reward_model",
-    "rl_baseline",
-    "grpo",
-    "reinforce",
-    "task_sft",
-    "task_reinforce",
-    "task_grpo",
-    "evaluate",
-    "report",
-)
+STAGES = tuple(layout.STAGES)  # dvc.yaml's stages, in its order (test_dvc_yaml)
 MODELS = ("pretrain", "finetune", "lora", "quantized", "grpo", "reinforce")
 FIGURES = (
     "val_perplexity_pretrain",

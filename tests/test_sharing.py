@@ -50,6 +50,7 @@ def test_a_second_clone_pulls_what_the_first_computed(reproduced_project, tmp_pa
     assert {f"metrics/{s}.json" for s in STAGES if f"metrics/{s}.json" in metrics} == {
         "metrics/lora.json",
         "metrics/quantize.json",
+        "metrics/gguf.json",  # the merged LoRA's GGUF files, checked again
         "metrics/evaluate.json",
     }
 
