@@ -21,11 +21,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "src")]
 
 from llmpipe import layout  # noqa: E402
+from llmpipe.export.gguf import HfReference  # noqa: E402
 from llmpipe.export.params import GgufParams  # noqa: E402
 from llmpipe.model.loading import load_causal_lm  # noqa: E402
 from llmpipe.params import load_stage_params  # noqa: E402
@@ -67,32 +67,20 @@ def check_file(path: Path, model_dir: Path, prompt: str, new_tokens: int) -> tup
             ok = False
             print(f"  tokenization differs on {text!r}: llama.cpp {ours} HF {theirs}")
 
-    prompt_ids = tokenizer(prompt).input_ids
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt_ids]),
-            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-            do_sample=False,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            pad_token_id=tokenizer.eos_token_id,
-        )
-        ids = out[0].tolist()
-        hf_logits = model(out).logits[0].float().numpy()
+    reference = HfReference.of(model, tokenizer, prompt, new_tokens)
     llm.reset()
-    llm.eval(ids)
-    llama_logits = np.array(llm.scores[: len(ids)], dtype=np.float32)
-    predicting = slice(len(prompt_ids) - 1, len(ids) - 1)
-    ours, theirs = llama_logits[predicting].argmax(-1), hf_logits[predicting].argmax(-1)
-    top2 = np.sort(hf_logits[predicting], axis=-1)[:, -2:]
-    margins = (top2[:, 1] - top2[:, 0])[ours != theirs]
-    if (margins > NEAR_TIE).any():
+    llm.eval(reference.ids)
+    llama_logits = np.array(llm.scores[: len(reference.ids)], dtype=np.float32)
+    agreement = reference.agreement(llama_logits)
+    where_not = agreement["hf_top2_margin_where_not"]
+    if where_not is not None and where_not > NEAR_TIE:
         ok = False
-    logprob_diff = np.abs(log_softmax(llama_logits) - log_softmax(hf_logits)).max()
+    picks = len(reference.ids) - reference.prompt_length
+    logprob_diff = np.abs(log_softmax(llama_logits) - log_softmax(reference.logits)).max()
     row = {
         "tokenized alike": f"{tokenized_alike}/{len(TEXTS)}",
-        "greedy alike": f"{int((ours == theirs).sum())}/{len(ours)}",
-        "HF top-2 margin where not": f"{margins.max():.4f}" if len(margins) else "-",
+        "greedy alike": f"{round(agreement['greedy_agreement'] * picks)}/{picks}",
+        "HF top-2 margin where not": f"{where_not:.4f}" if where_not is not None else "-",
         "max |logprob diff|": f"{logprob_diff:.4f}",
     }
     return row, ok

@@ -243,3 +243,48 @@ class NumpyGpt2:
         for _ in range(new_tokens):
             ids.append(int(self.logits(ids)[-1].argmax()))
         return ids[-new_tokens:]
+
+
+# --- the check: another implementation's logits against the HF model's -----------------------
+
+
+@dataclass(frozen=True)
+class HfReference:
+    """The HF model's greedy continuation of a prompt, `new_tokens` long (past an end-of-text
+    too: more positions to compare), and its logits over prompt and continuation."""
+
+    prompt_length: int
+    ids: list[int]
+    logits: np.ndarray  # (len(ids), vocab)
+
+    @classmethod
+    def of(cls, model, tokenizer, prompt: str, new_tokens: int) -> HfReference:
+        import torch
+
+        prompt_ids = tokenizer(prompt).input_ids
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor([prompt_ids]),
+                attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=tokenizer.eos_token_id,
+            )
+            logits = model(out).logits[0].float().numpy()
+        return cls(len(prompt_ids), out[0].tolist(), logits)
+
+    def agreement(self, logits: np.ndarray) -> dict:
+        """Other logits over the same ids against these: the largest difference, the share of
+        the continuation's positions where both pick the same likeliest next token, and where
+        they do not, how close the HF model's two likeliest were (a near tie that any other
+        arithmetic may break the other way)."""
+        predicting = slice(self.prompt_length - 1, len(self.ids) - 1)
+        ours, theirs = logits[predicting].argmax(-1), self.logits[predicting].argmax(-1)
+        top2 = np.sort(self.logits[predicting], axis=-1)[:, -2:]
+        margins = (top2[:, 1] - top2[:, 0])[ours != theirs]
+        return {
+            "max_abs_logit_diff": float(np.abs(logits - self.logits).max()),
+            "greedy_agreement": float((ours == theirs).mean()),
+            "hf_top2_margin_where_not": float(margins.max()) if len(margins) else None,
+        }
