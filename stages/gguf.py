@@ -26,7 +26,7 @@ def main() -> None:
                 written = write_gguf(model_dir, tmp / f"{name}-{file_type}.gguf", file_type, name)
                 row = {
                     "size_mb": written.bytes / 1e6,
-                    **reference.agreement(NumpyGpt2(written.path).logits(reference.ids)),
+                    **reference.agreement(NumpyGpt2.from_written(written).logits(reference.ids)),
                 }
                 files[f"{name}-{file_type}"] = row
                 where_not = row["hf_top2_margin_where_not"]

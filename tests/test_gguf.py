@@ -59,7 +59,11 @@ def test_f16_reads_back_with_what_llama_cpp_needs_and_matches_the_hf_model(micro
     # (out, in), as llama.cpp multiplies
     assert tensors["blk.0.attn_qkv.weight"].shape == (96, 32)
 
-    numpy_model = NumpyGpt2(written.path)
+    numpy_model = NumpyGpt2.from_file(written.path)
+    # the stage checks the values as written: the same as read back
+    assert np.array_equal(
+        NumpyGpt2.from_written(written).logits(PROMPT_IDS), numpy_model.logits(PROMPT_IDS)
+    )
     difference = np.abs(numpy_model.logits(PROMPT_IDS) - hf_logits(model, PROMPT_IDS)).max()
     assert difference <= 0.02
     assert numpy_model.greedy(PROMPT_IDS, 12) == hf_greedy(model, PROMPT_IDS, 12)
@@ -72,9 +76,9 @@ def test_q8_0_quantizes_the_matrices_and_stays_close(micro, tmp_path):
     assert written.tensor_types["blk.1.ffn_up.bias"] == "F32"
     f16 = write_gguf(directory, tmp_path / "m-f16.gguf", "f16", "micro")
     assert written.bytes < f16.bytes
-    difference = np.abs(
-        NumpyGpt2(written.path).logits(PROMPT_IDS) - hf_logits(model, PROMPT_IDS)
-    ).max()
+    read_back = NumpyGpt2.from_file(written.path).logits(PROMPT_IDS)
+    assert np.array_equal(NumpyGpt2.from_written(written).logits(PROMPT_IDS), read_back)
+    difference = np.abs(read_back - hf_logits(model, PROMPT_IDS)).max()
     assert 0 < difference <= 0.1
 
 

@@ -12,6 +12,7 @@ from test_pipeline_dvc import STAGES, ran
 from conftest import run, set_params
 
 pytestmark = pytest.mark.slow
+STATIC = "static_int8"  # the experiment: quantize with calibrated activation ranges
 
 
 def restored(output: str) -> set[str]:
@@ -37,20 +38,20 @@ def test_a_second_clone_pulls_what_the_first_computed(reproduced_project, tmp_pa
     run(["python", "-m", "llmpipe.share"], first)  # make push
     assert (tmp_path / "llmpipe-dvc-storage").is_dir()  # the default remote, beside the repo
 
-    # An experiment on the first clone, shared through git and the DVC remote.
-    exp = run(["dvc", "exp", "run", "-n", "lora-r4", "-S", "lora.r=4"], first).stdout
-    assert ran(exp) == {"lora", "quantize", "gguf", "evaluate", "report"}
-    run(["dvc", "exp", "push", "origin", "lora-r4"], first)
+    # An experiment on the first clone, shared through git and the DVC remote (on quantize:
+    # three stages to run, where one on a training stage reruns five; tests/test_pipeline_dvc.py
+    # runs one on lora).
+    exp = run(["dvc", "exp", "run", "-n", "static", "-S", f"quantize.method={STATIC}"], first)
+    assert ran(exp.stdout) == {"quantize", "evaluate", "report"}
+    run(["dvc", "exp", "push", "origin", "static"], first)
     run(["python", "-m", "llmpipe.share"], first)
     # The pull-request comment: the one param, the metrics it changed, nothing else.
     markdown = run(["python", "-m", "llmpipe.compare", "HEAD"], first).stdout
     params = markdown.split("### Params")[1].split("### Metrics")[0]
-    assert "lora.r" in params and params.count("| params.yaml") == 1
+    assert "quantize.method" in params and params.count("| params.yaml") == 1
     metrics = markdown.split("### Metrics")[1]
     assert {f"metrics/{s}.json" for s in STAGES if f"metrics/{s}.json" in metrics} == {
-        "metrics/lora.json",
         "metrics/quantize.json",
-        "metrics/gguf.json",  # the merged LoRA's GGUF files, checked again
         "metrics/evaluate.json",
     }
 
@@ -64,26 +65,22 @@ def test_a_second_clone_pulls_what_the_first_computed(reproduced_project, tmp_pa
     repro = run(["dvc", "repro"], second).stdout
     assert not ran(repro) and not restored(repro), repro
     # A value seen on the first clone comes from the run-cache, not from a rerun...
-    set_params(second, {"lora.r": 4})
+    set_params(second, {"quantize.method": STATIC})
     repro = run(["dvc", "repro", "--pull"], second).stdout
-    assert not ran(repro) and restored(repro) == {
-        "lora",
-        "quantize",
-        "gguf",
-        "evaluate",
-        "report",
-    }, repro
-    assert json.loads((second / "metrics/lora.json").read_text()) == json.loads(
-        (first / "metrics/lora.json").read_text()
+    assert not ran(repro) and restored(repro) == {"quantize", "evaluate", "report"}, repro
+    assert json.loads((second / "metrics/quantize.json").read_text()) == json.loads(
+        (first / "metrics/quantize.json").read_text()
     )
-    # (A value never seen reruns lora and what depends on it: tests/test_pipeline_dvc.py.)
+    # (A value never seen reruns the stage and what depends on it: tests/test_pipeline_dvc.py.)
     run(["git", "checkout", "--", "params.yaml"], second)
 
     # The first clone's experiment, with its metrics, in the second.
-    run(["dvc", "exp", "pull", "origin", "lora-r4"], second)
+    run(["dvc", "exp", "pull", "origin", "static"], second)
     shown = experiments(second)
-    assert shown["lora-r4"]["lora.r"] == "4"
+    assert shown["static"]["quantize.method"] == STATIC
     assert (
-        shown["lora-r4"]["trainable_parameters"]
-        == json.loads((first / "metrics/lora.json").read_text())["trainable_parameters"].__str__()
+        shown["static"]["int8_val_perplexity"]
+        == json.loads((first / "metrics/quantize.json").read_text())[
+            "int8_val_perplexity"
+        ].__str__()
     )

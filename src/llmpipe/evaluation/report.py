@@ -428,6 +428,31 @@ def stage_sections() -> list[str]:
                 ],
             )
         )
+    if m := read_metrics("gguf"):
+        sections.append(
+            "### gguf (llama.cpp files, checked by a NumPy forward against the HF model)\n"
+            + _table(
+                [
+                    "file",
+                    "MB",
+                    "max \\|logit - HF's\\|",
+                    f"same likeliest token ({m['check_tokens']} positions)",
+                    "HF top-2 margin where not",
+                ],
+                [
+                    [
+                        f"{name}.gguf",
+                        f"{row['size_mb']:.2f}",
+                        f"{row['max_abs_logit_diff']:.4f}",
+                        f"{row['greedy_agreement']:.0%}",
+                        "-"
+                        if row["hf_top2_margin_where_not"] is None
+                        else f"{row['hf_top2_margin_where_not']:.4f}",
+                    ]
+                    for name, row in m["files"].items()
+                ],
+            )
+        )
     if (m := read_metrics("preferences")) and (r := read_metrics("reward_model")):
         sections.append(
             "### preferences and reward model\n"

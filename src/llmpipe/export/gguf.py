@@ -13,9 +13,11 @@ tokenizers; the pipeline's BPE is not one of them, but it splits as GPT-2's does
 ByteLevel pre-tokenizer with GPT-2's regex, `data.tokenization`), which `check_gpt2_split`
 verifies before it says so.
 
-The check that needs no llama.cpp: `NumpyGpt2` runs GPT-2's forward in plain NumPy over the
-tensors read back from the file, to compare its logits and greedy tokens with the HF model's
-(the gguf stage records both for every file; tests/test_gguf.py holds F16 to 0.02).
+The check that needs no llama.cpp: `NumpyGpt2` runs GPT-2's forward in plain NumPy over a
+file's tensors, to compare its logits and greedy tokens with the HF model's. The gguf stage
+records both for every file, over the values it wrote (the file's bytes, dequantized; parsing
+a 4,096-token vocabulary back takes gguf's reader a third of a second a file); tests/test_gguf.py
+reads the file back with gguf's reader and holds F16 to 0.02.
 """
 
 from __future__ import annotations
@@ -91,6 +93,8 @@ class Written:
     path: Path
     bytes: int
     tensor_types: dict[str, str]  # name -> GGML type, as written
+    hparams: dict  # the architecture's metadata, as written (NumpyGpt2 reads three)
+    tensors: dict[str, np.ndarray]  # the values the file holds (F16 or Q8_0 rounded), float32
 
 
 def write_gguf(model_dir: Path, out_file: Path, file_type: str, name: str) -> Written:
@@ -145,7 +149,7 @@ def write_gguf(model_dir: Path, out_file: Path, file_type: str, name: str) -> Wr
     tied = "lm_head.weight" not in weights or np.array_equal(
         weights["lm_head.weight"], weights["transformer.wte.weight"]
     )
-    written = {}
+    written, stored = {}, {}
     for hf_name, tensor in weights.items():
         if hf_name.endswith(DROPPED) or (hf_name == "lm_head.weight" and tied):
             continue
@@ -162,16 +166,28 @@ def write_gguf(model_dir: Path, out_file: Path, file_type: str, name: str) -> Wr
                 kind = gguf.GGMLQuantizationType.F16  # rows not whole Q8_0 blocks
         if kind == gguf.GGMLQuantizationType.F32:
             writer.add_tensor(gguf_name, data)
+            stored[gguf_name] = data
         elif kind == gguf.GGMLQuantizationType.F16:
             writer.add_tensor(gguf_name, data.astype(np.float16))
+            stored[gguf_name] = data.astype(np.float16).astype(np.float32)
         else:
-            writer.add_tensor(gguf_name, gguf.quants.quantize(data, kind), raw_dtype=kind)
+            blocks = gguf.quants.quantize(data, kind)
+            writer.add_tensor(gguf_name, blocks, raw_dtype=kind)
+            stored[gguf_name] = gguf.quants.dequantize(blocks, kind).reshape(data.shape)
         written[gguf_name] = kind.name
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return Written(out_file, out_file.stat().st_size, written)
+    hparams = {
+        "gpt2.block_count": n_layer,
+        "gpt2.attention.head_count": config["n_head"],
+        # as the file holds it: a float32
+        "gpt2.attention.layer_norm_epsilon": float(
+            np.float32(config.get("layer_norm_epsilon", 1e-5))
+        ),
+    }
+    return Written(out_file, out_file.stat().st_size, written, hparams, stored)
 
 
 # --- reading back ----------------------------------------------------------------------------
@@ -200,10 +216,20 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
 
 class NumpyGpt2:
     """GPT-2's forward in plain NumPy over a GGUF file's tensors (float32 arithmetic): what
-    llama.cpp's GPT-2 graph computes, with nothing of torch or transformers."""
+    llama.cpp's GPT-2 graph computes, with nothing of torch or transformers. From the file
+    (`from_file`: gguf's reader) or from what `write_gguf` wrote (`Written`: the same values,
+    without parsing the file's vocabulary again)."""
 
-    def __init__(self, path: Path):
-        self.metadata, self.t = read_gguf(path)
+    @classmethod
+    def from_file(cls, path: Path) -> NumpyGpt2:
+        return cls(*read_gguf(path))
+
+    @classmethod
+    def from_written(cls, written: Written) -> NumpyGpt2:
+        return cls(written.hparams, written.tensors)
+
+    def __init__(self, metadata: dict, tensors: dict[str, np.ndarray]):
+        self.metadata, self.t = metadata, tensors
         self.n_layer = int(self.metadata["gpt2.block_count"])
         self.n_head = int(self.metadata["gpt2.attention.head_count"])
         self.eps = float(self.metadata["gpt2.attention.layer_norm_epsilon"])
