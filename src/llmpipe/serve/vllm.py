@@ -121,10 +121,11 @@ class VllmFleet:
     trust_remote_code: bool = False
     key: str = field(default_factory=lambda: secrets.token_hex(16))
     processes: list[subprocess.Popen] = field(default_factory=list)
+    models: dict[str, VllmModel] = field(init=False)  # by name: port, context, chat template
 
-    @property
-    def models(self) -> dict[str, VllmModel]:
-        return {
+    def __post_init__(self):
+        # each model directory's config read once, here
+        self.models = {
             name: VllmModel(name, directory, self.first_port + i, *model_facts(directory))
             for i, (name, directory) in enumerate(self.sources.items())
         }
