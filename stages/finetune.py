@@ -3,7 +3,7 @@
 from llmpipe import layout
 from llmpipe.io import atomic_dir, write_metrics
 from llmpipe.params import load_stage_params
-from llmpipe.runtime import is_main_process
+from llmpipe.runtime import writes_outputs
 from llmpipe.stage import run_main
 from llmpipe.train.causal_lm import run_stage
 from llmpipe.train.params import FinetuneParams
@@ -19,7 +19,7 @@ def main() -> None:
         layout.scratch_dir("finetune"),
         layout.live_dir("finetune"),
     )
-    if not is_main_process():  # under a launcher, one process writes
+    if not writes_outputs():  # under a launcher, one process writes
         return
     with atomic_dir(layout.FINETUNE_MODEL) as tmp:
         run.result.model.save_pretrained(tmp)

@@ -4,7 +4,7 @@ the merged model."""
 from llmpipe import layout
 from llmpipe.io import atomic_dir, write_metrics
 from llmpipe.params import load_stage_params
-from llmpipe.runtime import is_main_process
+from llmpipe.runtime import writes_outputs
 from llmpipe.stage import run_main
 from llmpipe.train.causal_lm import run_stage
 from llmpipe.train.lora import lora_config, parameter_counts, save_adapter
@@ -24,7 +24,7 @@ def main() -> None:
         layout.live_dir("lora"),
         adapt=lambda base: get_peft_model(base, lora_config(base, p)),
     )
-    if not is_main_process():  # under a launcher, one process writes
+    if not writes_outputs():  # under a launcher, one process writes
         return
     model = run.result.model
     trainable, total = parameter_counts(model)

@@ -24,7 +24,7 @@ PATHS = PretrainPaths(
 def main() -> None:
     shared, params = load_stage_params(PretrainParams)
     metrics = pretrain(params, shared.seed, PATHS)
-    if metrics is not None:  # rank 0 only
+    if metrics is not None:  # the writing process only (runtime.writes_outputs)
         write_metrics("pretrain", metrics)
         print(
             f"val perplexity {metrics['val_perplexity']:.2f} (unigram baseline "

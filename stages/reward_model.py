@@ -9,7 +9,7 @@ from llmpipe.params import load_stage_params
 from llmpipe.rl.params import RewardModelParams
 from llmpipe.rl.preferences import read_fresh, read_pairs
 from llmpipe.rl.rlhf import gold_agreement, pairwise_report, train_reward_model
-from llmpipe.runtime import is_main_process
+from llmpipe.runtime import writes_outputs
 from llmpipe.stage import run_main
 
 
@@ -28,7 +28,7 @@ def main() -> None:
         shared.seed,
         layout.live_dir("reward_model"),
     )
-    if not is_main_process():  # under a launcher, one process measures and writes
+    if not writes_outputs():  # under a launcher, one process measures and writes
         return
     held = pairwise_report(model, tokenizer, prompt_format, heldout)
     agreed = gold_agreement(model, tokenizer, prompt_format, fresh)

@@ -211,15 +211,18 @@ def test_evaluate_measures_models_and_the_report_only_renders():
 def test_where_a_stage_runs_is_no_dep_of_it():
     """The entry point starts the stage's script unchanged and is in no stage's deps, so that
     moving a stage to torchrun or Slurm reruns nothing: it imports nothing of llmpipe but its
-    errors and layout, which are every stage's deps anyway."""
+    errors, layout and the stage entry points' helpers, which are every stage's deps anyway."""
     closure = file_closure(ROOT / LAUNCH / "__main__.py")
-    assert {f for f in closure if not f.startswith(LAUNCH)} == {
+    imported = {f for f in closure if not f.startswith(LAUNCH)}
+    assert imported == {
         "src/llmpipe/__init__.py",
         "src/llmpipe/errors.py",
         "src/llmpipe/layout.py",
+        "src/llmpipe/stage.py",
     }
     for stage, spec in read_dvc_yaml()["stages"].items():
         assert not any(d.startswith(LAUNCH) for d in _paths(spec.get("deps"))), stage
+        assert imported <= set(_paths(spec.get("deps"))), stage
         assert not any(f.startswith(LAUNCH) for f in import_closure(stage)), stage
 
 

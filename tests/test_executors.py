@@ -14,7 +14,13 @@ import pytest
 
 from conftest import ROOT, run, subprocess_env
 from llmpipe.launch import executors, slurm
-from llmpipe.launch.executors import ExecutorError, node_command, read_executor
+from llmpipe.launch.executors import (
+    ExecutorError,
+    node_command,
+    node_environment,
+    read_executor,
+)
+from llmpipe.stage import INPUTS_DIGEST, OUTPUTS_ON_EACH_NODE
 
 PY = sys.executable
 
@@ -97,11 +103,92 @@ def test_several_boxes_meet_at_node_0(tmp_path):
         "10.0.0.1:29500",
         "--rdzv_id",
         "llmpipe-pretrain",
+        "--rdzv_conf",
+        "join_timeout=1800",
         "--nproc_per_node",
         "8",
         "-m",
         "stages.pretrain",
     ]
+    assert node_environment("pretrain", executor) == {}  # a shared file system: rank 0 writes
+
+
+def test_boxes_with_their_own_copies_each_write_after_comparing_inputs(tmp_path):
+    """shared_filesystem: false (SkyPilot's boxes): the spread stages' processes learn that
+    each box writes, and get this box's digest of the stage's deps and params.yaml."""
+    executor = read_executor(
+        settings(
+            tmp_path,
+            "kind: torchrun\nnodes: 2\nrdzv_endpoint: 10.0.0.1:29500\nshared_filesystem: false\n",
+        ),
+        environ={},
+    )
+    (tmp_path / "data/tokens").mkdir(parents=True)
+    (tmp_path / "data/tokens/train.bin").write_bytes(b"tokens")
+    (tmp_path / "params.yaml").write_text("seed: 1\n")
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  pretrain:\n    cmd: x\n    deps: [data/tokens, stages/pretrain.py]\n"
+    )
+    environment = node_environment("pretrain", executor, tmp_path / "dvc.yaml")
+    assert environment[OUTPUTS_ON_EACH_NODE] == "1"
+    digest = json.loads(environment[INPUTS_DIGEST])
+    assert sorted(digest) == ["data/tokens", "params.yaml", "stages/pretrain.py"]
+    (tmp_path / "data/tokens/train.bin").write_bytes(b"tokenz")
+    changed = json.loads(
+        node_environment("pretrain", executor, tmp_path / "dvc.yaml")[INPUTS_DIGEST]
+    )
+    assert changed["data/tokens"] != digest["data/tokens"]
+    assert changed["params.yaml"] == digest["params.yaml"]
+    assert node_environment("evaluate", executor, tmp_path / "dvc.yaml") == {}  # one box each
+
+
+def test_a_box_whose_inputs_differ_is_named(tmp_path):
+    """What every process of a run across boxes checks before it trains, through a store as
+    torchrun's: rank 0's inputs are the reference, a differing box is named with the path."""
+    import datetime
+    import threading
+
+    from torch.distributed import TCPStore
+
+    from llmpipe.errors import DataError
+    from llmpipe.stage import compare_inputs
+
+    store = TCPStore("127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=30))
+    same = {"data/tokens": "aa", "params.yaml": "bb"}
+    errors = {}
+
+    def box(rank: int, inputs: dict) -> None:
+        try:
+            compare_inputs(store, rank, 2, f"{rank} (host{rank})", inputs)
+        except DataError as e:
+            errors[rank] = str(e)
+
+    other = threading.Thread(target=box, args=(1, {**same, "data/tokens": "cc"}))
+    other.start()
+    box(0, same)
+    other.join()
+    assert errors[0] == errors[1]  # every process stops, with one message
+    assert errors[0].startswith(
+        "data/tokens: not the same on box 1 (host1) as on box 0 (host0) (md5 cc vs aa)"
+    )
+    for key in ("0", "1"):
+        store.delete_key(key)
+    threads = [threading.Thread(target=box, args=(r, same)) for r in (0, 1)]
+    errors.clear()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == {}
+
+
+@pytest.mark.parametrize("kind", ["accelerate", "slurm"])
+def test_only_torchrun_runs_across_boxes_with_their_own_copies(tmp_path, kind):
+    settings(tmp_path, f"kind: {kind}\nshared_filesystem: false\n")
+    with pytest.raises(
+        ExecutorError, match=f"shared_filesystem: False is not possible with the {kind}"
+    ):
+        read_executor(tmp_path, environ={})
 
 
 def test_gpu_means_every_visible_gpu_and_fails_clearly_without_one(tmp_path):

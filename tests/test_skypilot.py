@@ -14,6 +14,7 @@ from ruamel.yaml import YAML
 
 from conftest import ROOT, run
 from llmpipe.launch import skypilot
+from llmpipe.launch.executors import read_executor
 from llmpipe.launch.skypilot import SkyPilotError, preset_machine, task
 from llmpipe.params import read_params_file
 from llmpipe.pipeline import validate_mapping
@@ -52,11 +53,51 @@ def test_a_remote_the_box_cannot_reach_and_a_preset_without_machine_are_errors(m
         task("tpu", REMOTE)
 
 
-def test_several_nodes_are_refused_with_the_way_to_run_them(tmp_path, monkeypatch):
+STUB = """#!/bin/sh
+echo "$(basename "$0") $*" >> "$CALLS"
+"""
+
+
+@pytest.mark.parametrize("box", [0, 1])
+def test_on_several_boxes_each_runs_the_pipeline_and_meets_the_first_box(
+    tmp_path, monkeypatch, box
+):
+    """The task's run script, run as SkyPilot runs it on box 0 and box 1 of two (dvc and python
+    stubbed): every box writes the executor that meets at the first box's address, with its own
+    copy of the outputs, and runs `dvc repro`; only the first box pushes."""
     (tmp_path / "big.yaml").write_text("machine: {accelerators: 'H100:8', nodes: 2}\n")
     monkeypatch.setattr(skypilot, "PRESETS_DIR", tmp_path)
-    with pytest.raises(SkyPilotError, match="machine.nodes: 2: a SkyPilot task here is one box"):
-        task("big", REMOTE)
+    spec = task("big", REMOTE)
+    assert spec["num_nodes"] == 2
+    repo = tmp_path / "repo"
+    (repo / ".venv/bin").mkdir(parents=True)
+    for tool in ("dvc", "python"):
+        (repo / ".venv/bin" / tool).write_text(STUB)
+        (repo / ".venv/bin" / tool).chmod(0o755)
+    (repo / ".venv/bin/activate").write_text(f'PATH="{repo}/.venv/bin:$PATH"\n')
+    calls = tmp_path / f"calls-{box}"
+    subprocess.run(
+        ["bash", "-c", spec["run"]],
+        cwd=repo,
+        check=True,
+        env={
+            "PATH": os.environ["PATH"],
+            "CALLS": str(calls),
+            "SKYPILOT_NODE_RANK": str(box),
+            "SKYPILOT_NUM_NODES": "2",
+            "SKYPILOT_NODE_IPS": "10.1.2.3\n10.1.2.4\n",
+        },
+    )
+    executor = read_executor(repo, environ={})
+    assert (executor.kind, executor.nodes, executor.rdzv_endpoint, executor.shared_filesystem) == (
+        "torchrun",
+        2,
+        "10.1.2.3:29500",
+        False,
+    )
+    ran = calls.read_text().splitlines()
+    assert "dvc repro" in ran
+    assert ("dvc push --run-cache" in ran) == (box == 0)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from llmpipe.errors import DeviceError, ParamsError
+from llmpipe.stage import OUTPUTS_ON_EACH_NODE
 
 
 def world_size() -> int:
@@ -29,6 +30,20 @@ def world_size() -> int:
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def outputs_on_each_node() -> bool:
+    return os.environ.get(OUTPUTS_ON_EACH_NODE) == "1"
+
+
+def writes_outputs() -> bool:
+    """Whether this process measures and writes the stage's outputs: the main process; with
+    each box its own copy of the repository, the first process of every box (the weights are
+    the same on every process, so every box writes the same files). While a process group
+    exists, transformers' save_pretrained writes on its rank 0 alone (should_save_on_this_rank),
+    so the training stages end the group (end_training_group) before they write."""
+    rank = "LOCAL_RANK" if outputs_on_each_node() else "RANK"
+    return int(os.environ.get(rank, "0")) == 0
 
 
 def visible_devices() -> str:
@@ -186,7 +201,7 @@ def trained_model(trainer, rebuild):
     wrapped its forward in autocast, which is taken off (in place), so that the model scores and
     generates afterwards as it did before training: in its weights' precision."""
     if not (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
-        if not is_main_process():
+        if not writes_outputs():
             return None
         return trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     # A collective, every process; on the wrapped model (DeepSpeed's engine gathers ZeRO-3).
@@ -224,8 +239,19 @@ def runtime_args(seed: int, bf16: bool | None = None) -> dict:
         "data_seed": seed,
         "dataloader_num_workers": 0,
         **({"ddp_backend": "gloo"} if world_size() > 1 and not cuda else {}),
+        # Each box its own repository: the best checkpoint must be on every box to load it.
+        "save_on_each_node": outputs_on_each_node(),
         "report_to": "none",
     }  # curves go through TrainerCurves, which leaves dvc.yaml alone
+
+
+def end_training_group() -> None:
+    """After a run's last collective, every process ends the process group (see
+    writes_outputs). The caller drops its trainer first: the trainer's DDP wrapper holds the
+    group, and must be collected before it ends (stage.end_distributed)."""
+    from llmpipe.stage import end_distributed
+
+    end_distributed()
 
 
 def wait_for_everyone() -> None:

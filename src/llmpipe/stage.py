@@ -3,17 +3,27 @@ sees, and the end of a launcher's process group."""
 
 from __future__ import annotations
 
+import datetime
 import gc
+import json
 import os
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from llmpipe import layout
-from llmpipe.errors import LlmpipeError
+from llmpipe.errors import DataError, LlmpipeError
 
 EXIT_USER_ERROR = 2
+# Set by the launcher (llmpipe.launch.executors) when a stage runs across boxes that each have
+# their own copy of the repository (the executor's `shared_filesystem: false`, as SkyPilot's
+# cloud boxes): each box's DVC needs the stage's outputs in its own copy (runtime.writes_outputs).
+OUTPUTS_ON_EACH_NODE = "LLMPIPE_OUTPUTS_ON_EACH_NODE"
+# With it, the digest of the stage's inputs on this box (JSON {path: md5}):
+# runtime.check_inputs_agree.
+INPUTS_DIGEST = "LLMPIPE_INPUTS_DIGEST"
 NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")  # one entry per GPU, read without CUDA
 
 
@@ -24,6 +34,8 @@ def run_main(main: Callable[[], Any]) -> None:
     """
     one_gpu_unless_launched(running_stage())
     try:
+        if os.environ.get(INPUTS_DIGEST):  # across boxes with their own copies
+            check_inputs_agree()
         main()
     except LlmpipeError as e:
         if os.environ.get("RANK", "0") == "0":  # under a launcher every process stops; one says why
@@ -31,6 +43,47 @@ def run_main(main: Callable[[], Any]) -> None:
         sys.exit(EXIT_USER_ERROR)
     finally:
         end_distributed()
+
+
+def check_inputs_agree(timeout_s: float = 600) -> None:
+    """Every process of a run across boxes with their own copies checks that its box's inputs
+    are the first box's: each box ran the stages before this one by itself, so a stage that is
+    not bit-reproducible (a GPU kernel with atomics, a download that changed) could otherwise
+    feed one run different data on different boxes. Through the store torchrun gives its
+    workers (MASTER_ADDR/MASTER_PORT), before any process group exists."""
+    from torch.distributed import PrefixStore, TCPStore
+
+    store = TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=False,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    compare_inputs(
+        PrefixStore(f"llmpipe/inputs/{attempt}", store),
+        int(os.environ["RANK"]),
+        int(os.environ["WORLD_SIZE"]),
+        f"{os.environ.get('GROUP_RANK', '?')} ({socket.gethostname()})",
+        json.loads(os.environ[INPUTS_DIGEST]),
+    )
+
+
+def compare_inputs(store, rank: int, size: int, box: str, inputs: dict[str, str]) -> None:
+    """Publish this process's {path: md5} and compare every process's with rank 0's."""
+    store.set(str(rank), json.dumps({"box": box, "inputs": inputs}))
+    first, *others = (json.loads(store.get(str(r))) for r in range(size))
+    for other in others:
+        for path in sorted(set(first["inputs"]) | set(other["inputs"])):
+            theirs, ours = other["inputs"].get(path), first["inputs"].get(path)
+            if theirs != ours:
+                raise DataError(
+                    f"{path}: not the same on box {other['box']} as on box {first['box']} "
+                    f"(md5 {theirs} vs {ours}): each box computed the stages before this one "
+                    "by itself, and they gave other files; run those on one box and "
+                    "`dvc push --run-cache`, so that every box pulls the same files "
+                    "(docs/several-boxes.md)"
+                )
 
 
 def running_stage() -> str:

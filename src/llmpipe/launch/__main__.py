@@ -19,6 +19,7 @@ from llmpipe.launch.executors import (
     SPREAD_STAGES,
     describe,
     node_command,
+    node_environment,
     read_executor,
     visible_gpus,
 )
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return slurm.run_stage(args.stage, executor, dry_run=args.dry_run)
         command = node_command(args.stage, executor)
+        environment = node_environment(args.stage, executor)
     except LlmpipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.dry_run:
         return 0
+    os.environ.update(environment)
     os.execv(command[0], command)  # the stage's process from here on: its status, its signals
 
 

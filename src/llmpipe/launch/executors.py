@@ -9,6 +9,7 @@ overrides its `kind`. Without either, stages run locally, one process each.
     processes: gpu          # per node, for the stages that train on several: N, or gpu
     nodes: 1                # torchrun over several boxes: each runs the command (rdzv_endpoint)
     rdzv_endpoint: null     # several nodes: host:port of node 0 (c10d rendezvous)
+    shared_filesystem: true # several nodes: false when each box has its own copy (SkyPilot)
     accelerate_config: null # accelerate: its --config_file (e.g. configs/accelerate/fsdp.yaml)
     stages: {download: local}   # a kind per stage, over `kind`
     slurm: {partition: gpu, nodes: 2, gpus_per_node: 8, time: "04:00:00"}   # slurm.py
@@ -18,11 +19,20 @@ batch whatever the count, and their results agree across counts to 1e-4 relative
 (tests/test_launchers.py). GRPO's completions depend on the count (TRL seeds each process apart),
 so for COUNTED_STAGES the count is a param (`<stage>.processes`, in the stage's hash) and every
 executor starts exactly that many. The other stages run in one process under every executor.
+
+Across boxes, rank 0 writes a stage's outputs into the repository that every box sees (a
+cluster's shared file system). Boxes that each have their own copy (`shared_filesystem: false`:
+rented cloud boxes, llmpipe.launch.skypilot) each run the whole `dvc repro`: the other stages run
+on every box alike, the spread ones across all boxes, and each box's first process writes the
+outputs into its own copy, once every process has checked that its box's inputs are the first
+box's (runtime.check_inputs_agree).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import shlex
 import sys
@@ -33,6 +43,7 @@ from ruamel.yaml import YAML, YAMLError
 
 from llmpipe import layout
 from llmpipe.errors import LlmpipeError
+from llmpipe.stage import INPUTS_DIGEST, OUTPUTS_ON_EACH_NODE
 
 SETTINGS_FILE = Path(".llmpipe/executor.yaml")
 KINDS = ("local", "torchrun", "accelerate", "slurm")
@@ -67,6 +78,10 @@ class Executor:
     processes: int | str = "gpu"
     nodes: int = 1
     rdzv_endpoint: str | None = None
+    shared_filesystem: bool = True
+    # How long torchrun's agents wait for every box at a stage's rendezvous: boxes with their
+    # own copies reach a stage each at their own pace, after running every stage before it.
+    rdzv_join_timeout_s: int = 1800
     accelerate_config: str | None = None
     stages: dict[str, str] = dataclasses.field(default_factory=dict)
     slurm: SlurmSettings = SlurmSettings()
@@ -167,11 +182,23 @@ def parse_executor(raw: dict, source: str) -> Executor:
     endpoint = text("rdzv_endpoint", raw.get("rdzv_endpoint"))
     if nodes > 1 and not endpoint:
         raise fail("rdzv_endpoint", endpoint, f"set: {nodes} nodes need node 0's host:port")
+    shared_filesystem = raw.get("shared_filesystem", True)
+    if not isinstance(shared_filesystem, bool):
+        raise fail("shared_filesystem", shared_filesystem, "true or false")
+    if not shared_filesystem and (others := {kind, *stages.values()} & {"accelerate", "slurm"}):
+        raise fail(
+            "shared_filesystem",
+            shared_filesystem,
+            f"possible with the {sorted(others)[0]} executor (only torchrun runs across boxes "
+            "that each have their own copy)",
+        )
     return Executor(
         kind=kind,
         processes=processes,
         nodes=nodes,
         rdzv_endpoint=endpoint,
+        shared_filesystem=shared_filesystem,
+        rdzv_join_timeout_s=positive("rdzv_join_timeout_s", raw.get("rdzv_join_timeout_s", 1800)),
         accelerate_config=text("accelerate_config", raw.get("accelerate_config")),
         stages=dict(stages),
         slurm=slurm,
@@ -214,14 +241,20 @@ def stage_module(stage: str) -> list[str]:
     return ["-m", f"stages.{stage}"]
 
 
-def torchrun(nproc: int, nodes: int = 1, endpoint: str | None = None, rdzv_id: str = "") -> list:
+def torchrun(
+    nproc: int,
+    nodes: int = 1,
+    endpoint: str | None = None,
+    rdzv_id: str = "",
+    join_timeout_s: int = 1800,
+) -> list:
     """torchrun's own options, as a module of this interpreter (a `torchrun` on PATH may belong
     to another Python)."""
     where = (
         ["--standalone"]
         if nodes == 1
         else ["--nnodes", str(nodes), "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint,
-              "--rdzv_id", rdzv_id]
+              "--rdzv_id", rdzv_id, "--rdzv_conf", f"join_timeout={join_timeout_s}"]
     )  # fmt: skip
     return [sys.executable, "-m", "torch.distributed.run", *where, "--nproc_per_node", str(nproc)]
 
@@ -251,7 +284,51 @@ def node_command(stage: str, executor: Executor, gpus: int | None = None) -> lis
             *stage_module(stage),
         ]
     nodes = executor.nodes if kind == "torchrun" else 1
-    return torchrun(nproc, nodes, executor.rdzv_endpoint, f"llmpipe-{stage}") + stage_module(stage)
+    return torchrun(
+        nproc, nodes, executor.rdzv_endpoint, f"llmpipe-{stage}", executor.rdzv_join_timeout_s
+    ) + stage_module(stage)
+
+
+def across_own_copies(stage: str, executor: Executor) -> bool:
+    """The stage runs across boxes that each have their own copy of the repository."""
+    return (
+        stage in SPREAD_STAGES
+        and executor.kind_of(stage) == "torchrun"
+        and executor.nodes > 1
+        and not executor.shared_filesystem
+    )
+
+
+def node_environment(stage: str, executor: Executor, dvc_yaml: Path = Path("dvc.yaml")) -> dict:
+    """What the stage's processes need beside the command: across boxes with their own copies,
+    that each box writes, and this box's inputs to check against the first box's."""
+    if not across_own_copies(stage, executor):
+        return {}
+    return {OUTPUTS_ON_EACH_NODE: "1", INPUTS_DIGEST: json.dumps(inputs_digest(stage, dvc_yaml))}
+
+
+def inputs_digest(stage: str, dvc_yaml: Path = Path("dvc.yaml")) -> dict[str, str]:
+    """{path: md5} of the stage's deps in dvc.yaml (a folder: of its files' names and contents)
+    and of params.yaml, as they are in this copy of the repository."""
+    try:
+        deps = YAML(typ="safe").load(dvc_yaml.read_text())["stages"][stage].get("deps") or []
+    except (OSError, YAMLError, KeyError, TypeError) as e:
+        raise ExecutorError(f"{dvc_yaml}: no deps of stage {stage} to check ({e})") from e
+    root = dvc_yaml.parent
+    return {str(dep): md5_of(root / dep) for dep in [*deps, "params.yaml"]}
+
+
+def md5_of(path: Path) -> str:
+    digest = hashlib.md5()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else "").encode() + b"\0")
+        if not file.exists():
+            digest.update(b"missing")
+            continue
+        with open(file, "rb") as f:
+            digest.update(hashlib.file_digest(f, "md5").digest())
+    return digest.hexdigest()
 
 
 def describe(command: list[str]) -> str:

@@ -9,10 +9,14 @@ torchrun executor (every GPU of the box) and `dvc push --run-cache`: what the bo
 to the shared DVC remote with its run-cache, so any clone with the same params then gets every
 stage from there (`dvc repro --pull`) instead of computing it again.
 
+Several boxes (`machine.nodes`): every box gets its own copy of the repository and runs the same
+`dvc repro`; the stages that train on several processes run across all boxes (torchrun's c10d
+rendezvous at the first box's address, from SkyPilot's SKYPILOT_NODE_IPS), and each box writes
+their outputs into its own copy (the executor's `shared_filesystem: false`); the other stages run
+on every box alike. The first box alone pushes.
+
 SkyPilot itself is not a dependency of llmpipe (its pins, e.g. uvicorn < 0.36, conflict with the
 server's): install it apart, e.g. `uv tool install skypilot` or `pipx install skypilot`.
-Several boxes need a file system every node sees, which the slurm executor has and a cloud VM
-does not: the task is for one box (docs/several-boxes.md).
 """
 
 from __future__ import annotations
@@ -49,12 +53,22 @@ def preset_machine(preset: str) -> dict[str, Any]:
         raise SkyPilotError(
             f"{path}: machine.{unknown[0]}: unknown (known: {sorted(MACHINE_KEYS)})"
         )
-    if machine.get("nodes", 1) != 1:
-        raise SkyPilotError(
-            f"{path}: machine.nodes: {machine['nodes']}: a SkyPilot task here is one box (several "
-            "need a shared file system: the slurm executor, docs/several-boxes.md)"
-        )
+    nodes = machine.get("nodes", 1)
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+        raise SkyPilotError(f"{path}: machine.nodes: {nodes!r} is not a positive integer")
     return machine
+
+
+RDZV_PORT = 29500  # on the first box, where the boxes meet for each stage that spans them
+
+# The executor of a box among several, written by the task on each box from SkyPilot's
+# variables: the first address of SKYPILOT_NODE_IPS is the first box's.
+SEVERAL_BOXES = [
+    "mkdir -p .llmpipe",
+    'first_box=$(echo "$SKYPILOT_NODE_IPS" | head -n1)',
+    "printf 'kind: torchrun\\nnodes: %s\\nrdzv_endpoint: %s:%s\\nshared_filesystem: false\\n' "
+    f'"$SKYPILOT_NUM_NODES" "$first_box" {RDZV_PORT} > .llmpipe/executor.yaml',
+]
 
 
 def dvc_remote_url(config: Path = Path(".dvc/config")) -> str | None:
@@ -82,6 +96,7 @@ def task(preset: str, remote: str | None) -> dict[str, Any]:
     remote_setup = (
         [] if remote is None else [f"dvc remote add --local -d -f shared {shlex.quote(remote)}"]
     )
+    nodes = machine.get("nodes", 1)
     run = [
         "set -euo pipefail",
         "source .venv/bin/activate",
@@ -89,13 +104,17 @@ def task(preset: str, remote: str | None) -> dict[str, Any]:
         f"python -m llmpipe.preset {shlex.quote(preset)} --write",
         # What any machine has computed with these params comes from the remote's run-cache.
         "dvc pull --run-cache --allow-missing || true",
+        *(SEVERAL_BOXES if nodes > 1 else []),
         "dvc repro",
-        "dvc push --run-cache",
+        # Every box computed the same outputs; the first pushes them.
+        'if [ "${SKYPILOT_NODE_RANK:-0}" = 0 ]; then dvc push --run-cache; fi'
+        if nodes > 1
+        else "dvc push --run-cache",
     ]
     return {
         "name": f"llmpipe-{preset}",
         "resources": resources,
-        "num_nodes": 1,
+        "num_nodes": nodes,
         "workdir": ".",
         # Every GPU of the box for the stages that train on several (llmpipe.launch.executors).
         "envs": {"LLMPIPE_EXECUTOR": "torchrun"},

@@ -25,7 +25,7 @@ from llmpipe.rl.params import GrpoParams, ReinforceParams, RlBaselineParams
 from llmpipe.rl.preferences import read_gold_spec, read_prompts
 from llmpipe.rl.rlhf import Judges, load_judges, policy_report, reward_scores
 from llmpipe.rl.sampling import Sampling
-from llmpipe.runtime import compute_autocast, default_device, frozen_reference, is_main_process
+from llmpipe.runtime import compute_autocast, default_device, frozen_reference, writes_outputs
 
 
 def length_penalty(prompts, completions, completion_ids, **kwargs) -> list[float]:
@@ -76,7 +76,7 @@ def rlhf_run(p: GrpoParams | ReinforceParams, separate_reward_model: bool = Fals
     `separate_reward_model`: the reward loads its own reward model in every process (GRPO under
     a launcher, where only the main process measures)."""
     settings, before = read_baseline()
-    measure = HeldoutMeasure.load(settings) if is_main_process() else None
+    measure = HeldoutMeasure.load(settings) if writes_outputs() else None
     judges = None if separate_reward_model or measure is None else measure.judges
     return RlRun(
         policy_dir=layout.FINETUNE_MODEL,

@@ -23,7 +23,7 @@ from llmpipe.rl.judges import Judge, load_heldout_judges
 from llmpipe.rl.params import RewardModelParams
 from llmpipe.rl.preferences import read_gold_spec
 from llmpipe.rl.sampling import Sampling, sample_completions
-from llmpipe.runtime import per_process, runtime_args, trained_model
+from llmpipe.runtime import end_training_group, per_process, runtime_args, trained_model
 
 
 @dataclass(frozen=True)
@@ -173,7 +173,10 @@ def train_reward_model(
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     model = trained_model(trainer, lambda: load_reward_model(policy_dir, tokenizer))
-    return model, tokenizer, len(trainer.train_dataset)
+    trained_pairs = len(trainer.train_dataset)
+    del trainer
+    end_training_group()
+    return model, tokenizer, trained_pairs
 
 
 # Logits a batch of completion_logprobs may hold (rows x tokens x vocabulary, float32: 1 GiB).

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 from transformers import TrainerCallback
 
+from llmpipe.runtime import writes_outputs
 from llmpipe.train.tracking import _NOT_CURVES, curves_live
 
 
@@ -33,7 +34,7 @@ class TrainerCurves(TrainerCallback):
         self._step_started = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
+        if writes_outputs():  # the main process; or each box's first, with a copy each
             self.live = curves_live(self.live_dir)
 
     def on_step_begin(self, args, state, control, **kwargs):

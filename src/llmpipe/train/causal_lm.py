@@ -37,8 +37,8 @@ from llmpipe.model.loading import load_causal_lm, token_vocab_size
 from llmpipe.runtime import (
     checkpointing_args,
     default_device,
+    end_training_group,
     fp32_master_weights,
-    is_main_process,
     per_process,
     runtime_args,
     sharded_launch,
@@ -47,6 +47,7 @@ from llmpipe.runtime import (
     wait_for_everyone,
     warn_if_slow_bf16,
     world_size,
+    writes_outputs,
 )
 from llmpipe.train.callbacks import TrainerCurves
 from llmpipe.train.params import CausalLMTrainingParams
@@ -143,7 +144,7 @@ def train(
     weights of a sharded run (FSDP, DeepSpeed: runtime.trained_model)."""
     from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 
-    if is_main_process():  # the one that saves Trainer checkpoints
+    if writes_outputs():  # the one that saves Trainer checkpoints
         shutil.rmtree(work_dir, ignore_errors=True)  # a crashed run's must not rotate in
         if not use_cuda("auto"):
             warn_if_slow_bf16(p.dtype, "cpu", f"{p.SECTION}.dtype")
@@ -199,7 +200,9 @@ def train(
     )
     trained = trained_model(trainer, rebuild)
     wait_for_everyone()  # every process has loaded the best checkpoint
-    if is_main_process():
+    del trainer
+    end_training_group()
+    if writes_outputs():
         shutil.rmtree(work_dir, ignore_errors=True)
         trained.config.use_cache = True  # the Trainer turns the KV cache off for training
     return TrainResult(
@@ -300,7 +303,7 @@ def run_stage(
     check_block_size(model, p.block_size, f"{stage}.block_size")
     train_bin, val_bin = open_token_data(tokens_dir, model, tokenizer, p.base)
     train_bin, selection_bin = selection_split(train_bin, p, stage)
-    main = is_main_process()
+    main = writes_outputs()
     token_bytes = token_byte_lengths(tokenizer)
     base_score = val_score(model, val_bin, p, token_bytes) if main else None
     adapt = adapt or (lambda base: base)

@@ -74,6 +74,9 @@ class Runtime:
     rank: int
     world_size: int
     device: torch.device
+    # Measures and writes: rank 0; with each box its own copy of the repository, the first
+    # process of every box (runtime.writes_outputs).
+    writes: bool = True
 
     @property
     def is_main(self) -> bool:
@@ -91,7 +94,7 @@ def setup_runtime(device_param: str) -> Runtime:
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend="nccl" if want_cuda else "gloo")
     device = torch.device(f"cuda:{local_rank}" if want_cuda else "cpu")
-    return Runtime(dist.get_rank(), world_size, device)
+    return Runtime(dist.get_rank(), world_size, device, runtime.writes_outputs())
 
 
 # Dense bf16/fp16 tensor-core peaks from NVIDIA's data sheets (FLOP/s per GPU), matched in
@@ -326,7 +329,7 @@ def prepare(p: PretrainParams, seed: int, paths: PretrainPaths, rt: Runtime) -> 
     # matmul at start-up moves from run to run (a CPU measured half its usual peak once, and
     # reported an MFU above 1), so without either MFU is not given.
     peak_flops = p.peak_flops or known_peak_flops(rt.device, p.dtype)
-    if rt.is_main:
+    if rt.writes:
         runtime.warn_if_slow_bf16(p.dtype, rt.device, "pretrain.dtype")
 
     # Every process seeds alike and consumes random numbers alike (dropout on equal shapes;
@@ -357,7 +360,7 @@ def prepare(p: PretrainParams, seed: int, paths: PretrainPaths, rt: Runtime) -> 
         curves=None,
     )
     resume(run)
-    if rt.is_main:
+    if rt.writes:
         run.curves = CurveLog(paths.live_dir, run.history)
         run.checkpoints = CheckpointWriter(paths.checkpoint_dir / CHECKPOINT_FILE)
     run.model = wrap_model(raw_model, p, rt)
@@ -378,8 +381,8 @@ def resume(run: PretrainRun) -> None:
     paths, rt = run.paths, run.rt
     paths.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(paths.checkpoint_dir / CHECKPOINT_FILE)  # a kill while writing
-    # Rank 0 writes the checkpoints, so rank 0 decides, and every rank resumes from its copy:
-    # on several nodes without a shared filesystem the others have none (or a stale one).
+    # Rank 0 decides, and every rank resumes from its copy: on several boxes the others may have
+    # none (only rank 0 writes them on a shared file system) or a stale one.
     state = load_checkpoint(paths.checkpoint_dir, run.digest) if rt.is_main else None
     if rt.world_size > 1:
         shared = [state]
@@ -481,7 +484,7 @@ def evaluate(run: PretrainRun, step: int) -> float:
         sharded=True,
     )
     run.val_loss, run.val_bits_per_byte, run.val_score = score.loss, score.bits_per_byte, score
-    if p.sample is not None and run.rt.is_main:
+    if p.sample is not None and run.rt.writes:
         first = sample(run.raw_model, run.tokenizer, p.sample, run.seed, run.rt.device)[0]
         tqdm.write(f"step {step + 1}: {first['prompt']!r} -> {first['completion']!r}")
     return run.val_loss
@@ -581,7 +584,7 @@ def pretrain(p: PretrainParams, seed: int, paths: PretrainPaths) -> dict | None:
             total=p.max_steps,
             desc="pretrain",
             mininterval=1.0,
-            disable=True if not rt.is_main else None,
+            disable=True if not rt.writes else None,
         )  # None: off when not a terminal
         for step in bar:
             step_started = time.perf_counter()
@@ -602,10 +605,13 @@ def pretrain(p: PretrainParams, seed: int, paths: PretrainPaths) -> dict | None:
             if run.curves is not None:
                 run.curves.log(record)
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-            if rt.is_main and (step + 1) % p.checkpoint_interval == 0 and not done:
+            if rt.writes and (step + 1) % p.checkpoint_interval == 0 and not done:
                 checkpoint(run, step + 1)
         bar.close()
-        if not rt.is_main:
+        if rt.world_size > 1:  # the last collective is done (runtime.writes_outputs)
+            run.model = None  # the DDP wrapper holds the group: it goes first
+            runtime.end_training_group()
+        if not rt.writes:
             return None
         return finish(run, tokens_per_s, started)
     finally:
