@@ -22,9 +22,7 @@ from llmpipe import layout
 from llmpipe.evaluation.intervals import paired_gain
 from llmpipe.model.loading import load_causal_lm, load_tokenizer
 from llmpipe.params import load_stage_params
-from llmpipe.rl import harness
 from llmpipe.rl.harness import RlRun, train_with_grpo, train_with_reinforce
-from llmpipe.rl.reinforce import config_from
 from llmpipe.task.checkable import TaskMeasure, TaskSet, exact_match_reward
 from llmpipe.task.params import TaskGrpoParams, TaskReinforceParams, TaskSftParams
 
@@ -37,13 +35,7 @@ def main() -> None:
     parser.add_argument("--generations", nargs="+", type=int, default=[4])
     parser.add_argument("--completions", type=int, default=32, help="completions a step")
     parser.add_argument("--steps", nargs="+", type=int, default=[50], help="optimizer steps")
-    parser.add_argument(
-        "--algorithms",
-        nargs="+",
-        default=["reinforce", "grpo"],
-        choices=["reinforce", "reinforce-group", "grpo"],
-        help="reinforce-group: REINFORCE with advantage_scale: group",
-    )
+    parser.add_argument("--algorithms", nargs="+", default=["reinforce", "grpo"])
     parser.add_argument("--selection", type=int, default=200)
     args = parser.parse_args()
     shared, sft = load_stage_params(TaskSftParams)
@@ -62,16 +54,9 @@ def main() -> None:
     for algorithm in args.algorithms:
         schema, train = {
             "reinforce": (TaskReinforceParams, train_with_reinforce),
-            "reinforce-group": (TaskReinforceParams, train_with_reinforce),
             "grpo": (TaskGrpoParams, train_with_grpo),
         }[algorithm]
         _, base = load_stage_params(schema)
-        # reinforce-group: GRPO's weighting in the loop (an experiment, not yet a param)
-        harness.config_from = (
-            (lambda p: dataclasses.replace(config_from(p), advantage_scale="group"))
-            if algorithm == "reinforce-group"
-            else config_from
-        )
         for generations, steps, lr in itertools.product(args.generations, args.steps, args.lr):
             # the same completions a step for every group size
             p = dataclasses.replace(

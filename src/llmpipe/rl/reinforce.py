@@ -58,14 +58,11 @@ class ReinforceConfig:
     dtype: str = "float32"  # float32 | bfloat16 (autocast over float32 master weights)
     generation_batch_size: int | None = None  # completions per forward pass; None: the step's
     reference_device: str = "same"  # same (as the policy) | cpu
-    advantage_scale: str = "none"  # none | group (divided by the group's reward std, as GRPO)
 
 
 def config_from(p) -> ReinforceConfig:
     """The loop's settings from a params section that has them (ReinforceParams)."""
-    return ReinforceConfig(
-        **{f.name: getattr(p, f.name) for f in fields(ReinforceConfig) if hasattr(p, f.name)}
-    )
+    return ReinforceConfig(**{f.name: getattr(p, f.name) for f in fields(ReinforceConfig)})
 
 
 def rloo_baseline(rewards: torch.Tensor) -> torch.Tensor:
@@ -278,10 +275,7 @@ def backward_step(
     shaped = reward - cfg.beta * kl if kl is not None else reward
     groups = shaped.view(-1, cfg.num_generations)
     baseline = BASELINES[cfg.baseline](groups)
-    advantages = groups - baseline
-    if cfg.advantage_scale == "group":
-        advantages = advantages / (groups.std(dim=1, keepdim=True) + 1e-4)
-    advantages = advantages.reshape(-1).to(device)
+    advantages = (groups - baseline).reshape(-1).to(device)
 
     if kept is not None:
         logprobs, entropy = kept
