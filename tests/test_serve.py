@@ -884,6 +884,34 @@ def test_without_vllm_the_engine_option_is_a_one_line_error(capsys, root):
     )
 
 
+def test_the_connections_to_vllm_close_with_the_server():
+    """The forwarding middleware's client lives as long as the server: the ASGI lifespan's
+    shutdown closes it, and the app still sees the lifespan messages."""
+    import asyncio
+
+    from llmpipe.serve.vllm import ForwardToVllm
+
+    seen = []
+
+    async def app(scope, receive, send):  # a server's lifespan: startup, then shutdown
+        for step in ("startup", "shutdown"):
+            seen.append((await receive())["type"])
+            await send({"type": f"lifespan.{step}.complete"})
+
+    forwarding = ForwardToVllm(app, {}, "fleet-key")
+    messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+
+    async def receive():
+        return next(messages)
+
+    async def send(message):
+        assert not forwarding.client.is_closed or message["type"] == "lifespan.shutdown.complete"
+
+    asyncio.run(forwarding({"type": "lifespan"}, receive, send))
+    assert seen == ["lifespan.startup", "lifespan.shutdown"]
+    assert forwarding.client.is_closed
+
+
 def test_requests_for_a_vllm_model_pass_through_with_the_fleets_key(root, server):
     """The front server forwards a vLLM model's requests as they came and answers as the
     upstream does, streamed or not; llmpipe's own server, with a key, stands in for vLLM."""

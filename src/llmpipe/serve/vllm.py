@@ -199,6 +199,8 @@ class ForwardToVllm:
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10))
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":  # the connections to vLLM close with the server
+            return await self.app(scope, self._closing_at_shutdown(receive), send)
         if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         if scope["path"] not in PROXIED_PATHS:
@@ -216,6 +218,15 @@ class ForwardToVllm:
         if upstream is None:
             return await self.app(scope, _replay(body, receive), send)
         await self._forward(upstream, scope["path"], body, send)
+
+    def _closing_at_shutdown(self, receive):
+        async def receive_and_close():
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                await self.client.aclose()
+            return message
+
+        return receive_and_close
 
     async def _forward(self, upstream: VllmModel, path: str, body: bytes, send) -> None:
         import httpx
