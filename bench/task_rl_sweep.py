@@ -7,6 +7,10 @@ problems the pipeline reports): sampled pass@1 and greedy exact match before and
 gains paired over the problems and sampling seeds.
 
     python bench/task_rl_sweep.py --lr 1e-5 1e-4 3e-4 --generations 4 8 [--completions 32]
+        [--train-seeds 0 1 2]
+
+`--train-seeds`: the RL run's own seed (its prompts and samples), the measurement's staying
+fixed, so that the rows show the training noise the paired intervals over problems leave out.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ def main() -> None:
     parser.add_argument("--steps", nargs="+", type=int, default=[50], help="optimizer steps")
     parser.add_argument("--algorithms", nargs="+", default=["reinforce", "grpo"])
     parser.add_argument("--selection", type=int, default=200)
+    parser.add_argument(
+        "--train-seeds", nargs="+", type=int, help="RL training seeds (default: params' seed)"
+    )
     args = parser.parse_args()
     shared, sft = load_stage_params(TaskSftParams)
     task = TaskSet.read(layout.TASK_PROBLEMS)
@@ -57,7 +64,10 @@ def main() -> None:
             "grpo": (TaskGrpoParams, train_with_grpo),
         }[algorithm]
         _, base = load_stage_params(schema)
-        for generations, steps, lr in itertools.product(args.generations, args.steps, args.lr):
+        train_seeds = args.train_seeds or [shared.seed]
+        for generations, steps, lr, train_seed in itertools.product(
+            args.generations, args.steps, args.lr, train_seeds
+        ):
             # the same completions a step for every group size
             p = dataclasses.replace(
                 base,
@@ -76,13 +86,13 @@ def main() -> None:
                 gains={},
                 load_reference=lambda: load_causal_lm(layout.TASK_SFT_MODEL)[0],
             )
-            policy, _, wall_s = train(run, p, shared.seed, STAGE)
+            policy, _, wall_s = train(run, p, train_seed, STAGE)
             after = measure.report(policy)
             pass1 = paired_gain(before, after, "pass_at_1")
             em = paired_gain(before, after, "exact_match")
             rows.append(
                 f"| {algorithm} | {generations} x {args.completions // generations} | {steps} "
-                f"| {lr:g} | "
+                f"| {lr:g} | {train_seed} | "
                 f"{after['pass_at_1']:.3f} | {pass1.text()} | {em.text()} | {wall_s:.0f} |"
             )
             print(rows[-1], flush=True)
@@ -90,9 +100,9 @@ def main() -> None:
     print(
         f"\nBefore RL (task_sft): pass@1 {before['pass_at_1']:.3f}, exact match "
         f"{before['exact_match']:.3f}\n\n"
-        "| algorithm | completions x prompts a step | steps | learning rate | pass@1 after | "
-        "pass@1 gain [95%] | exact match gain [95%] | RL wall s |\n"
-        "|---|---|---:|---:|---:|---|---|---:|"
+        "| algorithm | completions x prompts a step | steps | learning rate | training seed | "
+        "pass@1 after | pass@1 gain [95%] | exact match gain [95%] | RL wall s |\n"
+        "|---|---|---:|---:|---:|---:|---|---|---:|"
     )
     print("\n".join(rows))
 
