@@ -662,7 +662,9 @@ def task_section() -> str:
         "match by construction (greedy decoding follows the top prediction). RL: "
         + "; ".join(budget)
         + ".\n\nGains, paired over the same test problems (and sampling seeds), with their "
-        "95% interval:\n\n"
+        "95% interval over the problems. Each is one training run: the interval leaves out the "
+        "run's own noise, which other training seeds show (`python -m llmpipe.seeds --from "
+        "task_reinforce`, or `--from task_grpo`):\n\n"
         + _table(["step", "exact match (greedy)", "pass@1 (sampled)"], gains)
         + "\n\n"
         + control_text()
