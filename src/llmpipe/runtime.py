@@ -41,7 +41,8 @@ def writes_outputs() -> bool:
     each box its own copy of the repository, the first process of every box (the weights are
     the same on every process, so every box writes the same files). While a process group
     exists, transformers' save_pretrained writes on its rank 0 alone (should_save_on_this_rank),
-    so the training stages end the group (end_training_group) before they write."""
+    so the training stages end the group (stage.end_distributed) after their last collective,
+    before they write, having dropped their trainer or DDP wrapper first (it holds the group)."""
     rank = "LOCAL_RANK" if outputs_on_each_node() else "RANK"
     return int(os.environ.get(rank, "0")) == 0
 
@@ -243,15 +244,6 @@ def runtime_args(seed: int, bf16: bool | None = None) -> dict:
         "save_on_each_node": outputs_on_each_node(),
         "report_to": "none",
     }  # curves go through TrainerCurves, which leaves dvc.yaml alone
-
-
-def end_training_group() -> None:
-    """After a run's last collective, every process ends the process group (see
-    writes_outputs). The caller drops its trainer first: the trainer's DDP wrapper holds the
-    group, and must be collected before it ends (stage.end_distributed)."""
-    from llmpipe.stage import end_distributed
-
-    end_distributed()
 
 
 def wait_for_everyone() -> None:

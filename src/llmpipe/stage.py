@@ -22,7 +22,7 @@ EXIT_USER_ERROR = 2
 # cloud boxes): each box's DVC needs the stage's outputs in its own copy (runtime.writes_outputs).
 OUTPUTS_ON_EACH_NODE = "LLMPIPE_OUTPUTS_ON_EACH_NODE"
 # With it, the digest of the stage's inputs on this box (JSON {path: md5}):
-# runtime.check_inputs_agree.
+# check_inputs_agree below.
 INPUTS_DIGEST = "LLMPIPE_INPUTS_DIGEST"
 NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")  # one entry per GPU, read without CUDA
 

@@ -25,7 +25,7 @@ cluster's shared file system). Boxes that each have their own copy (`shared_file
 rented cloud boxes, llmpipe.launch.skypilot) each run the whole `dvc repro`: the other stages run
 on every box alike, the spread ones across all boxes, and each box's first process writes the
 outputs into its own copy, once every process has checked that its box's inputs are the first
-box's (runtime.check_inputs_agree).
+box's (stage.check_inputs_agree).
 """
 
 from __future__ import annotations

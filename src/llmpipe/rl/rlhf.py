@@ -23,7 +23,8 @@ from llmpipe.rl.judges import Judge, load_heldout_judges
 from llmpipe.rl.params import RewardModelParams
 from llmpipe.rl.preferences import read_gold_spec
 from llmpipe.rl.sampling import Sampling, sample_completions
-from llmpipe.runtime import end_training_group, per_process, runtime_args, trained_model
+from llmpipe.runtime import per_process, runtime_args, trained_model
+from llmpipe.stage import end_distributed
 
 
 @dataclass(frozen=True)
@@ -174,8 +175,8 @@ def train_reward_model(
         shutil.rmtree(work_dir, ignore_errors=True)
     model = trained_model(trainer, lambda: load_reward_model(policy_dir, tokenizer))
     trained_pairs = len(trainer.train_dataset)
-    del trainer
-    end_training_group()
+    del trainer  # its DDP wrapper holds the process group
+    end_distributed()  # before any writing (runtime.writes_outputs)
     return model, tokenizer, trained_pairs
 
 

@@ -37,7 +37,6 @@ from llmpipe.model.loading import load_causal_lm, token_vocab_size
 from llmpipe.runtime import (
     checkpointing_args,
     default_device,
-    end_training_group,
     fp32_master_weights,
     per_process,
     runtime_args,
@@ -49,6 +48,7 @@ from llmpipe.runtime import (
     world_size,
     writes_outputs,
 )
+from llmpipe.stage import end_distributed
 from llmpipe.train.callbacks import TrainerCurves
 from llmpipe.train.params import CausalLMTrainingParams
 
@@ -200,8 +200,8 @@ def train(
     )
     trained = trained_model(trainer, rebuild)
     wait_for_everyone()  # every process has loaded the best checkpoint
-    del trainer
-    end_training_group()
+    del trainer  # its DDP wrapper holds the process group
+    end_distributed()  # before any writing (runtime.writes_outputs)
     if writes_outputs():
         shutil.rmtree(work_dir, ignore_errors=True)
         trained.config.use_cache = True  # the Trainer turns the KV cache off for training

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import hashlib
 import json
 import math
@@ -47,6 +46,7 @@ from llmpipe.evaluation.scores import WindowScore, token_byte_lengths, window_sc
 from llmpipe.io import atomic_dir, atomic_path, remove_stale_temporaries, write_json
 from llmpipe.model.gpt import GPT, GPTConfig, Optimizers
 from llmpipe.model.hf import export_hf_gpt2, load_hf_gpt2
+from llmpipe.stage import end_distributed
 from llmpipe.train.params import PretrainParams, SampleParams
 from llmpipe.train.tracking import curves_live
 
@@ -610,7 +610,7 @@ def pretrain(p: PretrainParams, seed: int, paths: PretrainPaths) -> dict | None:
         bar.close()
         if rt.world_size > 1:  # the last collective is done (runtime.writes_outputs)
             run.model = None  # the DDP wrapper holds the group: it goes first
-            runtime.end_training_group()
+            end_distributed()  # before any writing (runtime.writes_outputs)
         if not rt.writes:
             return None
         return finish(run, tokens_per_s, started)
@@ -619,16 +619,10 @@ def pretrain(p: PretrainParams, seed: int, paths: PretrainPaths) -> dict | None:
             # On error paths too the last good checkpoint lands; a failed write was raised by
             # finish()'s close() on the normal path, and must not hide the error in flight here.
             run.checkpoints.wait()
-        if rt.world_size > 1 and dist.is_initialized():
-            # DDP's reducer holds the process group. Were it the last holder, garbage-collecting
-            # it later would run the gloo group's destructor with the GIL held, while a gloo
-            # worker thread waits for the GIL to free a finished all-reduce: a hang seen in CI
-            # (pytorch/pytorch#56297). So the wrapper goes first, and the group's last reference
-            # is dropped by destroy_process_group, whose binding releases the GIL (#154976).
+        if rt.world_size > 1 and dist.is_initialized():  # an error path: the group is still up
             if run is not None:
-                run.model = None  # also on error paths, where a traceback keeps `run`
-            gc.collect()
-            dist.destroy_process_group()
+                run.model = None  # the DDP wrapper goes first, even where a traceback keeps `run`
+            end_distributed()
 
 
 def last_good_checkpoint(run: PretrainRun) -> str:
