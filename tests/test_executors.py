@@ -148,38 +148,40 @@ def test_a_box_whose_inputs_differ_is_named(tmp_path):
     import datetime
     import threading
 
-    from torch.distributed import TCPStore
+    from torch.distributed import PrefixStore, TCPStore
 
-    from llmpipe.errors import DataError
     from llmpipe.stage import compare_inputs
 
-    store = TCPStore("127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=30))
+    timeout = datetime.timedelta(seconds=30)
+    server = TCPStore("127.0.0.1", 0, is_master=True, timeout=timeout)
     same = {"data/tokens": "aa", "params.yaml": "bb"}
-    errors = {}
 
-    def box(rank: int, inputs: dict) -> None:
-        try:
-            compare_inputs(store, rank, 2, f"{rank} (host{rank})", inputs)
-        except DataError as e:
-            errors[rank] = str(e)
+    def boxes(inputs: dict[int, dict], attempt: str) -> dict[int, str]:
+        """Each box a thread with its own connection to the store, as each process has."""
+        outcome = {}
 
-    other = threading.Thread(target=box, args=(1, {**same, "data/tokens": "cc"}))
-    other.start()
-    box(0, same)
-    other.join()
-    assert errors[0] == errors[1]  # every process stops, with one message
-    assert errors[0].startswith(
-        "data/tokens: not the same on box 1 (host1) as on box 0 (host0) (md5 cc vs aa)"
+        def box(rank: int) -> None:
+            client = TCPStore("127.0.0.1", server.port, is_master=False, timeout=timeout)
+            try:
+                compare_inputs(PrefixStore(attempt, client), rank, 2, f"{rank} (host{rank})",
+                               inputs[rank])  # fmt: skip
+                outcome[rank] = "ok"
+            except Exception as e:  # noqa: BLE001 - the test reads every outcome
+                outcome[rank] = f"{type(e).__name__}: {e}"
+
+        threads = [threading.Thread(target=box, args=(rank,)) for rank in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return outcome
+
+    differ = boxes({0: same, 1: {**same, "data/tokens": "cc"}}, "first")
+    assert differ[0] == differ[1]  # every process stops, with one message
+    assert differ[0].startswith(
+        "DataError: data/tokens: not the same on box 1 (host1) as on box 0 (host0) (md5 cc vs aa)"
     )
-    for key in ("0", "1"):
-        store.delete_key(key)
-    threads = [threading.Thread(target=box, args=(r, same)) for r in (0, 1)]
-    errors.clear()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == {}
+    assert boxes({0: same, 1: same}, "second") == {0: "ok", 1: "ok"}
 
 
 @pytest.mark.parametrize("kind", ["accelerate", "slurm"])
