@@ -184,6 +184,19 @@ def micro_run(micro_dir, steps=3, reference=True, **settings):
     return curve, policy
 
 
+def test_the_linear_schedule_decays_the_rate_to_zero_and_the_constant_one_keeps_it(micro_dir):
+    constant, constant_policy = micro_run(micro_dir, steps=4)
+    linear, linear_policy = micro_run(micro_dir, steps=4, lr_schedule="linear")
+    assert [s["learning_rate"] for s in constant] == [1e-2] * 4
+    # as transformers' linear schedule without warmup: step s (from 0) at 1 - s / 4
+    assert [s["learning_rate"] for s in linear] == pytest.approx([1e-2, 7.5e-3, 5e-3, 2.5e-3])
+    assert linear[0] == constant[0]  # the first step at the whole rate, the same step
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(constant_policy.parameters(), linear_policy.parameters(), strict=True)
+    )
+
+
 def test_a_run_in_passes_smaller_than_the_step_and_an_offloaded_reference(micro_dir):
     same, policy = micro_run(micro_dir)
     # The reference on the CPU: on a CPU run, the very same figures and weights.

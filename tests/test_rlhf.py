@@ -66,6 +66,7 @@ def grpo_params(**changes) -> GrpoParams:
         loss_type="dapo",
         scale_rewards="group",
         learning_rate=1e-2,
+        lr_schedule="constant",
         max_completion_length=8,
         temperature=1.0,
         max_steps=15,
@@ -105,7 +106,7 @@ def test_grpo_raises_a_simple_reward_and_calls_it_as_trl_documents(policy_dir, t
         policy_dir, [(target_frequency, 1.0)], prompts, PLAIN, grpo_params(), 0, tmp_path / "live"
     )
     assert steps == 15
-    # the learning rate stays where it was set, as REINFORCE keeps it: one schedule for both
+    # lr_schedule: constant keeps the rate where it was set, as REINFORCE's does
     rates = (tmp_path / "live/plots/metrics/train/learning_rate.tsv").read_text().split("\n")[1:]
     assert {float(row.split("\t")[1]) for row in rates if row} == {grpo_params().learning_rate}
     after_ids = sampled_ids(model)
@@ -130,9 +131,15 @@ def test_grpo_with_lora_trains_and_returns_a_merged_plain_model(policy_dir, tmp_
         [(varied, 1.0), (length_penalty, 0.1)],
         ["a b", "c d"],
         PLAIN,
-        grpo_params(use_lora=True, max_steps=3, prompts_per_step=2),
+        grpo_params(use_lora=True, max_steps=3, prompts_per_step=2, lr_schedule="linear"),
         0,
         tmp_path / "live",
+    )
+    # lr_schedule: linear reaches TRL: the rate decays over the 3 steps as REINFORCE's does
+    rates = (tmp_path / "live/plots/metrics/train/learning_rate.tsv").read_text().split("\n")[1:]
+    lr = grpo_params().learning_rate
+    assert [float(row.split("\t")[1]) for row in rates if row] == pytest.approx(
+        [lr, lr * 2 / 3, lr / 3]
     )
     assert not isinstance(model, PeftModel)
     assert not any("lora" in name for name, _ in model.named_parameters())

@@ -56,9 +56,8 @@ def run_grpo(
         loss_type=p.loss_type,
         scale_rewards=p.scale_rewards,
         learning_rate=p.learning_rate,
-        # constant, as the from-scratch REINFORCE keeps it (TRL's default decays it linearly to
-        # 0): the two are compared on the same schedule, so a difference is the algorithm's
-        lr_scheduler_type="constant",
+        # a param, as the from-scratch REINFORCE's: the two are compared on the same schedule
+        lr_scheduler_type=p.lr_schedule,
         max_completion_length=p.max_completion_length,
         temperature=p.temperature,
         top_k=0,  # plain temperature sampling, as the preference pairs were sampled

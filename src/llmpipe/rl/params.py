@@ -71,6 +71,9 @@ class RewardModelParams:
     max_length: int = param(POSITIVE_INT)  # tokens of prompt + completion
 
 
+# The learning rate over the steps: constant, or a linear decay to 0 at max_steps (TRL's
+# default). The two algorithms of a pair take the same, so that a difference is the algorithm's.
+LrSchedule = Literal["constant", "linear"]
 AT_LEAST_TWO = Check("an integer of at least 2 (a group)", lambda v: v >= 2)
 
 
@@ -92,6 +95,7 @@ class GrpoTrainingParams:
     loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"]
     scale_rewards: Literal["group", "batch", "none"]
     learning_rate: float = param(POSITIVE_NUMBER)
+    lr_schedule: LrSchedule
     max_completion_length: int = param(POSITIVE_INT)
     temperature: float = param(POSITIVE_NUMBER)
     max_steps: int = param(POSITIVE_INT)
@@ -144,6 +148,7 @@ class PolicyGradientParams:
     prompts_per_step: int = param(POSITIVE_INT)
     max_steps: int = param(POSITIVE_INT)
     learning_rate: float = param(POSITIVE_NUMBER)
+    lr_schedule: LrSchedule
     max_completion_length: int = param(POSITIVE_INT)
     temperature: float = param(POSITIVE_NUMBER)
     baseline: Literal["rloo", "group_mean"]

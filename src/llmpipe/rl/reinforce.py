@@ -13,7 +13,8 @@ One step:
    of all k (GRPO's, without its division by the standard deviation);
 4. loss = -advantage x log pi(completion), normalised per `token` (summed over every completion
    token of the batch, divided by their count) or per `sequence` (each completion's mean over
-   its tokens, then the mean over completions); clip the gradient norm; an AdamW step.
+   its tokens, then the mean over completions); clip the gradient norm; an AdamW step, its
+   learning rate constant or decaying linearly to 0 over the steps (`lr_schedule`).
 
 A completion's tokens run up to and including its end-of-text token: stopping is an action.
 
@@ -54,6 +55,7 @@ class ReinforceConfig:
     loss_normalisation: str  # token | sequence
     beta: float  # weight of the KL to the reference, subtracted from the reward
     grad_clip: float
+    lr_schedule: str = "constant"  # constant | linear (to 0 at max_steps, as TRL's "linear")
     # Where and how it computes; the defaults are a one-process CPU run's.
     dtype: str = "float32"  # float32 | bfloat16 (autocast over float32 master weights)
     generation_batch_size: int | None = None  # completions per forward pass; None: the step's
@@ -347,6 +349,12 @@ def reinforce(
             "cpu" if cfg.reference_device == "cpu" else device
         )
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+    # Step s (from 0) takes the rate x (1 - s / max_steps), as transformers' linear schedule
+    # without warmup: the first step the whole rate, none left after the last.
+    decay = cfg.lr_schedule == "linear"
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 1.0 - s / cfg.max_steps if decay else 1.0
+    )
     order_rng = random.Random(seed)  # which prompts each step sees: shuffled passes
     torch.manual_seed(seed)  # the sampling
     order: list[int] = []
@@ -367,11 +375,18 @@ def reinforce(
         optimizer.zero_grad(set_to_none=True)
         figures = backward_step(policy, reference, rollouts, reward, cfg)
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        learning_rate = schedule.get_last_lr()[0]
         optimizer.step()
+        schedule.step()
 
         log(
             step,
-            {**figures, "grad_norm": grad_norm.item(), "step_time": time.perf_counter() - started},
+            {
+                **figures,
+                "grad_norm": grad_norm.item(),
+                "learning_rate": learning_rate,
+                "step_time": time.perf_counter() - started,
+            },
         )
         on_step(step)
     return cfg.max_steps
