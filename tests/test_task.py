@@ -226,7 +226,7 @@ def test_the_control_is_recorded_from_its_experiment_and_paired_in_the_report(
     import subprocess
 
     from llmpipe import control, layout
-    from llmpipe.evaluation.report import control_text
+    from llmpipe.evaluation.report import algorithm_difference, control_text
     from llmpipe.io import write_json
 
     rng = random.Random(0)
@@ -259,12 +259,21 @@ def test_the_control_is_recorded_from_its_experiment_and_paired_in_the_report(
     text = control_text()
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if "|" in line}
     assert rows["reinforce: checker reward"].count(", up") == 2
+    # the two algorithms, paired: the same results after RL are within noise of each other...
+    [(name, *difference)] = algorithm_difference()
+    assert name.startswith("grpo over reinforce") and all("within noise" in d for d in difference)
+    # ...and GRPO left at the control's results is worse than REINFORCE, on both figures
+    write_json(layout.items_file("task_grpo"), _task_items(before, noise))
+    [(_, *difference)] = algorithm_difference()
+    assert all(d.endswith(", down") for d in difference)
+    write_json(layout.items_file("task_grpo"), _task_items(before, checker))
     assert "within noise" in rows["reinforce: random reward, p = 0.400 (control)"]
     assert rows["grpo: checker over control"].count(", up") == 2
     # another SFT model (other results before RL): stale, not paired
     write_json(layout.items_file("task_grpo"), _task_items(checker, checker))
     text = control_text()
     assert "Stale for grpo" in text and "grpo: checker over control" not in text
+    assert algorithm_difference() == []  # measured from another SFT model: not paired
     assert "reinforce: checker over control" in text
     # a control that did not use the random reward is refused
     write_json(

@@ -633,6 +633,7 @@ def task_section() -> str:
         for stage in ("task_reinforce", "task_grpo")
         if (m := read_metrics(stage)) and "exact_match_gain_lo" in m
     ]
+    gains += algorithm_difference()
     what = sft["kind"] if sft["kind"] == "gsm8k" else f"{sft['kind']}, {sft['digits']} digits"
     return (
         f"### the checkable task: {what} "
@@ -673,6 +674,37 @@ def task_section() -> str:
 
 CONTROL_KEYS = ("prompt", "before_pass_at_1", "before_exact_match")  # what makes a record current
 CONTROL_GAINS = ("pass_at_1_gain", "exact_match_gain")
+
+
+def algorithm_difference() -> list[list[str]]:
+    """GRPO's results after RL minus REINFORCE's, problem by problem (a row of the gains
+    table): both start from the same SFT model and measure with the same sampling seeds, and
+    the pair's budgets and schedules match, so the difference is the algorithm's. None where
+    either did not run with the checker's reward or they measured other problems."""
+    items = {}
+    for stage in ("task_reinforce", "task_grpo"):
+        path = layout.items_file(stage)
+        if read_metrics(stage).get("reward") != "checker" or not path.exists():
+            return []
+        items[stage] = json.loads(path.read_text())
+    reinforce, grpo = items["task_reinforce"], items["task_grpo"]
+    if [i[k] for i in reinforce for k in CONTROL_KEYS] != [
+        i[k] for i in grpo for k in CONTROL_KEYS
+    ]:
+        return []
+    difference = {}
+    for gain in CONTROL_GAINS:
+        figure = f"after_{gain.removesuffix('_gain')}"
+        difference |= interval_metrics(
+            gain, paired_difference([i[figure] for i in reinforce], [i[figure] for i in grpo])
+        )
+    return [
+        [
+            "grpo over reinforce (the algorithms, on equal budgets)",
+            gain_text(difference, "exact_match_gain"),
+            gain_text(difference, "pass_at_1_gain"),
+        ]
+    ]
 
 
 def control_text() -> str:
