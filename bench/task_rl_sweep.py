@@ -68,7 +68,8 @@ def main() -> None:
     on_selection = dataclasses.replace(task, problems={**task.problems, "test": selection})
     tokenizer = load_tokenizer(layout.TASK_SFT_MODEL)
     measure = TaskMeasure(on_selection, tokenizer, 8, 8, shared.seed)
-    before = measure.report(load_causal_lm(layout.TASK_SFT_MODEL)[0])
+    sft_model = load_causal_lm(layout.TASK_SFT_MODEL)[0]
+    before = measure.report(sft_model)
     print(
         f"task_sft on {len(selection)} selection problems: exact match "
         f"{before['exact_match']:.3f}, pass@1 {before['pass_at_1']:.3f}",
@@ -76,11 +77,10 @@ def main() -> None:
     )
     rl_rows = task.rl_rows()
     if args.unsolved_samples:
-        policy = load_causal_lm(layout.TASK_SFT_MODEL)[0]
         train = task.problems["train"]
         room = answer_tokens(tokenizer, train, task.prompt_format)
         right = sampled_right(
-            policy,
+            sft_model,
             tokenizer,
             train,
             task.kind,

@@ -676,6 +676,25 @@ CONTROL_KEYS = ("prompt", "before_pass_at_1", "before_exact_match")  # what make
 CONTROL_GAINS = ("pass_at_1_gain", "exact_match_gain")
 
 
+def measured_alike(first: list[dict], second: list[dict]) -> bool:
+    """Two runs' per-problem results pair: the same problems, the same results before RL (the
+    same SFT model, measured with the same sampling seeds)."""
+    return [[i[k] for k in CONTROL_KEYS] for i in first] == [
+        [i[k] for k in CONTROL_KEYS] for i in second
+    ]
+
+
+def difference_after_rl(first: list[dict], second: list[dict]) -> dict[str, float]:
+    """second's results after RL minus first's, problem by problem, as gains with intervals."""
+    difference = {}
+    for gain in CONTROL_GAINS:
+        figure = f"after_{gain.removesuffix('_gain')}"
+        difference |= interval_metrics(
+            gain, paired_difference([i[figure] for i in first], [i[figure] for i in second])
+        )
+    return difference
+
+
 def algorithm_difference() -> list[list[str]]:
     """GRPO's results after RL minus REINFORCE's, problem by problem (a row of the gains
     table): both start from the same SFT model and measure with the same sampling seeds, and
@@ -688,16 +707,9 @@ def algorithm_difference() -> list[list[str]]:
             return []
         items[stage] = json.loads(path.read_text())
     reinforce, grpo = items["task_reinforce"], items["task_grpo"]
-    if [i[k] for i in reinforce for k in CONTROL_KEYS] != [
-        i[k] for i in grpo for k in CONTROL_KEYS
-    ]:
+    if not measured_alike(reinforce, grpo):
         return []
-    difference = {}
-    for gain in CONTROL_GAINS:
-        figure = f"after_{gain.removesuffix('_gain')}"
-        difference |= interval_metrics(
-            gain, paired_difference([i[figure] for i in reinforce], [i[figure] for i in grpo])
-        )
+    difference = difference_after_rl(reinforce, grpo)
     return [
         [
             "grpo over reinforce (the algorithms, on equal budgets)",
@@ -724,17 +736,11 @@ def control_text() -> str:
             continue  # not run, or this run is a control itself
         name = stage.removeprefix("task_")
         items = json.loads(items_path.read_text())
-        current = [[i[k] for k in CONTROL_KEYS] for i in items]
-        if current != [[i[k] for k in CONTROL_KEYS] for i in c["items"]]:
+        if not measured_alike(items, c["items"]):
             stale.append(name)
             continue
-        over = {}  # the checker's results after RL minus the control's, problem by problem
-        for gain in CONTROL_GAINS:
-            figure = f"after_{gain.removesuffix('_gain')}"
-            over |= interval_metrics(
-                gain,
-                paired_difference([i[figure] for i in c["items"]], [i[figure] for i in items]),
-            )
+        # the checker's results after RL minus the control's, problem by problem
+        over = difference_after_rl(c["items"], items)
         rows += [
             [f"{name}: checker reward", *(gain_text(m, g) for g in CONTROL_GAINS)],
             [
